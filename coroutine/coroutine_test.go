@@ -1,0 +1,441 @@
+package coroutine
+
+import (
+	"errors"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+func startLoops(t testing.TB, n int) []*Loop {
+	t.Helper()
+	loops := make([]*Loop, n)
+	for i := range loops {
+		l, err := Start(Config{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		loops[i] = l
+		t.Cleanup(l.Close)
+	}
+	return loops
+}
+
+func TestRunReturnsError(t *testing.T) {
+	want := errors.New("boom")
+	if err := Run(func(co *Co) error { return want }); err != want {
+		t.Fatalf("Run = %v, want %v", err, want)
+	}
+}
+
+func TestNopCompletesWithResult(t *testing.T) {
+	err := Run(func(co *Co) error {
+		for i := range 100 {
+			co.SQE().PrepNop()
+			if res := co.Wait(); res != 0 {
+				t.Errorf("nop %d: res %d", i, res)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestBatchResultsBySlot(t *testing.T) {
+	dir := t.TempDir()
+	fd, err := unix.Open(dir+"/f", unix.O_RDWR|unix.O_CREAT, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	bufs := [][]byte{make([]byte, 100), make([]byte, 200), make([]byte, 300)}
+	err = Run(func(co *Co) error {
+		for i, b := range bufs {
+			co.SQE().PrepWrite(int32(fd), b, uint64(i*1000))
+		}
+		co.Wait()
+		got := co.Results()
+		if len(got) != 3 || got[0] != 100 || got[1] != 200 || got[2] != 300 {
+			t.Errorf("results %v, want [100 200 300]", got)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestFullSQ queues far more operations than the ring has entries from one
+// coroutine: Co.SQE must submit to make room and none may be lost.
+func TestFullSQ(t *testing.T) {
+	l, err := Start(Config{Entries: 8})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	err = l.Call(func(co *Co) error {
+		for range 1000 {
+			co.SQE().PrepNop()
+		}
+		co.Wait()
+		if n := len(co.Results()); n != 1000 {
+			t.Errorf("%d results, want 1000", n)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestManyCoroutinesInterleave(t *testing.T) {
+	var order []int
+	err := Run(func(co *Co) error {
+		var wg Queue
+		done := 0
+		for i := range 3 {
+			co.Loop().Go(func(c *Co) {
+				for j := range 3 {
+					order = append(order, i*10+j)
+					c.Yield()
+				}
+				done++
+				wg.Next(c)
+			})
+		}
+		for done < 3 {
+			wg.Wait(co, nil)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []int{0, 10, 20, 1, 11, 21, 2, 12, 22}
+	if len(order) != len(want) {
+		t.Fatalf("order %v, want %v", order, want)
+	}
+	for i := range want {
+		if order[i] != want[i] {
+			t.Fatalf("order %v, want %v", order, want)
+		}
+	}
+}
+
+func TestSleep(t *testing.T) {
+	start := time.Now()
+	if err := Run(func(co *Co) error { co.Sleep(20 * time.Millisecond); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d < 20*time.Millisecond {
+		t.Fatalf("slept %v, want >= 20ms", d)
+	}
+}
+
+func TestOffloadResumesOnLoop(t *testing.T) {
+	err := Run(func(co *Co) error {
+		tid := unix.Gettid()
+		var worker int
+		co.Offload(func() { worker = unix.Gettid(); time.Sleep(time.Millisecond) })
+		if got := unix.Gettid(); got != tid {
+			t.Errorf("resumed on thread %d, want loop thread %d", got, tid)
+		}
+		if worker == 0 {
+			t.Error("offloaded function did not run")
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestPostFromManyGoroutines(t *testing.T) {
+	l := startLoops(t, 1)[0]
+	var count atomic.Int64
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 500 {
+				done := make(chan struct{})
+				l.Post(func() { count.Add(1); close(done) })
+				<-done
+			}
+		}()
+	}
+	wg.Wait()
+	if c := count.Load(); c != 8*500 {
+		t.Fatalf("ran %d posted functions, want %d", c, 8*500)
+	}
+}
+
+func TestGoOffLoopPanics(t *testing.T) {
+	l := startLoops(t, 1)[0]
+	defer func() {
+		if recover() == nil {
+			t.Fatal("Loop.Go from a foreign goroutine did not panic")
+		}
+	}()
+	l.Go(func(*Co) {})
+}
+
+// TestMutexCrossLoopStress hands one Mutex between coroutines on several
+// loops. The protected counter is updated non-atomically across a yield, so
+// any break in mutual exclusion loses increments; every waiter must also be
+// resumed on its own loop's thread.
+func TestMutexCrossLoopStress(t *testing.T) {
+	const loops, perLoop, iters = 4, 8, 300
+	ls := startLoops(t, loops)
+	var mu Mutex
+	counter := 0
+	var wrongThread atomic.Int64
+	var wg sync.WaitGroup
+	for _, l := range ls {
+		for range perLoop {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				err := l.Call(func(co *Co) error {
+					tid := unix.Gettid()
+					for i := range iters {
+						mu.Lock(co)
+						if unix.Gettid() != tid {
+							wrongThread.Add(1)
+						}
+						v := counter
+						if i%3 == 0 {
+							co.Yield()
+						}
+						counter = v + 1
+						mu.Unlock(co)
+					}
+					return nil
+				})
+				if err != nil {
+					t.Error(err)
+				}
+			}()
+		}
+	}
+	wg.Wait()
+	if want := loops * perLoop * iters; counter != want {
+		t.Fatalf("counter %d, want %d: mutual exclusion broken", counter, want)
+	}
+	if n := wrongThread.Load(); n != 0 {
+		t.Fatalf("%d resumptions on a foreign thread", n)
+	}
+}
+
+// TestRWMutexCrossLoop checks readers share, writers exclude, across loops.
+func TestRWMutexCrossLoop(t *testing.T) {
+	ls := startLoops(t, 3)
+	var rw RWMutex
+	var readers, writers atomic.Int64
+	var maxReaders atomic.Int64
+	var bad atomic.Int64
+	var wg sync.WaitGroup
+	for i, l := range ls {
+		for j := range 6 {
+			write := (i+j)%3 == 0
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				l.Call(func(co *Co) error {
+					for range 200 {
+						if write {
+							rw.Lock(co)
+							if writers.Add(1) != 1 || readers.Load() != 0 {
+								bad.Add(1)
+							}
+							co.Yield()
+							writers.Add(-1)
+							rw.Unlock(co)
+						} else {
+							rw.RLock(co)
+							r := readers.Add(1)
+							if writers.Load() != 0 {
+								bad.Add(1)
+							}
+							for {
+								m := maxReaders.Load()
+								if r <= m || maxReaders.CompareAndSwap(m, r) {
+									break
+								}
+							}
+							co.Yield()
+							readers.Add(-1)
+							rw.RUnlock(co)
+						}
+					}
+					return nil
+				})
+			}()
+		}
+	}
+	wg.Wait()
+	if bad.Load() != 0 {
+		t.Fatalf("%d exclusion violations", bad.Load())
+	}
+	if maxReaders.Load() < 2 {
+		t.Errorf("readers never overlapped (max %d)", maxReaders.Load())
+	}
+}
+
+// TestQueueWakesOnOwnLoop parks waiters on one loop and wakes them from a
+// coroutine on another loop and from a plain goroutine.
+func TestQueueWakesOnOwnLoop(t *testing.T) {
+	ls := startLoops(t, 2)
+	var q Queue
+	var mu Mutex
+	ready := 0
+	const waiters = 10
+	var woke atomic.Int64
+	var wg sync.WaitGroup
+	for range waiters {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ls[0].Call(func(co *Co) error {
+				tid := unix.Gettid()
+				mu.Lock(co)
+				ready++
+				q.Wait(co, &mu)
+				mu.Unlock(co)
+				if unix.Gettid() == tid {
+					woke.Add(1)
+				}
+				return nil
+			})
+		}()
+	}
+	// Wait until every waiter is parked (they registered under mu).
+	for {
+		var n int
+		ls[1].Call(func(co *Co) error { mu.Lock(co); n = ready; mu.Unlock(co); return nil })
+		if n == waiters {
+			break
+		}
+		runtime.Gosched()
+	}
+	// Half from the other loop, the rest from a plain goroutine.
+	ls[1].Call(func(co *Co) error {
+		for range waiters / 2 {
+			if !q.Next(co) {
+				t.Error("Next found no waiter")
+			}
+		}
+		return nil
+	})
+	q.RestartAll(nil)
+	wg.Wait()
+	if woke.Load() != waiters {
+		t.Fatalf("%d of %d waiters resumed on their own loop", woke.Load(), waiters)
+	}
+	if !q.Empty() {
+		t.Fatal("queue not empty")
+	}
+}
+
+func TestCloseWaitsForCoroutines(t *testing.T) {
+	l, err := Start(Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var finished atomic.Bool
+	l.Spawn(func(co *Co) {
+		co.Sleep(30 * time.Millisecond)
+		finished.Store(true)
+	})
+	l.Close()
+	if !finished.Load() {
+		t.Fatal("Close returned before the coroutine finished")
+	}
+	l.Close() // idempotent
+}
+
+// BenchmarkSwitch measures one coroutine switch: two coroutines on one loop
+// yield to each other; each Yield is one switch out and one back in, so
+// ns/op is reported per switch.
+func BenchmarkSwitch(b *testing.B) {
+	l, err := Start(Config{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer l.Close()
+	n := b.N
+	b.ResetTimer()
+	l.Call(func(co *Co) error {
+		done := false
+		l.Go(func(c *Co) {
+			for !done {
+				c.Yield()
+			}
+		})
+		for range n {
+			co.Yield()
+		}
+		done = true
+		return nil
+	})
+	b.StopTimer()
+	// n yields of this coroutine, each one with the partner running in
+	// between: 2n resume/yield pairs = 4n switches.
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(4*n), "ns/switch")
+}
+
+// BenchmarkNopRoundTrip is one coroutine doing a NOP through the ring and
+// waiting for it: SQE, submit, reap, resume.
+func BenchmarkNopRoundTrip(b *testing.B) {
+	l, err := Start(Config{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer l.Close()
+	n := b.N
+	b.ResetTimer()
+	l.Call(func(co *Co) error {
+		for range n {
+			co.SQE().PrepNop()
+			co.Wait()
+		}
+		return nil
+	})
+}
+
+// BenchmarkNopDepth32 keeps 32 coroutines each doing NOPs.
+func BenchmarkNopDepth32(b *testing.B) {
+	l, err := Start(Config{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer l.Close()
+	n := b.N
+	b.ResetTimer()
+	l.Call(func(co *Co) error {
+		var q Queue
+		left := 32
+		per := n/32 + 1
+		for range 32 {
+			l.Go(func(c *Co) {
+				for range per {
+					c.SQE().PrepNop()
+					c.Wait()
+				}
+				left--
+				q.Next(c)
+			})
+		}
+		for left > 0 {
+			q.Wait(co, nil)
+		}
+		return nil
+	})
+}

@@ -1,0 +1,375 @@
+package coroutine
+
+import (
+	"errors"
+	"fmt"
+	"runtime"
+	"sync"
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
+
+	"ublkimg/uring"
+)
+
+// Config sets up a [Loop]. The zero value is usable.
+type Config struct {
+	// Entries is the SQ size of the loop's ring. 0 means 256.
+	Entries uint32
+	// SQE128 asks for 128-byte SQEs (needed for ublk control commands).
+	SQE128 bool
+	// OnThread, if set, runs on the loop's locked OS thread before the ring
+	// is created; an error aborts Start. ublk queues use it for
+	// prctl(PR_SET_IO_FLUSHER) and CPU placement.
+	OnThread func() error
+}
+
+// userData layout: kind in the top byte; the rest depends on the kind.
+//
+//	kindOp:       kind | slot<<32 | coroutine id
+//	kindWake:     kind | coroutine id                      (on the target ring)
+//	kindWakeSent: kind | target loop id<<32 | coroutine id (source ring, failures only)
+const (
+	kindIgnore uint64 = iota
+	kindOp
+	kindWake
+	kindWakeSent
+	kindEventfd
+)
+
+const kindShift = 56
+
+func userData(kind uint64, hi uint32, id uint32) uint64 {
+	return kind<<kindShift | uint64(hi)<<32 | uint64(id)
+}
+
+// Loop is one event loop: an io_uring ring driven by one locked OS thread,
+// and the coroutines that run on it (QEMU's AioContext).
+//
+// Fields without a lock comment are owned by the loop's thread.
+type Loop struct {
+	id   uint32
+	ring *uring.Ring
+	tid  int
+
+	cos   []*Co    // by coroutine id; nil = free slot
+	free  []uint32 // free ids
+	live  int      // coroutines created and not finished
+	ready []*Co    // runnable, resumed in order after the current coroutine yields
+	spare []*Co    // recycled backing array for ready
+	cqes  [128]uring.CQE
+
+	efd    int    // eventfd that wakes the loop for inbox work
+	efdBuf []byte // 8-byte read target of the armed eventfd read
+	inbox  struct {
+		sync.Mutex
+		fns      []func()
+		wakes    []*Co
+		signaled bool // an eventfd write is outstanding
+		closed   bool
+	}
+	stopping atomic.Bool
+	done     chan struct{}
+}
+
+var registry struct {
+	sync.Mutex
+	next  uint32
+	loops map[uint32]*Loop
+}
+
+// Start creates a loop on a new locked OS thread and returns once its ring is
+// set up. The loop runs until [Loop.Close].
+func Start(cfg Config) (*Loop, error) {
+	l := &Loop{done: make(chan struct{}), efd: -1, efdBuf: make([]byte, 8)}
+	errc := make(chan error, 1)
+	go l.main(cfg, errc)
+	if err := <-errc; err != nil {
+		return nil, err
+	}
+	registry.Lock()
+	if registry.loops == nil {
+		registry.loops = make(map[uint32]*Loop)
+	}
+	registry.next++
+	l.id = registry.next
+	registry.loops[l.id] = l
+	registry.Unlock()
+	return l, nil
+}
+
+func (l *Loop) main(cfg Config, errc chan<- error) {
+	// The thread stays locked for the goroutine's whole life: when the loop
+	// ends, the goroutine exits locked and the runtime retires the thread,
+	// together with whatever per-thread kernel state the ring gave it.
+	runtime.LockOSThread()
+	if cfg.OnThread != nil {
+		if err := cfg.OnThread(); err != nil {
+			errc <- err
+			return
+		}
+	}
+	entries := cfg.Entries
+	if entries == 0 {
+		entries = 256
+	}
+	flags := uring.SetupSingleIssuer | uring.SetupDeferTaskrun | uring.SetupCoopTaskrun | uring.SetupSubmitAll
+	if cfg.SQE128 {
+		flags |= uring.SetupSQE128
+	}
+	ring, err := uring.New(entries, flags)
+	if err != nil {
+		errc <- fmt.Errorf("coroutine: loop ring: %w", err)
+		return
+	}
+	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+	if err != nil {
+		ring.Close()
+		errc <- fmt.Errorf("coroutine: loop eventfd: %w", err)
+		return
+	}
+	l.ring, l.efd, l.tid = ring, efd, unix.Gettid()
+	errc <- nil
+
+	l.armEventfd()
+	l.run()
+
+	l.inbox.Lock()
+	l.inbox.closed = true
+	l.inbox.Unlock()
+	l.ring.Close()
+	unix.Close(l.efd)
+	registry.Lock()
+	delete(registry.loops, l.id)
+	registry.Unlock()
+	close(l.done)
+}
+
+// run is the loop proper: resume runnable coroutines, submit what they queued
+// and wait for completions, dispatch them, repeat.
+func (l *Loop) run() {
+	for {
+		l.runReady()
+		if l.live == 0 && l.stopping.Load() {
+			return
+		}
+		var wait uint32 = 1
+		if len(l.ready) > 0 {
+			wait = 0
+		}
+		if _, err := l.ring.SubmitAndWait(wait); err != nil && !transient(err) {
+			panic(fmt.Sprintf("coroutine: io_uring_enter: %v", err))
+		}
+		l.reap()
+	}
+}
+
+// transient reports errors after which the loop just reaps and retries: the
+// kernel could not take more SQEs until completions are consumed.
+func transient(err error) bool {
+	return errors.Is(err, unix.EBUSY) || errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.ETIME)
+}
+
+func (l *Loop) runReady() {
+	for len(l.ready) > 0 {
+		batch := l.ready
+		l.ready = l.spare[:0]
+		for i, co := range batch {
+			batch[i] = nil
+			l.resume(co)
+		}
+		l.spare = batch[:0]
+	}
+}
+
+// reap dispatches every available completion. It only records results and
+// marks coroutines runnable, so it is safe to call from inside a coroutine
+// (Co.SQE does, when the SQ is full).
+func (l *Loop) reap() {
+	for {
+		n := l.ring.PeekCQEs(l.cqes[:])
+		for i := range n {
+			l.dispatch(&l.cqes[i])
+		}
+		if n < len(l.cqes) {
+			return
+		}
+	}
+}
+
+func (l *Loop) dispatch(cqe *uring.CQE) {
+	ud := cqe.UserData
+	id := uint32(ud)
+	switch ud >> kindShift {
+	case kindOp:
+		co := l.cos[id]
+		slot := int(ud>>32) & 0xffff
+		if slot < len(co.results) {
+			co.results[slot] = cqe.Res
+		}
+		co.pending--
+		if co.pending == 0 && co.waitingIO {
+			co.waitingIO = false
+			l.ready = append(l.ready, co)
+		}
+	case kindWake:
+		l.ready = append(l.ready, l.cos[id])
+	case kindWakeSent:
+		// MSG_RING failed (target ring full or gone): fall back to the
+		// target's inbox, which cannot fail while the loop lives.
+		registry.Lock()
+		target := registry.loops[uint32(ud>>32)&0xffffff]
+		registry.Unlock()
+		if target != nil {
+			target.postWake(target.cos[id])
+		}
+	case kindEventfd:
+		l.armEventfd()
+		l.drainInbox()
+	}
+}
+
+func (l *Loop) armEventfd() {
+	sqe := l.getSQE()
+	sqe.PrepRead(int32(l.efd), l.efdBuf, 0)
+	sqe.UserData = userData(kindEventfd, 0, 0)
+}
+
+func (l *Loop) drainInbox() {
+	l.inbox.Lock()
+	fns, wakes := l.inbox.fns, l.inbox.wakes
+	l.inbox.fns, l.inbox.wakes = nil, nil
+	l.inbox.signaled = false
+	l.inbox.Unlock()
+	l.ready = append(l.ready, wakes...)
+	for _, fn := range fns {
+		fn()
+	}
+}
+
+// getSQE returns a free SQE, submitting queued ones first when the SQ is full.
+func (l *Loop) getSQE() *uring.SQE {
+	for {
+		if sqe := l.ring.GetSQE(); sqe != nil {
+			return sqe
+		}
+		if _, err := l.ring.Submit(); err != nil {
+			if !transient(err) {
+				panic(fmt.Sprintf("coroutine: io_uring_enter: %v", err))
+			}
+			// The kernel wants completions consumed before it takes
+			// more submissions: wait for one, then record it.
+			if _, err := l.ring.SubmitAndWait(1); err != nil && !transient(err) {
+				panic(fmt.Sprintf("coroutine: io_uring_enter: %v", err))
+			}
+			l.reap()
+		}
+	}
+}
+
+// Post runs fn on the loop's thread, outside any coroutine, as soon as the
+// loop gets to it. It may be called from any goroutine. fn must not block;
+// to do I/O it starts a coroutine with [Loop.Go].
+func (l *Loop) Post(fn func()) {
+	l.inbox.Lock()
+	if l.inbox.closed {
+		l.inbox.Unlock()
+		panic("coroutine: Post on a closed loop")
+	}
+	l.inbox.fns = append(l.inbox.fns, fn)
+	l.signalLocked()
+}
+
+// kick wakes the loop so that it re-checks its state; harmless after it ended.
+func (l *Loop) kick() {
+	l.inbox.Lock()
+	if l.inbox.closed {
+		l.inbox.Unlock()
+		return
+	}
+	l.signalLocked()
+}
+
+// postWake makes co runnable from a goroutine that is not co's loop.
+func (l *Loop) postWake(co *Co) {
+	l.inbox.Lock()
+	l.inbox.wakes = append(l.inbox.wakes, co)
+	l.signalLocked()
+}
+
+// signalLocked is called with l.inbox held and releases it.
+func (l *Loop) signalLocked() {
+	signal := !l.inbox.signaled
+	l.inbox.signaled = true
+	l.inbox.Unlock()
+	if signal {
+		var one = [8]byte{1}
+		for {
+			_, err := unix.Write(l.efd, one[:])
+			if err != unix.EINTR {
+				break
+			}
+		}
+	}
+}
+
+// sendWake queues a MSG_RING on l's ring that makes co runnable on its own
+// loop. Called on l's thread.
+func (l *Loop) sendWake(co *Co) {
+	sqe := l.getSQE()
+	sqe.PrepMsgRing(int32(co.loop.ring.Fd()), 0, userData(kindWake, 0, co.id), 0)
+	sqe.Flags |= uring.SQECQESkipSuccess
+	sqe.UserData = userData(kindWakeSent, co.loop.id, co.id)
+}
+
+// Go creates a coroutine running fn and makes it runnable; it starts after
+// the caller yields. It must be called on the loop's thread: from a
+// coroutine of this loop or from a function given to [Loop.Post]. From other
+// goroutines use [Loop.Spawn].
+func (l *Loop) Go(fn func(co *Co)) *Co {
+	if unix.Gettid() != l.tid {
+		panic("coroutine: Loop.Go called off the loop's thread; use Spawn")
+	}
+	co := l.newCo(fn)
+	l.ready = append(l.ready, co)
+	return co
+}
+
+// Spawn starts a coroutine running fn on the loop from any goroutine.
+func (l *Loop) Spawn(fn func(co *Co)) {
+	l.Post(func() { l.Go(fn) })
+}
+
+// Call runs fn as a coroutine on l and waits for it: the synchronous entry
+// for callers outside the loop. It must not be called from l's own thread.
+func (l *Loop) Call(fn func(co *Co) error) error {
+	errc := make(chan error, 1)
+	l.Spawn(func(co *Co) { errc <- fn(co) })
+	return <-errc
+}
+
+// Close stops the loop once every coroutine on it has finished, then
+// releases the ring. It waits for that and may be called more than once.
+// It must not be called from the loop's own thread.
+func (l *Loop) Close() {
+	if !l.stopping.Swap(true) {
+		l.kick()
+	}
+	<-l.done
+}
+
+// Ring is the loop's ring, for code that builds SQEs itself (through
+// [Co.SQE]) or registers files and buffers on it. Only the loop's thread may
+// use it.
+func (l *Loop) Ring() *uring.Ring { return l.ring }
+
+// Run runs fn as a coroutine on a private loop and returns its error: the
+// synchronous wrapper for tools that are not running on a loop.
+func Run(fn func(co *Co) error) error {
+	l, err := Start(Config{})
+	if err != nil {
+		return err
+	}
+	defer l.Close()
+	return l.Call(fn)
+}
