@@ -327,10 +327,12 @@ func (r *Ring) SQSpace() uint32 {
 }
 
 // flushSQ publishes the local tail to the kernel (release) and returns the
-// number of SQEs waiting for io_uring_enter.
-func (r *Ring) flushSQ() uint32 {
+// number of SQEs waiting for io_uring_enter and the number newly published
+// by this call (what an SQPOLL ring reports as submitted).
+func (r *Ring) flushSQ() (pending, published uint32) {
+	published = r.sq.local - *r.sq.tail // the tail is ours: plain read
 	atomic.StoreUint32(r.sq.tail, r.sq.local)
-	return r.sq.local - atomic.LoadUint32(r.sq.head)
+	return r.sq.local - atomic.LoadUint32(r.sq.head), published
 }
 
 // enter is io_uring_enter(2).
@@ -375,14 +377,14 @@ func (r *Ring) Submit() (int, error) {
 	if r.closed {
 		return 0, ErrClosed
 	}
+	toSubmit, published := r.flushSQ()
 	for {
-		toSubmit := r.flushSQ()
 		flags := r.submitFlags()
 		if r.flags&SetupSQPoll != 0 {
 			// The SQPOLL thread consumes the SQ itself: enter only to
 			// wake it or to run completions.
 			if flags == 0 {
-				return int(toSubmit), nil
+				return int(published), nil
 			}
 		} else if toSubmit == 0 && flags == 0 {
 			return 0, nil
@@ -391,10 +393,11 @@ func (r *Ring) Submit() (int, error) {
 		switch errno {
 		case 0:
 			if r.flags&SetupSQPoll != 0 {
-				return int(toSubmit), nil
+				return int(published), nil
 			}
 			return n, nil
 		case unix.EINTR:
+			toSubmit, _ = r.flushSQ()
 			continue
 		}
 		return 0, fmt.Errorf("uring: submit: %w", errnoErr(errno))
@@ -419,10 +422,10 @@ func (r *Ring) SubmitAndWait(waitNr uint32) (int, error) {
 	waitNr = min(waitNr, r.cq.entries)
 	submitted := 0
 	for {
-		toSubmit := r.flushSQ()
+		toSubmit, published := r.flushSQ()
 		flags := r.submitFlags() | EnterGetEvents
 		if r.flags&SetupSQPoll != 0 {
-			submitted += int(toSubmit)
+			submitted += int(published)
 			toSubmit = 0
 		}
 		n, errno := r.enter(toSubmit, waitNr, flags, nil, 0)
@@ -469,10 +472,10 @@ func (r *Ring) SubmitAndWaitTimeout(waitNr uint32, timeout time.Duration) (int, 
 		remaining := max(time.Until(deadline), 0)
 		r.ts = unix.NsecToTimespec(int64(remaining))
 		r.arg = geteventsArg{SigmaskSz: nsigBytes, Ts: uint64(uintptr(unsafe.Pointer(&r.ts)))}
-		toSubmit := r.flushSQ()
+		toSubmit, published := r.flushSQ()
 		flags := r.submitFlags() | EnterGetEvents | EnterExtArg
 		if r.flags&SetupSQPoll != 0 {
-			submitted += int(toSubmit)
+			submitted += int(published)
 			toSubmit = 0
 		}
 		n, errno := r.enter(toSubmit, waitNr, flags, unsafe.Pointer(&r.arg), sizeofGeteventsArg)

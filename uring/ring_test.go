@@ -470,3 +470,126 @@ func BenchmarkNop(b *testing.B) {
 		})
 	}
 }
+
+// TestDeferTaskrunSubmit pins the kernel behaviour behind Submit's use of
+// GETEVENTS: on a DEFER_TASKRUN ring a completion that needs task work (a
+// READ of an eventfd completed by a later write) is posted only by
+// io_uring_enter with GETEVENTS, so Submit must pass it.
+func TestDeferTaskrunSubmit(t *testing.T) {
+	r := newRing(t, 4, SetupSingleIssuer|SetupDeferTaskrun)
+	if r.Flags()&SetupDeferTaskrun == 0 {
+		t.Skip("kernel without IORING_SETUP_DEFER_TASKRUN")
+	}
+	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(efd)
+	buf := make([]byte, 8)
+	s := getSQE(t, r)
+	s.PrepRead(int32(efd), buf, 0)
+	s.UserData = 1
+	if n, err := r.Submit(); n != 1 || err != nil {
+		t.Fatalf("Submit = %d, %v", n, err)
+	}
+	if _, err := unix.Write(efd, []byte{1, 0, 0, 0, 0, 0, 0, 0}); err != nil {
+		t.Fatal(err)
+	}
+	// A bare enter (no GETEVENTS) does not run the deferred work.
+	if _, errno := r.enter(0, 0, 0, nil, 0); errno != 0 {
+		t.Fatal(errno)
+	}
+	t.Logf("CQReady after enter without GETEVENTS: %d (sq flags %#x)", r.CQReady(), r.SQFlags())
+	if n, err := r.Submit(); n != 0 || err != nil {
+		t.Fatalf("empty Submit = %d, %v", n, err)
+	}
+	if r.CQReady() != 1 {
+		t.Fatalf("CQReady after Submit = %d, want 1: Submit did not run deferred task work", r.CQReady())
+	}
+}
+
+// TestSubmitAndWaitEINTR bombards the waiting thread with SIGURG (the
+// signal Go's preemption uses, so it is handled) and checks that
+// SubmitAndWait neither fails nor returns before its CQE.
+func TestSubmitAndWaitEINTR(t *testing.T) {
+	for _, cfg := range ringConfigs[:2] {
+		t.Run(cfg.name, func(t *testing.T) {
+			r := newRing(t, 4, cfg.flags)
+			tid := unix.Gettid()
+			ts := &unix.Timespec{Nsec: int64(100 * time.Millisecond)}
+			s := getSQE(t, r)
+			s.PrepTimeout(ts, 0, 0)
+			s.UserData = 1
+			stop := make(chan struct{})
+			sent := make(chan int)
+			go func() {
+				n := 0
+				defer func() { sent <- n }()
+				for {
+					select {
+					case <-stop:
+						return
+					case <-time.After(2 * time.Millisecond):
+						if unix.Tgkill(unix.Getpid(), tid, unix.SIGURG) == nil {
+							n++
+						}
+					}
+				}
+			}()
+			start := time.Now()
+			_, err := r.SubmitAndWait(1)
+			el := time.Since(start)
+			close(stop)
+			n := <-sent
+			if err != nil {
+				t.Fatalf("SubmitAndWait: %v", err)
+			}
+			if r.CQReady() != 1 || el < 90*time.Millisecond {
+				t.Fatalf("returned after %v with CQReady %d, want the timeout CQE at ~100ms", el, r.CQReady())
+			}
+			var c [1]CQE
+			r.PeekCQEs(c[:])
+			if c[0].Res != -int32(unix.ETIME) {
+				t.Fatalf("cqe %+v", c[0])
+			}
+			t.Logf("%d signals during a %v wait", n, el)
+		})
+	}
+}
+
+// TestSQPoll runs NOPs through an SQPOLL ring, whose kernel thread consumes
+// the SQ on its own.
+func TestSQPoll(t *testing.T) {
+	r := newRing(t, 8, SetupSQPoll)
+	if r.Flags()&SetupSQPoll == 0 {
+		t.Fatal("SQPOLL dropped")
+	}
+	const total = 100
+	seen := make(map[uint64]bool)
+	buf := make([]CQE, 16)
+	deadline := time.Now().Add(5 * time.Second)
+	for i := 0; len(seen) < total; {
+		if time.Now().After(deadline) {
+			t.Fatalf("got %d of %d", len(seen), total)
+		}
+		for ; i < total; i++ {
+			s := r.GetSQE()
+			if s == nil {
+				break
+			}
+			s.PrepNop()
+			s.UserData = uint64(i)
+		}
+		if _, err := r.SubmitAndWaitTimeout(1, time.Second); err != nil {
+			t.Fatal(err)
+		}
+		for k := r.PeekCQEs(buf); k > 0; k = r.PeekCQEs(buf) {
+			for _, c := range buf[:k] {
+				if seen[c.UserData] || c.Res != 0 {
+					t.Fatalf("duplicate or failed cqe %+v", c)
+				}
+				seen[c.UserData] = true
+			}
+		}
+	}
+}

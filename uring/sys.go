@@ -1,18 +1,3 @@
-// Package uring is a pure-Go io_uring binding over golang.org/x/sys/unix.
-//
-// It mirrors the kernel UAPI in include/uapi/linux/io_uring.h: constants keep
-// the kernel's names (in Go spelling) and cite the macro they copy, structs
-// mirror the C structs byte for byte (checked by sizes_test.go).
-//
-// A Ring has exactly one issuer: GetSQE, the Prep* builders, Submit* and
-// PeekCQEs must all be called from one goroutine (and, for rings created with
-// SetupSingleIssuer, from one locked OS thread). The package knows nothing of
-// ublk or disk images.
-//
-// Memory passed to the kernel through an SQE (buffers, iovec arrays,
-// timespecs) must not move and must stay alive until the request's CQE has
-// been reaped: use heap memory that the caller keeps referenced, or mmap'd
-// memory, never a Go stack variable.
 package uring
 
 import "structs"
