@@ -16,6 +16,9 @@ have cpio                || need+=(cpio)
 have xz                  || need+=(xz-utils)
 have zstd                || need+=(zstd)
 have dpkg-deb            || need+=(dpkg)
+# internal/vm: the guest's /bin/sh is the host's dash, with ldd's libraries.
+have dash                || need+=(dash)
+have ldd                 || need+=(libc-bin)
 
 if [ ${#need[@]} -gt 0 ]; then
 	sudo=""
