@@ -1,0 +1,211 @@
+// Package bdrv is ublkimg's generic block layer, after QEMU's block/io.c:
+// a graph of nodes (a format node over a protocol node, plus a backing
+// chain), the [Driver] contract that format and protocol drivers implement,
+// and the services every driver gets for free: request checks, alignment
+// padding with read-modify-write, serialisation of overlapping
+// read-modify-write, max_transfer splitting, the write-zeroes fallback,
+// FUA emulation, block status across a backing chain, flush generations and
+// drain.
+//
+// All I/O entry points take a *coroutine.Co and may yield; they may be called
+// from coroutines on any loop, concurrently. Errors on the I/O path carry an
+// errno (unix.EIO, unix.ENOSPC, ...) so a ublk queue can complete the request
+// with it; errors on the open/create path carry context for people.
+package bdrv
+
+import (
+	"errors"
+
+	"golang.org/x/sys/unix"
+
+	"ublkimg/coroutine"
+)
+
+// ErrNotSupported is returned by optional driver operations that cannot do
+// what was asked. The generic layer then falls back (write-zeroes becomes
+// ordinary writes, FUA becomes a flush) or, for advisory operations such as
+// discard, ignores it. It is ENOTSUP so it maps to an errno unchanged.
+var ErrNotSupported error = unix.ENOTSUP
+
+// ReqFlags modify a request (QEMU's BDRV_REQ_*).
+type ReqFlags uint32
+
+// Request flags, numbered as QEMU's BDRV_REQ_* for easy comparison.
+const (
+	// ReqZeroWrite marks a write-zeroes request.
+	ReqZeroWrite ReqFlags = 0x2
+	// ReqMayUnmap lets a write-zeroes request deallocate the range.
+	ReqMayUnmap ReqFlags = 0x4
+	// ReqFUA asks for the data to be durable when the request completes.
+	ReqFUA ReqFlags = 0x10
+	// ReqWriteCompressed asks a format driver to store the data compressed.
+	ReqWriteCompressed ReqFlags = 0x20
+	// ReqSerialising makes the request wait for every overlapping request
+	// and makes overlapping requests wait for it.
+	ReqSerialising ReqFlags = 0x80
+	// ReqNoFallback makes write-zeroes fail with ErrNotSupported rather
+	// than write a buffer of zeros.
+	ReqNoFallback ReqFlags = 0x100
+)
+
+// StatusFlags describe a range in a block-status answer (QEMU's
+// BDRV_BLOCK_*).
+type StatusFlags uint32
+
+// Block status flags.
+const (
+	// StatusData: the range's content is stored in this layer.
+	StatusData StatusFlags = 0x01
+	// StatusZero: the range reads as zeros.
+	StatusZero StatusFlags = 0x02
+	// StatusOffsetValid: Status.Map and Status.File give the range's host
+	// location.
+	StatusOffsetValid StatusFlags = 0x04
+	// StatusRaw: the driver passes the range through to Status.File at
+	// Status.Map unchanged; the generic layer asks that node instead.
+	StatusRaw StatusFlags = 0x08
+	// StatusAllocated: this layer decides the content (set by the
+	// generic layer when StatusData or StatusZero is set).
+	StatusAllocated StatusFlags = 0x10
+	// StatusEOF: the range reaches the end of the node.
+	StatusEOF StatusFlags = 0x20
+	// StatusRecurse: ask Status.File whether the data range is zero
+	// (qcow2 clusters preallocated with zeroes).
+	StatusRecurse StatusFlags = 0x40
+	// StatusCompressed: the data is stored compressed.
+	StatusCompressed StatusFlags = 0x80
+)
+
+// Status is one block-status answer: the first Pnum bytes from the queried
+// offset all have Flags.
+type Status struct {
+	Flags StatusFlags
+	Pnum  int64 // bytes described, > 0 unless the query was at or past EOF
+	Map   int64 // host offset in File, if StatusOffsetValid
+	File  *Node // node holding the data, if StatusOffsetValid
+	Depth int   // backing-chain depth of the answering layer (0 = top), from BlockStatusAbove
+}
+
+// Prealloc is a preallocation mode for create and truncate (qemu-img's
+// preallocation= option).
+type Prealloc int
+
+// Preallocation modes.
+const (
+	PreallocOff Prealloc = iota
+	PreallocMetadata
+	PreallocFalloc
+	PreallocFull
+)
+
+var preallocNames = []string{"off", "metadata", "falloc", "full"}
+
+func (p Prealloc) String() string {
+	if int(p) < len(preallocNames) {
+		return preallocNames[p]
+	}
+	return "invalid"
+}
+
+// ParsePrealloc parses a preallocation mode name.
+func ParsePrealloc(s string) (Prealloc, error) {
+	for i, n := range preallocNames {
+		if s == n {
+			return Prealloc(i), nil
+		}
+	}
+	return 0, errors.New("invalid preallocation mode '" + s + "' (off, metadata, falloc, full)")
+}
+
+// Limits are a node's I/O constraints (QEMU's BlockLimits). Zero values mean
+// "no constraint" except where noted.
+type Limits struct {
+	// RequestAlignment is the granularity of offsets and lengths the driver
+	// accepts (at least 1). The generic layer pads other requests.
+	RequestAlignment int64
+	// MinMemAlignment is the buffer address alignment the driver needs
+	// without bouncing (O_DIRECT); informational for callers that allocate.
+	MinMemAlignment int
+	// MaxTransfer is the largest request the driver accepts; larger ones are
+	// split. A multiple of RequestAlignment.
+	MaxTransfer int64
+	// OptTransfer is the preferred request size (e.g. the cluster size).
+	OptTransfer int64
+	// PwriteZeroesAlignment and MaxPwriteZeroes constrain write-zeroes.
+	PwriteZeroesAlignment int64
+	MaxPwriteZeroes       int64
+	// PdiscardAlignment and MaxPdiscard constrain discard.
+	PdiscardAlignment int64
+	MaxPdiscard       int64
+}
+
+// Driver is one node's driver instance, created by [Format.Open]. It is
+// QEMU's BlockDriver callbacks together with the state behind bs->opaque.
+//
+// The generic layer guarantees, for every call of the I/O group: off and
+// iov.Len() are multiples of Limits().RequestAlignment; iov.Len() is at most
+// Limits().MaxTransfer; the range lies within the node (reads) or was
+// checked against it (writes); buffers may alias ublk or caller memory that
+// stays valid until the call returns and must not be retained. Calls may
+// overlap in time, from coroutines on different loops: the driver protects
+// its own shared state (with coroutine locks when they are held across
+// yields).
+type Driver interface {
+	// Preadv reads iov.Len() bytes at off into iov.
+	Preadv(co *coroutine.Co, off int64, iov IOVec, flags ReqFlags) error
+	// Pwritev writes iov at off. flags may contain ReqFUA only if
+	// SupportedWriteFlags says so; the generic layer emulates the rest.
+	Pwritev(co *coroutine.Co, off int64, iov IOVec, flags ReqFlags) error
+	// Flush makes completed writes durable as far as this driver is
+	// concerned: a format driver writes back its metadata caches, a protocol
+	// driver syncs its file. The generic layer then flushes the node's file
+	// child, so a format driver must not do that itself.
+	Flush(co *coroutine.Co) error
+	// Close writes back what needs writing (a format marks the image
+	// clean) and releases resources. The node is drained and flushed first.
+	Close(co *coroutine.Co) error
+}
+
+// Optional driver capabilities, discovered by type assertion.
+type (
+	// LimitsRefresher reports the driver's I/O limits; without it a node
+	// has RequestAlignment 1 and no other limit.
+	LimitsRefresher interface {
+		RefreshLimits() Limits
+	}
+	// WriteFlagser says which request flags Pwritev handles natively
+	// (ReqFUA); others are emulated.
+	WriteFlagser interface {
+		SupportedWriteFlags() ReqFlags
+	}
+	// ZeroWriter writes zeros efficiently. It may return ErrNotSupported,
+	// and then the generic layer writes a zero buffer instead (unless the
+	// caller passed ReqNoFallback). flags may include ReqMayUnmap, ReqFUA,
+	// ReqNoFallback.
+	ZeroWriter interface {
+		PwriteZeroes(co *coroutine.Co, off, bytes int64, flags ReqFlags) error
+	}
+	// Discarder deallocates a range. Discard is advisory: ErrNotSupported
+	// is ignored by the generic layer.
+	Discarder interface {
+		Pdiscard(co *coroutine.Co, off, bytes int64) error
+	}
+	// BlockStatuser reports allocation of this layer alone. Drivers
+	// without it report data everywhere (protocols: at the same offset of
+	// the node itself).
+	BlockStatuser interface {
+		BlockStatus(co *coroutine.Co, wantZero bool, off, bytes int64) (Status, error)
+	}
+	// Truncater changes the node's length.
+	Truncater interface {
+		Truncate(co *coroutine.Co, size int64, exact bool, prealloc Prealloc) error
+	}
+	// AllocatedSizer reports the host bytes the node uses ("disk size").
+	AllocatedSizer interface {
+		AllocatedSize(co *coroutine.Co) (int64, error)
+	}
+	// ZeroIniter reports whether a freshly created node reads as zeros.
+	ZeroIniter interface {
+		HasZeroInit() bool
+	}
+)

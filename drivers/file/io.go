@@ -1,0 +1,273 @@
+package file
+
+import (
+	"errors"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"ublkimg/bdrv"
+	"ublkimg/coroutine"
+	"ublkimg/uring"
+)
+
+// Preadv implements bdrv.Driver. A read that ends early at end of file
+// zero-fills the rest, as QEMU does.
+func (d *driver) Preadv(co *coroutine.Co, off int64, iov bdrv.IOVec, flags bdrv.ReqFlags) error {
+	if d.needsBounce(iov) {
+		buf := bdrv.AlignedBuffer(int(iov.Len()), int(d.align))
+		if err := d.rw(co, false, off, bdrv.IOVec{buf}); err != nil {
+			return err
+		}
+		iov.CopyFrom(buf, 0)
+		return nil
+	}
+	return d.rw(co, false, off, iov)
+}
+
+// Pwritev implements bdrv.Driver.
+func (d *driver) Pwritev(co *coroutine.Co, off int64, iov bdrv.IOVec, flags bdrv.ReqFlags) error {
+	if d.needsBounce(iov) {
+		buf := bdrv.AlignedBuffer(int(iov.Len()), int(d.align))
+		iov.CopyTo(buf, 0)
+		iov = bdrv.IOVec{buf}
+	}
+	return d.rw(co, true, off, iov)
+}
+
+// needsBounce reports whether O_DIRECT would reject iov's memory: every
+// buffer must start and end on the alignment.
+func (d *driver) needsBounce(iov bdrv.IOVec) bool {
+	if d.align == 1 {
+		return false
+	}
+	mask := uintptr(d.align - 1)
+	for _, b := range iov {
+		if len(b) == 0 {
+			continue
+		}
+		if uintptr(len(b))&mask != 0 || addr(b)&mask != 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// rw moves iov to or from the file at off through the ring, continuing after
+// short transfers. Reads stopped by end of file leave zeros.
+func (d *driver) rw(co *coroutine.Co, write bool, off int64, iov bdrv.IOVec) error {
+	var iovecs []unix.Iovec
+	for len(iov) > 0 {
+		sqe := co.SQE()
+		switch {
+		case len(iov) == 1 && write:
+			sqe.PrepWrite(int32(d.fd), iov[0], uint64(off))
+		case len(iov) == 1:
+			sqe.PrepRead(int32(d.fd), iov[0], uint64(off))
+		default:
+			iovecs = iovecs[:0]
+			for _, b := range iov {
+				if len(b) > 0 {
+					iovecs = append(iovecs, unix.Iovec{Base: &b[0], Len: uint64(len(b))})
+				}
+			}
+			if write {
+				sqe.PrepWritev(int32(d.fd), iovecs, uint64(off))
+			} else {
+				sqe.PrepReadv(int32(d.fd), iovecs, uint64(off))
+			}
+		}
+		res := co.Wait()
+		if res < 0 {
+			return uring.ResultError(res)
+		}
+		want := iov.Len()
+		if int64(res) == want {
+			return nil
+		}
+		if res == 0 {
+			if write {
+				return unix.ENOSPC
+			}
+			iov.Zero(0, want)
+			return nil
+		}
+		iov = iov.Slice(int64(res), want-int64(res))
+		off += int64(res)
+	}
+	return nil
+}
+
+// Flush implements bdrv.Driver with fdatasync.
+func (d *driver) Flush(co *coroutine.Co) error {
+	co.SQE().PrepFsync(int32(d.fd), uring.FsyncDatasync)
+	return uring.ResultError(co.Wait())
+}
+
+func (d *driver) fallocate(co *coroutine.Co, mode uint32, off, length int64) error {
+	co.SQE().PrepFallocate(int32(d.fd), mode, uint64(off), uint64(length))
+	return uring.ResultError(co.Wait())
+}
+
+// unsupported reports fallocate errors that mean "this file cannot do that
+// mode", after which the generic fallback takes over.
+func unsupported(err error) bool {
+	return errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EINVAL)
+}
+
+// PwriteZeroes implements bdrv.ZeroWriter: punch a hole when unmapping is
+// allowed (it reads back as zeros), else FALLOC_FL_ZERO_RANGE. Regular files
+// grow when the range extends past their end.
+func (d *driver) PwriteZeroes(co *coroutine.Co, off, bytes int64, flags bdrv.ReqFlags) error {
+	end := off + bytes
+	if flags&bdrv.ReqMayUnmap != 0 && !d.noPunch && (d.blockDev || end <= d.node.Length()) {
+		err := d.fallocate(co, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, bytes)
+		if err == nil {
+			return nil
+		}
+		if !unsupported(err) {
+			return err
+		}
+		d.noPunch = true
+	}
+	if d.noZeroRange {
+		return bdrv.ErrNotSupported
+	}
+	mode := uint32(unix.FALLOC_FL_ZERO_RANGE)
+	if d.blockDev {
+		mode |= unix.FALLOC_FL_KEEP_SIZE
+	}
+	err := d.fallocate(co, mode, off, bytes)
+	if err != nil && unsupported(err) {
+		d.noZeroRange = true
+		return bdrv.ErrNotSupported
+	}
+	return err
+}
+
+// Pdiscard implements bdrv.Discarder by punching a hole.
+func (d *driver) Pdiscard(co *coroutine.Co, off, bytes int64) error {
+	if d.noPunch {
+		return bdrv.ErrNotSupported
+	}
+	if !d.blockDev {
+		// Never extend the file for a discard past its end.
+		bytes = min(bytes, d.node.Length()-off)
+		if bytes <= 0 {
+			return nil
+		}
+	}
+	err := d.fallocate(co, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, bytes)
+	if err != nil && unsupported(err) {
+		d.noPunch = true
+		return bdrv.ErrNotSupported
+	}
+	return err
+}
+
+// BlockStatus implements bdrv.BlockStatuser from SEEK_DATA/SEEK_HOLE, as
+// QEMU's find_allocation: data is DATA, a hole is ZERO, both at the same
+// offset in this file. Without wantZero everything is reported as data,
+// which is always correct and costs nothing.
+func (d *driver) BlockStatus(co *coroutine.Co, wantZero bool, off, bytes int64) (bdrv.Status, error) {
+	st := bdrv.Status{Flags: bdrv.StatusData | bdrv.StatusOffsetValid, Pnum: bytes, Map: off, File: d.node}
+	if !wantZero || d.blockDev {
+		return st, nil
+	}
+	// lseek may read extent metadata from disk: keep it off the loop.
+	var data, hole int64
+	var err error
+	co.Offload(func() { data, hole, err = d.findAllocation(off) })
+	if err != nil {
+		// Unknown: data is the safe answer.
+		return st, nil
+	}
+	if data == off {
+		st.Pnum = min(bytes, hole-off)
+	} else {
+		st.Flags = bdrv.StatusZero | bdrv.StatusOffsetValid
+		st.Pnum = min(bytes, data-off)
+	}
+	return st, nil
+}
+
+// findAllocation returns the next data start at or after off and the hole
+// that follows it; past the last data both are "infinite".
+func (d *driver) findAllocation(off int64) (data, hole int64, err error) {
+	const inf = int64(1) << 62
+	data, err = unix.Seek(d.fd, off, unix.SEEK_DATA)
+	if errors.Is(err, unix.ENXIO) {
+		return inf, inf, nil // only a hole from off to the end
+	}
+	if err != nil {
+		return 0, 0, err
+	}
+	if data > off {
+		return data, data, nil
+	}
+	hole, err = unix.Seek(d.fd, off, unix.SEEK_HOLE)
+	if errors.Is(err, unix.ENXIO) {
+		return off, inf, nil
+	}
+	return data, hole, err
+}
+
+// Truncate implements bdrv.Truncater.
+func (d *driver) Truncate(co *coroutine.Co, size int64, exact bool, prealloc bdrv.Prealloc) error {
+	cur := d.node.Length()
+	if d.blockDev {
+		if size > cur || (exact && size != cur) {
+			return errors.New("cannot resize a block device")
+		}
+		return nil
+	}
+	if size < cur {
+		if prealloc != bdrv.PreallocOff {
+			return errors.New("preallocation can only be used when growing an image")
+		}
+		if !exact {
+			return nil
+		}
+	}
+	if err := d.grow(co, cur, size, prealloc); err != nil {
+		return err
+	}
+	d.node.SetLength(size)
+	return nil
+}
+
+// grow resizes the file from cur to size bytes, preallocating the new part
+// as asked: falloc reserves blocks, full writes zeros.
+func (d *driver) grow(co *coroutine.Co, cur, size int64, prealloc bdrv.Prealloc) error {
+	switch prealloc {
+	case bdrv.PreallocOff:
+		var err error
+		co.Offload(func() { err = unix.Ftruncate(d.fd, size) })
+		return syscallErr(err)
+	case bdrv.PreallocFalloc:
+		if size <= cur {
+			return nil
+		}
+		err := d.fallocate(co, 0, cur, size-cur)
+		if unsupported(err) {
+			return errors.New("could not preallocate data: fallocate is not supported by the file system")
+		}
+		return err
+	case bdrv.PreallocFull:
+		if size <= cur {
+			return nil
+		}
+		zeros := bdrv.AlignedBuffer(1<<20, 4096)
+		for off := cur; off < size; {
+			n := min(int64(len(zeros)), size-off)
+			if err := d.rw(co, true, off, bdrv.IOVec{zeros[:n]}); err != nil {
+				return err
+			}
+			off += n
+		}
+		return nil
+	}
+	return errors.New("unsupported preallocation mode " + prealloc.String())
+}
+
+func addr(b []byte) uintptr { return uintptr(unsafe.Pointer(unsafe.SliceData(b))) }

@@ -1,0 +1,130 @@
+// Package raw is the raw image format: the guest sees the bytes of the
+// file, optionally a window of it (the offset and size options), as QEMU's
+// raw-format driver.
+package raw
+
+import (
+	"fmt"
+
+	"ublkimg/bdrv"
+	"ublkimg/coroutine"
+)
+
+func init() {
+	bdrv.Register(&bdrv.Format{
+		Name: "raw",
+		// Raw accepts anything, so it wins only when no other format
+		// recognises the file.
+		Probe:  func([]byte, string) int { return 1 },
+		Open:   open,
+		Create: create,
+		CreateOptions: []bdrv.OptionSpec{
+			{Name: "size", Type: bdrv.OptSize, Help: "Virtual disk size"},
+			{Name: "preallocation", Type: bdrv.OptString, Default: "off",
+				Help: "Preallocation mode (allowed values: off, falloc, full)"},
+			{Name: "nocow", Type: bdrv.OptBool, Default: "off",
+				Help: "Turn off copy-on-write (valid only on btrfs)"},
+		},
+	})
+}
+
+// Options understood at open.
+const (
+	// OptOffset is where the guest's byte 0 lies in the file.
+	OptOffset = "offset"
+	// OptSize limits the guest-visible size; unset means up to the end of
+	// the file.
+	OptSize = "size"
+)
+
+type driver struct {
+	node   *bdrv.Node
+	file   *bdrv.Node
+	offset int64
+	// fixed is set when the size option pins the length; otherwise the
+	// node follows the file's length.
+	fixed bool
+}
+
+func open(co *coroutine.Co, n *bdrv.Node, opts bdrv.Options) (bdrv.Driver, error) {
+	offset, err := opts.Size(OptOffset, 0)
+	if err != nil {
+		return nil, err
+	}
+	flen := n.File.Length()
+	if offset > flen {
+		return nil, fmt.Errorf("The sum of offset (%d) and size (0) has to be smaller or equal to the actual size of the containing file (%d)", offset, flen) //nolint:staticcheck // QEMU's wording
+	}
+	d := &driver{node: n, file: n.File, offset: offset}
+	size := flen - offset
+	if opts.Has(OptSize) {
+		if size, err = opts.Size(OptSize, 0); err != nil {
+			return nil, err
+		}
+		if offset+size > flen {
+			return nil, fmt.Errorf("The sum of offset (%d) and size (%d) has to be smaller or equal to the actual size of the containing file (%d)", offset, size, flen) //nolint:staticcheck
+		}
+		d.fixed = true
+	}
+	n.SetLength(size)
+	return d, nil
+}
+
+func create(co *coroutine.Co, req *bdrv.CreateRequest) error {
+	return bdrv.Create(co, "file", req)
+}
+
+func (d *driver) Preadv(co *coroutine.Co, off int64, iov bdrv.IOVec, flags bdrv.ReqFlags) error {
+	return d.file.Preadv(co, d.offset+off, iov, flags)
+}
+
+func (d *driver) Pwritev(co *coroutine.Co, off int64, iov bdrv.IOVec, flags bdrv.ReqFlags) error {
+	return d.file.Pwritev(co, d.offset+off, iov, flags)
+}
+
+// PwriteZeroes implements bdrv.ZeroWriter by passing the request down.
+func (d *driver) PwriteZeroes(co *coroutine.Co, off, bytes int64, flags bdrv.ReqFlags) error {
+	return d.file.PwriteZeroes(co, d.offset+off, bytes, flags)
+}
+
+// Pdiscard implements bdrv.Discarder.
+func (d *driver) Pdiscard(co *coroutine.Co, off, bytes int64) error {
+	return d.file.Pdiscard(co, d.offset+off, bytes)
+}
+
+// Flush has nothing of its own to write; bdrv flushes the file below.
+func (d *driver) Flush(co *coroutine.Co) error { return nil }
+
+func (d *driver) Close(co *coroutine.Co) error { return nil }
+
+// BlockStatus implements bdrv.BlockStatuser: the answer is the file's, at
+// the shifted offset.
+func (d *driver) BlockStatus(co *coroutine.Co, wantZero bool, off, bytes int64) (bdrv.Status, error) {
+	return bdrv.Status{
+		Flags: bdrv.StatusRaw | bdrv.StatusOffsetValid,
+		Pnum:  bytes, Map: d.offset + off, File: d.file,
+	}, nil
+}
+
+// Truncate implements bdrv.Truncater; a window with a fixed size cannot be
+// resized.
+func (d *driver) Truncate(co *coroutine.Co, size int64, exact bool, prealloc bdrv.Prealloc) error {
+	if d.fixed || d.offset != 0 {
+		return fmt.Errorf("cannot resize a raw image with offset or size options")
+	}
+	if err := d.file.Truncate(co, size, exact, prealloc); err != nil {
+		return err
+	}
+	d.node.SetLength(d.file.Length())
+	return nil
+}
+
+// HasZeroInit implements bdrv.ZeroIniter: as the file below.
+func (d *driver) HasZeroInit() bool { return d.offset == 0 && !d.fixed && d.file.HasZeroInit() }
+
+// SupportedWriteFlags implements bdrv.WriteFlagser: FUA passes to the file,
+// whose generic layer emulates it.
+func (d *driver) SupportedWriteFlags() bdrv.ReqFlags { return bdrv.ReqFUA }
+
+// RefreshLimits implements bdrv.LimitsRefresher: raw adds no constraint.
+func (d *driver) RefreshLimits() bdrv.Limits { return bdrv.Limits{} }
