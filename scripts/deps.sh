@@ -1,24 +1,24 @@
 #!/usr/bin/env bash
-# Installs what `make test` needs when it is missing. Safe to re-run; it
-# does nothing when everything is present. Needs root (or sudo) only when
-# something has to be installed.
+# Installs what `make test` needs when it is missing, with apt-get (Debian 12)
+# and the Go module proxy. Safe to re-run: it does nothing when everything is
+# present. Needs root (or sudo) only when something has to be installed.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
-have qemu-img            || need+=(qemu-utils)
-have qemu-system-x86_64  || need+=(qemu-system-x86)
-[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx insmod && file -L /bin/busybox 2>/dev/null | grep -q static \
-                         || dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
-have fio                 || need+=(fio)
-have mke2fs              || need+=(e2fsprogs)
-have cpio                || need+=(cpio)
-have xz                  || need+=(xz-utils)
-have zstd                || need+=(zstd)
-have dpkg-deb            || need+=(dpkg)
+have qemu-img           || need+=(qemu-utils)
+have qemu-system-x86_64 || need+=(qemu-system-x86)
+dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
+have fio                || need+=(fio)
+have mke2fs             || need+=(e2fsprogs)
+have cpio               || need+=(cpio)
+have xz                 || need+=(xz-utils)
+have zstd               || need+=(zstd)
+have dpkg-deb           || need+=(dpkg)
 # internal/vm: the guest's /bin/sh is the host's dash, with ldd's libraries.
-have dash                || need+=(dash)
-have ldd                 || need+=(libc-bin)
+have dash               || need+=(dash)
+have ldd                || need+=(libc-bin)
 
 if [ ${#need[@]} -gt 0 ]; then
 	sudo=""
@@ -28,10 +28,9 @@ if [ ${#need[@]} -gt 0 ]; then
 	DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-# staticcheck is a Go tool: build it into the project's cache, pinned.
-bin="$(dirname "$0")/../.cache/bin"
-if [ ! -x "$bin/staticcheck" ]; then
+# staticcheck is a Go tool: built once into the project's cache, pinned.
+if [ ! -x .cache/bin/staticcheck ]; then
 	echo "deps: building staticcheck"
-	GOBIN="$(cd "$(dirname "$bin")" 2>/dev/null && pwd || (mkdir -p "$bin" && cd "$(dirname "$bin")" && pwd))/bin" \
-		go install honnef.co/go/tools/cmd/staticcheck@v0.8.2
+	mkdir -p .cache/bin
+	GOBIN="$PWD/.cache/bin" go install honnef.co/go/tools/cmd/staticcheck@v0.8.2
 fi

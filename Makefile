@@ -1,0 +1,47 @@
+# ublkimg: `make test` is the one test command (CI runs it through .ci/run).
+GO          ?= go
+STATICCHECK := $(CURDIR)/.cache/bin/staticcheck
+VM_PKGS     := ./internal/vm/ ./ublk/...
+
+.PHONY: all build test deps check unit vmtest fuzz bench demo clean
+
+all: build
+
+build:
+	$(GO) build -o ublkimg ./cmd/ublkimg
+
+# Everything: tools, static checks, unit tests with the race detector, then
+# the ublk end-to-end tests in a VM (the host kernel has no ublk).
+test: deps check unit vmtest
+	@echo "make test: all passed"
+
+deps:
+	@scripts/deps.sh
+
+check:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	$(STATICCHECK) ./...
+
+unit:
+	$(GO) test -race -count=1 -timeout 20m ./...
+
+vmtest:
+	UBLKIMG_VM=1 $(GO) test -count=1 -timeout 40m $(VM_PKGS)
+
+# Long fuzzing (not part of `make test`, which runs the seed corpora).
+FUZZTIME ?= 60s
+fuzz:
+	@for pkg in $$($(GO) list ./...); do \
+		for f in $$($(GO) test -list '^Fuzz' $$pkg 2>/dev/null | grep '^Fuzz'); do \
+			echo "fuzz $$pkg $$f"; \
+			$(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
+		done; \
+	done
+
+# Micro-benchmarks of the engine (not tests: they report, never fail).
+bench:
+	$(GO) test -run '^$$' -bench . -benchtime 2s ./uring/ ./coroutine/
+
+clean:
+	rm -f ublkimg
