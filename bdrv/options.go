@@ -96,20 +96,20 @@ func ParseOptions(specs []OptionSpec, opts Options) (Options, error) {
 			}
 		}
 		if spec == nil {
-			return nil, fmt.Errorf("Invalid parameter '%s'", name) //nolint:staticcheck // qemu-img's wording
+			return nil, fmt.Errorf("Invalid parameter '%s'", name)
 		}
 		switch spec.Type {
 		case OptBool:
 			if _, err := ParseBool(val); err != nil {
-				return nil, fmt.Errorf("Parameter '%s' expects 'on' or 'off'", name) //nolint:staticcheck
+				return nil, fmt.Errorf("Parameter '%s' expects 'on' or 'off'", name)
 			}
 		case OptNumber:
 			if _, err := strconv.ParseUint(val, 0, 64); err != nil {
-				return nil, fmt.Errorf("Parameter '%s' expects a number", name) //nolint:staticcheck
+				return nil, fmt.Errorf("Parameter '%s' expects a number", name)
 			}
 		case OptSize:
 			if _, err := ParseSize(val); err != nil {
-				return nil, fmt.Errorf("Parameter '%s' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.", name) //nolint:staticcheck
+				return nil, fmt.Errorf("Parameter '%s' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.", name)
 			}
 		}
 		out[name] = val

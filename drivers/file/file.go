@@ -75,7 +75,7 @@ func open(co *coroutine.Co, n *bdrv.Node, opts bdrv.Options) (bdrv.Driver, error
 	// raw_open; it does not go through the ring.
 	fd, err := openRetry(n.Filename, flags, 0)
 	if err != nil {
-		return nil, fmt.Errorf("Could not open '%s': %w", n.Filename, syscallErr(err)) //nolint:staticcheck // qemu-img's wording
+		return nil, fmt.Errorf("Could not open '%s': %w", n.Filename, syscallErr(err))
 	}
 	d := &driver{node: n, fd: fd, direct: direct, align: 1}
 	if err := d.setup(opts); err != nil {
@@ -122,7 +122,7 @@ func (d *driver) setup(opts bdrv.Options) error {
 	n := d.node
 	var st unix.Stat_t
 	if err := unix.Fstat(d.fd, &st); err != nil {
-		return fmt.Errorf("Could not stat '%s': %w", n.Filename, syscallErr(err)) //nolint:staticcheck
+		return fmt.Errorf("Could not stat '%s': %w", n.Filename, syscallErr(err))
 	}
 	switch st.Mode & unix.S_IFMT {
 	case unix.S_IFREG:
@@ -235,13 +235,13 @@ func create(co *coroutine.Co, req *bdrv.CreateRequest) error {
 	}
 	fd, err := openRetry(req.Filename, unix.O_RDWR|unix.O_CREAT|unix.O_CLOEXEC, 0o644)
 	if err != nil {
-		return fmt.Errorf("Could not create '%s': %w", req.Filename, syscallErr(err)) //nolint:staticcheck
+		return fmt.Errorf("Could not create '%s': %w", req.Filename, syscallErr(err))
 	}
 	f := os.NewFile(uintptr(fd), req.Filename)
 	defer f.Close()
 	if fi, err := f.Stat(); err == nil && fi.Mode().IsRegular() {
 		if err := f.Truncate(0); err != nil {
-			return fmt.Errorf("Could not resize file: %w", syscallErr(err)) //nolint:staticcheck
+			return fmt.Errorf("Could not resize file: %w", syscallErr(err))
 		}
 	}
 	d := &driver{fd: fd, align: 1, node: nil}

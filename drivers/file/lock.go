@@ -61,10 +61,10 @@ func (d *driver) lock(forceShare bool) error {
 	for i, name := range permNames {
 		bit := 1 << i
 		if perm&bit != 0 && lockedByOther(d.fd, lockSharedBase+i) {
-			return fmt.Errorf("Failed to get \"%s\" lock\nIs another process using the image [%s]?", name, d.node.Filename) //nolint:staticcheck // QEMU's wording
+			return fmt.Errorf("Failed to get \"%s\" lock\nIs another process using the image [%s]?", name, d.node.Filename)
 		}
 		if shared&bit == 0 && lockedByOther(d.fd, lockPermBase+i) {
-			return fmt.Errorf("Failed to get shared \"%s\" lock\nIs another process using the image [%s]?", name, d.node.Filename) //nolint:staticcheck
+			return fmt.Errorf("Failed to get shared \"%s\" lock\nIs another process using the image [%s]?", name, d.node.Filename)
 		}
 	}
 	return nil
@@ -73,7 +73,7 @@ func (d *driver) lock(forceShare bool) error {
 func setLock(fd, off int) error {
 	lk := unix.Flock_t{Type: unix.F_RDLCK, Whence: unix.SEEK_SET, Start: int64(off), Len: 1}
 	if err := fcntlLock(fd, unix.F_OFD_SETLK, &lk); err != nil {
-		return fmt.Errorf("Failed to lock byte %d: %w", off, syscallErr(err)) //nolint:staticcheck
+		return fmt.Errorf("Failed to lock byte %d: %w", off, syscallErr(err))
 	}
 	return nil
 }

@@ -53,7 +53,7 @@ func open(co *coroutine.Co, n *bdrv.Node, opts bdrv.Options) (bdrv.Driver, error
 	}
 	flen := n.File.Length()
 	if offset > flen {
-		return nil, fmt.Errorf("The sum of offset (%d) and size (0) has to be smaller or equal to the actual size of the containing file (%d)", offset, flen) //nolint:staticcheck // QEMU's wording
+		return nil, fmt.Errorf("The sum of offset (%d) and size (0) has to be smaller or equal to the actual size of the containing file (%d)", offset, flen)
 	}
 	d := &driver{node: n, file: n.File, offset: offset}
 	size := flen - offset
@@ -62,7 +62,7 @@ func open(co *coroutine.Co, n *bdrv.Node, opts bdrv.Options) (bdrv.Driver, error
 			return nil, err
 		}
 		if offset+size > flen {
-			return nil, fmt.Errorf("The sum of offset (%d) and size (%d) has to be smaller or equal to the actual size of the containing file (%d)", offset, size, flen) //nolint:staticcheck
+			return nil, fmt.Errorf("The sum of offset (%d) and size (%d) has to be smaller or equal to the actual size of the containing file (%d)", offset, size, flen)
 		}
 		d.fixed = true
 	}
