@@ -134,9 +134,6 @@ func (l *Loop) main(cfg Config, errc chan<- error) {
 	l.armEventfd()
 	l.run()
 
-	l.inbox.Lock()
-	l.inbox.closed = true
-	l.inbox.Unlock()
 	l.ring.Close()
 	unix.Close(l.efd)
 	registry.Lock()
@@ -151,7 +148,11 @@ func (l *Loop) run() {
 	for {
 		l.runReady()
 		if l.live == 0 && l.stopping.Load() {
-			return
+			if l.closeInbox() {
+				return
+			}
+			l.drainInbox() // work posted just before Close
+			continue
 		}
 		var wait uint32 = 1
 		if len(l.ready) > 0 {
@@ -227,6 +228,18 @@ func (l *Loop) dispatch(cqe *uring.CQE) {
 		l.armEventfd()
 		l.drainInbox()
 	}
+}
+
+// closeInbox marks the inbox closed if it is empty, atomically with the
+// check, so no posted work is lost when the loop ends.
+func (l *Loop) closeInbox() bool {
+	l.inbox.Lock()
+	defer l.inbox.Unlock()
+	if len(l.inbox.fns) > 0 || len(l.inbox.wakes) > 0 {
+		return false
+	}
+	l.inbox.closed = true
+	return true
 }
 
 func (l *Loop) armEventfd() {
