@@ -429,19 +429,47 @@ func TestParseHeaderHostile(t *testing.T) {
 			withExts(b, ext(ExtFeatureTable, append(feature(2, 7, "a"), feature(2, 7, "b")...)))
 			return b
 		}, 0, "entry 1: type 2 bit 7 named twice", ErrInvalid},
-		{"bitmaps ext length", func(b []byte) []byte { put64(b, 88, AutoclearBitmaps); withExts(b, ext(ExtBitmaps, make([]byte, 16))); return b }, 0,
+		{"bitmaps ext length", func(b []byte) []byte {
+			put64(b, 88, AutoclearBitmaps)
+			withExts(b, ext(ExtBitmaps, make([]byte, 16)))
+			return b
+		}, 0,
 			"extension 0x23852875 length 16, want 24", ErrInvalid},
-		{"bitmaps reserved", func(b []byte) []byte { put64(b, 88, AutoclearBitmaps); withExts(b, bitmapsExt(1, 1, 32, 0x40000)); return b }, 0,
+		{"bitmaps reserved", func(b []byte) []byte {
+			put64(b, 88, AutoclearBitmaps)
+			withExts(b, bitmapsExt(1, 1, 32, 0x40000))
+			return b
+		}, 0,
 			"reserved field is 0x1", ErrInvalid},
-		{"bitmaps zero count", func(b []byte) []byte { put64(b, 88, AutoclearBitmaps); withExts(b, bitmapsExt(0, 0, 32, 0x40000)); return b }, 0,
+		{"bitmaps zero count", func(b []byte) []byte {
+			put64(b, 88, AutoclearBitmaps)
+			withExts(b, bitmapsExt(0, 0, 32, 0x40000))
+			return b
+		}, 0,
 			"nb_bitmaps is 0", ErrInvalid},
-		{"bitmaps too many", func(b []byte) []byte { put64(b, 88, AutoclearBitmaps); withExts(b, bitmapsExt(65536, 0, 32<<20, 0x40000)); return b }, 0,
+		{"bitmaps too many", func(b []byte) []byte {
+			put64(b, 88, AutoclearBitmaps)
+			withExts(b, bitmapsExt(65536, 0, 32<<20, 0x40000))
+			return b
+		}, 0,
 			"nb_bitmaps 65536 exceeds", ErrInvalid},
-		{"bitmaps dir unaligned", func(b []byte) []byte { put64(b, 88, AutoclearBitmaps); withExts(b, bitmapsExt(1, 0, 32, 0x40008)); return b }, 0,
+		{"bitmaps dir unaligned", func(b []byte) []byte {
+			put64(b, 88, AutoclearBitmaps)
+			withExts(b, bitmapsExt(1, 0, 32, 0x40008))
+			return b
+		}, 0,
 			"bitmap directory offset 0x40008 not aligned", ErrInvalid},
-		{"bitmaps dir huge", func(b []byte) []byte { put64(b, 88, AutoclearBitmaps); withExts(b, bitmapsExt(1, 0, 1<<40, 0x40000)); return b }, 0,
+		{"bitmaps dir huge", func(b []byte) []byte {
+			put64(b, 88, AutoclearBitmaps)
+			withExts(b, bitmapsExt(1, 0, 1<<40, 0x40000))
+			return b
+		}, 0,
 			"bitmap_directory_size 1099511627776 exceeds", ErrInvalid},
-		{"bitmaps dir beyond EOF", func(b []byte) []byte { put64(b, 88, AutoclearBitmaps); withExts(b, bitmapsExt(1, 0, 32, 0x50000)); return b }, 0,
+		{"bitmaps dir beyond EOF", func(b []byte) []byte {
+			put64(b, 88, AutoclearBitmaps)
+			withExts(b, bitmapsExt(1, 0, 32, 0x50000))
+			return b
+		}, 0,
 			"beyond end of file", ErrInvalid},
 		{"bitmaps ignored without autoclear bit", func(b []byte) []byte { withExts(b, bitmapsExt(0, 5, 1<<40, 3)); return b }, 0, "", nil},
 		{"crypto ext without LUKS", func(b []byte) []byte { withExts(b, ext(ExtCryptoHeader, make([]byte, 16))); return b }, 0,
@@ -464,7 +492,12 @@ func TestParseHeaderHostile(t *testing.T) {
 		{"LUKS without crypto ext", func(b []byte) []byte { put32(b, 32, CryptLUKS); return b }, 0, "crypt_method 2 (LUKS) without", ErrInvalid},
 		{"data_file_raw without data file", func(b []byte) []byte { put64(b, 88, AutoclearDataFileRaw); return b }, 0,
 			"raw external data bit without the external data file bit", ErrInvalid},
-		{"data file with snapshots", func(b []byte) []byte { put64(b, 72, IncompatDataFile); put32(b, 60, 1); put64(b, 64, 0x40000); return b }, 0,
+		{"data file with snapshots", func(b []byte) []byte {
+			put64(b, 72, IncompatDataFile)
+			put32(b, 60, 1)
+			put64(b, 64, 0x40000)
+			return b
+		}, 0,
 			"internal snapshots are not allowed with an external data file", ErrInvalid},
 		{"data_file_raw with backing", func(b []byte) []byte {
 			put64(b, 72, IncompatDataFile)
