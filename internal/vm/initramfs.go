@@ -32,10 +32,13 @@ var libScript []byte
 
 // initramfsFormat changes whenever the layout BuildInitramfs writes changes,
 // so that cached images built by older code are not reused.
-const initramfsFormat = "ublkimg-vm-initramfs-1"
+const initramfsFormat = "ublkimg-vm-initramfs-2"
 
-// keepInitramfs is how many cached initramfs images BuildInitramfs keeps.
-const keepInitramfs = 4
+// How many cached initramfs images and Go binaries are kept.
+const (
+	keepInitramfs = 4
+	keepBinaries  = 8
+)
 
 // File is a file to put into the guest's initramfs.
 type File struct {
@@ -84,33 +87,48 @@ func lookTool(name string) (string, error) {
 }
 
 // GoBinary builds the Go package pkg (an import path or a directory, as for
-// `go build`) as a static binary (CGO_ENABLED=0) and returns it as a File at
-// /usr/local/bin/<last element of pkg>. The binary is written under the
-// cache directory and replaced on every call.
+// `go build`) as a static binary (CGO_ENABLED=0, -trimpath) and returns it
+// as a File at /usr/local/bin/<last element of pkg>. Binaries are stored in
+// the cache by content, so an unchanged build reuses the cached initramfs.
 func GoBinary(ctx context.Context, pkg string) (File, error) {
 	cache, err := CacheDir()
 	if err != nil {
 		return File{}, err
 	}
 	name := path.Base(filepath.ToSlash(pkg))
-	dir := filepath.Join(cache, "bin")
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	bin := filepath.Join(cache, "bin")
+	if err := os.MkdirAll(bin, 0o755); err != nil {
 		return File{}, fmt.Errorf("vm: %w", err)
 	}
-	f, err := os.CreateTemp(dir, name+"-")
+	tmp, err := os.MkdirTemp(bin, ".build-")
 	if err != nil {
 		return File{}, fmt.Errorf("vm: %w", err)
 	}
-	f.Close()
-	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-o", f.Name(), pkg)
+	defer os.RemoveAll(tmp)
+	out := filepath.Join(tmp, name)
+	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-o", out, pkg)
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		os.Remove(f.Name())
-		return File{}, fmt.Errorf("vm: go build %s: %w\n%s", pkg, err, out)
+	if msg, err := cmd.CombinedOutput(); err != nil {
+		return File{}, fmt.Errorf("vm: go build %s: %w\n%s", pkg, err, msg)
 	}
-	dst := filepath.Join(dir, name)
-	if err := os.Rename(f.Name(), dst); err != nil {
+	data, err := os.ReadFile(out)
+	if err != nil {
 		return File{}, fmt.Errorf("vm: %w", err)
+	}
+	sum := sha256.Sum256(data)
+	dir := filepath.Join(bin, hex.EncodeToString(sum[:8]))
+	dst := filepath.Join(dir, name)
+	if _, err := os.Stat(dst); err == nil {
+		now := time.Now()
+		os.Chtimes(dir, now, now) // most recently used, for pruning
+	} else {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return File{}, fmt.Errorf("vm: %w", err)
+		}
+		if err := writeFileAtomic(dst, data, 0o755); err != nil {
+			return File{}, err
+		}
+		pruneCache(bin, dir, keepBinaries)
 	}
 	return File{Src: dst, Dst: "/usr/local/bin/" + name}, nil
 }
@@ -279,7 +297,7 @@ func BuildInitramfs(ctx context.Context, opts InitramfsOptions) (string, error) 
 	if err := writeInitramfs(name, entries, opts.Gzip); err != nil {
 		return "", err
 	}
-	pruneInitramfs(dir, name)
+	pruneCache(dir, name, keepInitramfs)
 	return name, nil
 }
 
@@ -348,6 +366,14 @@ func writeInitramfs(name string, entries map[string]*entry, gz bool) error {
 	if err == nil {
 		err = bw.Flush()
 	}
+	if zw != nil && err == nil {
+		// Run appends an uncompressed archive, which the kernel finds only
+		// at a 4-byte aligned offset; zeros between archives are skipped.
+		var size int64
+		if size, err = f.Seek(0, io.SeekCurrent); err == nil && size%512 != 0 {
+			_, err = f.Write(make([]byte, 512-size%512))
+		}
+	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
@@ -360,30 +386,31 @@ func writeInitramfs(name string, entries map[string]*entry, gz bool) error {
 	return nil
 }
 
-// pruneInitramfs removes all but the keepInitramfs most recently used
-// images in dir, never keep.
-func pruneInitramfs(dir, keep string) {
+// pruneCache removes all but the keep most recently used entries of dir
+// (files or directories; names starting with "." are left alone), never
+// current.
+func pruneCache(dir, current string, keep int) {
 	ents, err := os.ReadDir(dir)
 	if err != nil {
 		return
 	}
-	type img struct {
+	type item struct {
 		path string
 		used time.Time
 	}
-	var imgs []img
+	var items []item
 	for _, e := range ents {
 		p := filepath.Join(dir, e.Name())
-		if strings.HasPrefix(e.Name(), ".") || p == keep {
+		if strings.HasPrefix(e.Name(), ".") || p == current {
 			continue
 		}
 		if fi, err := e.Info(); err == nil {
-			imgs = append(imgs, img{p, fi.ModTime()})
+			items = append(items, item{p, fi.ModTime()})
 		}
 	}
-	sort.Slice(imgs, func(i, j int) bool { return imgs[i].used.After(imgs[j].used) })
-	for i := keepInitramfs - 1; i < len(imgs); i++ {
-		os.Remove(imgs[i].path)
+	sort.Slice(items, func(i, j int) bool { return items[i].used.After(items[j].used) })
+	for i := keep - 1; i < len(items); i++ {
+		os.RemoveAll(items[i].path)
 	}
 }
 
@@ -409,9 +436,13 @@ func sharedLibraries(ctx context.Context, p string) ([]string, error) {
 	if !dynamic {
 		return nil, nil
 	}
-	out, err := command(ctx, "", "ldd", p).Output()
+	out, err := command(ctx, "", "ldd", p).CombinedOutput()
 	if err != nil {
-		return nil, fmt.Errorf("vm: ldd %s: %w", p, err)
+		// A static-pie program has PT_DYNAMIC but nothing to load.
+		if bytes.Contains(out, []byte("statically linked")) || bytes.Contains(out, []byte("not a dynamic executable")) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("vm: ldd %s: %w: %s", p, err, out)
 	}
 	var libs []string
 	for line := range strings.Lines(string(out)) {

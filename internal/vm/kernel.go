@@ -211,20 +211,27 @@ func newestKernelPackage(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("vm: apt-cache pkgnames: %w", err)
 	}
-	best, bestN := "", -1
-	for _, name := range strings.Fields(string(out)) {
-		m := fallbackKernelPackage.FindStringSubmatch(name)
-		if m == nil {
-			continue
-		}
-		if n, _ := strconv.Atoi(m[1]); n > bestN {
-			best, bestN = name, n
-		}
-	}
+	best := newestKernel(strings.Fields(string(out)))
 	if best == "" {
 		return "", errors.New("vm: apt knows no linux-image-6.12.*+deb12-amd64-unsigned package")
 	}
 	return best, nil
+}
+
+// newestKernel returns the name among names that matches
+// fallbackKernelPackage with the highest patch level, or "".
+func newestKernel(names []string) string {
+	best, bestN := "", -1
+	for _, name := range names {
+		m := fallbackKernelPackage.FindStringSubmatch(name)
+		if m == nil {
+			continue
+		}
+		if n, err := strconv.Atoi(m[1]); err == nil && n > bestN {
+			best, bestN = name, n
+		}
+	}
+	return best
 }
 
 // unpackKernel unpacks the one .deb in dir into dir/entry and writes the

@@ -14,6 +14,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -51,6 +52,10 @@ type RunOptions struct {
 	Accel string
 	// KernelArgs are appended to the kernel command line.
 	KernelArgs []string
+	// QemuArgs are appended to qemu's command line, for example to attach a
+	// drive: "-drive", "file=disk.img,format=raw,if=virtio" (add the
+	// virtio_blk module).
+	QemuArgs []string
 	// Kernel is the kernel to boot; nil means Kernel(ctx).
 	Kernel *KernelFiles
 	// Gzip compresses the initramfs (see InitramfsOptions.Gzip).
@@ -205,11 +210,14 @@ func Run(ctx context.Context, opts RunOptions) (*Result, error) {
 		"-serial", "stdio", // ttyS0: the console
 		"-serial", "file:" + resultsPath, // ttyS1: the results channel
 	}
+	args = append(args, opts.QemuArgs...)
 
 	runCtx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	cmd := exec.CommandContext(runCtx, qemu, args...)
 	cmd.WaitDelay = 5 * time.Second
+	// Kill qemu when the test process dies (go test -timeout, ^C).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	stdout, err := cmd.StdoutPipe()
@@ -373,8 +381,8 @@ func parseReport(report []byte, res *Result) (done bool) {
 		switch f[0] {
 		case "BOOT":
 			if len(f) > 1 {
-				if s, err := strconv.ParseFloat(f[1], 64); err == nil {
-					res.GuestBoot = time.Duration(s * float64(time.Second))
+				if d, err := time.ParseDuration(f[1] + "s"); err == nil {
+					res.GuestBoot = d
 				}
 			}
 		case "RESULT":
