@@ -30,6 +30,11 @@ var initScript []byte
 //go:embed guest/lib.sh
 var libScript []byte
 
+// guestApplets are the busybox applets guest/init.sh and guest/lib.sh use.
+var guestApplets = []string{
+	"cut", "dmesg", "insmod", "mkdir", "mount", "poweroff", "sed", "sync", "tail", "uname",
+}
+
 // initramfsFormat changes whenever the layout BuildInitramfs writes changes,
 // so that cached images built by older code are not reused.
 const initramfsFormat = "ublkimg-vm-initramfs-2"
@@ -231,6 +236,15 @@ func BuildInitramfs(ctx context.Context, opts InitramfsOptions) (string, error) 
 	applets, err := command(ctx, "", bb, "--list-full").Output()
 	if err != nil {
 		return "", fmt.Errorf("vm: %s --list-full: %w", bb, err)
+	}
+	have := map[string]bool{}
+	for _, a := range strings.Fields(string(applets)) {
+		have[path.Base(a)] = true
+	}
+	for _, a := range guestApplets {
+		if !have[a] {
+			return "", fmt.Errorf("vm: %s lacks the applet %q that /init or lib.sh uses", bb, a)
+		}
 	}
 	for _, a := range strings.Fields(string(applets)) {
 		dst := "/" + a

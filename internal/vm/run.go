@@ -122,8 +122,8 @@ func (r *Result) LogTail(n int) string {
 
 // kernelTrouble matches kernel log lines that fail a run: panics, oopses,
 // BUG and WARNING splats, lockups and hung tasks.
-var kernelTrouble = regexp.MustCompile(`Kernel panic|Oops|BUG:|WARNING:|general protection fault|` +
-	`blocked for more than|soft lockup|hard LOCKUP|rcu_.*(stall|detected)|UBSAN:|KASAN:|kernel BUG`)
+var kernelTrouble = regexp.MustCompile(`Kernel panic|Oops: |BUG:|WARNING:|general protection fault|` +
+	`blocked for more than|soft lockup|hard LOCKUP|rcu_.*(stall|detected)|UBSAN:|KASAN:|kernel BUG at`)
 
 // fatalGrace is how long a run goes on after the console showed kernel
 // trouble, so the rest of the report reaches the log, before qemu is killed.
@@ -136,7 +136,7 @@ const fatalGrace = 5 * time.Second
 // panic, oops, BUG, WARNING, lockup or hung task, when the scenario exited
 // non-zero or did not finish ("@@ DONE" missing), when qemu failed, and on
 // timeout (qemu is killed). The error includes the tail of the console log;
-// the Result holds all of it.
+// the Result, returned whenever the VM was started, holds all of it.
 func Run(ctx context.Context, opts RunOptions) (*Result, error) {
 	logf := opts.Logf
 	if logf == nil {
@@ -153,12 +153,6 @@ func Run(ctx context.Context, opts RunOptions) (*Result, error) {
 			timeout = d
 		}
 	}
-	mem := cmp.Or(opts.Memory, DefaultMemory)
-	cpus := cmp.Or(opts.CPUs, DefaultCPUs)
-	modules := opts.Modules
-	if modules == nil {
-		modules = DefaultModules
-	}
 	accel, err := chooseAccel(opts.Accel)
 	if err != nil {
 		return nil, err
@@ -167,12 +161,15 @@ func Run(ctx context.Context, opts RunOptions) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
-
 	k := opts.Kernel
 	if k == nil {
 		if k, err = LoadKernel(ctx, KernelOptions{Logf: logf}); err != nil {
 			return nil, err
 		}
+	}
+	modules := opts.Modules
+	if modules == nil {
+		modules = DefaultModules
 	}
 	start := time.Now()
 	base, err := BuildInitramfs(ctx, InitramfsOptions{Kernel: k, Modules: modules, Files: opts.Files, Gzip: opts.Gzip})
@@ -190,31 +187,11 @@ func Run(ctx context.Context, opts RunOptions) (*Result, error) {
 	if err := writeRunInitrd(initrd, base, opts.Script); err != nil {
 		return nil, err
 	}
-	resultsPath := filepath.Join(work, "results")
-
-	cpu := "max"
-	if accel == "kvm" {
-		cpu = "host"
-	}
-	cmdline := []string{
-		"console=ttyS0", "quiet", "panic=-1", "oops=panic",
-		"sysctl.kernel.hung_task_timeout_secs=30", "rdinit=/init",
-	}
-	cmdline = append(cmdline, opts.KernelArgs...)
-	args := []string{
-		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-		"-machine", "q35", "-accel", accel, "-cpu", cpu,
-		"-m", strconv.Itoa(mem), "-smp", strconv.Itoa(cpus),
-		"-kernel", k.Vmlinuz, "-initrd", initrd,
-		"-append", strings.Join(cmdline, " "),
-		"-serial", "stdio", // ttyS0: the console
-		"-serial", "file:" + resultsPath, // ttyS1: the results channel
-	}
-	args = append(args, opts.QemuArgs...)
+	results := filepath.Join(work, "results")
 
 	runCtx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	cmd := exec.CommandContext(runCtx, qemu, args...)
+	cmd := exec.CommandContext(runCtx, qemu, qemuArgs(opts, accel, k.Vmlinuz, initrd, results)...)
 	cmd.WaitDelay = 5 * time.Second
 	// Kill qemu when the test process dies (go test -timeout, ^C).
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -224,27 +201,31 @@ func Run(ctx context.Context, opts RunOptions) (*Result, error) {
 	if err != nil {
 		return nil, fmt.Errorf("vm: %w", err)
 	}
-
-	res := &Result{ExitStatus: -1, Kernel: k.Release, Accel: accel, Metrics: map[string]string{}}
-	con := &console{start: time.Now(), out: opts.Console}
-	start = con.start
+	var fatal *time.Timer
+	con := &console{out: opts.Console, onTrouble: func(line string) {
+		logf("vm: kernel trouble on the console, stopping in %v: %s", fatalGrace, line)
+		fatal = time.AfterFunc(fatalGrace, cancel)
+	}}
+	con.start = time.Now()
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("vm: starting %s: %w", qemu, err)
 	}
-	var fatalTimer *time.Timer
-	con.onTrouble = func(line string) {
-		logf("vm: kernel trouble on the console: %s", line)
-		fatalTimer = time.AfterFunc(fatalGrace, cancel)
-	}
 	con.read(stdout) // until EOF: qemu exited or was killed
 	waitErr := cmd.Wait()
-	res.Total = time.Since(start)
-	if fatalTimer != nil {
-		fatalTimer.Stop()
+	if fatal != nil {
+		fatal.Stop()
 	}
 
-	res.Log = con.log.String()
-	res.Boot, res.Ready = con.boot, con.ready
+	res := &Result{
+		ExitStatus: -1,
+		Kernel:     k.Release,
+		Accel:      accel,
+		Metrics:    map[string]string{},
+		Log:        con.log.String(),
+		Boot:       con.boot,
+		Ready:      con.ready,
+		Total:      time.Since(con.start),
+	}
 	var problems []string
 	switch {
 	case ctx.Err() != nil:
@@ -252,38 +233,72 @@ func Run(ctx context.Context, opts RunOptions) (*Result, error) {
 	case errors.Is(runCtx.Err(), context.DeadlineExceeded):
 		problems = append(problems, fmt.Sprintf("timed out after %v; qemu killed", timeout))
 	case con.trouble != "":
-		// Reported below from the console scan.
+		// qemu was killed on purpose; the trouble is reported below.
 	case waitErr != nil:
 		problems = append(problems, fmt.Sprintf("qemu: %v: %s", waitErr, strings.TrimSpace(stderr.String())))
 	}
 	if stderr.Len() > 0 {
 		res.Log += "\n[qemu stderr]\n" + stderr.String()
 	}
-
-	report, err := os.ReadFile(resultsPath)
+	report, err := os.ReadFile(results)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return res, fmt.Errorf("vm: reading results: %w", err)
 	}
 	done := parseReport(report, res)
-	problems = append(problems, troubleLines(res.Log)...)
-	problems = append(problems, troubleLines(res.Dmesg)...)
-	for _, c := range res.Results {
+	problems = append(problems, res.problems(done)...)
+	if len(problems) == 0 {
+		return res, nil
+	}
+	return res, fmt.Errorf("vm: run failed (%s, %s):\n  %s\n--- console tail ---\n%s",
+		k.Release, accel, strings.Join(dedup(problems), "\n  "), res.LogTail(40))
+}
+
+// qemuArgs is the qemu command line of a run.
+func qemuArgs(opts RunOptions, accel, vmlinuz, initrd, results string) []string {
+	cpu := "max" // everything TCG emulates
+	if accel == "kvm" {
+		cpu = "host"
+	}
+	cmdline := []string{
+		"console=ttyS0", "quiet", "rdinit=/init",
+		// An oops panics, a panic reboots, and -no-reboot turns that into
+		// qemu's exit: a broken kernel ends the run at once.
+		"oops=panic", "panic=-1",
+		// The default 120 s would outlast most timeouts.
+		"sysctl.kernel.hung_task_timeout_secs=30",
+	}
+	args := []string{
+		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+		"-machine", "q35", "-accel", accel, "-cpu", cpu,
+		"-m", strconv.Itoa(cmp.Or(opts.Memory, DefaultMemory)),
+		"-smp", strconv.Itoa(cmp.Or(opts.CPUs, DefaultCPUs)),
+		"-kernel", vmlinuz, "-initrd", initrd,
+		"-append", strings.Join(append(cmdline, opts.KernelArgs...), " "),
+		"-serial", "stdio", // ttyS0: the console
+		"-serial", "file:" + results, // ttyS1: the results channel
+	}
+	return append(args, opts.QemuArgs...)
+}
+
+// problems lists what is wrong with a finished run's report: failed cases,
+// kernel trouble on the console or in dmesg, a missing DONE, a non-zero
+// exit.
+func (r *Result) problems(done bool) []string {
+	var p []string
+	p = append(p, troubleLines(r.Log)...)
+	p = append(p, troubleLines(r.Dmesg)...)
+	for _, c := range r.Results {
 		if c.Status != "PASS" && c.Status != "SKIP" {
-			problems = append(problems, fmt.Sprintf("case %s: %s %s", c.Name, c.Status, c.Detail))
+			p = append(p, fmt.Sprintf("case %s: %s %s", c.Name, c.Status, c.Detail))
 		}
 	}
 	switch {
 	case !done:
-		problems = append(problems, "the guest did not finish (no @@ DONE)")
-	case res.ExitStatus != 0:
-		problems = append(problems, fmt.Sprintf("scenario exited with status %d", res.ExitStatus))
+		p = append(p, "the guest did not finish (no @@ DONE)")
+	case r.ExitStatus != 0:
+		p = append(p, fmt.Sprintf("scenario exited with status %d", r.ExitStatus))
 	}
-	if len(problems) == 0 {
-		return res, nil
-	}
-	problems = dedup(problems)
-	return res, fmt.Errorf("vm: run failed (%s, %s):\n  %s\n--- console tail ---\n%s",
-		k.Release, accel, strings.Join(problems, "\n  "), res.LogTail(40))
+	return p
 }
 
 // writeRunInitrd writes the run's initrd: the cached base archive followed
