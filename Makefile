@@ -27,7 +27,7 @@ unit:
 	$(GO) test -race -count=1 -timeout 20m ./...
 
 vmtest:
-	UBLKIMG_VM=1 $(GO) test -count=1 -timeout 40m $(VM_PKGS)
+	UBLKIMG_VM=1 $(GO) test -count=1 -p 1 -timeout 40m $(VM_PKGS)
 
 # Long fuzzing (not part of `make test`, which runs the seed corpora).
 FUZZTIME ?= 60s
