@@ -237,6 +237,7 @@ func (g Geometry) checkHostOffset(what string, off uint64) error {
 // image's fault.
 type EncodeError struct{ Msg string }
 
+// Error implements error.
 func (e *EncodeError) Error() string { return "qcow2: cannot encode: " + e.Msg }
 
 func invalidEncode(format string, args ...any) error {
@@ -266,6 +267,7 @@ const (
 
 var clusterTypeNames = [...]string{"unallocated", "zero-plain", "zero-alloc", "normal", "compressed"}
 
+// String returns the type's name as qemu-img map would describe it.
 func (t ClusterType) String() string {
 	if int(t) < len(clusterTypeNames) {
 		return clusterTypeNames[t]
@@ -300,6 +302,7 @@ const (
 var subclusterTypeNames = [...]string{"unallocated-plain", "unallocated-alloc", "zero-plain",
 	"zero-alloc", "normal", "compressed", "invalid"}
 
+// String returns the type's name, after QEMU's QCOW2_SUBCLUSTER_* names.
 func (t SubclusterType) String() string {
 	if int(t) < len(subclusterTypeNames) {
 		return subclusterTypeNames[t]

@@ -48,6 +48,7 @@ type HeaderError struct {
 	Unsupported bool // matches ErrUnsupported instead of ErrInvalid
 }
 
+// Error returns "qcow2: <field> <msg>".
 func (e *HeaderError) Error() string {
 	return "qcow2: " + e.Field + " " + e.Msg
 }
@@ -78,6 +79,7 @@ type UnsupportedFeatureError struct {
 	Unknown uint64
 }
 
+// Error returns QEMU's wording for the same condition.
 func (e *UnsupportedFeatureError) Error() string {
 	s := "Unsupported qcow2 feature(s): "
 	for i, n := range e.Names {
@@ -112,6 +114,7 @@ type CorruptError struct {
 	Index  int64
 }
 
+// Error returns the description with the location, offsets in hex.
 func (e *CorruptError) Error() string {
 	s := "qcow2: image is corrupt: " + e.What
 	if e.Table != "" {

@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 )
 
@@ -136,4 +137,27 @@ func createImage(t testing.TB, dir, name, size string, args ...string) string {
 // stay small while the fuzzer still sees real headers.
 func trimZeros(b []byte) []byte {
 	return bytes.TrimRight(b, "\x00")
+}
+
+var zstdProbe = sync.OnceValue(func() string {
+	dir, err := os.MkdirTemp("", "qcow2-zstd")
+	if err != nil {
+		return err.Error()
+	}
+	defer os.RemoveAll(dir)
+	out, err := tryRun("qemu-img", "create", "-q", "-f", "qcow2", "-o", "compression_type=zstd",
+		filepath.Join(dir, "z.qcow2"), "1M")
+	if err != nil {
+		return strings.TrimSpace(out)
+	}
+	return ""
+})
+
+// requireZstd skips a test when qemu-img was built without zstd (the
+// compression_type=zstd option is then refused), giving qemu-img's reason.
+func requireZstd(t testing.TB) {
+	t.Helper()
+	if why := zstdProbe(); why != "" {
+		t.Skipf("qemu-img cannot create zstd images: %s", why)
+	}
 }

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -129,6 +130,9 @@ func TestGoldenMapping(t *testing.T) {
 	for _, sc := range mapScenarios() {
 		t.Run(sc.name, func(t *testing.T) {
 			t.Parallel()
+			if strings.Contains(sc.opts, "zstd") {
+				requireZstd(t)
+			}
 			dir := t.TempDir()
 			o := sc.opts
 			dataPath := filepath.Join(dir, "data.raw")
