@@ -467,6 +467,25 @@ func (g Geometry) CheckL2(e, bitmap, l2Offset uint64, index int64) error {
 	return nil
 }
 
+// CheckDataFileOffset validates the one rule CheckL2 cannot: in an image
+// with an external data file, a cluster that has a host offset must map to
+// the same offset in the data file as its guest offset (QEMU: "External data
+// file host cluster offset ... does not match guest cluster offset").
+// guestOffset is any offset inside the guest cluster e maps.
+func (g Geometry) CheckDataFileOffset(e, guestOffset, l2Offset uint64, index int64) error {
+	if !g.DataFile {
+		return nil
+	}
+	switch g.ClusterType(e) {
+	case ClusterNormal, ClusterZeroAlloc:
+		if host, want := HostOffset(e), g.StartOfCluster(guestOffset); host != want {
+			return corrupt("L2 table", l2Offset, index,
+				"external data file host cluster offset %#x does not match guest cluster offset %#x", host, want)
+		}
+	}
+	return nil
+}
+
 // HostOffset returns the host cluster offset of a standard (non-compressed)
 // L2 entry; 0 means none, except for allocated clusters of an external data
 // file (see ClusterType).

@@ -478,3 +478,55 @@ func TestRefcountWidths(t *testing.T) {
 		t.Error("order 7 accepted")
 	}
 }
+
+func TestCheckDataFileOffset(t *testing.T) {
+	df := Geometry{ClusterBits: 16, RefcountOrder: 4, Version: 3, DataFile: true}
+	ok := []struct{ e, guest uint64 }{
+		{OflagCopied, 0x1234},             // host cluster 0
+		{0x50000 | OflagCopied, 0x5ffff},  // normal
+		{0x50000 | OflagZero, 0x50000},    // zero-alloc
+		{OflagZero, 0x90000},              // zero-plain: no host offset
+		{0, 0x90000},                      // unallocated
+		{OflagCompressed | 0x123, 0x1000}, // CheckL2's business
+	}
+	for _, c := range ok {
+		if err := df.CheckDataFileOffset(c.e, c.guest, 0x30000, 1); err != nil {
+			t.Errorf("%#x at %#x: %v", c.e, c.guest, err)
+		}
+	}
+	err := df.CheckDataFileOffset(0x50000|OflagCopied, 0x60000, 0x30000, 1)
+	if err == nil || !errors.Is(err, ErrCorrupt) ||
+		!strings.Contains(err.Error(), "host cluster offset 0x50000 does not match guest cluster offset 0x60000") {
+		t.Errorf("mismatch: %v", err)
+	}
+	std := Geometry{ClusterBits: 16, RefcountOrder: 4, Version: 3}
+	if err := std.CheckDataFileOffset(0x50000, 0x60000, 0, 0); err != nil {
+		t.Errorf("without a data file: %v", err)
+	}
+}
+
+// TestHotPathAllocs pins that the functions on the I/O path (mapping a
+// guest offset through an L2 entry) do not allocate.
+func TestHotPathAllocs(t *testing.T) {
+	g := Geometry{ClusterBits: 16, RefcountOrder: 4, Version: 3, ExtendedL2: true}
+	table := make([]byte, g.ClusterSize())
+	_ = g.SetL2EntryAt(table, 5, 0x50000|OflagCopied, SubAllocRange(0, 7))
+	block := make([]byte, g.ClusterSize())
+	var sink uint64
+	n := testing.AllocsPerRun(100, func() {
+		e, bm, _ := g.L2EntryAt(table, 5)
+		if g.CheckL2(e, bm, 0x40000, 5) != nil || g.CheckDataFileOffset(e, 0, 0, 0) != nil {
+			panic("invalid")
+		}
+		st, run := g.SubclusterRun(e, bm, g.SubclusterIndex(0x51000))
+		off, length := g.CompressedRange(OflagCompressed | 0x1234)
+		l2, _, _ := g.DecodeL1(0x40000|OflagCopied, 0x30000, 0)
+		_ = g.SetRefcount(block, 7, 2)
+		rc, _ := g.Refcount(block, 7)
+		sink += uint64(st) + uint64(run) + off + length + l2 + rc + g.L1Index(1<<40) + g.L2Index(1<<40)
+	})
+	if n != 0 {
+		t.Errorf("%v allocations per lookup, want 0", n)
+	}
+	_ = sink
+}

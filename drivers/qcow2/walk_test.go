@@ -50,6 +50,9 @@ func walkL1(t *testing.T, img image, l1Off uint64, l1Size uint32) (l2Tables []ui
 				t.Fatalf("CheckL2 on a qemu-img image: %v", err)
 			}
 			guest := uint64(i)*g.BytesPerL2Table() + uint64(j)*cs
+			if err := g.CheckDataFileOffset(e, guest+cs-1, l2Off, int64(j)); err != nil {
+				t.Fatalf("CheckDataFileOffset on a qemu-img image: %v", err)
+			}
 			visits = append(visits, l2Visit{guest, e, bm, l2Off, int64(j)})
 		}
 	}
