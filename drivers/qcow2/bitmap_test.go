@@ -32,7 +32,7 @@ func goodBitmaps() []Bitmap {
 	}
 }
 
-func dirOf(bms []Bitmap) ([]byte, BitmapsExt) {
+func bitmapDirOf(bms []Bitmap) ([]byte, BitmapsExt) {
 	var d []byte
 	for _, b := range bms {
 		d = append(d, rawBitmap(b, len(b.Name))...)
@@ -41,7 +41,7 @@ func dirOf(bms []Bitmap) ([]byte, BitmapsExt) {
 }
 
 func TestParseBitmapDirectory(t *testing.T) {
-	d, ext := dirOf(goodBitmaps())
+	d, ext := bitmapDirOf(goodBitmaps())
 	// 1 GiB disk: 64 KiB granularity needs 2 KiB of bitmap (one cluster);
 	// 512-byte granularity needs 256 KiB (4 clusters).
 	bms, err := ParseBitmapDirectory(d, ext, 16, 1<<30)
@@ -88,7 +88,7 @@ func TestParseBitmapDirectory(t *testing.T) {
 			if c.mutate != nil {
 				bms = c.mutate(bms)
 			}
-			d, ext := dirOf(bms)
+			d, ext := bitmapDirOf(bms)
 			if c.edit != nil {
 				d = c.edit(d, &ext)
 			}
@@ -104,7 +104,7 @@ func TestParseBitmapDirectory(t *testing.T) {
 	bms = goodBitmaps()
 	bms[1].TableSize = 1
 	bms[1].Flags = BitmapFlagInUse
-	d, ext = dirOf(bms)
+	d, ext = bitmapDirOf(bms)
 	got, err := ParseBitmapDirectory(bytes.Clone(d), ext, 16, 1<<30)
 	if err != nil {
 		t.Fatal(err)

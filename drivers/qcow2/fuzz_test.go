@@ -11,7 +11,6 @@ package qcow2
 
 import (
 	"bytes"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"reflect"
@@ -23,35 +22,23 @@ import (
 // cluster, to keep executions fast (and allocations small).
 const maxPad = 64 << 10
 
-// seedDir holds the seed images, created once per test binary and removed
-// by TestMain.
+// The seed images are created once per test binary. They live in the first
+// fuzz target's temporary directory, which is removed when that target ends;
+// that is fine because only their contents, read into memory, are used.
 var (
 	seedOnce sync.Once
-	seedDir  string
-	seedImgs []image
+	seedImgs []testImage
 )
-
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if seedDir != "" {
-		os.RemoveAll(seedDir)
-	}
-	os.Exit(code)
-}
 
 // qemuSeedImages creates a few images for seeds; it returns nil when
 // qemu-img is missing, so fuzzing still works with the synthetic seeds.
-func qemuSeedImages(f *testing.F) []image {
+func qemuSeedImages(f *testing.F) []testImage {
 	if _, err := exec.LookPath("qemu-img"); err != nil {
 		return nil
 	}
 	seedOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "qcow2-seeds")
-		if err != nil {
-			f.Fatal(err)
-		}
-		seedDir = dir
-		base := createImage(f, dir, "base.qcow2", "64M")
+		dir := f.TempDir()
+		base := qemuCreate(f, dir, "base.qcow2", "64M")
 		zstd := ",compression_type=zstd"
 		if zstdProbe() != "" {
 			zstd = ""
@@ -64,20 +51,20 @@ func qemuSeedImages(f *testing.F) []image {
 			{"-b", base, "-F", "qcow2", "-o", "cluster_size=4k"},
 			{"-o", "data_file=" + filepath.Join(dir, "data.raw") + ",data_file_raw=on,cluster_size=8k"},
 		} {
-			p := createImage(f, dir, string(rune('a'+i))+".qcow2", "16M", a...)
+			p := qemuCreate(f, dir, string(rune('a'+i))+".qcow2", "16M", a...)
 			cmds := []string{"-f", "qcow2", "-c", "write -P 1 0 64k", "-c", "write -z 256k 64k", "-c", "write -P 3 300k 3k"}
 			if i != 5 { // no compression with a data file
 				cmds = append(cmds, "-c", "write -c -P 2 64k 64k")
 			}
-			run(f, "qemu-io", append(cmds, p)...)
+			mustRun(f, "qemu-io", append(cmds, p)...)
 			if i < 4 {
-				run(f, "qemu-img", "snapshot", "-c", "snap", p)
-				run(f, "qemu-img", "snapshot", "-c", "another one", p)
+				mustRun(f, "qemu-img", "snapshot", "-c", "snap", p)
+				mustRun(f, "qemu-img", "snapshot", "-c", "another one", p)
 			}
 			if i == 2 {
-				run(f, "qemu-img", "bitmap", "--add", p, "b")
+				mustRun(f, "qemu-img", "bitmap", "--add", p, "b")
 			}
-			seedImgs = append(seedImgs, readImage(f, p))
+			seedImgs = append(seedImgs, readTestImage(f, p))
 		}
 	})
 	return seedImgs
@@ -104,14 +91,14 @@ func FuzzParseHeader(f *testing.F) {
 	for _, img := range qemuSeedImages(f) {
 		f.Add(trimZeros(img.data[:img.h.ClusterSize()]), int64(len(img.data)))
 	}
-	h, size := base()
+	h, size := baseHeader()
 	h.BackingFile, h.BackingFormat = "base", "raw"
 	h.Unknown = []Extension{{7, []byte("x")}}
-	f.Add(trimZeros(mustMarshal(f, h)), size)
+	f.Add(trimZeros(mustMarshalHeader(f, h)), size)
 	h.Version, h.HeaderTail = 2, nil
 	h.ClusterBits = 12
 	h.L1TableOffset, h.RefcountTableOffset, h.L1Size = 0x3000, 0x1000, 2048
-	f.Add(trimZeros(mustMarshal(f, h)), int64(-1))
+	f.Add(trimZeros(mustMarshalHeader(f, h)), int64(-1))
 
 	f.Fuzz(func(t *testing.T, data []byte, fileSize int64) {
 		b := padHeader(data)
@@ -163,20 +150,20 @@ func FuzzHeaderExtensions(f *testing.F) {
 				h.AutoclearFeatures, h.CryptMethod, uint16(h.BackingFileOffset), uint16(h.BackingFileSize))
 		}
 	}
-	f.Add(bytes.Join([][]byte{ext(ExtBackingFormat, []byte("raw")), ext(0x77, []byte("?")),
-		ext(ExtFeatureTable, feature(0, 7, "x"))}, nil), uint64(1<<7), uint64(0), uint32(0), uint16(0), uint16(0))
+	f.Add(bytes.Join([][]byte{rawExt(ExtBackingFormat, []byte("raw")), rawExt(0x77, []byte("?")),
+		rawExt(ExtFeatureTable, rawFeature(0, 7, "x"))}, nil), uint64(1<<7), uint64(0), uint32(0), uint16(0), uint16(0))
 	f.Fuzz(func(t *testing.T, area []byte, incompat, autoclear uint64, crypt uint32, bfo, bfs uint16) {
-		h, size := base()
+		h, size := baseHeader()
 		h.ClusterBits = 12
 		h.L1TableOffset, h.RefcountTableOffset, h.L1Size = 0x3000, 0x1000, 1024
-		b := mustMarshal(t, h)
+		b := mustMarshalHeader(t, h)
 		clear(b[HeaderLengthV3:])
 		copy(b[HeaderLengthV3:], area)
-		put64(b, 72, incompat)
-		put64(b, 88, autoclear)
-		put32(b, 32, crypt)
-		put64(b, 8, uint64(bfo))
-		put32(b, 16, uint32(bfs))
+		putBE64(b, 72, incompat)
+		putBE64(b, 88, autoclear)
+		putBE32(b, 32, crypt)
+		putBE64(b, 8, uint64(bfo))
+		putBE32(b, 16, uint32(bfs))
 		if incompat&IncompatCompression != 0 {
 			b[104] = CompressionZstd
 		}
@@ -396,7 +383,7 @@ func FuzzBitmapDirectory(f *testing.F) {
 			f.Add(img.data[bm.DirectoryOffset:bm.DirectoryOffset+bm.DirectorySize], bm.Count, uint8(img.h.ClusterBits), img.h.Size)
 		}
 	}
-	d, ext := dirOf(goodBitmaps())
+	d, ext := bitmapDirOf(goodBitmaps())
 	f.Add(d, ext.Count, uint8(16), uint64(1<<30))
 	f.Fuzz(func(t *testing.T, dir []byte, count uint32, cb uint8, size uint64) {
 		ext := BitmapsExt{Count: count, DirectorySize: uint64(len(dir)), DirectoryOffset: 0x10000}

@@ -25,7 +25,7 @@ type goldenCase struct {
 	zstd     bool // needs qemu-img built with zstd
 }
 
-func opts(o string) func(*testing.T, string) []string {
+func createOpts(o string) func(*testing.T, string) []string {
 	return func(*testing.T, string) []string { return []string{"-o", o} }
 }
 
@@ -36,24 +36,24 @@ func goldenCases() []goldenCase {
 	for _, c := range []string{"0.10", "1.1"} {
 		for _, cl := range []string{"512", "1k", "4k", "64k", "2M"} {
 			cs = append(cs, goldenCase{name: "compat=" + c + ",cluster_size=" + cl, size: "1G",
-				args: opts("compat=" + c + ",cluster_size=" + cl)})
+				args: createOpts("compat=" + c + ",cluster_size=" + cl)})
 		}
 	}
 	for _, rb := range []string{"1", "2", "4", "8", "16", "32", "64"} {
-		cs = append(cs, goldenCase{name: "refcount_bits=" + rb, size: "100M", args: opts("refcount_bits=" + rb)})
+		cs = append(cs, goldenCase{name: "refcount_bits=" + rb, size: "100M", args: createOpts("refcount_bits=" + rb)})
 	}
 	for _, cl := range []string{"16k", "64k", "2M"} {
 		cs = append(cs, goldenCase{name: "extended_l2,cluster_size=" + cl, size: "1G",
-			args: opts("extended_l2=on,cluster_size=" + cl)})
+			args: createOpts("extended_l2=on,cluster_size=" + cl)})
 	}
 	cs = append(cs,
-		goldenCase{name: "lazy_refcounts", size: "1G", args: opts("lazy_refcounts=on")},
-		goldenCase{name: "zstd", size: "1G", args: opts("compression_type=zstd"), zstd: true},
-		goldenCase{name: "odd size", size: "1000001536", args: opts("cluster_size=4k")},
-		goldenCase{name: "zero size", size: "0", args: opts("compat=1.1")},
-		goldenCase{name: "large 512-byte clusters", size: "100G", args: opts("cluster_size=512")},
-		goldenCase{name: "large 2M clusters", size: "64T", args: opts("cluster_size=2M")},
-		goldenCase{name: "preallocation=metadata", size: "10M", args: opts("preallocation=metadata")},
+		goldenCase{name: "lazy_refcounts", size: "1G", args: createOpts("lazy_refcounts=on")},
+		goldenCase{name: "zstd", size: "1G", args: createOpts("compression_type=zstd"), zstd: true},
+		goldenCase{name: "odd size", size: "1000001536", args: createOpts("cluster_size=4k")},
+		goldenCase{name: "zero size", size: "0", args: createOpts("compat=1.1")},
+		goldenCase{name: "large 512-byte clusters", size: "100G", args: createOpts("cluster_size=512")},
+		goldenCase{name: "large 2M clusters", size: "64T", args: createOpts("cluster_size=2M")},
+		goldenCase{name: "preallocation=metadata", size: "10M", args: createOpts("preallocation=metadata")},
 		goldenCase{name: "data_file", size: "64M", args: func(t *testing.T, dir string) []string {
 			return []string{"-o", "data_file=" + filepath.Join(dir, "data.raw")}
 		}},
@@ -62,11 +62,11 @@ func goldenCases() []goldenCase {
 		}},
 		goldenCase{name: "backing raw", args: func(t *testing.T, dir string) []string {
 			base := filepath.Join(dir, "base.raw")
-			run(t, "qemu-img", "create", "-q", "-f", "raw", base, "32M")
+			mustRun(t, "qemu-img", "create", "-q", "-f", "raw", base, "32M")
 			return []string{"-b", base, "-F", "raw"}
 		}},
 		goldenCase{name: "backing qcow2 v2", args: func(t *testing.T, dir string) []string {
-			base := createImage(t, dir, "base.qcow2", "32M")
+			base := qemuCreate(t, dir, "base.qcow2", "32M")
 			return []string{"-b", base, "-F", "qcow2", "-o", "compat=0.10"}
 		}},
 		goldenCase{name: "backing long name 512-byte clusters", args: func(t *testing.T, dir string) []string {
@@ -76,30 +76,30 @@ func goldenCases() []goldenCase {
 			if err := os.Mkdir(sub, 0o755); err != nil {
 				t.Fatal(err)
 			}
-			base := createImage(t, sub, strings.Repeat("b", 40), "32M")
+			base := qemuCreate(t, sub, strings.Repeat("b", 40), "32M")
 			return []string{"-b", base, "-F", "qcow2", "-o", "cluster_size=512"}
 		}},
 		goldenCase{name: "everything", size: "1G", zstd: true, args: func(t *testing.T, dir string) []string {
-			base := createImage(t, dir, "base.qcow2", "1G")
+			base := qemuCreate(t, dir, "base.qcow2", "1G")
 			return []string{"-b", base, "-F", "qcow2", "-o",
 				"cluster_size=32k,extended_l2=on,lazy_refcounts=on,compression_type=zstd,refcount_bits=64"}
 		}},
-		goldenCase{name: "snapshots", size: "1G", args: opts("compat=1.1"), after: func(t *testing.T, p string) {
-			run(t, "qemu-io", "-c", "write -P 1 0 64k", p)
-			run(t, "qemu-img", "snapshot", "-c", "first", p)
-			run(t, "qemu-io", "-c", "write -P 2 0 128k", p)
-			run(t, "qemu-img", "snapshot", "-c", "second snapshot with a longer name", p)
-			run(t, "qemu-img", "snapshot", "-c", "3rd", p)
-			run(t, "qemu-img", "snapshot", "-d", "second snapshot with a longer name", p)
+		goldenCase{name: "snapshots", size: "1G", args: createOpts("compat=1.1"), after: func(t *testing.T, p string) {
+			mustRun(t, "qemu-io", "-c", "write -P 1 0 64k", p)
+			mustRun(t, "qemu-img", "snapshot", "-c", "first", p)
+			mustRun(t, "qemu-io", "-c", "write -P 2 0 128k", p)
+			mustRun(t, "qemu-img", "snapshot", "-c", "second snapshot with a longer name", p)
+			mustRun(t, "qemu-img", "snapshot", "-c", "3rd", p)
+			mustRun(t, "qemu-img", "snapshot", "-d", "second snapshot with a longer name", p)
 		}},
-		goldenCase{name: "snapshots v2", size: "64M", args: opts("compat=0.10,cluster_size=4k"), after: func(t *testing.T, p string) {
-			run(t, "qemu-img", "snapshot", "-c", "s1", p)
-			run(t, "qemu-img", "snapshot", "-c", "s2", p)
+		goldenCase{name: "snapshots v2", size: "64M", args: createOpts("compat=0.10,cluster_size=4k"), after: func(t *testing.T, p string) {
+			mustRun(t, "qemu-img", "snapshot", "-c", "s1", p)
+			mustRun(t, "qemu-img", "snapshot", "-c", "s2", p)
 		}},
-		goldenCase{name: "bitmaps", size: "1G", args: opts("compat=1.1"), after: func(t *testing.T, p string) {
-			run(t, "qemu-img", "bitmap", "--add", p, "bm0")
-			run(t, "qemu-img", "bitmap", "--add", "--granularity", "512", "--disable", p, "fine")
-			run(t, "qemu-img", "bitmap", "--add", "-g", "2M", p, strings.Repeat("n", 300))
+		goldenCase{name: "bitmaps", size: "1G", args: createOpts("compat=1.1"), after: func(t *testing.T, p string) {
+			mustRun(t, "qemu-img", "bitmap", "--add", p, "bm0")
+			mustRun(t, "qemu-img", "bitmap", "--add", "--granularity", "512", "--disable", p, "fine")
+			mustRun(t, "qemu-img", "bitmap", "--add", "-g", "2M", p, strings.Repeat("n", 300))
 		}},
 		goldenCase{name: "luks", size: "16M", infoArgs: []string{"--object", lukssecret},
 			args: func(t *testing.T, dir string) []string {
@@ -125,13 +125,13 @@ func TestGoldenHeaders(t *testing.T) {
 				requireZstd(t)
 			}
 			dir := t.TempDir()
-			p := createImage(t, dir, "t.qcow2", gc.size, gc.args(t, dir)...)
+			p := qemuCreate(t, dir, "t.qcow2", gc.size, gc.args(t, dir)...)
 			if gc.after != nil {
 				gc.after(t, p)
 			}
-			img := readImage(t, p)
+			img := readTestImage(t, p)
 			h := img.h
-			qi := info(t, p, gc.infoArgs...)
+			qi := qemuImgInfo(t, p, gc.infoArgs...)
 			checkAgainstInfo(t, img, qi)
 
 			// Marshal must reproduce QEMU's header cluster byte for byte.
@@ -159,7 +159,7 @@ func TestGoldenHeaders(t *testing.T) {
 	}
 }
 
-func checkAgainstInfo(t *testing.T, img image, qi qemuInfo) {
+func checkAgainstInfo(t *testing.T, img testImage, qi qemuImgInfoJSON) {
 	t.Helper()
 	h, d := img.h, qi.FormatSpecific.Data
 	wantVersion := map[string]uint32{"0.10": 2, "1.1": 3}[d.Compat]
@@ -260,7 +260,7 @@ func checkAgainstInfo(t *testing.T, img image, qi qemuInfo) {
 }
 
 // base returns a valid synthetic header (no qemu-img needed) and its file size.
-func base() (*Header, int64) {
+func baseHeader() (*Header, int64) {
 	return &Header{
 		Version: 3, ClusterBits: 16, Size: 1 << 30, L1Size: 2, L1TableOffset: 0x30000,
 		RefcountTableOffset: 0x10000, RefcountTableClusters: 1, RefcountOrder: 4,
@@ -268,7 +268,7 @@ func base() (*Header, int64) {
 	}, 0x50000
 }
 
-func mustMarshal(t testing.TB, h *Header) []byte {
+func mustMarshalHeader(t testing.TB, h *Header) []byte {
 	t.Helper()
 	b, err := h.Marshal(int(h.ClusterSize()))
 	if err != nil {
@@ -278,7 +278,7 @@ func mustMarshal(t testing.TB, h *Header) []byte {
 }
 
 // ext encodes a raw header extension with padding.
-func ext(typ uint32, data []byte) []byte {
+func rawExt(typ uint32, data []byte) []byte {
 	b := make([]byte, 8+roundUp8(uint64(len(data))))
 	be.PutUint32(b, typ)
 	be.PutUint32(b[4:], uint32(len(data)))
@@ -296,15 +296,15 @@ func withExts(b []byte, exts ...[]byte) {
 	}
 }
 
-func feature(typ, bit byte, name string) []byte {
+func rawFeature(typ, bit byte, name string) []byte {
 	e := make([]byte, featureEntrySize)
 	e[0], e[1] = typ, bit
 	copy(e[2:], name)
 	return e
 }
 
-func put32(b []byte, off int, v uint32) { be.PutUint32(b[off:], v) }
-func put64(b []byte, off int, v uint64) { be.PutUint64(b[off:], v) }
+func putBE32(b []byte, off int, v uint32) { be.PutUint32(b[off:], v) }
+func putBE64(b []byte, off int, v uint64) { be.PutUint64(b[off:], v) }
 
 // TestParseHeaderHostile feeds broken headers to ParseHeader; every one must
 // be refused with an error naming the problem, and none may panic.
@@ -315,7 +315,7 @@ func TestParseHeaderHostile(t *testing.T) {
 		be.PutUint32(d[4:], reserved)
 		be.PutUint64(d[8:], size)
 		be.PutUint64(d[16:], off)
-		return ext(ExtBitmaps, d)
+		return rawExt(ExtBitmaps, d)
 	}
 	cases := []struct {
 		name     string
@@ -329,195 +329,195 @@ func TestParseHeaderHostile(t *testing.T) {
 		{"short v3", func(b []byte) []byte { return b[:100] }, 0, "truncated: 100 bytes", ErrInvalid},
 		{"short cluster", func(b []byte) []byte { return b[:4096] }, 0, "extension area ends at 65536", ErrInvalid},
 		{"magic", func(b []byte) []byte { b[3] = 0xfc; return b }, 0, "magic 0x514649fc is not a qcow2 image", ErrInvalid},
-		{"version 1", func(b []byte) []byte { put32(b, 4, 1); return b }, 0, "version 1 not supported", ErrUnsupported},
-		{"version 4", func(b []byte) []byte { put32(b, 4, 4); return b }, 0, "version 4 not supported", ErrUnsupported},
-		{"cluster_bits 8", func(b []byte) []byte { put32(b, 20, 8); return b }, 0, "cluster_bits 8 out of range 9..21", ErrInvalid},
-		{"cluster_bits 30", func(b []byte) []byte { put32(b, 20, 30); return b }, 0, "cluster_bits 30 out of range 9..21", ErrInvalid},
-		{"cluster_bits huge", func(b []byte) []byte { put32(b, 20, 0xffffffff); return b }, 0, "cluster_bits 4294967295 out of range", ErrInvalid},
-		{"header_length 100", func(b []byte) []byte { put32(b, 100, 100); return b }, 0, "header_length 100 too short", ErrInvalid},
-		{"header_length 108", func(b []byte) []byte { put32(b, 100, 108); return b }, 0, "header_length 108 not a multiple of 8", ErrInvalid},
-		{"header_length > cluster", func(b []byte) []byte { put32(b, 20, 9); put32(b, 100, 520); return b }, 0, "header_length 520 exceeds cluster size 512", ErrInvalid},
-		{"refcount_order 7", func(b []byte) []byte { put32(b, 96, 7); return b }, 0, "refcount_order 7 too large", ErrInvalid},
-		{"crypt_method 3", func(b []byte) []byte { put32(b, 32, 3); return b }, 0, "crypt_method 3 unknown", ErrUnsupported},
-		{"size > int64", func(b []byte) []byte { put64(b, 24, 1<<63); return b }, 0, "size 9223372036854775808 too large", ErrInvalid},
-		{"l1_size huge", func(b []byte) []byte { put32(b, 36, 0xffffffff); return b }, 0, "l1_size 4294967295 too large", ErrInvalid},
-		{"l1_size just over limit", func(b []byte) []byte { put32(b, 36, 4<<20+1); return b }, 0, "l1_size 4194305 too large", ErrInvalid},
-		{"l1 unaligned", func(b []byte) []byte { put64(b, 40, 0x30200); return b }, 0, "l1_table_offset 0x30200 not aligned", ErrInvalid},
-		{"l1 beyond 2^56", func(b []byte) []byte { put64(b, 40, 1<<56); return b }, 0, "beyond the 2^56 offset limit", ErrInvalid},
-		{"l1 offset overflow", func(b []byte) []byte { put64(b, 40, 0xffffffffffff0000); return b }, 0, "l1_table_offset", ErrInvalid},
-		{"l1 at 0", func(b []byte) []byte { put64(b, 40, 0); return b }, 0, "l1_table_offset 0 overlaps the header", ErrInvalid},
-		{"l1 beyond EOF", func(b []byte) []byte { put64(b, 40, 0x50000); return b }, 0, "beyond end of file", ErrInvalid},
-		{"l1 too small", func(b []byte) []byte { put64(b, 24, 1<<40); return b }, 0, "l1_size 2 too small for virtual size 1099511627776 (need 2048 entries)", ErrInvalid},
-		{"no refcount table", func(b []byte) []byte { put32(b, 56, 0); return b }, 0, "refcount_table_clusters 0", ErrInvalid},
-		{"refcount table huge", func(b []byte) []byte { put32(b, 56, 129); return b }, 0, "refcount_table_clusters 129 too large", ErrInvalid},
-		{"refcount table unaligned", func(b []byte) []byte { put64(b, 48, 0x10008); return b }, 0, "refcount_table_offset 0x10008 not aligned", ErrInvalid},
-		{"refcount table beyond EOF", func(b []byte) []byte { put32(b, 56, 5); return b }, 0, "refcount_table_offset 0x10000: table ends at 0x60000, beyond end of file", ErrInvalid},
-		{"too many snapshots", func(b []byte) []byte { put32(b, 60, 65537); put64(b, 64, 0x40000); return b }, 0, "nb_snapshots 65537 too large", ErrInvalid},
-		{"snapshots unaligned", func(b []byte) []byte { put64(b, 64, 0x40001); return b }, 0, "snapshots_offset 0x40001 not aligned", ErrInvalid},
-		{"snapshots at 0", func(b []byte) []byte { put32(b, 60, 1); return b }, 0, "snapshots_offset 0 overlaps the header", ErrInvalid},
-		{"backing offset beyond cluster", func(b []byte) []byte { put64(b, 8, 0x10001); put32(b, 16, 4); return b }, 0, "backing_file_offset 0x10001 beyond the header cluster", ErrInvalid},
-		{"backing offset inside header", func(b []byte) []byte { put64(b, 8, 64); put32(b, 16, 4); return b }, 0, "backing_file_offset 0x40 overlaps the header", ErrInvalid},
-		{"backing name 1024", func(b []byte) []byte { put64(b, 8, 0x1000); put32(b, 16, 1024); return b }, 0, "backing_file_size 1024 too long", ErrInvalid},
-		{"backing name crosses cluster", func(b []byte) []byte { put64(b, 8, 0xfff0); put32(b, 16, 17); return b }, 0, "backing_file_size 17 too long (maximum 16", ErrInvalid},
+		{"version 1", func(b []byte) []byte { putBE32(b, 4, 1); return b }, 0, "version 1 not supported", ErrUnsupported},
+		{"version 4", func(b []byte) []byte { putBE32(b, 4, 4); return b }, 0, "version 4 not supported", ErrUnsupported},
+		{"cluster_bits 8", func(b []byte) []byte { putBE32(b, 20, 8); return b }, 0, "cluster_bits 8 out of range 9..21", ErrInvalid},
+		{"cluster_bits 30", func(b []byte) []byte { putBE32(b, 20, 30); return b }, 0, "cluster_bits 30 out of range 9..21", ErrInvalid},
+		{"cluster_bits huge", func(b []byte) []byte { putBE32(b, 20, 0xffffffff); return b }, 0, "cluster_bits 4294967295 out of range", ErrInvalid},
+		{"header_length 100", func(b []byte) []byte { putBE32(b, 100, 100); return b }, 0, "header_length 100 too short", ErrInvalid},
+		{"header_length 108", func(b []byte) []byte { putBE32(b, 100, 108); return b }, 0, "header_length 108 not a multiple of 8", ErrInvalid},
+		{"header_length > cluster", func(b []byte) []byte { putBE32(b, 20, 9); putBE32(b, 100, 520); return b }, 0, "header_length 520 exceeds cluster size 512", ErrInvalid},
+		{"refcount_order 7", func(b []byte) []byte { putBE32(b, 96, 7); return b }, 0, "refcount_order 7 too large", ErrInvalid},
+		{"crypt_method 3", func(b []byte) []byte { putBE32(b, 32, 3); return b }, 0, "crypt_method 3 unknown", ErrUnsupported},
+		{"size > int64", func(b []byte) []byte { putBE64(b, 24, 1<<63); return b }, 0, "size 9223372036854775808 too large", ErrInvalid},
+		{"l1_size huge", func(b []byte) []byte { putBE32(b, 36, 0xffffffff); return b }, 0, "l1_size 4294967295 too large", ErrInvalid},
+		{"l1_size just over limit", func(b []byte) []byte { putBE32(b, 36, 4<<20+1); return b }, 0, "l1_size 4194305 too large", ErrInvalid},
+		{"l1 unaligned", func(b []byte) []byte { putBE64(b, 40, 0x30200); return b }, 0, "l1_table_offset 0x30200 not aligned", ErrInvalid},
+		{"l1 beyond 2^56", func(b []byte) []byte { putBE64(b, 40, 1<<56); return b }, 0, "beyond the 2^56 offset limit", ErrInvalid},
+		{"l1 offset overflow", func(b []byte) []byte { putBE64(b, 40, 0xffffffffffff0000); return b }, 0, "l1_table_offset", ErrInvalid},
+		{"l1 at 0", func(b []byte) []byte { putBE64(b, 40, 0); return b }, 0, "l1_table_offset 0 overlaps the header", ErrInvalid},
+		{"l1 beyond EOF", func(b []byte) []byte { putBE64(b, 40, 0x50000); return b }, 0, "beyond end of file", ErrInvalid},
+		{"l1 too small", func(b []byte) []byte { putBE64(b, 24, 1<<40); return b }, 0, "l1_size 2 too small for virtual size 1099511627776 (need 2048 entries)", ErrInvalid},
+		{"no refcount table", func(b []byte) []byte { putBE32(b, 56, 0); return b }, 0, "refcount_table_clusters 0", ErrInvalid},
+		{"refcount table huge", func(b []byte) []byte { putBE32(b, 56, 129); return b }, 0, "refcount_table_clusters 129 too large", ErrInvalid},
+		{"refcount table unaligned", func(b []byte) []byte { putBE64(b, 48, 0x10008); return b }, 0, "refcount_table_offset 0x10008 not aligned", ErrInvalid},
+		{"refcount table beyond EOF", func(b []byte) []byte { putBE32(b, 56, 5); return b }, 0, "refcount_table_offset 0x10000: table ends at 0x60000, beyond end of file", ErrInvalid},
+		{"too many snapshots", func(b []byte) []byte { putBE32(b, 60, 65537); putBE64(b, 64, 0x40000); return b }, 0, "nb_snapshots 65537 too large", ErrInvalid},
+		{"snapshots unaligned", func(b []byte) []byte { putBE64(b, 64, 0x40001); return b }, 0, "snapshots_offset 0x40001 not aligned", ErrInvalid},
+		{"snapshots at 0", func(b []byte) []byte { putBE32(b, 60, 1); return b }, 0, "snapshots_offset 0 overlaps the header", ErrInvalid},
+		{"backing offset beyond cluster", func(b []byte) []byte { putBE64(b, 8, 0x10001); putBE32(b, 16, 4); return b }, 0, "backing_file_offset 0x10001 beyond the header cluster", ErrInvalid},
+		{"backing offset inside header", func(b []byte) []byte { putBE64(b, 8, 64); putBE32(b, 16, 4); return b }, 0, "backing_file_offset 0x40 overlaps the header", ErrInvalid},
+		{"backing name 1024", func(b []byte) []byte { putBE64(b, 8, 0x1000); putBE32(b, 16, 1024); return b }, 0, "backing_file_size 1024 too long", ErrInvalid},
+		{"backing name crosses cluster", func(b []byte) []byte { putBE64(b, 8, 0xfff0); putBE32(b, 16, 17); return b }, 0, "backing_file_size 17 too long (maximum 16", ErrInvalid},
 		{"zstd without bit", func(b []byte) []byte { b[104] = 1; return b }, 0, "compression_type 1 without the compression type incompatible bit", ErrInvalid},
-		{"bit without zstd", func(b []byte) []byte { put64(b, 72, IncompatCompression); return b }, 0, "compression type bit set but compression_type is 0", ErrInvalid},
-		{"compression type 2", func(b []byte) []byte { b[104] = 2; put64(b, 72, IncompatCompression); return b }, 0, "compression_type 2 unknown", ErrUnsupported},
+		{"bit without zstd", func(b []byte) []byte { putBE64(b, 72, IncompatCompression); return b }, 0, "compression type bit set but compression_type is 0", ErrInvalid},
+		{"compression type 2", func(b []byte) []byte { b[104] = 2; putBE64(b, 72, IncompatCompression); return b }, 0, "compression_type 2 unknown", ErrUnsupported},
 		{"v2 ignores compression byte", func(b []byte) []byte {
-			put32(b, 4, 2)
-			put32(b, 20, 12)
-			put64(b, 24, 1<<20)
+			putBE32(b, 4, 2)
+			putBE32(b, 20, 12)
+			putBE64(b, 24, 1<<20)
 			clear(b[72:80]) // v2 extensions start here: end marker
 			b[104] = 7
 			return b[:4096]
 		}, 0, "", nil},
-		{"extended L2 with 8k clusters", func(b []byte) []byte { put32(b, 20, 13); put64(b, 72, IncompatExtendedL2); return b[:8192] }, 0, "cluster_bits 13 too small for extended L2", ErrInvalid},
+		{"extended L2 with 8k clusters", func(b []byte) []byte { putBE32(b, 20, 13); putBE64(b, 72, IncompatExtendedL2); return b[:8192] }, 0, "cluster_bits 13 too small for extended L2", ErrInvalid},
 		{"unknown incompatible bit named", func(b []byte) []byte {
-			put64(b, 72, 1<<5|1<<9)
-			withExts(b, ext(ExtFeatureTable, bytes.Join([][]byte{feature(0, 5, "zoned"), feature(1, 9, "not this one")}, nil)))
+			putBE64(b, 72, 1<<5|1<<9)
+			withExts(b, rawExt(ExtFeatureTable, bytes.Join([][]byte{rawFeature(0, 5, "zoned"), rawFeature(1, 9, "not this one")}, nil)))
 			return b
 		}, 0, "Unsupported qcow2 feature(s): zoned, Unknown incompatible feature: 200", ErrUnsupported},
-		{"unknown incompatible bit unnamed", func(b []byte) []byte { put64(b, 72, 1<<31); return b }, 0,
+		{"unknown incompatible bit unnamed", func(b []byte) []byte { putBE64(b, 72, 1<<31); return b }, 0,
 			"Unsupported qcow2 feature(s): Unknown incompatible feature: 80000000", ErrUnsupported},
 		{"unknown incompatible bits with garbage table", func(b []byte) []byte {
-			put64(b, 72, 1<<63)
-			withExts(b, ext(ExtFeatureTable, []byte{0, 200, 'x'}))
+			putBE64(b, 72, 1<<63)
+			withExts(b, rawExt(ExtFeatureTable, []byte{0, 200, 'x'}))
 			return b
 		}, 0, "Unsupported qcow2 feature(s): Unknown incompatible feature: 8000000000000000", ErrUnsupported},
 		{"extension too long", func(b []byte) []byte {
-			withExts(b, ext(0x6803f857, nil))
-			put32(b, 116, 900)
-			put64(b, 8, 0x300)
-			put32(b, 16, 1)
+			withExts(b, rawExt(0x6803f857, nil))
+			putBE32(b, 116, 900)
+			putBE64(b, 8, 0x300)
+			putBE32(b, 16, 1)
 			return b
 		}, 0, "extension 0x6803f857 length 900 exceeds header", ErrInvalid},
-		{"extension length 4G", func(b []byte) []byte { withExts(b, ext(0x12345678, nil)); put32(b, 116, 0xffffffff); return b }, 0, "length 4294967295 exceeds header", ErrInvalid},
+		{"extension length 4G", func(b []byte) []byte { withExts(b, rawExt(0x12345678, nil)); putBE32(b, 116, 0xffffffff); return b }, 0, "length 4294967295 exceeds header", ErrInvalid},
 		{"extension overlaps backing name", func(b []byte) []byte {
-			withExts(b, ext(ExtBackingFormat, []byte("raw")))
-			put64(b, 8, 0x78)
-			put32(b, 16, 8)
+			withExts(b, rawExt(ExtBackingFormat, []byte("raw")))
+			putBE64(b, 8, 0x78)
+			putBE32(b, 16, 8)
 			return b
 		}, 0, "extension 0xe2792aca length 3 exceeds header (0 bytes left before 0x78)", ErrInvalid},
 		{"extension header crosses area end", func(b []byte) []byte {
-			withExts(b, ext(0x99, []byte("12345678")))
-			put64(b, 8, 0x80+4)
-			put32(b, 16, 4)
+			withExts(b, rawExt(0x99, []byte("12345678")))
+			putBE64(b, 8, 0x80+4)
+			putBE32(b, 16, 4)
 			b[0x80] = 1
 			return b
 		}, 0, "extension header at 0x80 crosses the end of the extension area", ErrInvalid},
 		{"duplicate backing format", func(b []byte) []byte {
-			withExts(b, ext(ExtBackingFormat, []byte("raw")), ext(ExtBackingFormat, []byte("qcow2")))
+			withExts(b, rawExt(ExtBackingFormat, []byte("raw")), rawExt(ExtBackingFormat, []byte("qcow2")))
 			return b
 		}, 0, "extension 0xe2792aca appears more than once", ErrInvalid},
 		{"duplicate feature table", func(b []byte) []byte {
-			withExts(b, ext(ExtFeatureTable, nil), ext(ExtFeatureTable, nil))
+			withExts(b, rawExt(ExtFeatureTable, nil), rawExt(ExtFeatureTable, nil))
 			return b
 		}, 0, "extension 0x6803f857 appears more than once", ErrInvalid},
-		{"backing format too long", func(b []byte) []byte { withExts(b, ext(ExtBackingFormat, []byte("0123456789abcdef"))); return b }, 0,
+		{"backing format too long", func(b []byte) []byte { withExts(b, rawExt(ExtBackingFormat, []byte("0123456789abcdef"))); return b }, 0,
 			"length 16 too long for a format name", ErrInvalid},
-		{"end marker with length", func(b []byte) []byte { withExts(b, ext(ExtEnd, []byte{1})); return b }, 0, "end marker has length 1", ErrInvalid},
-		{"feature table length 47", func(b []byte) []byte { withExts(b, ext(ExtFeatureTable, make([]byte, 47))); return b }, 0,
+		{"end marker with length", func(b []byte) []byte { withExts(b, rawExt(ExtEnd, []byte{1})); return b }, 0, "end marker has length 1", ErrInvalid},
+		{"feature table length 47", func(b []byte) []byte { withExts(b, rawExt(ExtFeatureTable, make([]byte, 47))); return b }, 0,
 			"length 47 not a multiple of 48", ErrInvalid},
-		{"feature type 3", func(b []byte) []byte { withExts(b, ext(ExtFeatureTable, feature(3, 0, "x"))); return b }, 0,
+		{"feature type 3", func(b []byte) []byte { withExts(b, rawExt(ExtFeatureTable, rawFeature(3, 0, "x"))); return b }, 0,
 			"entry 0: feature type 3 unknown", ErrInvalid},
-		{"feature bit 64", func(b []byte) []byte { withExts(b, ext(ExtFeatureTable, feature(0, 64, "x"))); return b }, 0,
+		{"feature bit 64", func(b []byte) []byte { withExts(b, rawExt(ExtFeatureTable, rawFeature(0, 64, "x"))); return b }, 0,
 			"entry 0: bit 64 out of range 0..63", ErrInvalid},
 		{"feature name garbage after NUL", func(b []byte) []byte {
-			f := feature(1, 3, "abc")
+			f := rawFeature(1, 3, "abc")
 			f[20] = 'z'
-			withExts(b, ext(ExtFeatureTable, f))
+			withExts(b, rawExt(ExtFeatureTable, f))
 			return b
 		}, 0, "entry 0: name not zero padded", ErrInvalid},
-		{"feature empty name", func(b []byte) []byte { withExts(b, ext(ExtFeatureTable, feature(1, 3, ""))); return b }, 0,
+		{"feature empty name", func(b []byte) []byte { withExts(b, rawExt(ExtFeatureTable, rawFeature(1, 3, ""))); return b }, 0,
 			"entry 0: empty name for type 1 bit 3", ErrInvalid},
 		{"feature named twice", func(b []byte) []byte {
-			withExts(b, ext(ExtFeatureTable, append(feature(2, 7, "a"), feature(2, 7, "b")...)))
+			withExts(b, rawExt(ExtFeatureTable, append(rawFeature(2, 7, "a"), rawFeature(2, 7, "b")...)))
 			return b
 		}, 0, "entry 1: type 2 bit 7 named twice", ErrInvalid},
 		{"bitmaps ext length", func(b []byte) []byte {
-			put64(b, 88, AutoclearBitmaps)
-			withExts(b, ext(ExtBitmaps, make([]byte, 16)))
+			putBE64(b, 88, AutoclearBitmaps)
+			withExts(b, rawExt(ExtBitmaps, make([]byte, 16)))
 			return b
 		}, 0,
 			"extension 0x23852875 length 16, want 24", ErrInvalid},
 		{"bitmaps reserved", func(b []byte) []byte {
-			put64(b, 88, AutoclearBitmaps)
+			putBE64(b, 88, AutoclearBitmaps)
 			withExts(b, bitmapsExt(1, 1, 32, 0x40000))
 			return b
 		}, 0,
 			"reserved field is 0x1", ErrInvalid},
 		{"bitmaps zero count", func(b []byte) []byte {
-			put64(b, 88, AutoclearBitmaps)
+			putBE64(b, 88, AutoclearBitmaps)
 			withExts(b, bitmapsExt(0, 0, 32, 0x40000))
 			return b
 		}, 0,
 			"nb_bitmaps is 0", ErrInvalid},
 		{"bitmaps too many", func(b []byte) []byte {
-			put64(b, 88, AutoclearBitmaps)
+			putBE64(b, 88, AutoclearBitmaps)
 			withExts(b, bitmapsExt(65536, 0, 32<<20, 0x40000))
 			return b
 		}, 0,
 			"nb_bitmaps 65536 exceeds", ErrInvalid},
 		{"bitmaps dir unaligned", func(b []byte) []byte {
-			put64(b, 88, AutoclearBitmaps)
+			putBE64(b, 88, AutoclearBitmaps)
 			withExts(b, bitmapsExt(1, 0, 32, 0x40008))
 			return b
 		}, 0,
 			"bitmap directory offset 0x40008 not aligned", ErrInvalid},
 		{"bitmaps dir huge", func(b []byte) []byte {
-			put64(b, 88, AutoclearBitmaps)
+			putBE64(b, 88, AutoclearBitmaps)
 			withExts(b, bitmapsExt(1, 0, 1<<40, 0x40000))
 			return b
 		}, 0,
 			"bitmap_directory_size 1099511627776 exceeds", ErrInvalid},
 		{"bitmaps dir beyond EOF", func(b []byte) []byte {
-			put64(b, 88, AutoclearBitmaps)
+			putBE64(b, 88, AutoclearBitmaps)
 			withExts(b, bitmapsExt(1, 0, 32, 0x50000))
 			return b
 		}, 0,
 			"beyond end of file", ErrInvalid},
 		{"bitmaps ignored without autoclear bit", func(b []byte) []byte { withExts(b, bitmapsExt(0, 5, 1<<40, 3)); return b }, 0, "", nil},
-		{"crypto ext without LUKS", func(b []byte) []byte { withExts(b, ext(ExtCryptoHeader, make([]byte, 16))); return b }, 0,
+		{"crypto ext without LUKS", func(b []byte) []byte { withExts(b, rawExt(ExtCryptoHeader, make([]byte, 16))); return b }, 0,
 			"extension 0x0537be77 present but crypt_method is 0", ErrInvalid},
 		{"crypto ext unaligned", func(b []byte) []byte {
-			put32(b, 32, CryptLUKS)
+			putBE32(b, 32, CryptLUKS)
 			d := make([]byte, 16)
 			be.PutUint64(d, 0x40010)
-			withExts(b, ext(ExtCryptoHeader, d))
+			withExts(b, rawExt(ExtCryptoHeader, d))
 			return b
 		}, 0, "encryption header offset 0x40010 not aligned", ErrInvalid},
 		{"crypto ext overflow", func(b []byte) []byte {
-			put32(b, 32, CryptLUKS)
+			putBE32(b, 32, CryptLUKS)
 			d := make([]byte, 16)
 			be.PutUint64(d, 0x40000)
 			be.PutUint64(d[8:], 1<<63)
-			withExts(b, ext(ExtCryptoHeader, d))
+			withExts(b, rawExt(ExtCryptoHeader, d))
 			return b
 		}, -1, "out of range", ErrInvalid},
-		{"LUKS without crypto ext", func(b []byte) []byte { put32(b, 32, CryptLUKS); return b }, 0, "crypt_method 2 (LUKS) without", ErrInvalid},
-		{"data_file_raw without data file", func(b []byte) []byte { put64(b, 88, AutoclearDataFileRaw); return b }, 0,
+		{"LUKS without crypto ext", func(b []byte) []byte { putBE32(b, 32, CryptLUKS); return b }, 0, "crypt_method 2 (LUKS) without", ErrInvalid},
+		{"data_file_raw without data file", func(b []byte) []byte { putBE64(b, 88, AutoclearDataFileRaw); return b }, 0,
 			"raw external data bit without the external data file bit", ErrInvalid},
 		{"data file with snapshots", func(b []byte) []byte {
-			put64(b, 72, IncompatDataFile)
-			put32(b, 60, 1)
-			put64(b, 64, 0x40000)
+			putBE64(b, 72, IncompatDataFile)
+			putBE32(b, 60, 1)
+			putBE64(b, 64, 0x40000)
 			return b
 		}, 0,
 			"internal snapshots are not allowed with an external data file", ErrInvalid},
 		{"data_file_raw with backing", func(b []byte) []byte {
-			put64(b, 72, IncompatDataFile)
-			put64(b, 88, AutoclearDataFileRaw)
-			put64(b, 8, 0x200)
-			put32(b, 16, 4)
+			putBE64(b, 72, IncompatDataFile)
+			putBE64(b, 88, AutoclearDataFileRaw)
+			putBE64(b, 8, 0x200)
+			putBE32(b, 16, 4)
 			copy(b[0x200:], "base")
 			return b
 		}, 0, "backing files are incompatible with raw external data files", ErrInvalid},
-		{"backing name beyond buffer", func(b []byte) []byte { put64(b, 8, 0x8000); put32(b, 16, 100); return b[:0x8010] }, 0,
+		{"backing name beyond buffer", func(b []byte) []byte { putBE64(b, 8, 0x8000); putBE32(b, 16, 100); return b[:0x8010] }, 0,
 			"backing file name ends at 32868", ErrInvalid},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			h, size := base()
-			b := c.mutate(mustMarshal(t, h))
+			h, size := baseHeader()
+			b := c.mutate(mustMarshalHeader(t, h))
 			if c.fileSize != 0 {
 				size = c.fileSize
 			}
@@ -548,7 +548,7 @@ func TestParseHeaderHostile(t *testing.T) {
 // additional header fields, unknown compatible and autoclear bits and
 // foreign feature names survive a Parse/Marshal round trip.
 func TestParseHeaderKeepsUnknown(t *testing.T) {
-	h, size := base()
+	h, size := baseHeader()
 	h.HeaderTail = []byte{0, 0, 0, 0, 0, 0, 0, 0xaa, 0xbb, 0xcc, 0, 0, 0, 0, 0xdd} // header_length 120
 	h.CompatibleFeatures = 1<<0 | 1<<40
 	h.AutoclearFeatures = 1 << 17
@@ -556,7 +556,7 @@ func TestParseHeaderKeepsUnknown(t *testing.T) {
 	h.FeatureTable = append(DefaultFeatureTable(), FeatureName{FeatureCompatible, 40, "future compat"})
 	h.BackingFile = "base.img"
 	h.BackingFormat = "qcow2"
-	b := mustMarshal(t, h)
+	b := mustMarshalHeader(t, h)
 	if hl := be.Uint32(b[100:]); hl != 120 {
 		t.Errorf("header_length %d, want 120", hl)
 	}
@@ -581,9 +581,9 @@ func TestParseHeaderKeepsUnknown(t *testing.T) {
 // TestParseHeaderV3Short accepts a 104-byte version 3 header (no
 // compression_type field) and the end of the area without an end marker.
 func TestParseHeaderV3Short(t *testing.T) {
-	h, size := base()
-	b := mustMarshal(t, h)
-	put32(b, 100, 104)
+	h, size := baseHeader()
+	b := mustMarshalHeader(t, h)
+	putBE32(b, 100, 104)
 	clear(b[104:])
 	got, err := ParseHeader(b, size)
 	if err != nil {
@@ -593,8 +593,8 @@ func TestParseHeaderV3Short(t *testing.T) {
 		t.Errorf("got %+v", got)
 	}
 	// Extension area filled exactly by one extension, no end marker.
-	b = mustMarshal(t, h)
-	withExts(b, ext(0x42, make([]byte, 0x10000-112-8)))
+	b = mustMarshalHeader(t, h)
+	withExts(b, rawExt(0x42, make([]byte, 0x10000-112-8)))
 	got, err = ParseHeader(b, size)
 	if err != nil {
 		t.Fatal(err)
@@ -635,7 +635,7 @@ func TestMarshalErrors(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			h, _ := base()
+			h, _ := baseHeader()
 			c.mutate(h)
 			cs := c.cs
 			if cs == 0 {
@@ -649,22 +649,22 @@ func TestMarshalErrors(t *testing.T) {
 	}
 }
 
-// TestMarshalAcceptedByQemu rewrites the header of a qemu-img image with
+// TestMarshalAcceptedByQemu rewrites the header of a qemu-img testImage with
 // Marshal (new backing file, unknown extension, extra header fields) and
 // checks that qemu-img accepts it, reports the new values, and preserves the
 // unknown extension across its own header rewrite (qemu-img amend).
 func TestMarshalAcceptedByQemu(t *testing.T) {
 	requireQemuImg(t)
 	dir := t.TempDir()
-	baseImg := createImage(t, dir, "base.qcow2", "64M")
-	p := createImage(t, dir, "t.qcow2", "64M")
-	img := readImage(t, p)
+	baseImg := qemuCreate(t, dir, "base.qcow2", "64M")
+	p := qemuCreate(t, dir, "t.qcow2", "64M")
+	img := readTestImage(t, p)
 	h := img.h
 	h.BackingFile = baseImg
 	h.BackingFormat = "qcow2"
 	h.Unknown = []Extension{{0x7e57e570, []byte("kept by qemu")}, {0x7e57e571, []byte("me too")}}
 	h.HeaderTail = append(make([]byte, 7), 0, 0, 0, 0, 0, 0, 0, 0) // an unknown 8-byte field, zero
-	b := mustMarshal(t, h)
+	b := mustMarshalHeader(t, h)
 	f, err := os.OpenFile(p, os.O_WRONLY, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -674,16 +674,16 @@ func TestMarshalAcceptedByQemu(t *testing.T) {
 	}
 	f.Close()
 
-	qi := info(t, p)
+	qi := qemuImgInfo(t, p)
 	if qi.BackingFilename != baseImg || qi.BackingFilenameFormat != "qcow2" {
 		t.Errorf("qemu-img info: backing %q fmt %q", qi.BackingFilename, qi.BackingFilenameFormat)
 	}
-	run(t, "qemu-img", "check", "-q", p)
+	mustRun(t, "qemu-img", "check", "-q", p)
 
 	// QEMU rewrites the header on amend; our unknown extension and the
 	// extra header field must survive it.
-	run(t, "qemu-img", "amend", "-o", "lazy_refcounts=on", p)
-	h2 := readImage(t, p).h
+	mustRun(t, "qemu-img", "amend", "-o", "lazy_refcounts=on", p)
+	h2 := readTestImage(t, p).h
 	if !h2.LazyRefcounts() {
 		t.Error("amend did not set lazy refcounts")
 	}
@@ -703,10 +703,10 @@ func TestMarshalAcceptedByQemu(t *testing.T) {
 func TestQemuRefusesWhatWeRefuse(t *testing.T) {
 	requireQemuImg(t)
 	dir := t.TempDir()
-	p := createImage(t, dir, "t.qcow2", "64M")
-	img := readImage(t, p)
+	p := qemuCreate(t, dir, "t.qcow2", "64M")
+	img := readTestImage(t, p)
 	b := img.data[:img.h.ClusterSize()]
-	put64(b, 72, 1<<31)
+	putBE64(b, 72, 1<<31)
 	if err := os.WriteFile(p, img.data, 0o644); err != nil {
 		t.Fatal(err)
 	}

@@ -21,7 +21,7 @@ func requireQemuImg(t testing.TB) {
 }
 
 // run runs a command and fails the test with its output on error.
-func run(t testing.TB, name string, args ...string) []byte {
+func mustRun(t testing.TB, name string, args ...string) []byte {
 	t.Helper()
 	out, err := exec.Command(name, args...).CombinedOutput()
 	if err != nil {
@@ -36,8 +36,8 @@ func tryRun(name string, args ...string) (string, error) {
 	return string(out), err
 }
 
-// qemuInfo is the subset of `qemu-img info --output=json` the tests check.
-type qemuInfo struct {
+// qemuImgInfoJSON is the subset of `qemu-img info --output=json` the tests check.
+type qemuImgInfoJSON struct {
 	VirtualSize           uint64 `json:"virtual-size"`
 	ClusterSize           uint64 `json:"cluster-size"`
 	Format                string `json:"format"`
@@ -77,27 +77,27 @@ type qemuInfo struct {
 	} `json:"format-specific"`
 }
 
-func info(t testing.TB, path string, extra ...string) qemuInfo {
+func qemuImgInfo(t testing.TB, path string, extra ...string) qemuImgInfoJSON {
 	t.Helper()
 	args := append([]string{"info", "--output=json", "-U"}, extra...)
-	out := run(t, "qemu-img", append(args, path)...)
-	var qi qemuInfo
+	out := mustRun(t, "qemu-img", append(args, path)...)
+	var qi qemuImgInfoJSON
 	if err := json.Unmarshal(out, &qi); err != nil {
 		t.Fatalf("parsing qemu-img info output: %v\n%s", err, out)
 	}
 	return qi
 }
 
-// image is a qcow2 file read into memory with its parsed header.
-type image struct {
+// testImage is a qcow2 file read into memory with its parsed header.
+type testImage struct {
 	path string
 	data []byte
 	h    *Header
 }
 
-// readImage reads a whole image (test images are small) and parses its
+// readTestImage reads a whole image (test images are small) and parses its
 // header the way a driver would: from the first cluster(s) and the size.
-func readImage(t testing.TB, path string) image {
+func readTestImage(t testing.TB, path string) testImage {
 	t.Helper()
 	data, err := os.ReadFile(path)
 	if err != nil {
@@ -107,11 +107,11 @@ func readImage(t testing.TB, path string) image {
 	if err != nil {
 		t.Fatalf("ParseHeader(%s): %v", filepath.Base(path), err)
 	}
-	return image{path: path, data: data, h: h}
+	return testImage{path: path, data: data, h: h}
 }
 
-// createImage runs qemu-img create -f qcow2 with opts in dir.
-func createImage(t testing.TB, dir, name, size string, args ...string) string {
+// qemuCreate runs qemu-img create -f qcow2 with opts in dir.
+func qemuCreate(t testing.TB, dir, name, size string, args ...string) string {
 	t.Helper()
 	p := filepath.Join(dir, name)
 	a := append([]string{"create", "-q", "-f", "qcow2"}, args...)

@@ -22,7 +22,7 @@ type l2Visit struct {
 // walkL1 decodes an L1 table and every L2 table it points to, failing the
 // test on any entry DecodeL1 or CheckL2 refuses, and returns the L2 tables
 // and entries visited.
-func walkL1(t *testing.T, img image, l1Off uint64, l1Size uint32) (l2Tables []uint64, visits []l2Visit) {
+func walkL1(t *testing.T, img testImage, l1Off uint64, l1Size uint32) (l2Tables []uint64, visits []l2Visit) {
 	t.Helper()
 	g := img.h.Geometry()
 	cs := g.ClusterSize()
@@ -47,11 +47,11 @@ func walkL1(t *testing.T, img image, l1Off uint64, l1Size uint32) (l2Tables []ui
 				t.Fatal(err)
 			}
 			if err := g.CheckL2(e, bm, l2Off, int64(j)); err != nil {
-				t.Fatalf("CheckL2 on a qemu-img image: %v", err)
+				t.Fatalf("CheckL2 on a qemu-img testImage: %v", err)
 			}
 			guest := uint64(i)*g.BytesPerL2Table() + uint64(j)*cs
 			if err := g.CheckDataFileOffset(e, guest+cs-1, l2Off, int64(j)); err != nil {
-				t.Fatalf("CheckDataFileOffset on a qemu-img image: %v", err)
+				t.Fatalf("CheckDataFileOffset on a qemu-img testImage: %v", err)
 			}
 			visits = append(visits, l2Visit{guest, e, bm, l2Off, int64(j)})
 		}
@@ -59,7 +59,7 @@ func walkL1(t *testing.T, img image, l1Off uint64, l1Size uint32) (l2Tables []ui
 	return l2Tables, visits
 }
 
-type mapEntry struct {
+type qemuMapEntry struct {
 	Start   uint64  `json:"start"`
 	Length  uint64  `json:"length"`
 	Depth   int     `json:"depth"`
@@ -142,15 +142,15 @@ func TestGoldenMapping(t *testing.T) {
 			if sc.dataFile {
 				o += ",data_file=" + dataPath
 			}
-			p := createImage(t, dir, "t.qcow2", sc.size, "-o", o)
+			p := qemuCreate(t, dir, "t.qcow2", sc.size, "-o", o)
 			args := []string{"-f", "qcow2"}
 			for _, c := range sc.cmds {
 				args = append(args, "-c", c)
 			}
-			run(t, "qemu-io", append(args, p)...)
-			run(t, "qemu-img", "check", "-q", p)
+			mustRun(t, "qemu-io", append(args, p)...)
+			mustRun(t, "qemu-img", "check", "-q", p)
 
-			img := readImage(t, p)
+			img := readTestImage(t, p)
 			h := img.h
 			g := h.Geometry()
 			_, visits := walkL1(t, img, h.L1TableOffset, h.L1Size)
@@ -159,12 +159,12 @@ func TestGoldenMapping(t *testing.T) {
 				byCluster[v.guest] = v
 			}
 
-			var mp []mapEntry
-			if err := json.Unmarshal(run(t, "qemu-img", "map", "--output=json", p), &mp); err != nil {
+			var mp []qemuMapEntry
+			if err := json.Unmarshal(mustRun(t, "qemu-img", "map", "--output=json", p), &mp); err != nil {
 				t.Fatal(err)
 			}
 			rawPath := filepath.Join(dir, "out.raw")
-			run(t, "qemu-img", "convert", "-O", "raw", p, rawPath)
+			mustRun(t, "qemu-img", "convert", "-O", "raw", p, rawPath)
 			raw, err := os.ReadFile(rawPath)
 			if err != nil {
 				t.Fatal(err)
@@ -229,7 +229,7 @@ func TestGoldenMapping(t *testing.T) {
 
 // checkCompressed inflates every compressed cluster from the byte range
 // CompressedRange gives and compares it with the guest data.
-func checkCompressed(t *testing.T, img image, visits []l2Visit, raw []byte) {
+func checkCompressed(t *testing.T, img testImage, visits []l2Visit, raw []byte) {
 	t.Helper()
 	g := img.h.Geometry()
 	cs := g.ClusterSize()
@@ -261,7 +261,7 @@ func checkCompressed(t *testing.T, img image, visits []l2Visit, raw []byte) {
 // qemu-img check does and compares them with the refcounts read through the
 // refcount table and blocks, and checks the COPIED flags of the active
 // tables against them.
-func checkRefcounts(t *testing.T, img image) {
+func checkRefcounts(t *testing.T, img testImage) {
 	t.Helper()
 	h := img.h
 	g := h.Geometry()
@@ -434,7 +434,7 @@ func TestGoldenRefcounts(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			t.Parallel()
 			dir := t.TempDir()
-			p := createImage(t, dir, "t.qcow2", "16M", append(c.extra, "-o", c.o)...)
+			p := qemuCreate(t, dir, "t.qcow2", "16M", append(c.extra, "-o", c.o)...)
 			ioArgs := []string{"-f", "qcow2"}
 			if c.extra != nil {
 				ioArgs = []string{"--object", lukssecret, "--image-opts"}
@@ -448,24 +448,24 @@ func TestGoldenRefcounts(t *testing.T) {
 				for _, cmd := range cmds {
 					a = append(a, "-c", cmd)
 				}
-				run(t, "qemu-io", append(a, target)...)
+				mustRun(t, "qemu-io", append(a, target)...)
 			}
 			io("write -P 1 0 1M", "write -c -P 2 2M 2M", "write -z 4M 64k")
 			for i := range c.snaps {
-				run(t, "qemu-img", "snapshot", "-c", "s"+string(rune('a'+i)), p)
+				mustRun(t, "qemu-img", "snapshot", "-c", "s"+string(rune('a'+i)), p)
 				io("write -P 3 " + []string{"0", "512k", "2M"}[i%3] + " 128k")
 			}
 			if c.bmap {
-				run(t, "qemu-img", "bitmap", "--add", p, "b0")
-				run(t, "qemu-img", "bitmap", "--add", "-g", "1M", p, "b1")
+				mustRun(t, "qemu-img", "bitmap", "--add", p, "b0")
+				mustRun(t, "qemu-img", "bitmap", "--add", "-g", "1M", p, "b1")
 				io("write -P 4 8M 1M") // dirties the enabled bitmaps
 			}
 			if c.extra != nil {
-				run(t, "qemu-img", "check", "-q", "--object", lukssecret, "--image-opts", target)
+				mustRun(t, "qemu-img", "check", "-q", "--object", lukssecret, "--image-opts", target)
 			} else {
-				run(t, "qemu-img", "check", "-q", p)
+				mustRun(t, "qemu-img", "check", "-q", p)
 			}
-			img := readImage(t, p)
+			img := readTestImage(t, p)
 			if c.snaps > 0 && img.h.NbSnapshots != uint32(c.snaps) {
 				t.Fatalf("%d snapshots, want %d", img.h.NbSnapshots, c.snaps)
 			}
