@@ -719,3 +719,71 @@ func TestQemuRefusesWhatWeRefuse(t *testing.T) {
 		t.Errorf("qemu-img says %q, we say %v", out, ourErr)
 	}
 }
+
+// TestQemuAgreement applies header mutations to a qemu-img image and
+// records whether qemu-img 7.2 opens the result, next to what ParseHeader
+// says. Where ParseHeader is deliberately stricter than QEMU the case says
+// so; every other case must agree.
+func TestQemuAgreement(t *testing.T) {
+	requireQemuImg(t)
+	cases := []struct {
+		name     string
+		mutate   func(b []byte)
+		stricter bool // we refuse, QEMU opens
+	}{
+		{"unchanged", func(b []byte) {}, false},
+		{"cluster_bits 22", func(b []byte) { putBE32(b, 20, 22) }, false},
+		{"header_length 96", func(b []byte) { putBE32(b, 100, 96) }, false},
+		{"header_length not a multiple of 8", func(b []byte) {
+			// The extension area then starts at 108; put an end marker there.
+			putBE32(b, 100, 108)
+			clear(b[104:0x200])
+		}, true},
+		{"refcount_order 7", func(b []byte) { putBE32(b, 96, 7) }, false},
+		{"zstd without the incompatible bit", func(b []byte) { b[104] = 1 }, false},
+		{"compression bit without zstd", func(b []byte) { putBE64(b, 72, IncompatCompression) }, false},
+		{"unknown incompatible bit", func(b []byte) { putBE64(b, 72, 1<<20) }, false},
+		{"unknown compatible bit", func(b []byte) { putBE64(b, 80, 1<<20) }, false},
+		{"L1 table too small", func(b []byte) { putBE32(b, 36, 0) }, false},
+		{"L1 table unaligned", func(b []byte) { putBE64(b, 40, 0x30008) }, false},
+		{"L1 table beyond end of file", func(b []byte) { putBE64(b, 40, 0x100000) }, true},
+		{"no refcount table", func(b []byte) { putBE32(b, 56, 0) }, false},
+		{"snapshot table unaligned", func(b []byte) { putBE64(b, 64, 0x100) }, false},
+		// Only qemu-img info opens it: QEMU checks data-file-raw when it
+		// opens the data file, which info skips; qemu-io and qemu-img check
+		// refuse with "data-file-raw requires a data file".
+		{"raw data file bit without data file", func(b []byte) { putBE64(b, 88, AutoclearDataFileRaw) }, true},
+		{"end marker with a length", func(b []byte) { putBE32(b, 0x1f8+4, 8) }, true},
+		{"feature table entry with bit 64", func(b []byte) { b[0x78+1] = 64 }, true},
+		{"feature table length not a multiple of 48", func(b []byte) { putBE32(b, 0x74, 0x180-8) }, true},
+		{"backing file name too long", func(b []byte) { putBE64(b, 8, 0x200); putBE32(b, 16, 1024) }, false},
+		{"backing file offset inside the header", func(b []byte) { putBE64(b, 8, 0x40); putBE32(b, 16, 3) }, true},
+		{"extension longer than the header cluster", func(b []byte) { putBE32(b, 0x74, 0x10000) }, false},
+	}
+	dir := t.TempDir()
+	orig := readTestImage(t, qemuCreate(t, dir, "orig.qcow2", "64M"))
+	for i, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			data := bytes.Clone(orig.data)
+			c.mutate(data)
+			p := filepath.Join(dir, fmt.Sprintf("m%d.qcow2", i))
+			if err := os.WriteFile(p, data, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			_, ourErr := ParseHeader(data[:orig.h.ClusterSize()], int64(len(data)))
+			out, qemuErr := tryRun("qemu-img", "info", p)
+			switch {
+			case c.stricter && (ourErr == nil || qemuErr != nil):
+				t.Errorf("expected ParseHeader to refuse and qemu-img to accept: ours %v, qemu-img %v %s", ourErr, qemuErr, out)
+			case !c.stricter && (ourErr == nil) != (qemuErr == nil):
+				t.Errorf("disagreement: ours %v, qemu-img %v %s", ourErr, qemuErr, out)
+			}
+			if ourErr != nil {
+				t.Logf("ours: %v", ourErr)
+			}
+			if qemuErr != nil {
+				t.Logf("qemu-img: %s", strings.TrimSpace(out))
+			}
+		})
+	}
+}
