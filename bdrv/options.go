@@ -31,6 +31,16 @@ type OptionSpec struct {
 	Help    string
 }
 
+// ProtocolCreateOptions are the options of creating a plain file, which the
+// file protocol and the raw format (a file with nothing else in it) share.
+var ProtocolCreateOptions = []OptionSpec{
+	{Name: "size", Type: OptSize, Help: "Virtual disk size"},
+	{Name: "preallocation", Type: OptString, Default: "off",
+		Help: "Preallocation mode (allowed values: off, falloc, full)"},
+	{Name: "nocow", Type: OptBool, Default: "off",
+		Help: "Turn off copy-on-write (valid only on btrfs)"},
+}
+
 // ParseOptionString splits "a=1,b=2" into Options. A bare name means "on"
 // for booleans (qemu-img accepts "-o lazy_refcounts"). ",," escapes a comma
 // inside a value, as in QEMU.

@@ -23,17 +23,11 @@ import (
 
 func init() {
 	bdrv.Register(&bdrv.Format{
-		Name:     "file",
-		Protocol: true,
-		Open:     open,
-		Create:   create,
-		CreateOptions: []bdrv.OptionSpec{
-			{Name: "size", Type: bdrv.OptSize, Help: "Virtual disk size"},
-			{Name: "preallocation", Type: bdrv.OptString, Default: "off",
-				Help: "Preallocation mode (allowed values: off, falloc, full)"},
-			{Name: "nocow", Type: bdrv.OptBool, Default: "off",
-				Help: "Turn off copy-on-write (valid only on btrfs)"},
-		},
+		Name:          "file",
+		Protocol:      true,
+		Open:          open,
+		Create:        create,
+		CreateOptions: bdrv.ProtocolCreateOptions,
 	})
 }
 

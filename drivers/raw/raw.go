@@ -15,16 +15,10 @@ func init() {
 		Name: "raw",
 		// Raw accepts anything, so it wins only when no other format
 		// recognises the file.
-		Probe:  func([]byte, string) int { return 1 },
-		Open:   open,
-		Create: create,
-		CreateOptions: []bdrv.OptionSpec{
-			{Name: "size", Type: bdrv.OptSize, Help: "Virtual disk size"},
-			{Name: "preallocation", Type: bdrv.OptString, Default: "off",
-				Help: "Preallocation mode (allowed values: off, falloc, full)"},
-			{Name: "nocow", Type: bdrv.OptBool, Default: "off",
-				Help: "Turn off copy-on-write (valid only on btrfs)"},
-		},
+		Probe:         func([]byte, string) int { return 1 },
+		Open:          open,
+		Create:        create,
+		CreateOptions: bdrv.ProtocolCreateOptions,
 	})
 }
 
