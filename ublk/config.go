@@ -1,0 +1,139 @@
+package ublk
+
+import (
+	"fmt"
+	"runtime"
+
+	"ublkimg/ublk/internal/uapi"
+)
+
+// Defaults for Config fields left zero.
+const (
+	// DefaultDepth is the number of tags per queue: enough for fio and
+	// the page cache's writeback at depth, small enough that the tags'
+	// buffers stay cheap.
+	DefaultDepth = 128
+	// DefaultBlockSize is the logical block size, what disks and
+	// qemu-nbd present.
+	DefaultBlockSize = 512
+	// DefaultMaxIOBytes is the largest request, as ublksrv and libublk
+	// use: 512 KiB keeps each tag's buffer small while sequential I/O
+	// still moves in large requests.
+	DefaultMaxIOBytes = 512 << 10
+	// MaxDefaultQueues bounds DefaultQueues.
+	MaxDefaultQueues = 4
+)
+
+// DefaultQueues is the queue count used when Config.Queues is 0:
+// min(CPUs, 4). blk-mq maps every CPU to one hardware queue, so with a queue
+// per CPU a submitting CPU never shares its queue (and the kernel clamps any
+// larger count to the CPUs); past four, each further queue costs a thread, a
+// ring and Depth*MaxIOBytes of buffer address space while one image file
+// rarely serves more requests in parallel.
+func DefaultQueues() int { return min(runtime.NumCPU(), MaxDefaultQueues) }
+
+// DiscardMode says what the device does with discard requests (qemu-nbd's
+// --discard).
+type DiscardMode int
+
+const (
+	// DiscardUnmap advertises discard and deallocates the range in the
+	// image (a hole in a raw file, unallocated qcow2 clusters); write-zeroes
+	// may deallocate too. It is the zero value.
+	DiscardUnmap DiscardMode = iota
+	// DiscardIgnore does not advertise discard; write-zeroes writes (or
+	// preallocates) zeros and never deallocates.
+	DiscardIgnore
+)
+
+// ParseDiscardMode parses "unmap" (also "on") or "ignore" (also "off").
+func ParseDiscardMode(s string) (DiscardMode, error) {
+	switch s {
+	case "unmap", "on":
+		return DiscardUnmap, nil
+	case "ignore", "off":
+		return DiscardIgnore, nil
+	}
+	return 0, fmt.Errorf("invalid discard mode %q (ignore, unmap)", s)
+}
+
+func (m DiscardMode) String() string {
+	if m == DiscardIgnore {
+		return "ignore"
+	}
+	return "unmap"
+}
+
+// Config says how to export an image. The zero value asks for device id 0;
+// set ID to -1 to let the kernel pick. Every other zero field takes the
+// default its comment names.
+type Config struct {
+	// ID is N of /dev/ublkbN. -1 lets the kernel pick the lowest free
+	// id; 0 and above ask for that id (ADD_DEV fails with ErrIDTaken when
+	// it is in use).
+	ID int
+	// Queues is the number of hardware queues, each served by one locked
+	// OS thread with its own io_uring. 0 means DefaultQueues().
+	Queues int
+	// Depth is the number of tags (requests in flight) per queue, 1..4096.
+	// 0 means DefaultDepth (128).
+	Depth int
+	// BlockSize is the logical block size: 512, 1024, 2048 or 4096. 0
+	// means DefaultBlockSize (512).
+	BlockSize int
+	// MaxIOBytes is the largest request in bytes, a multiple of the page
+	// size of at least one page and at most 32 MiB. 0 means
+	// DefaultMaxIOBytes (512 KiB).
+	MaxIOBytes int
+	// ReadOnly exports the device read-only (UBLK_ATTR_READ_ONLY): the
+	// kernel refuses writes with EROFS before they reach the server. A
+	// read-only image node forces it.
+	ReadOnly bool
+	// Discard is what discard requests do; the zero value is
+	// DiscardUnmap.
+	Discard DiscardMode
+	// UserCopy moves data with read/write on /dev/ublkcN
+	// (UBLK_F_USER_COPY, 6.4+) instead of the kernel copying into
+	// per-tag buffers during FETCH and COMMIT. Off by default: it costs
+	// one more ring operation per request (see the package doc for the
+	// measurements). Start fails with an error matching ErrNotSupported
+	// when the kernel lacks it.
+	UserCopy bool
+	// Logf receives progress and problem reports (queue start and stop,
+	// failed requests). nil discards them.
+	Logf func(format string, args ...any)
+}
+
+// withDefaults returns cfg with zero fields defaulted, or an error naming
+// the first invalid field.
+func (cfg Config) withDefaults() (Config, error) {
+	if cfg.Queues == 0 {
+		cfg.Queues = DefaultQueues()
+	}
+	if cfg.Depth == 0 {
+		cfg.Depth = DefaultDepth
+	}
+	if cfg.BlockSize == 0 {
+		cfg.BlockSize = DefaultBlockSize
+	}
+	if cfg.MaxIOBytes == 0 {
+		cfg.MaxIOBytes = DefaultMaxIOBytes
+	}
+	if cfg.Logf == nil {
+		cfg.Logf = func(string, ...any) {}
+	}
+	page := pageSize
+	switch {
+	case cfg.ID < -1 || cfg.ID >= 1<<20:
+		return cfg, fmt.Errorf("invalid device id %d (0..%d, or -1 for any)", cfg.ID, 1<<20-1)
+	case cfg.Queues < 1 || cfg.Queues > uapi.MaxNrQueues:
+		return cfg, fmt.Errorf("invalid queue count %d (1..%d)", cfg.Queues, uapi.MaxNrQueues)
+	case cfg.Depth < 1 || cfg.Depth > uapi.MaxQueueDepth:
+		return cfg, fmt.Errorf("invalid queue depth %d (1..%d)", cfg.Depth, uapi.MaxQueueDepth)
+	case cfg.BlockSize < 512 || cfg.BlockSize > page || cfg.BlockSize&(cfg.BlockSize-1) != 0:
+		return cfg, fmt.Errorf("invalid block size %d (a power of two from 512 to %d)", cfg.BlockSize, page)
+	case cfg.MaxIOBytes < page || cfg.MaxIOBytes > 1<<uapi.IOBufBits || cfg.MaxIOBytes%page != 0:
+		return cfg, fmt.Errorf("invalid maximum request size %d (a multiple of %d up to %d)", cfg.MaxIOBytes, page, 1<<uapi.IOBufBits)
+	}
+	return cfg, nil
+}

@@ -1,0 +1,49 @@
+// Package ublk exports disk images as Linux block devices through the ublk
+// driver (ublk_drv): /dev/ublkbN, whose requests a server in user space
+// (this package) performs on a bdrv node.
+//
+// # Control and data plane
+//
+// [Ctrl] is /dev/ublk-control: ADD_DEV, SET_PARAMS, START_DEV, STOP_DEV,
+// DEL_DEV and GET_DEV_INFO, sent as io_uring commands on a ring of 128-byte
+// SQEs run by a coroutine loop of its own. GET_FEATURES is probed when it
+// opens; when it fails (kernels before 6.5) the legacy opcodes are used.
+//
+// A [Device] has one queue per hardware queue. A queue is a
+// coroutine.Loop: one locked OS thread (marked PR_SET_IO_FLUSHER) with one
+// io_uring that carries both the queue's ublk commands and the image I/O
+// its requests cause, and one long-lived coroutine per tag. A tag's
+// coroutine sends FETCH, and for every request the kernel hands it reads
+// the descriptor, calls the bdrv node (READ: Preadv; WRITE: Pwritev, with
+// ReqFUA for FUA writes; FLUSH: Flush; DISCARD: Pdiscard; WRITE_ZEROES:
+// PwriteZeroes, with ReqMayUnmap unless NOUNMAP) and sends
+// COMMIT_AND_FETCH with the result, until the kernel ends the tag with
+// ENODEV when the device stops. Request data lives in per-tag buffers of
+// anonymous memory outside the Go heap, which the kernel copies to and from
+// during FETCH and COMMIT (copy mode); with Config.UserCopy the queue moves
+// it itself with reads and writes of /dev/ublkcN on the same ring.
+//
+// START_DEV is sent from the control goroutine only once every queue has
+// issued FETCH for every tag and waits in io_uring_enter: the kernel scans
+// the partition table, through the device, before START_DEV completes.
+//
+// # Lifecycle
+//
+// [Start] creates and starts a device; [Device.Close] stops it, waits for
+// the queues, drains, flushes and closes the image, releases /dev/ublkcN
+// and deletes the device, in that order (see Close). A failure after
+// ADD_DEV deletes what was created. [Serve] wraps both around a context,
+// in the manner of libublk's run_target.
+//
+// The device's parameters come from the image and the [Config]: capacity,
+// logical block size (512 or 4096 ...), maximum request size, a volatile
+// write cache with FUA (flushes reach the image), READ_ONLY, and discard and
+// write-zeroes limits when the image's driver supports them.
+//
+// # Records
+//
+// ublkimg attach runs a server per device; [WriteRecord] keeps a small JSON
+// record per device under [RecordDir] (/run/ublkimg) so that ublkimg list
+// and detach can find the image and the server of each device.
+// [ListDevices] merges the records with what the kernel reports.
+package ublk

@@ -1,0 +1,268 @@
+package ublk
+
+import (
+	"errors"
+	"fmt"
+	"os"
+
+	"golang.org/x/sys/unix"
+
+	"ublkimg/bdrv"
+	"ublkimg/coroutine"
+	"ublkimg/ublk/internal/uapi"
+	"ublkimg/uring"
+)
+
+var pageSize = os.Getpagesize()
+
+// queue is one hardware queue of a device: a coroutine loop (one locked OS
+// thread, one io_uring carrying both the ublk commands and the image I/O),
+// the queue's descriptor area mapped from /dev/ublkcN, one buffer per tag
+// outside the Go heap, and one long-lived coroutine per tag.
+//
+// Fields set before the loop starts serving are read-only afterwards; live,
+// fetchErr and err are owned by the loop's thread.
+type queue struct {
+	dev  *Device
+	id   uint16
+	loop *coroutine.Loop
+	desc uapi.DescArea // PROT_READ mapping of the descriptors
+	bufs []byte        // anonymous mapping, depth * maxIO bytes; nil with user copy
+	tags []tag
+	// armed is set by the control goroutine before the tags start.
+	armed bool
+
+	// live counts tag coroutines that have not returned; the last one
+	// closes done.
+	live int
+	done chan struct{}
+	// err is the first unexpected command failure (not ENODEV).
+	err error
+}
+
+// tag is the state of one tag: its buffer and its request vector, reused by
+// every request so the hot path allocates nothing.
+type tag struct {
+	id  uint16
+	buf []byte
+	iov bdrv.IOVec // one element, resliced over buf per request
+}
+
+// ioFlusher marks the calling thread PR_SET_IO_FLUSHER: memory reclaim on
+// it must not recurse into I/O, which could wait for this very device (the
+// kernel's loop and nbd workers are marked the same way). Without
+// CAP_SYS_RESOURCE it is skipped.
+func ioFlusher() error {
+	err := unix.Prctl(unix.PR_SET_IO_FLUSHER, 1, 0, 0, 0)
+	if err != nil && !errors.Is(err, unix.EPERM) && !errors.Is(err, unix.EINVAL) {
+		return fmt.Errorf("prctl(PR_SET_IO_FLUSHER): %w", err)
+	}
+	return nil
+}
+
+// newQueue maps queue id's descriptors and tag buffers and starts its loop.
+// The tags are not armed yet: see start.
+func newQueue(d *Device, id uint16) (*queue, error) {
+	depth := d.info.Depth
+	q := &queue{dev: d, id: id, done: make(chan struct{})}
+	desc, err := unix.Mmap(d.charFd, uapi.DescAreaOffset(id), uapi.DescAreaLen(uint16(depth), pageSize),
+		unix.PROT_READ, unix.MAP_SHARED|unix.MAP_POPULATE)
+	if err != nil {
+		return nil, fmt.Errorf("mapping descriptors of queue %d: %w", id, err)
+	}
+	q.desc = desc
+	maxIO := d.info.MaxIOBufBytes
+	// One mapping for all tags: untouched pages cost no memory, so the
+	// resident size follows the requests actually made.
+	bufs, err := unix.Mmap(-1, 0, depth*maxIO, unix.PROT_READ|unix.PROT_WRITE,
+		unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+	if err != nil {
+		q.unmap()
+		return nil, fmt.Errorf("allocating buffers of queue %d: %w", id, err)
+	}
+	q.bufs = bufs
+	q.tags = make([]tag, depth)
+	for i := range q.tags {
+		t := &q.tags[i]
+		t.id = uint16(i)
+		t.buf = bufs[i*maxIO : (i+1)*maxIO : (i+1)*maxIO]
+		t.iov = bdrv.IOVec{nil}
+	}
+	q.loop, err = coroutine.Start(coroutine.Config{
+		// Room for every tag's ublk command plus image I/O.
+		Entries:  uint32(min(max(2*depth, 64), 4096)),
+		OnThread: ioFlusher,
+	})
+	if err != nil {
+		q.unmap()
+		return nil, fmt.Errorf("starting queue %d: %w", id, err)
+	}
+	return q, nil
+}
+
+// unmap releases the mappings. The loop must be closed (no command in
+// flight references them).
+func (q *queue) unmap() {
+	if q.desc != nil {
+		unix.Munmap(q.desc)
+		q.desc = nil
+	}
+	if q.bufs != nil {
+		unix.Munmap(q.bufs)
+		q.bufs = nil
+	}
+}
+
+// start creates the tag coroutines, each of which queues its FETCH, and
+// reports on fetched once the loop has submitted every FETCH (the error of
+// a FETCH the kernel refused at once, or nil). From then on the loop sits in
+// io_uring_enter waiting for requests, so START_DEV can be sent.
+func (q *queue) start(fetched chan<- error) {
+	q.loop.Post(func() {
+		q.live = len(q.tags)
+		for i := range q.tags {
+			t := &q.tags[i]
+			q.loop.Go(func(co *coroutine.Co) { q.serve(co, t) })
+		}
+		// This coroutine runs after every tag queued its FETCH; its NOP
+		// goes out in the same io_uring_enter, behind them, so when it
+		// completes every FETCH has been issued, and the CQE of any FETCH
+		// refused inline has already been handled.
+		q.loop.Go(func(co *coroutine.Co) {
+			co.SQE().PrepNop()
+			co.Wait()
+			fetched <- q.err
+		})
+	})
+}
+
+// fail records the first unexpected error of the queue and tells the
+// device, which stops.
+func (q *queue) fail(err error) {
+	if q.err == nil {
+		q.err = err
+		q.dev.failed(err)
+	}
+}
+
+// serve is the life of one tag: FETCH, then handle the request the kernel
+// delivered and COMMIT_AND_FETCH its result, until the kernel ends the tag
+// with ENODEV (the device is stopping).
+func (q *queue) serve(co *coroutine.Co, t *tag) {
+	defer func() {
+		q.live--
+		if q.live == 0 {
+			close(q.done)
+		}
+	}()
+	op := uapi.UIOFetchReq
+	var result int32
+	for {
+		res := q.command(co, op, t, result)
+		switch res {
+		case uapi.IOResOK:
+		case uapi.IOResAbort:
+			return
+		default:
+			q.fail(fmt.Errorf("queue %d tag %d: %s: %w", q.id, t.id, cmdName(op), uring.ResultError(res)))
+			return
+		}
+		d := q.desc.At(t.id)
+		result = q.handle(co, t, &d)
+		op = uapi.UIOCommitAndFetchReq
+	}
+}
+
+// command queues a FETCH or COMMIT_AND_FETCH for t and waits for its
+// completion, which is the next request for the tag (or its end).
+func (q *queue) command(co *coroutine.Co, op uapi.CmdOp, t *tag, result int32) int32 {
+	if q.dev.ctrl.legacy {
+		op = op.Legacy()
+	}
+	cmd := uapi.IOCmd{QID: q.id, Tag: t.id, Result: result}
+	if !q.dev.userCopy {
+		cmd.Addr = uint64(uintptrOf(t.buf))
+	}
+	sqe := co.SQE()
+	sqe.PrepURingCmd(int32(q.dev.charFd), uint32(op), nil)
+	cmd.Encode(sqe.Cmd()[:])
+	return co.Wait()
+}
+
+// handle performs one request on the image and returns the COMMIT result:
+// the bytes transferred, 0, or -errno.
+func (q *queue) handle(co *coroutine.Co, t *tag, d *uapi.IODesc) int32 {
+	node := q.dev.node
+	off := int64(d.StartSector) << 9
+	n := int64(d.NrSectors) << 9
+	var err error
+	switch d.Op() {
+	case uapi.IOOpRead, uapi.IOOpWrite:
+		if n > int64(len(t.buf)) {
+			return -int32(unix.EINVAL)
+		}
+		t.iov[0] = t.buf[:n]
+		if d.Op() == uapi.IOOpRead {
+			err = node.Preadv(co, off, t.iov, 0)
+			if err == nil && q.dev.userCopy {
+				err = q.userCopy(co, t, true, n)
+			}
+		} else {
+			if q.dev.userCopy {
+				err = q.userCopy(co, t, false, n)
+			}
+			var flags bdrv.ReqFlags
+			if d.Flags()&uapi.IOFFUA != 0 {
+				flags |= bdrv.ReqFUA
+			}
+			if err == nil {
+				err = node.Pwritev(co, off, t.iov, flags)
+			}
+		}
+		t.iov[0] = nil
+		if err == nil {
+			return int32(n)
+		}
+	case uapi.IOOpFlush:
+		err = node.Flush(co)
+	case uapi.IOOpDiscard:
+		err = node.Pdiscard(co, off, n)
+	case uapi.IOOpWriteZeroes:
+		var flags bdrv.ReqFlags
+		if d.Flags()&uapi.IOFNoUnmap == 0 && q.dev.cfg.Discard == DiscardUnmap {
+			flags |= bdrv.ReqMayUnmap
+		}
+		err = node.PwriteZeroes(co, off, n, flags)
+	default:
+		return -int32(unix.EOPNOTSUPP)
+	}
+	if err != nil {
+		q.dev.ioError(d.Op(), off, n, err)
+	}
+	return resultOf(err)
+}
+
+// userCopy moves a request's data between t.buf and the kernel's request
+// pages with read (toKernel false: a WRITE's data) or write (toKernel true:
+// a READ's data) on /dev/ublkcN at the request's USER_COPY position,
+// through the queue's ring.
+func (q *queue) userCopy(co *coroutine.Co, t *tag, toKernel bool, n int64) error {
+	for done := int64(0); done < n; {
+		pos := uapi.UserCopyOffset(q.id, t.id, uint32(done))
+		sqe := co.SQE()
+		if toKernel {
+			sqe.PrepWrite(int32(q.dev.charFd), t.buf[done:n], uint64(pos))
+		} else {
+			sqe.PrepRead(int32(q.dev.charFd), t.buf[done:n], uint64(pos))
+		}
+		res := co.Wait()
+		if res < 0 {
+			return uring.ResultError(res)
+		}
+		if res == 0 {
+			return unix.EIO
+		}
+		done += int64(res)
+	}
+	return nil
+}

@@ -1,0 +1,230 @@
+package ublk
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// RecordDir holds one record per device served by ublkimg
+// (ublkbN.json), written once the device is live and removed when the
+// server stops it. It is a tmpfs on every systemd machine, so records do not
+// outlive a reboot, like the devices.
+var RecordDir = "/run/ublkimg"
+
+// Record describes a device ublkimg serves: what list shows and what
+// detach needs to find the server. Its JSON field names are part of
+// `ublkimg list --output json`.
+type Record struct {
+	ID        int    `json:"id"`
+	Device    string `json:"device"`
+	Image     string `json:"image"`
+	Format    string `json:"format"`
+	Queues    int    `json:"queues"`
+	Depth     int    `json:"depth"`
+	BlockSize int    `json:"block-size"`
+	ReadOnly  bool   `json:"read-only"`
+	Cache     string `json:"cache"`
+	Discard   string `json:"discard"`
+	UserCopy  bool   `json:"user-copy,omitempty"`
+	// PID is the server process; PIDStart its start time in clock ticks
+	// since boot (/proc/PID/stat field 22), which tells it apart from a
+	// later process that reuses the pid.
+	PID      int       `json:"pid"`
+	PIDStart uint64    `json:"pid-start"`
+	Started  time.Time `json:"started"`
+}
+
+func recordPath(id int) string { return filepath.Join(RecordDir, fmt.Sprintf("ublkb%d.json", id)) }
+
+// WriteRecord stores r (atomically: a reader sees the old record or the
+// new one). PID and PIDStart default to the calling process.
+func WriteRecord(r Record) error {
+	if r.PID == 0 {
+		r.PID = os.Getpid()
+		r.PIDStart = procStart(r.PID)
+	}
+	if err := os.MkdirAll(RecordDir, 0o755); err != nil {
+		return fmt.Errorf("device record: %w", err)
+	}
+	data, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return fmt.Errorf("device record: %w", err)
+	}
+	tmp := recordPath(r.ID) + ".tmp"
+	if err := os.WriteFile(tmp, append(data, '\n'), 0o644); err != nil {
+		return fmt.Errorf("device record: %w", err)
+	}
+	if err := os.Rename(tmp, recordPath(r.ID)); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("device record: %w", err)
+	}
+	return nil
+}
+
+// ReadRecord returns the record of device id; the error matches
+// os.ErrNotExist when there is none.
+func ReadRecord(id int) (Record, error) {
+	var r Record
+	data, err := os.ReadFile(recordPath(id))
+	if err != nil {
+		return r, err
+	}
+	if err := json.Unmarshal(data, &r); err != nil {
+		return r, fmt.Errorf("device record %s: %w", recordPath(id), err)
+	}
+	return r, nil
+}
+
+// RemoveRecord deletes the record of device id if it belongs to pid (or
+// unconditionally for pid 0), so a server never removes its successor's.
+func RemoveRecord(id, pid int) error {
+	if pid != 0 {
+		if r, err := ReadRecord(id); err != nil || r.PID != pid {
+			return nil
+		}
+	}
+	if err := os.Remove(recordPath(id)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
+}
+
+// procStart returns the start time of process pid in clock ticks since
+// boot, or 0 if it does not exist.
+func procStart(pid int) uint64 {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// The command name (field 2) may contain spaces and parentheses: the
+	// fields after it start after the last ')'.
+	s := string(data)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(s[i+1:])
+	if len(f) < 20 {
+		return 0
+	}
+	v, _ := strconv.ParseUint(f[19], 10, 64) // field 22: starttime
+	return v
+}
+
+// ServerAlive reports whether the record's server process still runs.
+func (r *Record) ServerAlive() bool {
+	return r.PID > 0 && procStart(r.PID) == r.PIDStart && r.PIDStart != 0
+}
+
+// Status is one device as ListDevices sees it: the kernel's view merged
+// with ublkimg's record.
+type Status struct {
+	Record
+	// HasRecord is false for devices another program serves (or whose
+	// record was lost): only the kernel's fields are known.
+	HasRecord bool
+	// InKernel is false for a record whose device no longer exists (a
+	// server killed with its device deleted by someone else).
+	InKernel bool
+	// Kernel is GET_DEV_INFO's answer when InKernel.
+	Kernel DevInfo
+	// State is the kernel's state in lower case ("live", "dead",
+	// "quiesced", "fail_io"), "gone" without a kernel device, and
+	// "live (server gone)" or "dead (server gone)" when the serving
+	// process died.
+	State string
+	// ServerRunning reports whether the server process is alive.
+	ServerRunning bool
+}
+
+var charDevName = regexp.MustCompile(`^ublkc(\d+)$`)
+var recordName = regexp.MustCompile(`^ublkb(\d+)\.json$`)
+
+// ListDevices returns every ublk device the kernel has and every device
+// record, by id. It needs the control device (root) for the kernel's view.
+func ListDevices(c *Ctrl) ([]Status, error) {
+	ids := map[int]bool{}
+	if ents, err := os.ReadDir("/sys/class/ublk-char"); err == nil {
+		for _, e := range ents {
+			if m := charDevName.FindStringSubmatch(e.Name()); m != nil {
+				id, _ := strconv.Atoi(m[1])
+				ids[id] = true
+			}
+		}
+	}
+	if ents, err := os.ReadDir(RecordDir); err == nil {
+		for _, e := range ents {
+			if m := recordName.FindStringSubmatch(e.Name()); m != nil {
+				id, _ := strconv.Atoi(m[1])
+				ids[id] = true
+			}
+		}
+	}
+	var out []Status
+	for id := range ids {
+		s := Status{Record: Record{ID: id, Device: fmt.Sprintf("/dev/ublkb%d", id)}}
+		if r, err := ReadRecord(id); err == nil {
+			s.Record, s.HasRecord = r, true
+		}
+		info, err := c.DevInfo(id)
+		switch {
+		case err == nil:
+			s.InKernel, s.Kernel = true, info
+		case errors.Is(err, ErrNoDevice):
+		default:
+			return nil, err
+		}
+		s.fill()
+		out = append(out, s)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out, nil
+}
+
+// fill derives State and the fields a device without record lacks.
+func (s *Status) fill() {
+	if !s.HasRecord && s.InKernel {
+		s.Queues, s.Depth, s.PID = s.Kernel.Queues, s.Kernel.Depth, s.Kernel.PID
+		s.UserCopy = s.Kernel.Flags.Has(FeatureUserCopy)
+	}
+	if s.HasRecord {
+		s.ServerRunning = s.ServerAlive()
+	} else {
+		s.ServerRunning = s.PID > 0 && procStart(s.PID) != 0
+	}
+	switch {
+	case !s.InKernel:
+		s.State = "gone"
+	default:
+		s.State = strings.ToLower(s.Kernel.State.String())
+		if !s.ServerRunning {
+			s.State += " (server gone)"
+		}
+	}
+}
+
+// ParseDeviceID accepts a device as ublkimg prints it ("/dev/ublkb3"), its
+// name ("ublkb3"), its character device ("/dev/ublkc3") or its number
+// ("3").
+func ParseDeviceID(s string) (int, error) {
+	name := strings.TrimPrefix(s, "/dev/")
+	for _, p := range []string{"ublkb", "ublkc"} {
+		if rest, ok := strings.CutPrefix(name, p); ok {
+			name = rest
+			break
+		}
+	}
+	id, err := strconv.Atoi(name)
+	if err != nil || id < 0 || id >= 1<<20 {
+		return 0, fmt.Errorf("%q is not a ublk device (expected /dev/ublkbN or N)", s)
+	}
+	return id, nil
+}

@@ -1,0 +1,227 @@
+package ublk_test
+
+import (
+	"errors"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+
+	"ublkimg/internal/vm"
+)
+
+// The VM tests boot Debian's 6.12 kernel with ublk_drv (internal/vm) and run
+// the ublkimg command in it. They are skipped unless UBLKIMG_VM=1.
+
+var errSkip = errors.New("skip")
+
+var guestTools = struct {
+	once  sync.Once
+	files []vm.File
+	err   error
+}{}
+
+// tools returns the static ublkimg binary and the guest programs the
+// scenarios use (mke2fs, e2fsck, fio, fstrim).
+func tools(t *testing.T) []vm.File {
+	t.Helper()
+	vm.RequireTools(t)
+	guestTools.once.Do(func() {
+		pkg := "ublkimg/cmd/ublkimg"
+		if _, err := os.Stat("../cmd/ublkimg/main.go"); err != nil {
+			pkg = "./testdata/ublkimg" // the CLI staged with a stand-in main
+			if _, err := os.Stat(pkg); err != nil {
+				guestTools.err = errSkip
+				return
+			}
+		}
+		bin, err := vm.GoBinary(t.Context(), pkg)
+		if err != nil {
+			guestTools.err = err
+			return
+		}
+		files := []vm.File{bin, vm.HostFile("/etc/mke2fs.conf"),
+			vm.DataFile("/etc/passwd", []byte("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n"), 0o644),
+			vm.DataFile("/etc/group", []byte("root:x:0:\nnogroup:x:65534:\n"), 0o644)}
+		for _, name := range []string{"mke2fs", "e2fsck", "fio", "fstrim"} {
+			f, err := vm.Tool(name)
+			if err != nil {
+				guestTools.err = err
+				return
+			}
+			files = append(files, f)
+		}
+		guestTools.files = files
+	})
+	if guestTools.err == errSkip {
+		t.Skip("cmd/ublkimg has no main.go yet")
+	}
+	if guestTools.err != nil {
+		t.Fatal(guestTools.err)
+	}
+	return guestTools.files
+}
+
+// prelude defines shell helpers for every scenario.
+const prelude = `
+set -u
+# fio_verify NAME FILE ARGS...: a fio job that writes and verifies with crc32c.
+fio_verify() {
+	_n=$1 _f=$2
+	shift 2
+	check "$_n" fio --name="$_n" --filename="$_f" --ioengine=io_uring --direct=1 \
+		--verify=crc32c --do_verify=1 --verify_fatal=1 --output-format=terse --terse-version=3 "$@"
+}
+# expect_fail NAME REGEX CMD...: CMD must fail with exactly one line of
+# output, which matches the extended regular expression REGEX.
+expect_fail() {
+	_n=$1 _p=$2
+	shift 2
+	_out=$("$@" 2>&1) && { result "$_n" FAIL "succeeded: $_out"; return; }
+	echo "  [$_n] $_out"
+	_lines=$(printf '%s\n' "$_out" | wc -l)
+	if ! printf '%s\n' "$_out" | grep -Eq "$_p"; then
+		result "$_n" FAIL "want '$_p': $_out"
+	elif [ "$_lines" -ne 1 ]; then
+		result "$_n" FAIL "$_lines lines: $_out"
+	else
+		result "$_n" PASS "$_out"
+	fi
+}
+sums() { (cd /mnt && find . -type f | sort | xargs sha256sum); }
+`
+
+func run(t *testing.T, script string, opts vm.RunOptions) *vm.Result {
+	t.Helper()
+	opts.Files = append(tools(t), opts.Files...)
+	if opts.Modules == nil {
+		opts.Modules = []string{"ublk_drv", "ext4"}
+	}
+	opts.Script = prelude + script
+	return vm.RunTest(t, opts)
+}
+
+// lifecycleScript is the main scenario on one image format ($FMT): attach,
+// mkfs, mount, files and fio verification, detach, re-attach and compare,
+// fsck, fstrim shrinking the image, list and records.
+const lifecycleScript = `
+IMG=/tmp/disk.$FMT
+check create mkimg $IMG 256M || exit 1
+dev=$(ublkimg attach $IMG)
+check attach test -b "$dev" || exit 1
+check record test -f /run/ublkimg/ublkb0.json
+check list sh -c "ublkimg list | grep '$dev' | grep -q 'live'"
+check list-json sh -c "ublkimg list --output json | grep -q '\"image\": \"$IMG\"'"
+check mkfs mke2fs -q -F -t ext4 "$dev"
+check mount mount "$dev" /mnt || exit 1
+check files sh -c 'for i in 1 2 3 4 5 6 7 8; do dd if=/dev/urandom of=/mnt/f$i bs=64k count=$((i*4)) 2>/dev/null || exit 1; done'
+fio_verify fio-4k-randwrite /mnt/fio4k --rw=randwrite --bs=4k --iodepth=16 --size=24M
+fio_verify fio-128k-seq /mnt/fio128k --rw=write --bs=128k --iodepth=4 --size=48M
+sums >/tmp/sums.before
+check umount umount /mnt
+check detach ublkimg detach "$dev"
+check gone sh -c "! test -e $dev && ! test -e /dev/ublkc0 && ! test -e /run/ublkimg/ublkb0.json"
+dev=$(ublkimg attach $IMG)
+check reattach test -b "$dev" || exit 1
+check fsck e2fsck -fn "$dev"
+check remount mount "$dev" /mnt
+sums >/tmp/sums.after
+check same-data cmp /tmp/sums.before /tmp/sums.after
+before=$(du -k $IMG | cut -f1)
+rm -f /mnt/fio128k /mnt/fio4k /mnt/f8 /mnt/f7
+sync
+check fstrim fstrim -v /mnt
+after=$(du -k $IMG | cut -f1)
+metric image_kib_before_trim $before
+metric image_kib_after_trim $after
+check trim-shrinks test "$after" -lt $((before - 40000))
+check umount2 umount /mnt
+check detach2 ublkimg detach 0
+check list-empty sh -c 'test -z "$(ublkimg list)"'
+`
+
+func TestVMLifecycleRaw(t *testing.T) {
+	run(t, "FMT=raw\nmkimg() { truncate -s \"$2\" \"$1\"; }\n"+lifecycleScript, vm.RunOptions{})
+}
+
+// miscScript: read-only attach, two queues under concurrent fio jobs, 4 KiB
+// blocks, detach refusing a mounted device, and every error line.
+const miscScript = `
+truncate -s 128M /tmp/a.img /tmp/b.img
+dev=$(ublkimg attach /tmp/a.img)
+check mkfs mke2fs -q -F -t ext4 "$dev"
+check detach ublkimg detach "$dev"
+
+dev=$(ublkimg attach --read-only /tmp/a.img)
+check ro-flag sh -c "test \$(blockdev --getro $dev) = 1"
+expect_fail ro-write "Operation not permitted|Read-only|Permission denied" \
+	sh -c 'dd if=/dev/zero of="$1" bs=4k count=1 oflag=direct 2>/tmp/dd.err; rc=$?; grep -v records /tmp/dd.err; exit $rc' _ "$dev"
+check ro-mount mount -o ro "$dev" /mnt
+expect_fail ro-fs-write "Read-only file system" touch /mnt/x
+expect_fail detach-busy "in use" ublkimg detach "$dev"
+check ro-umount umount /mnt
+check ro-detach ublkimg detach "$dev"
+
+dev=$(ublkimg attach --queues 2 --depth 64 /tmp/b.img)
+check two-queues sh -c "ublkimg list | grep '$dev' | awk '{print \$5}' | grep -qx 2"
+check mq-dirs sh -c "test \$(ls /sys/block/ublkb0/mq | wc -l) -eq 2"
+fio_verify fio-2q "$dev" --rw=randrw --bs=4k --iodepth=16 --size=32M --numjobs=2 --offset_increment=32M \
+	--cpus_allowed=0-1 --cpus_allowed_policy=split --group_reporting
+check detach-2q ublkimg detach "$dev"
+
+dev=$(ublkimg attach --block-size 4096 /tmp/b.img)
+check bs4k sh -c "test \$(blockdev --getss $dev) = 4096"
+fio_verify fio-bs4k "$dev" --rw=randwrite --bs=4k --iodepth=8 --size=8M
+check detach-bs4k ublkimg detach "$dev"
+
+dev=$(ublkimg attach --id 3 /tmp/a.img)
+check id3 test "$dev" = /dev/ublkb3
+expect_fail err-in-use "lock" ublkimg attach /tmp/a.img
+expect_fail err-id-taken "device id 3 is already in use" ublkimg attach --id 3 /tmp/b.img
+check detach-id3 ublkimg detach 3
+expect_fail err-missing "No such file or directory" ublkimg attach /tmp/missing.img
+expect_fail err-not-root "root" su -s /bin/sh nobody -c '/usr/local/bin/ublkimg attach /tmp/a.img' 
+expect_fail err-detach-none "does not exist" ublkimg detach 7
+expect_fail err-bad-device "not a ublk device" ublkimg detach /dev/sda
+check rmmod rmmod ublk_drv
+expect_fail err-no-driver "modprobe ublk_drv" ublkimg attach /tmp/a.img
+`
+
+func TestVMMisc(t *testing.T) {
+	run(t, miscScript, vm.RunOptions{})
+}
+
+// killScript: SIGKILL of the server under load leaves the VM usable.
+const killScript = `
+truncate -s 128M /tmp/k.img
+dev=$(ublkimg attach /tmp/k.img)
+pid=$(sed -n 's/.*"pid": \([0-9]*\),.*/\1/p' /run/ublkimg/ublkb0.json)
+check have-pid test -n "$pid"
+fio --name=load --filename="$dev" --ioengine=io_uring --direct=1 --rw=randrw --bs=4k \
+	--iodepth=16 --time_based --runtime=100 >/tmp/fio.out 2>&1 &
+fio=$!
+sleep 3
+start=$(date +%s)
+kill -KILL "$pid"
+wait $fio
+end=$(date +%s)
+tail -n 3 /tmp/fio.out
+metric fio_end_after_kill_s $((end - start))
+check fio-ended test $((end - start)) -lt 60
+i=0; while [ -e "$dev" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+check disk-gone test ! -e "$dev"
+ublkimg list
+check list-dead sh -c "ublkimg list | grep -q 'server gone'"
+check detach-dead ublkimg detach 0
+check cleaned sh -c '! test -e /dev/ublkc0 && ! test -e /run/ublkimg/ublkb0.json'
+dev=$(ublkimg attach /tmp/k.img)
+check reattach dd if="$dev" of=/dev/null bs=1M count=4 iflag=direct
+check detach ublkimg detach "$dev"
+`
+
+func TestVMKill(t *testing.T) {
+	res := run(t, killScript, vm.RunOptions{})
+	if !strings.Contains(res.Log, "RESULT disk-gone PASS") {
+		t.Error("the disk did not disappear after the server was killed")
+	}
+}
