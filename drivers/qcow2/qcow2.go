@@ -1,0 +1,657 @@
+package qcow2
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
+
+	"ublkimg/bdrv"
+	"ublkimg/coroutine"
+)
+
+// The driver (this file and cache.go, cluster.go, refcount.go, read.go,
+// write.go, compress.go, create.go) follows QEMU's block/qcow2*.c split.
+//
+// Locking follows QEMU's s->lock discipline: Image.meta is held only while
+// mapping guest offsets, allocating clusters and updating metadata (which
+// may yield for metadata I/O); guest data I/O — reads, writes, copy-on-write,
+// backing-file reads, compression — runs with it released. Helpers named
+// ...Locked are called with meta held; others are called unlocked.
+
+func init() {
+	bdrv.Register(&bdrv.Format{
+		Name:            "qcow2",
+		Probe:           probe,
+		Open:            open,
+		Create:          create,
+		CreateOptions:   createOptionSpecs,
+		SupportsBacking: true,
+	})
+}
+
+// Runtime (open) options understood by the driver, named as QEMU's.
+const (
+	// OptLazyRefcounts overrides the image's lazy refcounts bit.
+	OptLazyRefcounts = "lazy-refcounts"
+	// OptDataFile names the external data file when the image does not.
+	OptDataFile = "data-file"
+	// OptPassDiscardRequest passes guest discards of freed clusters down to
+	// the file (default on, since a node only sees discards when the device
+	// was configured to unmap).
+	OptPassDiscardRequest = "pass-discard-request"
+	// OptPassDiscardOther discards clusters freed for other reasons (copy
+	// on write of shared clusters, L2 table copies); default off.
+	OptPassDiscardOther = "pass-discard-other"
+)
+
+// probe recognises a qcow2 header (QEMU's qcow2_probe).
+func probe(head []byte, _ string) int {
+	if len(head) >= HeaderLengthV2 && be.Uint32(head) == Magic && be.Uint32(head[4:]) >= 2 {
+		return 100
+	}
+	return 0
+}
+
+// metaKind names a kind of metadata for the overlap check (QEMU's
+// QCOW2_OL_* bits).
+type metaKind uint8
+
+const (
+	mkNone metaKind = iota
+	mkHeader
+	mkActiveL1
+	mkActiveL2
+	mkRefTable
+	mkRefBlock
+	mkSnapTable
+	mkInactiveL1
+)
+
+var metaKindNames = [...]string{"", "qcow2_header", "active L1 table", "active L2 table",
+	"refcount table", "refcount block", "snapshot table", "inactive L1 table"}
+
+func (k metaKind) String() string { return metaKindNames[k] }
+
+// discardType says why a cluster is freed (QEMU's enum qcow2_discard_type),
+// which decides whether the freed range is discarded in the file.
+type discardType uint8
+
+const (
+	discardNever discardType = iota
+	discardAlways
+	discardRequest
+	discardSnapshot
+	discardOther
+)
+
+// Image is an open qcow2 image: the driver of a qcow2 node. Tools that need
+// qcow2 specifics (info, check, snapshots) find it with
+// node.Driver().(*qcow2.Image).
+type Image struct {
+	node *bdrv.Node
+	// file is the protocol node holding the image; data holds guest data:
+	// file itself, or the external data file.
+	file, data *bdrv.Node
+	ownData    bool // data was opened here and is closed by Close
+
+	g        Geometry
+	cs       uint64 // cluster size
+	readOnly bool
+	lazy     bool // lazy refcounts in use
+	// passDiscard says which freed clusters are discarded in the file.
+	passDiscard [discardOther + 1]bool
+	l2SliceSize uint64 // bytes of one L2 cache entry
+	l2SliceEnts uint64 // L2 entries in one slice
+
+	// meta guards everything below: the header copy, the L1 table, the
+	// refcount table, both caches, the allocation cursors, the in-flight
+	// allocations, the snapshot table and the metadata map used by the
+	// overlap check.
+	meta coroutine.Mutex
+
+	// hdr is the current header, kept in sync with the disk. Its feature
+	// words change under meta and hdrMu; Header() reads under hdrMu alone.
+	hdr       *Header
+	hdrMu     sync.Mutex
+	l1        []uint64
+	l1Offset  uint64
+	reftable  []uint64
+	rtOffset  uint64
+	rtCluster uint32 // refcount_table_clusters
+
+	l2Cache *cache
+	rcCache *cache
+
+	freeClusterIndex uint64
+	freeByteOffset   uint64 // next byte for compressed data, 0 = none
+	inflight         []*l2Meta
+	discards         []pendingDiscard
+
+	snapshots     []Snapshot
+	snapTableSize uint64
+	// metaClusters maps the cluster index of every active L2 table and
+	// refcount block to its kind; the tables with ranges (header, L1,
+	// refcount table, snapshot table and L1s) are checked separately.
+	metaClusters map[uint64]metaKind
+
+	// dirtyOnDisk is the dirty bit as written in the header.
+	dirtyOnDisk bool
+	// corrupt is set once corruption was found in a writable image: all
+	// further requests fail. Read without the lock by every request.
+	corrupt atomic.Bool
+
+	preallocChecked, metadataPrealloc bool
+}
+
+// Header returns a copy of the image header as currently on disk.
+func (img *Image) Header() Header {
+	img.hdrMu.Lock()
+	defer img.hdrMu.Unlock()
+	return *img.hdr
+}
+
+// Snapshots returns the internal snapshot table as read at open.
+func (img *Image) Snapshots() []Snapshot { return slices.Clone(img.snapshots) }
+
+// setFeatures updates the header's feature words in memory after they were
+// written. Called with meta held.
+func (img *Image) setFeaturesLocked(incompat, autoclear uint64) {
+	img.hdrMu.Lock()
+	img.hdr.IncompatibleFeatures = incompat
+	img.hdr.AutoclearFeatures = autoclear
+	img.hdrMu.Unlock()
+}
+
+// ioError is the error of a request that failed because of corrupt
+// metadata: it matches unix.EIO (the completion result) and carries the
+// *CorruptError that names what is wrong.
+type ioError struct {
+	errno unix.Errno
+	cause error
+}
+
+func (e *ioError) Error() string   { return e.cause.Error() }
+func (e *ioError) Unwrap() []error { return []error{e.errno, e.cause} }
+
+// errImageCorrupt fails every request after corruption was found.
+var errImageCorrupt = &ioError{unix.EIO, errors.New("qcow2: image marked corrupt; further I/O refused")}
+
+func open(co *coroutine.Co, n *bdrv.Node, opts bdrv.Options) (bdrv.Driver, error) {
+	img := &Image{node: n, file: n.File, readOnly: n.ReadOnly, metaClusters: map[uint64]metaKind{}}
+	if err := img.openLocked(co, opts); err != nil {
+		if img.ownData && img.data != nil {
+			img.data.Close(co)
+		}
+		return nil, err
+	}
+	return img, nil
+}
+
+// readFile reads n bytes at off from the image file into a new buffer.
+func (img *Image) readFile(co *coroutine.Co, off, n uint64) ([]byte, error) {
+	buf := bdrv.AlignedBuffer(int(n), 4096)
+	if err := img.file.Preadv(co, int64(off), bdrv.IOVec{buf}, 0); err != nil {
+		return nil, err
+	}
+	return buf, nil
+}
+
+// openLocked reads and validates the header and the tables every request
+// needs. It runs before the node is visible to anyone, so it needs no lock;
+// it is named ...Locked because the helpers it calls expect meta held.
+func (img *Image) openLocked(co *coroutine.Co, opts bdrv.Options) error {
+	flen := img.file.Length()
+	headLen := min(uint64(flen), 2<<20)
+	if headLen < HeaderLengthV2 {
+		return fmt.Errorf("qcow2: image file too short for a header (%d bytes)", flen)
+	}
+	head, err := img.readFile(co, 0, headLen)
+	if err != nil {
+		return fmt.Errorf("qcow2: reading header: %w", err)
+	}
+	h, err := ParseHeader(head, flen)
+	if err != nil {
+		return err
+	}
+	img.hdr = h
+	img.g = h.Geometry()
+	img.cs = img.g.ClusterSize()
+
+	if h.CryptMethod != CryptNone {
+		return &HeaderError{Field: "crypt_method", Msg: fmt.Sprintf("%d: encrypted images are not supported", h.CryptMethod), Unsupported: true}
+	}
+	if !img.readOnly && h.Corrupt() {
+		return errors.New("qcow2: Image is corrupt; cannot be opened read/write")
+	}
+	if !img.readOnly && h.Dirty() {
+		return errors.New("qcow2: image is dirty (lazy refcounts were not written back after an unclean shutdown); " +
+			"open it read-only, or repair it first with 'check -r all'")
+	}
+	img.dirtyOnDisk = h.Dirty()
+	img.lazy = opts.Bool(OptLazyRefcounts, h.LazyRefcounts())
+	if img.lazy && h.Version < 3 {
+		return errors.New("Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level")
+	}
+	img.passDiscard[discardAlways] = true
+	img.passDiscard[discardRequest] = opts.Bool(OptPassDiscardRequest, true)
+	img.passDiscard[discardSnapshot] = true
+	img.passDiscard[discardOther] = opts.Bool(OptPassDiscardOther, false)
+
+	// Active L1 table; ParseHeader bounded its size and checked that it
+	// lies inside the file.
+	img.l1Offset = h.L1TableOffset
+	if h.L1Size > 0 {
+		b, err := img.readFile(co, h.L1TableOffset, uint64(h.L1Size)*8)
+		if err != nil {
+			return fmt.Errorf("qcow2: reading L1 table at %#x: %w", h.L1TableOffset, err)
+		}
+		img.l1 = make([]uint64, h.L1Size)
+		for i := range img.l1 {
+			img.l1[i] = be.Uint64(b[i*8:])
+		}
+	}
+	// Refcount table (at most 8 MiB, inside the file).
+	img.rtOffset, img.rtCluster = h.RefcountTableOffset, h.RefcountTableClusters
+	b, err := img.readFile(co, h.RefcountTableOffset, uint64(h.RefcountTableClusters)*img.cs)
+	if err != nil {
+		return fmt.Errorf("qcow2: reading refcount table at %#x: %w", h.RefcountTableOffset, err)
+	}
+	img.reftable = make([]uint64, len(b)/8)
+	for i := range img.reftable {
+		img.reftable[i] = be.Uint64(b[i*8:])
+	}
+	if err := img.readSnapshots(co); err != nil {
+		return err
+	}
+	img.buildMetadataMap()
+
+	l2n, l2sz, rcn, err := cacheSizes(opts, img.g, h.Size)
+	if err != nil {
+		return err
+	}
+	img.l2SliceSize = uint64(l2sz)
+	img.l2SliceEnts = img.l2SliceSize / img.g.L2EntrySize()
+	img.l2Cache = newCache(img, "L2 table", mkActiveL2, l2n, l2sz)
+	img.rcCache = newCache(img, "refcount block", mkRefBlock, rcn, int(img.cs))
+
+	if err := img.openDataFile(co, opts); err != nil {
+		return err
+	}
+	img.node.BackingFile = h.BackingFile
+	img.node.BackingFormat = h.BackingFormat
+	if h.Size > math.MaxInt64 {
+		return fmt.Errorf("qcow2: size %d too large", h.Size)
+	}
+	img.node.SetLength(int64(h.Size))
+
+	if !img.readOnly {
+		// An implementation must clear the autoclear bits of features it
+		// does not maintain before it writes. Bitmaps are not updated
+		// by this driver, so their bit goes too (QEMU then ignores
+		// the now stale bitmaps instead of trusting them).
+		keep := h.AutoclearFeatures & AutoclearDataFileRaw
+		if keep != h.AutoclearFeatures && h.Version >= 3 {
+			if err := img.writeHeaderU64(co, 88, keep); err != nil {
+				return fmt.Errorf("qcow2: clearing autoclear features: %w", err)
+			}
+			img.setFeaturesLocked(h.IncompatibleFeatures, keep)
+			h.Bitmaps = nil
+		}
+	}
+	return nil
+}
+
+func (img *Image) openDataFile(co *coroutine.Co, opts bdrv.Options) error {
+	h := img.hdr
+	img.data = img.file
+	if !h.HasDataFile() {
+		if opts.Has(OptDataFile) {
+			return errors.New("'data-file' can only be set for images with an external data file")
+		}
+		return nil
+	}
+	name := opts.String(OptDataFile, h.DataFile)
+	if name == "" {
+		return errors.New("'data-file' is required for this image")
+	}
+	dopts := bdrv.Options{}
+	for _, k := range []string{"locking", "force-share"} {
+		if v, ok := opts[k]; ok {
+			dopts[k] = v
+		}
+	}
+	// QEMU 7.2 opens a relative data file name relative to the current
+	// directory, not to the image; take that if it exists, else the
+	// image's directory.
+	fname := name
+	if _, err := os.Stat(name); err != nil && !filepath.IsAbs(name) {
+		if alt := bdrv.ResolveBacking(img.node.Filename, name); alt != name {
+			if _, err := os.Stat(alt); err == nil {
+				fname = alt
+			}
+		}
+	}
+	d, err := bdrv.Open(co, bdrv.Spec{
+		Filename: fname,
+		Format:   "file",
+		Options:  dopts,
+		Cache:    img.node.Cache,
+		ReadOnly: img.readOnly,
+	})
+	if err != nil {
+		return fmt.Errorf("Could not open data file: %w", err)
+	}
+	img.data, img.ownData = d, true
+	return nil
+}
+
+// readSnapshots reads and parses the snapshot table, which is kept as read
+// (QEMU also only checks it fully when a snapshot is used).
+func (img *Image) readSnapshots(co *coroutine.Co) error {
+	h := img.hdr
+	if h.NbSnapshots == 0 {
+		return nil
+	}
+	flen := uint64(img.file.Length())
+	avail := min(flen-min(flen, h.SnapshotsOffset), MaxSnapshotTableSize+8)
+	// Walk the entries to learn the table size, reading in chunks, so a
+	// small table costs a small read.
+	var buf []byte
+	ensure := func(n uint64) error {
+		if n <= uint64(len(buf)) {
+			return nil
+		}
+		if n > avail {
+			return nil // ParseSnapshotTable reports the truncation
+		}
+		want := min(avail, max(n, uint64(len(buf))*2, 64<<10))
+		b, err := img.readFile(co, h.SnapshotsOffset, want)
+		if err != nil {
+			return fmt.Errorf("qcow2: reading snapshot table at %#x: %w", h.SnapshotsOffset, err)
+		}
+		buf = b
+		return nil
+	}
+	off := uint64(0)
+	for i := uint32(0); i < h.NbSnapshots; i++ {
+		off = (off + 7) &^ 7
+		if err := ensure(off + SnapshotHeaderSize); err != nil {
+			return err
+		}
+		if off+SnapshotHeaderSize > uint64(len(buf)) {
+			break
+		}
+		sz, err := SnapshotEntrySize(buf[off:])
+		if err != nil {
+			return err
+		}
+		off += uint64(sz)
+		if off > MaxSnapshotTableSize {
+			break
+		}
+		if err := ensure(off); err != nil {
+			return err
+		}
+	}
+	snaps, size, err := ParseSnapshotTable(buf, h.NbSnapshots, h.Size)
+	if err != nil {
+		return err
+	}
+	img.snapshots, img.snapTableSize = snaps, uint64(size)
+	return nil
+}
+
+// buildMetadataMap records the clusters of active L2 tables and refcount
+// blocks for the overlap check. Entries that do not decode are skipped
+// here; using them reports the corruption.
+func (img *Image) buildMetadataMap() {
+	for i, e := range img.l1 {
+		if off, _, err := img.g.DecodeL1(e, img.l1Offset, int64(i)); err == nil && off != 0 {
+			img.metaClusters[off/img.cs] = mkActiveL2
+		}
+	}
+	for i, e := range img.reftable {
+		if off, err := img.g.DecodeRefTable(e, img.rtOffset, int64(i)); err == nil && off != 0 {
+			img.metaClusters[off/img.cs] = mkRefBlock
+		}
+	}
+}
+
+// checkOverlapLocked refuses a write of size bytes at host offset off that
+// would hit metadata other than ignore (QEMU's
+// qcow2_pre_write_overlap_check with the "cached" template: everything but
+// inactive L2 tables). A hit means the image's metadata is inconsistent: it
+// is marked corrupt. Called with meta held.
+func (img *Image) checkOverlapLocked(co *coroutine.Co, off, size uint64, ignore metaKind) error {
+	if size == 0 {
+		return nil
+	}
+	end := off + size
+	hit := mkNone
+	overlaps := func(start, n uint64) bool { return n > 0 && start < end && off < start+n }
+	switch {
+	case ignore != mkHeader && overlaps(0, img.cs):
+		hit = mkHeader
+	case ignore != mkActiveL1 && overlaps(img.l1Offset, uint64(len(img.l1))*8):
+		hit = mkActiveL1
+	case ignore != mkRefTable && overlaps(img.rtOffset, uint64(img.rtCluster)*img.cs):
+		hit = mkRefTable
+	case ignore != mkSnapTable && overlaps(img.hdr.SnapshotsOffset, img.snapTableSize):
+		hit = mkSnapTable
+	}
+	if hit == mkNone {
+		for _, s := range img.snapshots {
+			if ignore != mkInactiveL1 && overlaps(s.L1TableOffset, uint64(s.L1Size)*8) {
+				hit = mkInactiveL1
+				break
+			}
+		}
+	}
+	if hit == mkNone {
+		first, last := off/img.cs, (end-1)/img.cs
+		if last-first < uint64(len(img.metaClusters)) {
+			for c := first; c <= last; c++ {
+				if k, ok := img.metaClusters[c]; ok && k != ignore {
+					hit = k
+					break
+				}
+			}
+		} else {
+			for c, k := range img.metaClusters {
+				if c >= first && c <= last && k != ignore {
+					hit = k
+					break
+				}
+			}
+		}
+	}
+	if hit == mkNone {
+		return nil
+	}
+	return img.signalCorruptionLocked(co, &CorruptError{
+		What:  fmt.Sprintf("Preventing invalid write on metadata (overlaps with %s) at %#x+%#x", hit, off, size),
+		Index: -1,
+	})
+}
+
+// signalCorruptionLocked reports corrupt metadata (QEMU's
+// qcow2_signal_corruption): in a writable image it sets the corrupt bit
+// and fails every later request; either way the request fails with EIO
+// and an error naming the problem. Called with meta held.
+func (img *Image) signalCorruptionLocked(co *coroutine.Co, ce *CorruptError) error {
+	if !img.readOnly && !img.corrupt.Load() {
+		img.corrupt.Store(true)
+		if img.hdr.Version >= 3 {
+			f := img.hdr.IncompatibleFeatures | IncompatCorrupt
+			if err := img.writeHeaderU64(co, 72, f); err == nil {
+				img.setFeaturesLocked(f, img.hdr.AutoclearFeatures)
+			}
+		}
+		ce.What += "; further corruption events will be suppressed"
+	}
+	return &ioError{unix.EIO, ce}
+}
+
+// corruptL2 builds the corruption error for an L2 entry.
+func (img *Image) corruptL2Locked(co *coroutine.Co, l2Off uint64, index uint64, format string, args ...any) error {
+	return img.signalCorruptionLocked(co, &CorruptError{What: fmt.Sprintf(format, args...),
+		Table: "L2 table", Offset: l2Off, Index: int64(index)})
+}
+
+// asCorruption turns an error from the on-disk layer into a corruption
+// signal when it is one.
+func (img *Image) asCorruptionLocked(co *coroutine.Co, err error) error {
+	var ce *CorruptError
+	if errors.As(err, &ce) {
+		return img.signalCorruptionLocked(co, ce)
+	}
+	return err
+}
+
+// writeHeaderU64 writes one 64-bit header field and flushes (QEMU's
+// bdrv_pwrite_sync of a single field).
+func (img *Image) writeHeaderU64(co *coroutine.Co, off int64, v uint64) error {
+	buf := bdrv.AlignedBuffer(8, 8)
+	be.PutUint64(buf, v)
+	if err := img.file.Pwritev(co, off, bdrv.IOVec{buf}, 0); err != nil {
+		return err
+	}
+	return img.file.Flush(co)
+}
+
+// markDirtyLocked sets the dirty bit before the first refcount update that
+// lazy refcounts defer (QEMU's qcow2_mark_dirty). Called with meta held.
+func (img *Image) markDirtyLocked(co *coroutine.Co) error {
+	if img.dirtyOnDisk {
+		return nil
+	}
+	f := img.hdr.IncompatibleFeatures | IncompatDirty
+	if err := img.writeHeaderU64(co, 72, f); err != nil {
+		return err
+	}
+	img.setFeaturesLocked(f, img.hdr.AutoclearFeatures)
+	img.dirtyOnDisk = true
+	return nil
+}
+
+// needAccurateRefcounts reports whether refcounts must reach the disk before
+// the L2 entries that rely on them: always, unless the dirty bit says they
+// will be rebuilt anyway.
+func (img *Image) needAccurateRefcountsLocked() bool { return !img.dirtyOnDisk }
+
+// flushFilesLocked flushes the image file and the external data file, for a
+// cache that depends on a flush.
+func (img *Image) flushFilesLocked(co *coroutine.Co) error {
+	if img.data != img.file {
+		if err := img.data.Flush(co); err != nil {
+			return err
+		}
+	}
+	return img.file.Flush(co)
+}
+
+// writeCachesLocked writes both caches back in dependency order (QEMU's
+// qcow2_write_caches). Called with meta held.
+func (img *Image) writeCachesLocked(co *coroutine.Co) error {
+	if err := img.l2Cache.writeLocked(co); err != nil {
+		return err
+	}
+	return img.rcCache.writeLocked(co)
+}
+
+// Flush implements bdrv.Driver: write the metadata caches back (the
+// generic layer then syncs the image file) and sync an external data file.
+func (img *Image) Flush(co *coroutine.Co) error {
+	if img.readOnly {
+		return nil
+	}
+	if img.data != img.file {
+		if err := img.data.Flush(co); err != nil {
+			return err
+		}
+	}
+	img.meta.Lock(co)
+	defer img.meta.Unlock(co)
+	if img.corrupt.Load() {
+		return errImageCorrupt
+	}
+	return img.writeCachesLocked(co)
+}
+
+// Close implements bdrv.Driver: write everything back and mark the image
+// clean (QEMU's qcow2_close / qcow2_mark_clean).
+func (img *Image) Close(co *coroutine.Co) error {
+	var errs []error
+	if !img.readOnly && !img.corrupt.Load() {
+		img.meta.Lock(co)
+		err := img.writeCachesLocked(co)
+		if err == nil {
+			err = img.file.Flush(co)
+		}
+		if err == nil && img.dirtyOnDisk {
+			f := img.hdr.IncompatibleFeatures &^ IncompatDirty
+			if err = img.writeHeaderU64(co, 72, f); err == nil {
+				img.setFeaturesLocked(f, img.hdr.AutoclearFeatures)
+				img.dirtyOnDisk = false
+			}
+		}
+		img.meta.Unlock(co)
+		errs = append(errs, err)
+	}
+	if img.ownData {
+		errs = append(errs, img.data.Close(co))
+		img.ownData = false
+	}
+	return errors.Join(errs...)
+}
+
+// RefreshLimits implements bdrv.LimitsRefresher: byte-granular requests;
+// write-zeroes in subclusters and discard in clusters, as QEMU's
+// qcow2_refresh_limits.
+func (img *Image) RefreshLimits() bdrv.Limits {
+	return bdrv.Limits{
+		RequestAlignment:      1,
+		PwriteZeroesAlignment: int64(img.g.SubclusterSize()),
+		PdiscardAlignment:     int64(img.cs),
+	}
+}
+
+// SupportedWriteFlags implements bdrv.WriteFlagser: compressed writes are
+// native; FUA is emulated with a flush by the generic layer.
+func (img *Image) SupportedWriteFlags() bdrv.ReqFlags { return bdrv.ReqWriteCompressed }
+
+// HasZeroInit implements bdrv.ZeroIniter: a new image reads as zeros unless
+// the guest data lives in a raw data file that already has content.
+func (img *Image) HasZeroInit() bool {
+	if img.hdr.DataFileRaw() {
+		return img.data.HasZeroInit()
+	}
+	return true
+}
+
+// AllocatedSize implements bdrv.AllocatedSizer: the image file plus an
+// external data file.
+func (img *Image) AllocatedSize(co *coroutine.Co) (int64, error) {
+	n := img.file.AllocatedSize(co)
+	if img.data != img.file && n >= 0 {
+		if d := img.data.AllocatedSize(co); d >= 0 {
+			n += d
+		}
+	}
+	return n, nil
+}
+
+// checkIO fails requests on an image found corrupt.
+func (img *Image) checkIO() error {
+	if img.corrupt.Load() {
+		return errImageCorrupt
+	}
+	return nil
+}

@@ -1,0 +1,529 @@
+package qcow2
+
+import (
+	"fmt"
+
+	"golang.org/x/sys/unix"
+
+	"ublkimg/bdrv"
+	"ublkimg/coroutine"
+)
+
+// Refcount handling and host cluster allocation (QEMU's
+// block/qcow2-refcount.c). Every function here is called with img.meta
+// held.
+//
+// Allocation finds free clusters (refcount 0) from a cursor, makes sure
+// refcount blocks exist for them, then raises their refcounts in the
+// refcount cache. Creating a refcount block (or growing the refcount table)
+// may itself take clusters the search had picked, so it reports that and the
+// search starts over, as QEMU's -EAGAIN does. New refcount structures are
+// placed where they describe themselves and are made durable before anything
+// points at them:
+//
+//   - a missing refcount block for reftable index i goes to the first cluster
+//     of the range it covers (all of that range is free, since no block
+//     describes it), counts itself, is written and flushed, and only then
+//     is the reftable entry written (and flushed);
+//   - a refcount table too small for index i is replaced: new refcount
+//     blocks for the start of range i, then the new table, are written to
+//     that range (which no refcount covers yet), flushed, and the header
+//     switched to the new table with one write and flush; the old table is
+//     freed afterwards (a crash in between only leaks it).
+
+// maxHostCluster bounds every allocated host offset (QEMU's
+// QCOW_MAX_CLUSTER_OFFSET).
+const maxHostCluster = MaxHostOffset - 1
+
+// errAgain reports that refcount structures were allocated and the caller
+// must restart its search for free clusters.
+var errAgain = fmt.Errorf("qcow2: refcount structures allocated, retry")
+
+func (img *Image) rbBits() uint32 { return img.g.ClusterBits + 3 - img.g.RefcountOrder }
+
+// refblockOffsetLocked returns the refcount block for reftable index i, or
+// 0 when none is allocated (all its refcounts are 0).
+func (img *Image) refblockOffsetLocked(co *coroutine.Co, i uint64) (uint64, error) {
+	if i >= uint64(len(img.reftable)) {
+		return 0, nil
+	}
+	off, err := img.g.DecodeRefTable(img.reftable[i], img.rtOffset, int64(i))
+	if err != nil {
+		return 0, img.asCorruptionLocked(co, err)
+	}
+	if off != 0 && off >= uint64(img.file.Length()) {
+		return 0, img.signalCorruptionLocked(co, &CorruptError{
+			What:  fmt.Sprintf("refcount block offset %#x beyond end of image file (%#x)", off, img.file.Length()),
+			Table: "refcount table", Offset: img.rtOffset, Index: int64(i)})
+	}
+	return off, nil
+}
+
+// getRefcountLocked returns the refcount of host cluster c.
+func (img *Image) getRefcountLocked(co *coroutine.Co, c uint64) (uint64, error) {
+	rb, err := img.refblockOffsetLocked(co, c>>img.rbBits())
+	if err != nil || rb == 0 {
+		return 0, err
+	}
+	e, err := img.rcCache.getLocked(co, rb)
+	if err != nil {
+		return 0, err
+	}
+	defer img.rcCache.putLocked(e)
+	return img.g.Refcount(e.buf, c&(img.g.RefblockEntries()-1))
+}
+
+// ensureRefblocksLocked makes sure refcount blocks exist for every cluster of
+// the host range [off, off+length). It returns errAgain after it allocated
+// one: the new block may sit where the caller meant to allocate.
+func (img *Image) ensureRefblocksLocked(co *coroutine.Co, off, length uint64) error {
+	if length == 0 {
+		return nil
+	}
+	first, last := (off/img.cs)>>img.rbBits(), ((off+length-1)/img.cs)>>img.rbBits()
+	for i := first; i <= last; i++ {
+		rb, err := img.refblockOffsetLocked(co, i)
+		if err != nil {
+			return err
+		}
+		if rb != 0 {
+			continue
+		}
+		if i < uint64(len(img.reftable)) {
+			err = img.allocRefblockLocked(co, i)
+		} else {
+			err = img.growReftableLocked(co, i)
+		}
+		if err != nil {
+			return err
+		}
+		return errAgain
+	}
+	return nil
+}
+
+// allocRefblockLocked creates the refcount block for reftable index i,
+// which the table has room for, in the first cluster of the range it covers.
+func (img *Image) allocRefblockLocked(co *coroutine.Co, i uint64) error {
+	E := img.g.RefblockEntries()
+	c := i * E
+	if c == 0 {
+		return img.signalCorruptionLocked(co, &CorruptError{What: "no refcount block for the header cluster",
+			Table: "refcount table", Offset: img.rtOffset, Index: 0})
+	}
+	off := c * img.cs
+	if off > maxHostCluster-img.cs {
+		return unix.EFBIG
+	}
+	if err := img.checkOverlapLocked(co, off, img.cs, mkNone); err != nil {
+		return err
+	}
+	e, err := img.rcCache.getEmptyLocked(co, off)
+	if err != nil {
+		return err
+	}
+	img.g.SetRefcount(e.buf, 0, 1) // the block counts itself
+	img.rcCache.markDirtyLocked(e)
+	img.rcCache.putLocked(e)
+	img.metaClusters[c] = mkRefBlock
+	if err := img.rcCache.flushLocked(co); err != nil {
+		delete(img.metaClusters, c)
+		img.rcCache.discardLocked(off, img.cs)
+		return err
+	}
+	buf := bdrv.AlignedBuffer(8, 8)
+	be.PutUint64(buf, off)
+	err = img.file.Pwritev(co, int64(img.rtOffset+i*8), bdrv.IOVec{buf}, 0)
+	if err == nil {
+		err = img.file.Flush(co)
+	}
+	if err != nil {
+		delete(img.metaClusters, c)
+		img.rcCache.discardLocked(off, img.cs)
+		return err
+	}
+	img.reftable[i] = off
+	return nil
+}
+
+// nextReftableEntries rounds a needed number of refcount table entries up,
+// growing by half each time as QEMU's next_refcount_table_size does, so the
+// table is not moved for every new refcount block.
+func (img *Image) nextReftableEntries(need uint64) uint64 {
+	perCluster := img.cs / 8
+	minClusters := need/perCluster + 1
+	clusters := max(1, uint64(len(img.reftable))/perCluster)
+	for minClusters > clusters {
+		clusters = (clusters*3 + 1) / 2
+	}
+	return clusters * perCluster
+}
+
+// growReftableLocked replaces the refcount table by a larger one that has an
+// entry for index i, as described at the top of this file.
+func (img *Image) growReftableLocked(co *coroutine.Co, i uint64) error {
+	cs, E := img.cs, img.g.RefblockEntries()
+	var entries, tableClusters uint64
+	blocks := uint64(1)
+	for {
+		entries = img.nextReftableEntries(i + blocks)
+		tableClusters = entries * 8 / cs
+		nb := (blocks + tableClusters + E - 1) / E
+		if nb <= blocks {
+			break
+		}
+		blocks = nb
+	}
+	if entries*8 > MaxRefcountTableBytes {
+		return unix.EFBIG
+	}
+	area := i * E // first cluster of the new metadata
+	areaEnd := area + blocks + tableClusters
+	if areaEnd > maxHostCluster/cs {
+		return unix.EFBIG
+	}
+	if err := img.checkOverlapLocked(co, area*cs, (blocks+tableClusters)*cs, mkNone); err != nil {
+		return err
+	}
+
+	// Refcount blocks for ranges i..i+blocks-1, counting the new area.
+	rb := bdrv.AlignedBuffer(int(blocks*cs), 4096)
+	for c := area; c < areaEnd; c++ {
+		b := (c - area) / E
+		img.g.SetRefcount(rb[b*cs:(b+1)*cs], c%E, 1)
+	}
+	if err := img.file.Pwritev(co, int64(area*cs), bdrv.IOVec{rb}, 0); err != nil {
+		return err
+	}
+	// The new table: the old entries plus the new blocks.
+	tb := bdrv.AlignedBuffer(int(tableClusters*cs), 4096)
+	newTable := make([]uint64, entries)
+	copy(newTable, img.reftable)
+	for b := uint64(0); b < blocks; b++ {
+		newTable[i+b] = (area + b) * cs
+	}
+	for k, v := range newTable {
+		be.PutUint64(tb[k*8:], v)
+	}
+	tableOff := (area + blocks) * cs
+	if err := img.file.Pwritev(co, int64(tableOff), bdrv.IOVec{tb}, 0); err != nil {
+		return err
+	}
+	if err := img.file.Flush(co); err != nil {
+		return err
+	}
+	// Switch the header to the new table in one write.
+	hb := bdrv.AlignedBuffer(12, 8)
+	be.PutUint64(hb, tableOff)
+	be.PutUint32(hb[8:], uint32(tableClusters))
+	if err := img.file.Pwritev(co, 48, bdrv.IOVec{hb}, 0); err != nil {
+		return err
+	}
+	if err := img.file.Flush(co); err != nil {
+		return err
+	}
+	oldOff, oldClusters := img.rtOffset, uint64(img.rtCluster)
+	img.reftable, img.rtOffset, img.rtCluster = newTable, tableOff, uint32(tableClusters)
+	img.hdrMu.Lock()
+	img.hdr.RefcountTableOffset, img.hdr.RefcountTableClusters = tableOff, uint32(tableClusters)
+	img.hdrMu.Unlock()
+	for b := uint64(0); b < blocks; b++ {
+		img.metaClusters[area+b] = mkRefBlock
+	}
+	// Freeing the old table cannot need a new refcount block: its
+	// clusters are counted already.
+	return img.freeClustersLocked(co, oldOff, oldClusters*cs, discardOther)
+}
+
+// updateRefcountLocked adds addend to (or, with decrease, subtracts it from)
+// the refcount of every cluster of the host range [off, off+length). The
+// refcount blocks must exist (ensureRefblocksLocked) for increases. On error
+// the refcounts already changed are changed back.
+func (img *Image) updateRefcountLocked(co *coroutine.Co, off, length, addend uint64, decrease bool, dt discardType) error {
+	if length == 0 || addend == 0 {
+		return nil
+	}
+	if decrease {
+		// A cluster may only look free on disk once no L2 entry
+		// references it there.
+		if err := img.rcCache.setDependencyLocked(co, img.l2Cache); err != nil {
+			return err
+		}
+	}
+	first, last := off/img.cs, (off+length-1)/img.cs
+	c, err := img.doUpdateRefcountLocked(co, first, last, addend, decrease, dt)
+	if err != nil && c > first {
+		// Best effort: restore what was changed.
+		img.doUpdateRefcountLocked(co, first, c-1, addend, !decrease, discardNever)
+	}
+	return err
+}
+
+// doUpdateRefcountLocked updates clusters first..last and returns the first
+// cluster it did not update.
+func (img *Image) doUpdateRefcountLocked(co *coroutine.Co, first, last, addend uint64, decrease bool, dt discardType) (uint64, error) {
+	bits, E, max := img.rbBits(), img.g.RefblockEntries(), img.g.RefcountMax()
+	c := first
+	for c <= last {
+		i := c >> bits
+		rb, err := img.refblockOffsetLocked(co, i)
+		if err != nil {
+			return c, err
+		}
+		if rb == 0 {
+			if decrease {
+				return c, img.signalCorruptionLocked(co, &CorruptError{
+					What:  fmt.Sprintf("refcount of cluster %#x underflows (no refcount block)", c*img.cs),
+					Table: "refcount table", Offset: img.rtOffset, Index: int64(i)})
+			}
+			return c, fmt.Errorf("qcow2: internal error: no refcount block for cluster %#x", c*img.cs)
+		}
+		e, err := img.rcCache.getLocked(co, rb)
+		if err != nil {
+			return c, err
+		}
+		for ; c <= last && c>>bits == i; c++ {
+			old, _ := img.g.Refcount(e.buf, c&(E-1))
+			var nw uint64
+			if decrease {
+				if addend > old {
+					img.rcCache.putLocked(e)
+					return c, img.signalCorruptionLocked(co, &CorruptError{
+						What:  fmt.Sprintf("refcount of cluster %#x underflows (%d - %d)", c*img.cs, old, addend),
+						Table: "refcount block", Offset: rb, Index: int64(c & (E - 1))})
+				}
+				nw = old - addend
+			} else {
+				if addend > max-old {
+					img.rcCache.putLocked(e)
+					return c, unix.ERANGE
+				}
+				nw = old + addend
+			}
+			img.g.SetRefcount(e.buf, c&(E-1), nw)
+			img.rcCache.markDirtyLocked(e)
+			if nw == 0 {
+				img.clusterFreedLocked(c, dt)
+			}
+		}
+		img.rcCache.putLocked(e)
+	}
+	return c, nil
+}
+
+// clusterFreedLocked forgets everything about host cluster c, whose
+// refcount dropped to 0.
+func (img *Image) clusterFreedLocked(c uint64, dt discardType) {
+	off := c * img.cs
+	if c < img.freeClusterIndex {
+		img.freeClusterIndex = c
+	}
+	img.l2Cache.discardLocked(off, img.cs)
+	img.rcCache.discardLocked(off, img.cs)
+	delete(img.metaClusters, c)
+	if img.freeByteOffset != 0 && img.freeByteOffset/img.cs == c {
+		img.freeByteOffset = 0
+	}
+	if img.passDiscard[dt] {
+		img.queueDiscardLocked(off, img.cs, false)
+	}
+}
+
+// pendingDiscard is a freed host range to discard, in the image file or
+// (inData) the external data file.
+type pendingDiscard struct {
+	off, n uint64
+	inData bool
+}
+
+func (img *Image) queueDiscardLocked(off, n uint64, inData bool) {
+	if k := len(img.discards); k > 0 {
+		if d := &img.discards[k-1]; d.inData == inData && d.off+d.n == off {
+			d.n += n
+			return
+		}
+	}
+	img.discards = append(img.discards, pendingDiscard{off, n, inData})
+}
+
+// processDiscardsLocked discards the queued ranges (QEMU's
+// qcow2_process_discards). Discard is advisory: errors are ignored.
+func (img *Image) processDiscardsLocked(co *coroutine.Co) {
+	for _, d := range img.discards {
+		f := img.file
+		if d.inData {
+			f = img.data
+		}
+		f.Pdiscard(co, int64(d.off), int64(d.n))
+	}
+	img.discards = img.discards[:0]
+}
+
+// freeClustersLocked drops one reference to every cluster of the host range
+// (QEMU's qcow2_free_clusters).
+func (img *Image) freeClustersLocked(co *coroutine.Co, off, size uint64, dt discardType) error {
+	return img.updateRefcountLocked(co, off, size, 1, true, dt)
+}
+
+// allocClustersNorefLocked finds n contiguous free clusters from the cursor
+// without taking them (QEMU's alloc_clusters_noref). All of them lie below
+// limit.
+func (img *Image) allocClustersNorefLocked(co *coroutine.Co, n uint64, limit uint64) (uint64, error) {
+	E := img.g.RefblockEntries()
+	c := img.freeClusterIndex
+	start, run := c, uint64(0)
+	for run < n {
+		if (start+n)*img.cs > limit {
+			return 0, unix.EFBIG
+		}
+		rb, err := img.refblockOffsetLocked(co, c>>img.rbBits())
+		if err != nil {
+			return 0, err
+		}
+		if rb == 0 {
+			// No refcount block: the rest of its range is free.
+			if run == 0 {
+				start = c
+			}
+			take := min(E-c%E, n-run)
+			run += take
+			c += take
+			continue
+		}
+		rc, err := img.getRefcountLocked(co, c)
+		if err != nil {
+			return 0, err
+		}
+		if rc != 0 {
+			run = 0
+			start = c + 1
+		} else {
+			if run == 0 {
+				start = c
+			}
+			run++
+		}
+		c++
+	}
+	img.freeClusterIndex = start + n
+	return start * img.cs, nil
+}
+
+// allocClustersLocked allocates n contiguous clusters and returns the host
+// offset of the first (QEMU's qcow2_alloc_clusters).
+func (img *Image) allocClustersLocked(co *coroutine.Co, n uint64) (uint64, error) {
+	for try := 0; ; try++ {
+		if try > 64 {
+			return 0, fmt.Errorf("qcow2: cluster allocation does not converge: %w", unix.EIO)
+		}
+		off, err := img.allocClustersNorefLocked(co, n, maxHostCluster)
+		if err != nil {
+			return 0, err
+		}
+		if err := img.ensureRefblocksLocked(co, off, n*img.cs); err == errAgain {
+			continue
+		} else if err != nil {
+			return 0, err
+		}
+		if err := img.checkOverlapLocked(co, off, n*img.cs, mkNone); err != nil {
+			return 0, err
+		}
+		if err := img.updateRefcountLocked(co, off, n*img.cs, 1, false, discardNever); err != nil {
+			return 0, err
+		}
+		return off, nil
+	}
+}
+
+// allocClustersAtLocked allocates up to n clusters starting exactly at host
+// offset off, stopping at the first one in use, and returns how many it got
+// (QEMU's qcow2_alloc_clusters_at).
+func (img *Image) allocClustersAtLocked(co *coroutine.Co, off, n uint64) (uint64, error) {
+	if off+n*img.cs > maxHostCluster {
+		return 0, nil
+	}
+	for try := 0; ; try++ {
+		if try > 64 {
+			return 0, fmt.Errorf("qcow2: cluster allocation does not converge: %w", unix.EIO)
+		}
+		var i uint64
+		for i = 0; i < n; i++ {
+			rc, err := img.getRefcountLocked(co, off/img.cs+i)
+			if err != nil {
+				return 0, err
+			}
+			if rc != 0 {
+				break
+			}
+		}
+		if i == 0 {
+			return 0, nil
+		}
+		if err := img.ensureRefblocksLocked(co, off, i*img.cs); err == errAgain {
+			continue
+		} else if err != nil {
+			return 0, err
+		}
+		if err := img.checkOverlapLocked(co, off, i*img.cs, mkNone); err != nil {
+			return 0, err
+		}
+		if err := img.updateRefcountLocked(co, off, i*img.cs, 1, false, discardNever); err != nil {
+			return 0, err
+		}
+		return i, nil
+	}
+}
+
+// allocBytesLocked allocates size bytes (at most a cluster) for compressed
+// data, packing them after the previous compressed cluster when they fit
+// (QEMU's qcow2_alloc_bytes). Every host cluster the bytes touch gains a
+// reference.
+func (img *Image) allocBytesLocked(co *coroutine.Co, size uint64) (uint64, error) {
+	if size == 0 || size > img.cs {
+		return 0, fmt.Errorf("qcow2: internal error: compressed allocation of %d bytes", size)
+	}
+	limit := min(uint64(1)<<(62-(img.g.ClusterBits-8)), maxHostCluster)
+	for try := 0; ; try++ {
+		if try > 64 {
+			return 0, fmt.Errorf("qcow2: cluster allocation does not converge: %w", unix.EIO)
+		}
+		off := img.freeByteOffset
+		if off != 0 {
+			rc, err := img.getRefcountLocked(co, off/img.cs)
+			if err != nil {
+				return 0, err
+			}
+			if rc == img.g.RefcountMax() {
+				off = 0
+			}
+		}
+		free := img.cs - off%img.cs
+		if off == 0 || free < size {
+			nc, err := img.allocClustersNorefLocked(co, 1, limit)
+			if err != nil {
+				return 0, err
+			}
+			if off == 0 || (off+img.cs-1)/img.cs*img.cs != nc {
+				off = nc
+			}
+		}
+		if err := img.ensureRefblocksLocked(co, off, size); err == errAgain {
+			// The new metadata may have taken our clusters.
+			img.freeByteOffset = 0
+			continue
+		} else if err != nil {
+			return 0, err
+		}
+		if err := img.checkOverlapLocked(co, off, size, mkNone); err != nil {
+			return 0, err
+		}
+		if err := img.updateRefcountLocked(co, off, size, 1, false, discardNever); err != nil {
+			return 0, err
+		}
+		img.freeByteOffset = off + size
+		if img.freeByteOffset%img.cs == 0 {
+			img.freeByteOffset = 0
+		}
+		return off, nil
+	}
+}
