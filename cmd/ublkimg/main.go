@@ -1,0 +1,155 @@
+// Command ublkimg serves disk images as Linux block devices through ublk
+// and provides the image tools of qemu-img (create, info, convert, compare,
+// bench, ...) with qemu-img's flags, output and exit codes.
+//
+// This file holds the application frame: the verb list, argument
+// normalisation and the one rule for errors: a single line on stderr,
+// "ublkimg: <message>", and a non-zero exit status.
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	"github.com/urfave/cli/v2"
+
+	"ublkimg/coroutine"
+	"ublkimg/internal/img"
+
+	// The drivers register their formats with bdrv.
+	_ "ublkimg/drivers/file"
+	_ "ublkimg/drivers/null"
+	_ "ublkimg/drivers/raw"
+)
+
+func main() {
+	os.Exit(run(os.Args, os.Stdout, os.Stderr))
+}
+
+// imageCommands are the qemu-img verbs, in the order help lists them.
+// Verbs still to come here: check, map, resize, snapshot, commit, rebase,
+// amend, measure, dd.
+func imageCommands() []*cli.Command {
+	return []*cli.Command{
+		createCommand(),
+		infoCommand(),
+		convertCommand(),
+		compareCommand(),
+		benchCommand(),
+	}
+}
+
+// registered are verbs defined in other files of this command (the ublk
+// device verbs: attach, detach, list, recover), which add their
+// constructors from an init function with registerCommands.
+var registered []func() *cli.Command
+
+// registerCommands adds verbs to the application; call it from init.
+//
+//lint:ignore U1000 called from the init functions of the device verbs' files
+func registerCommands(fns ...func() *cli.Command) {
+	registered = append(registered, fns...)
+}
+
+// exitError carries a specific exit status (compare's 2, 3 and 4); other
+// errors exit with 1.
+type exitError struct {
+	code int
+	err  error // nil: exit silently (the verb already printed its result)
+}
+
+func (e *exitError) Error() string {
+	if e.err == nil {
+		return ""
+	}
+	return e.err.Error()
+}
+
+func (e *exitError) Unwrap() error { return e.err }
+
+func newApp(stdout, stderr io.Writer) *cli.App {
+	app := &cli.App{
+		Name:  "ublkimg",
+		Usage: "disk images as ublk block devices, and qemu-img's image tools",
+		Description: "Image verbs take qemu-img's options and print qemu-img's output, so scripts\n" +
+			"carry over: sizes take k, M, G, T, P, E suffixes; 'fmt' is an image format\n" +
+			"(probed when omitted); 'cache' is none, writeback, writethrough, directsync\n" +
+			"or unsafe.",
+		Writer:                    stdout,
+		ErrWriter:                 stderr,
+		HideHelpCommand:           true,
+		DisableSliceFlagSeparator: true, // -o values keep their commas
+		// Errors are printed by run, on one line; urfave must not exit.
+		ExitErrHandler: func(*cli.Context, error) {},
+		OnUsageError: func(_ *cli.Context, err error, _ bool) error {
+			return err
+		},
+	}
+	app.Commands = imageCommands()
+	for _, fn := range registered {
+		app.Commands = append(app.Commands, fn())
+	}
+	for _, c := range app.Commands {
+		if c.OnUsageError == nil {
+			c.OnUsageError = app.OnUsageError
+		}
+	}
+	return app
+}
+
+// run is main without the exit, for tests.
+func run(args []string, stdout, stderr io.Writer) int {
+	app := newApp(stdout, stderr)
+	args, err := normalize(app, args)
+	if err == nil {
+		err = app.Run(args)
+	}
+	if err == nil {
+		return 0
+	}
+	code := 1
+	var ee *exitError
+	if errors.As(err, &ee) {
+		code = ee.code
+		if ee.err == nil {
+			return code
+		}
+	}
+	fmt.Fprintf(stderr, "ublkimg: %s\n", oneLine(err.Error()))
+	return code
+}
+
+// normalize applies getopt's rules (getoptArgs) to the arguments of the
+// image verbs; the device verbs keep urfave's own parsing.
+func normalize(app *cli.App, args []string) ([]string, error) {
+	if len(args) < 2 {
+		return args, nil
+	}
+	for _, c := range imageCommands() {
+		if c.Name != args[1] {
+			continue
+		}
+		rest, err := getoptArgs(c, args[2:])
+		if err != nil {
+			return nil, err
+		}
+		return append([]string{args[0], args[1]}, rest...), nil
+	}
+	return args, nil
+}
+
+// oneLine joins a multi-line message: every error is one line on stderr.
+func oneLine(s string) string {
+	return strings.TrimSpace(strings.ReplaceAll(s, "\n", " "))
+}
+
+// runCo runs an operation as a coroutine on a private loop, turning a panic
+// into an error so that even a bug ends in one line on stderr.
+func runCo(fn func(co *coroutine.Co) error) error {
+	return coroutine.Run(func(co *coroutine.Co) error {
+		return img.Guard(func() error { return fn(co) })
+	})
+}

@@ -1,0 +1,131 @@
+package img
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+
+	"golang.org/x/sys/unix"
+
+	"ublkimg/bdrv"
+	"ublkimg/coroutine"
+)
+
+// openSpec says how an operation opens one image.
+type openSpec struct {
+	filename string
+	format   string // "" probes
+	cache    bdrv.CacheMode
+	readOnly bool
+	// noBacking leaves the backing chain closed: info walks it itself, and
+	// nothing else needs it for metadata-only work.
+	noBacking bool
+	options   bdrv.Options
+}
+
+// openImage opens an image and words failures as qemu-img's img_open does:
+// "Could not open 'x': <reason>".
+func openImage(co *coroutine.Co, s openSpec) (*bdrv.Node, error) {
+	if s.format != "" {
+		if _, err := bdrv.LookupFormat(s.format); err != nil {
+			return nil, openError(s.filename, errors.New("Unknown driver '"+s.format+"'"))
+		}
+	}
+	n, err := bdrv.Open(co, bdrv.Spec{
+		Filename:  s.filename,
+		Format:    s.format,
+		Options:   s.options,
+		Cache:     s.cache,
+		ReadOnly:  s.readOnly,
+		NoBacking: s.noBacking,
+	})
+	if err != nil {
+		return nil, openError(s.filename, err)
+	}
+	return n, nil
+}
+
+// OpenError is a failure to open an image. Its message is qemu-img's
+// "Could not open 'name': reason"; Unwrap gives the cause (an errno where
+// there is one, for errors.Is).
+type OpenError struct {
+	Filename string
+	Err      error
+}
+
+func (e *OpenError) Error() string {
+	return "Could not open '" + e.Filename + "': " + reason(e.Filename, e.Err)
+}
+
+func (e *OpenError) Unwrap() error { return e.Err }
+
+func openError(filename string, err error) error {
+	return &OpenError{Filename: filename, Err: err}
+}
+
+// reason is err's message without the "could not open 'name': " prefixes
+// that the layers below already added (qemu-img 7.2 repeats them, "Could
+// not open 'x': Could not open 'x': No such file or directory"; ublkimg says
+// it once).
+func reason(filename string, err error) string {
+	msg := err.Error()
+	for _, p := range []string{"Could not open '" + filename + "': ", "could not open '" + filename + "': "} {
+		for strings.HasPrefix(msg, p) {
+			msg = msg[len(p):]
+		}
+	}
+	if msg == "" {
+		return Strerror(err)
+	}
+	return msg
+}
+
+// Strerror is the C library's text for the errno in err's chain ("No space
+// left on device"), or err's own message when it carries none. qemu-img
+// prints I/O errors as strerror(-ret); Go's errno texts are the same
+// strings in lower case.
+func Strerror(err error) string {
+	var errno unix.Errno
+	if errors.As(err, &errno) {
+		return capitalize(errno.Error())
+	}
+	return err.Error()
+}
+
+func capitalize(s string) string {
+	if s != "" && s[0] >= 'a' && s[0] <= 'z' {
+		return string(s[0]-'a'+'A') + s[1:]
+	}
+	return s
+}
+
+// qemuLength is the image length as qemu-img sees it: QEMU keeps lengths in
+// 512-byte sectors (bdrv_getlength rounds up), so a 1000-byte raw file is a
+// 1024-byte image for info, convert, compare and bench alike; the part past
+// the file's end reads as zeros.
+func qemuLength(n *bdrv.Node) int64 {
+	return alignUp(n.Length(), sectorSize)
+}
+
+// sectorSize is BDRV_SECTOR_SIZE: the unit of qemu-img's convert and
+// compare bookkeeping.
+const sectorSize = 512
+
+func alignUp(x, a int64) int64   { return (x + a - 1) / a * a }
+func alignDown(x, a int64) int64 { return x / a * a }
+
+// recoverTo, deferred in a coroutine, turns a panic into an error handed to
+// fail: a bug then ends the operation with a one-line message instead of
+// taking the loop (and the tool) down with a stack trace.
+func recoverTo(fail func(error)) {
+	if r := recover(); r != nil {
+		fail(fmt.Errorf("internal error: %v", r))
+	}
+}
+
+// Guard runs fn and turns a panic in it into an error, for the top-level
+// coroutine of an operation.
+func Guard(fn func() error) (err error) {
+	defer recoverTo(func(e error) { err = e })
+	return fn()
+}
