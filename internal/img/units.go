@@ -61,14 +61,22 @@ func sizeSyntaxOK(s string) bool {
 	if i == 0 {
 		return false
 	}
-	if i < len(s) && s[i] == '.' {
+	fraction := i < len(s) && s[i] == '.'
+	if fraction {
 		i++
 		for i < len(s) && s[i] >= '0' && s[i] <= '9' {
 			i++
 		}
 	}
 	rest := s[i:]
-	return rest == "" || len(rest) == 1 && strings.ContainsRune("bBkKmMgGtTpPeE", rune(rest[0]))
+	if rest == "" {
+		return !fraction // a fraction needs a unit
+	}
+	units := "bBkKmMgGtTpPeE"
+	if fraction {
+		units = "kKmMgGtTpPeE"
+	}
+	return len(rest) == 1 && strings.ContainsRune(units, rune(rest[0]))
 }
 
 // ParseUintArg parses an integer the way qemu_strtoul with base 0 does
