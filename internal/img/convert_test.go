@@ -215,11 +215,11 @@ func TestIsAllocatedSectors(t *testing.T) {
 		return buf
 	}
 	for _, tc := range []struct {
-		pattern        string
-		sector, align  int64
-		min            int64
-		wantUsed       bool
-		wantN          int64
+		pattern       string
+		sector, align int64
+		min           int64
+		wantUsed      bool
+		wantN         int64
 	}{
 		{"DDDD", 0, 1, 8, true, 4},
 		{"ZZZZ", 0, 1, 8, false, 4},
