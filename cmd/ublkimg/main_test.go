@@ -1,0 +1,146 @@
+package main
+
+import (
+	"bytes"
+	"crypto/rand"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+)
+
+// binary is the ublkimg built once for all tests, in a directory that the
+// unprivileged user of the permission tests can reach.
+var binary string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "ublkimg-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	os.Chmod(dir, 0o755)
+	binary = filepath.Join(dir, "ublkimg")
+	if out, err := exec.Command("go", "build", "-o", binary, ".").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "go build: %v\n%s", err, out)
+		os.RemoveAll(dir)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// result is one run of a command.
+type result struct {
+	stdout, stderr string
+	code           int
+}
+
+// runAs runs a command, as the given user when cred is not nil.
+func runAs(t *testing.T, cred *syscall.Credential, name string, args ...string) result {
+	t.Helper()
+	cmd := exec.Command(name, args...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if cred != nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+	}
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("%s %v: %v", name, args, err)
+	}
+	return result{out.String(), errb.String(), code}
+}
+
+func ublkimg(t *testing.T, args ...string) result {
+	t.Helper()
+	return runAs(t, nil, binary, args...)
+}
+
+func qemuImg(t *testing.T, args ...string) result {
+	t.Helper()
+	return runAs(t, nil, "qemu-img", args...)
+}
+
+func requireQemuImg(t *testing.T) {
+	t.Helper()
+	if _, err := exec.LookPath("qemu-img"); err != nil {
+		t.Skip("qemu-img not installed (apt-get install qemu-utils): it is the reference these tests compare with")
+	}
+}
+
+// oneErrorLine checks the error rule: exactly one line on stderr,
+// "ublkimg: ...", never a panic, and returns the message.
+func oneErrorLine(t *testing.T, r result) string {
+	t.Helper()
+	if strings.Contains(r.stderr, "goroutine ") || strings.Contains(r.stderr, "panic") {
+		t.Fatalf("stack trace on stderr:\n%s", r.stderr)
+	}
+	l := strings.Split(strings.TrimSuffix(r.stderr, "\n"), "\n")
+	if len(l) != 1 || !strings.HasPrefix(l[0], "ublkimg: ") || !strings.HasSuffix(r.stderr, "\n") {
+		t.Fatalf("stderr is not one \"ublkimg: \" line:\n%s", r.stderr)
+	}
+	return strings.TrimPrefix(l[0], "ublkimg: ")
+}
+
+// qemuMessage is qemu-img's error message in ublkimg's form: its
+// "qemu-img: " lines joined into one, without the "Try 'qemu-img --help'"
+// hint.
+func qemuMessage(stderr string) string {
+	var parts []string
+	for _, l := range strings.Split(strings.TrimSuffix(stderr, "\n"), "\n") {
+		if strings.HasPrefix(l, "Try 'qemu-img --help'") || strings.HasPrefix(l, "WARNING: ") || strings.HasPrefix(l, "         ") {
+			continue
+		}
+		parts = append(parts, strings.TrimPrefix(l, "qemu-img: "))
+	}
+	return strings.Join(parts, " ")
+}
+
+// writeImage creates a raw image of size bytes with random data in the
+// given [offset, length] extents and holes elsewhere.
+func writeImage(t *testing.T, path string, size int64, extents ...[2]int64) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range extents {
+		b := make([]byte, e[1])
+		rand.Read(b)
+		if _, err := f.WriteAt(b, e[0]); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// nobody is the unprivileged user of the permission tests: root bypasses
+// file permissions, so "read-only file" errors only show without it.
+func nobody(t *testing.T) *syscall.Credential {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		return nil // already unprivileged
+	}
+	return &syscall.Credential{Uid: 65534, Gid: 65534}
+}
+
+// sharedDir is a temporary directory the unprivileged user can enter.
+func sharedDir(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	for d := dir; d != "/" && d != os.TempDir(); d = filepath.Dir(d) {
+		os.Chmod(d, 0o755)
+	}
+	return dir
+}
