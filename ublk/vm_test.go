@@ -1,8 +1,6 @@
 package ublk_test
 
 import (
-	"errors"
-	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -12,8 +10,6 @@ import (
 
 // The VM tests boot Debian's 6.12 kernel with ublk_drv (internal/vm) and run
 // the ublkimg command in it. They are skipped unless UBLKIMG_VM=1.
-
-var errSkip = errors.New("skip")
 
 var guestTools = struct {
 	once  sync.Once
@@ -27,15 +23,7 @@ func tools(t *testing.T) []vm.File {
 	t.Helper()
 	vm.RequireTools(t)
 	guestTools.once.Do(func() {
-		pkg := "ublkimg/cmd/ublkimg"
-		if _, err := os.Stat("../cmd/ublkimg/main.go"); err != nil {
-			pkg = "./testdata/ublkimg" // the CLI staged with a stand-in main
-			if _, err := os.Stat(pkg); err != nil {
-				guestTools.err = errSkip
-				return
-			}
-		}
-		bin, err := vm.GoBinary(t.Context(), pkg)
+		bin, err := vm.GoBinary(t.Context(), "ublkimg/cmd/ublkimg")
 		if err != nil {
 			guestTools.err = err
 			return
@@ -53,9 +41,6 @@ func tools(t *testing.T) []vm.File {
 		}
 		guestTools.files = files
 	})
-	if guestTools.err == errSkip {
-		t.Skip("cmd/ublkimg has no main.go yet")
-	}
 	if guestTools.err != nil {
 		t.Fatal(guestTools.err)
 	}

@@ -1,0 +1,337 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/urfave/cli/v2"
+	"golang.org/x/sys/unix"
+
+	"ublkimg/bdrv"
+	"ublkimg/coroutine"
+	"ublkimg/ublk"
+)
+
+// readyFDEnv names the file descriptor on which a background server
+// (attach re-executed with --foreground) reports to the attach command
+// that started it: one line, "ready DEVICE" or "error MESSAGE".
+const readyFDEnv = "UBLKIMG_READY_FD"
+
+func init() { registerCommands(attachCommand, detachCommand, listCommand) }
+
+func attachCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "attach",
+		Usage:     "serve an image as a block device, /dev/ublkbN",
+		ArgsUsage: "IMG",
+		Description: "Attaches IMG to a new ublk device and prints its path once it is live. The server\n" +
+			"runs on in the background until `ublkimg detach` (or SIGTERM); with --foreground it\n" +
+			"stays attached to the caller (for systemd: it reports READY=1 to NOTIFY_SOCKET).",
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "f", Usage: "image `FORMAT` (probed when omitted)"},
+			&cli.IntFlag{Name: "queues", Usage: "hardware queues, one thread each (default: CPUs, at most 4)"},
+			&cli.IntFlag{Name: "depth", Value: ublk.DefaultDepth, Usage: "requests in flight per queue"},
+			&cli.StringFlag{Name: "t", Usage: "`CACHE` mode: none, writeback, writethrough, directsync, unsafe (default: none, or writeback where O_DIRECT is refused)"},
+			&cli.BoolFlag{Name: "read-only", Aliases: []string{"r"}, Usage: "export the device read-only"},
+			&cli.StringFlag{Name: "discard", Value: "unmap", Usage: "discard requests: unmap (deallocate in the image) or ignore"},
+			&cli.IntFlag{Name: "id", Value: -1, Usage: "device number N of /dev/ublkbN (-1: the first free)"},
+			&cli.IntFlag{Name: "block-size", Value: ublk.DefaultBlockSize, Usage: "logical block size: 512 or 4096"},
+			&cli.BoolFlag{Name: "user-copy", Usage: "move data with UBLK_F_USER_COPY instead of per-tag buffers"},
+			&cli.BoolFlag{Name: "foreground", Usage: "serve in this process until SIGTERM or SIGINT"},
+		},
+		Action: attachAction,
+	}
+}
+
+// attachOptions are attach's flags, checked.
+type attachOptions struct {
+	image     string
+	format    string
+	cache     bdrv.CacheMode
+	cacheSet  bool
+	cfg       ublk.Config
+	readyFile *os.File // background server: where to report readiness
+}
+
+func parseAttach(c *cli.Context) (*attachOptions, error) {
+	if c.NArg() != 1 {
+		return nil, errors.New("attach: expecting exactly one image (ublkimg attach [options] IMG)")
+	}
+	o := &attachOptions{image: c.Args().First(), format: c.String("f"), cache: bdrv.CacheNone}
+	if s := c.String("t"); s != "" {
+		mode, err := bdrv.ParseCacheMode(s)
+		if err != nil {
+			return nil, err
+		}
+		o.cache, o.cacheSet = mode, true
+	}
+	discard, err := ublk.ParseDiscardMode(c.String("discard"))
+	if err != nil {
+		return nil, err
+	}
+	o.cfg = ublk.Config{
+		ID:        c.Int("id"),
+		Queues:    c.Int("queues"),
+		Depth:     c.Int("depth"),
+		BlockSize: c.Int("block-size"),
+		ReadOnly:  c.Bool("read-only"),
+		Discard:   discard,
+		UserCopy:  c.Bool("user-copy"),
+	}
+	if o.cfg.Queues < 0 || (c.IsSet("queues") && o.cfg.Queues == 0) {
+		return nil, fmt.Errorf("invalid queue count %d", o.cfg.Queues)
+	}
+	if o.cfg.Depth <= 0 {
+		return nil, fmt.Errorf("invalid queue depth %d", o.cfg.Depth)
+	}
+	if o.cfg.ID < -1 {
+		return nil, fmt.Errorf("invalid device id %d", o.cfg.ID)
+	}
+	return o, nil
+}
+
+func attachAction(c *cli.Context) error {
+	o, err := parseAttach(c)
+	if err != nil {
+		return err
+	}
+	if fd := os.Getenv(readyFDEnv); fd != "" && c.Bool("foreground") {
+		n, err := strconv.Atoi(fd)
+		if err != nil {
+			return fmt.Errorf("%s=%q: %w", readyFDEnv, fd, err)
+		}
+		o.readyFile = os.NewFile(uintptr(n), "ready")
+		os.Unsetenv(readyFDEnv)
+	}
+	if c.Bool("foreground") {
+		return serveImage(o)
+	}
+	// Check what the caller can fix before starting a server, so each
+	// mistake gets its own line from here.
+	ctrl, err := ublk.OpenCtrl()
+	if err != nil {
+		return err
+	}
+	ctrl.Close()
+	if _, err := os.Stat(o.image); err != nil && !strings.Contains(o.image, "://") {
+		return fmt.Errorf("Could not open '%s': %w", o.image, errnoText(err))
+	}
+	return startBackground(c)
+}
+
+// startBackground re-executes ublkimg as `attach --foreground` with the same
+// arguments in a new session, detached from the terminal, and waits for its
+// report: the device path once the device is live, or why it failed. (Go
+// cannot fork without exec.)
+func startBackground(c *cli.Context) error {
+	exe, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("attach: finding ublkimg itself: %w", err)
+	}
+	args := foregroundArgs(os.Args[1:], c.Command.Name)
+	r, w, err := os.Pipe()
+	if err != nil {
+		return fmt.Errorf("attach: %w", err)
+	}
+	cmd := exec.Command(exe, args...)
+	cmd.Env = append(os.Environ(), readyFDEnv+"=3")
+	cmd.ExtraFiles = []*os.File{w}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	cmd.Dir = "/"
+	if err := cmd.Start(); err != nil {
+		r.Close()
+		w.Close()
+		return fmt.Errorf("attach: starting the server: %w", err)
+	}
+	w.Close()
+	line, _ := bufio.NewReader(r).ReadString('\n')
+	r.Close()
+	kind, msg, _ := strings.Cut(strings.TrimSpace(line), " ")
+	switch kind {
+	case "ready":
+		cmd.Process.Release()
+		fmt.Fprintln(c.App.Writer, msg)
+		return nil
+	case "error":
+		cmd.Wait()
+		return errors.New(msg)
+	}
+	err = cmd.Wait()
+	return fmt.Errorf("attach: the server exited before the device was ready (%v)", err)
+}
+
+// foregroundArgs returns the arguments of the background server: the
+// caller's, with --foreground after the command name.
+func foregroundArgs(args []string, name string) []string {
+	out := make([]string, 0, len(args)+1)
+	done := false
+	for _, a := range args {
+		out = append(out, a)
+		if !done && a == name {
+			out = append(out, "--foreground")
+			done = true
+		}
+	}
+	return out
+}
+
+// serveImage is the server: it opens the image, starts the device,
+// announces it and serves until SIGTERM, SIGINT or SIGHUP, or until the
+// device is stopped from outside.
+func serveImage(o *attachOptions) (err error) {
+	logger := log.New(os.Stderr, "ublkimg: ", log.LstdFlags)
+	o.cfg.Logf = logger.Printf
+	report := func(kind, msg string) bool {
+		if o.readyFile == nil {
+			return true
+		}
+		_, err := fmt.Fprintf(o.readyFile, "%s %s\n", kind, oneLine(msg))
+		o.readyFile.Close()
+		o.readyFile = nil
+		return err == nil
+	}
+	defer func() {
+		if err != nil {
+			report("error", err.Error())
+		}
+	}()
+	// Signals are caught from the start, so that a detach during start-up
+	// still ends in an orderly close.
+	ctx, stop := signal.NotifyContext(context.Background(), unix.SIGTERM, unix.SIGINT, unix.SIGHUP)
+	defer stop()
+
+	node, cache, err := openImage(o)
+	if err != nil {
+		return err
+	}
+	dev, err := ublk.Start(o.cfg, node)
+	if err != nil {
+		return err
+	}
+	cfg := dev.Config()
+	abs, _ := filepath.Abs(o.image)
+	rec := ublk.Record{
+		ID: dev.ID(), Device: dev.Path(), Image: abs, Format: node.Format.Name,
+		Queues: dev.Info().Queues, Depth: dev.Info().Depth, BlockSize: cfg.BlockSize,
+		ReadOnly: cfg.ReadOnly, Cache: cache.String(), Discard: cfg.Discard.String(),
+		UserCopy: cfg.UserCopy, Started: time.Now().UTC().Truncate(time.Second),
+	}
+	if err := ublk.WriteRecord(rec); err != nil {
+		return errors.Join(err, dev.Close())
+	}
+	defer ublk.RemoveRecord(dev.ID(), os.Getpid())
+	if o.readyFile != nil {
+		logToFile(logger, dev.ID())
+		if !report("ready", dev.Path()) {
+			// The attach command is gone (interrupted): nobody learnt
+			// of the device, so it must not stay.
+			return errors.Join(errors.New("attach: the caller went away before the device was announced"), dev.Close())
+		}
+	} else {
+		fmt.Println(dev.Path())
+	}
+	sdNotify("READY=1\nMAINPID=" + strconv.Itoa(os.Getpid()) + "\nSTATUS=serving " + abs + " as " + dev.Path())
+
+	select {
+	case <-ctx.Done():
+		logger.Printf("%s: stopping", dev.Path())
+	case <-dev.Done():
+		if e := dev.Err(); e != nil {
+			logger.Printf("%s: failed: %v", dev.Path(), e)
+		} else {
+			logger.Printf("%s: stopped from outside", dev.Path())
+		}
+	}
+	sdNotify("STOPPING=1")
+	err = errors.Join(dev.Err(), dev.Close())
+	if err == nil {
+		removeLog(dev.ID())
+	} else {
+		logger.Printf("%s: %v", dev.Path(), err)
+	}
+	return err
+}
+
+// openImage opens the image with the requested cache mode. Without -t it
+// tries cache=none (O_DIRECT: the device's own page cache is the only one)
+// and falls back to writeback where the file system refuses O_DIRECT.
+func openImage(o *attachOptions) (*bdrv.Node, bdrv.CacheMode, error) {
+	open := func(cache bdrv.CacheMode) (*bdrv.Node, error) {
+		var node *bdrv.Node
+		err := coroutine.Run(func(co *coroutine.Co) error {
+			var err error
+			node, err = bdrv.Open(co, bdrv.Spec{Filename: o.image, Format: o.format, Cache: cache, ReadOnly: o.cfg.ReadOnly})
+			return err
+		})
+		return node, err
+	}
+	node, err := open(o.cache)
+	if err != nil && !o.cacheSet && errors.Is(err, unix.EINVAL) {
+		o.cache = bdrv.CacheWriteback
+		node, err = open(o.cache)
+	}
+	return node, o.cache, err
+}
+
+// logDir is where background servers log; the log of a device that
+// detached cleanly is removed.
+func logPath(id int) string { return filepath.Join(ublk.RecordDir, fmt.Sprintf("ublkb%d.log", id)) }
+
+// logToFile sends a background server's stderr (and so its log) to
+// /run/ublkimg/ublkbN.log.
+func logToFile(logger *log.Logger, id int) {
+	f, err := os.OpenFile(logPath(id), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		logger.SetOutput(io.Discard)
+		return
+	}
+	unix.Dup3(int(f.Fd()), 2, 0)
+	f.Close()
+}
+
+func removeLog(id int) { os.Remove(logPath(id)) }
+
+// sdNotify sends state to systemd's notification socket when the service
+// manager gave one (Type=notify units); otherwise it does nothing.
+func sdNotify(state string) {
+	sock := os.Getenv("NOTIFY_SOCKET")
+	if sock == "" {
+		return
+	}
+	if sock[0] == '@' {
+		sock = "\x00" + sock[1:] // abstract socket
+	}
+	conn, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		return
+	}
+	conn.Write([]byte(state))
+	conn.Close()
+}
+
+// errnoText unwraps a *PathError to its errno text, capitalised as
+// qemu-img prints it ("No such file or directory").
+func errnoText(err error) error {
+	var pe *os.PathError
+	if errors.As(err, &pe) {
+		err = pe.Err
+	}
+	s := err.Error()
+	if s != "" && s[0] >= 'a' && s[0] <= 'z' {
+		s = strings.ToUpper(s[:1]) + s[1:]
+	}
+	return errors.New(s)
+}
