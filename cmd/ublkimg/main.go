@@ -128,6 +128,9 @@ func normalize(app *cli.App, args []string) ([]string, error) {
 	if len(args) < 2 {
 		return args, nil
 	}
+	if !strings.HasPrefix(args[1], "-") && app.Command(args[1]) == nil {
+		return nil, errors.New("Command not found: " + args[1])
+	}
 	for _, c := range imageCommands() {
 		if c.Name != args[1] {
 			continue

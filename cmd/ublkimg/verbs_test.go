@@ -269,6 +269,7 @@ func TestErrors(t *testing.T) {
 		{[]string{"create", "-f", "raw", "-o", "bogus=1", filepath.Join(dir, "x.raw"), "1M"}, 1, filepath.Join(dir, "x.raw") + ": Invalid parameter 'bogus'"},
 		{[]string{"create", filepath.Join(dir, "x.raw"), "1M", "extra"}, 1, "Unexpected argument: extra"},
 		{[]string{"bench", "-c", "1", "-f", "qcow3", img}, 1, "Could not open '" + img + "': Unknown driver 'qcow3'"},
+		{[]string{"bogus", img}, 1, "Command not found: bogus"},
 	} {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
 			r := ublkimg(t, tc.args...)

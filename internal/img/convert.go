@@ -72,14 +72,17 @@ type ConvertOptions struct {
 // "error while writing at byte N: No space left on device". Offset is the
 // start of the chunk that failed. It unwraps to the errno.
 type IOError struct {
-	Op     string // "reading", "writing" or "reading block status"
+	Op     string // "reading", "writing", "reading block status" or "closing"
 	Offset int64
 	Err    error
 }
 
 func (e *IOError) Error() string {
-	if e.Op == "reading block status" {
+	switch e.Op {
+	case "reading block status":
 		return fmt.Sprintf("error while reading block status at offset %d: %s", e.Offset, Strerror(e.Err))
+	case "closing":
+		return fmt.Sprintf("Error while closing the image: %s", Strerror(e.Err))
 	}
 	return fmt.Sprintf("error while %s at byte %d: %s", e.Op, e.Offset, Strerror(e.Err))
 }
@@ -205,7 +208,8 @@ func Convert(co *coroutine.Co, opts ConvertOptions) (err error) {
 		return err
 	}
 	if err := target.Close(co); err != nil {
-		return &IOError{Op: "writing", Offset: c.totalSectors * sectorSize, Err: err}
+		// The final flush failed: the data may not all be on disk.
+		return &IOError{Op: "closing", Err: err}
 	}
 	c.progress.Print(100, 0)
 	return nil
