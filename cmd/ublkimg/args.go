@@ -14,7 +14,9 @@ import (
 //     so they are moved in front and the operands go after a "--";
 //   - short options take their value attached or separate ("-c100",
 //     "-c 100") and boolean ones combine ("-wq");
-//   - long options take "--name=value" or "--name value".
+//   - long options take "--name=value" or "--name value", and may be
+//     abbreviated to any unambiguous prefix ("--back" for
+//     "--backing-chain").
 //
 // Without this, scripts written for qemu-img would break on urfave's
 // stop-at-the-first-operand rule. Unknown options are reported as qemu-img
@@ -43,10 +45,11 @@ func getoptArgs(cmd *cli.Command, args []string) ([]string, error) {
 			operands = append(operands, a)
 		case strings.HasPrefix(a, "--"):
 			name, val, hasVal := strings.Cut(a[2:], "=")
-			tv, known := takesValue[name]
-			if !known || len(name) < 2 {
-				return nil, fmt.Errorf("unrecognized option '%s'", a)
+			name, err := longName(takesValue, name, a)
+			if err != nil {
+				return nil, err
 			}
+			tv := takesValue[name]
 			switch {
 			case !tv && hasVal:
 				return nil, fmt.Errorf("option '--%s' doesn't allow an argument", name)
@@ -85,4 +88,25 @@ func getoptArgs(cmd *cli.Command, args []string) ([]string, error) {
 	}
 	out := append(opts, "--")
 	return append(out, operands...), nil
+}
+
+// longName resolves a long option name, possibly abbreviated, as
+// getopt_long does: an exact match, else the only option it is a prefix of.
+func longName(known map[string]bool, name, arg string) (string, error) {
+	if _, ok := known[name]; ok && len(name) > 1 {
+		return name, nil
+	}
+	var match []string
+	for n := range known {
+		if len(n) > 1 && name != "" && strings.HasPrefix(n, name) {
+			match = append(match, n)
+		}
+	}
+	switch len(match) {
+	case 1:
+		return match[0], nil
+	case 0:
+		return "", fmt.Errorf("unrecognized option '%s'", arg)
+	}
+	return "", fmt.Errorf("option '%s' is ambiguous", arg)
 }

@@ -35,7 +35,7 @@ func benchCommand() *cli.Command {
 			&cli.StringFlag{Name: "flush-interval", Usage: "write tests: flush every `N` requests (N >= DEPTH)"},
 			&cli.BoolFlag{Name: "no-drain", Usage: "flush without first waiting for the requests in flight"},
 			&cli.BoolFlag{Name: "q", Usage: "quiet (accepted; bench prints its lines regardless, as qemu-img)"},
-			&cli.BoolFlag{Name: "U", Usage: "force share: open the image even if another process uses it"},
+			&cli.BoolFlag{Name: "U", Aliases: []string{"force-share"}, Usage: "force share: open the image even if another process uses it"},
 		},
 		Action: benchAction,
 	}

@@ -27,7 +27,7 @@ func compareCommand() *cli.Command {
 			&cli.BoolFlag{Name: "p", Usage: "show progress"},
 			&cli.BoolFlag{Name: "q", Usage: "quiet: print nothing, only set the exit status"},
 			&cli.StringFlag{Name: "T", Usage: "`SRC_CACHE` mode of the images (default: writeback)"},
-			&cli.BoolFlag{Name: "U", Usage: "force share: open the images even if another process uses them"},
+			&cli.BoolFlag{Name: "U", Aliases: []string{"force-share"}, Usage: "force share: open the images even if another process uses them"},
 		},
 		Action: compareAction,
 	}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"errors"
-	"io"
 
 	"github.com/urfave/cli/v2"
 
@@ -35,7 +34,7 @@ func convertCommand() *cli.Command {
 			&cli.BoolFlag{Name: "target-is-zero", Usage: "with -n: DST reads as zeros, so zero ranges need no writing"},
 			&cli.StringFlag{Name: "t", Usage: "`CACHE` mode of the output (default: unsafe)"},
 			&cli.StringFlag{Name: "T", Usage: "`SRC_CACHE` mode of the sources (default: writeback)"},
-			&cli.BoolFlag{Name: "U", Usage: "force share: open the sources even if another process uses them"},
+			&cli.BoolFlag{Name: "U", Aliases: []string{"force-share"}, Usage: "force share: open the sources even if another process uses them"},
 		},
 		Action: convertAction,
 	}
@@ -108,12 +107,4 @@ func convertAction(c *cli.Context) error {
 		opts.Progress = c.App.Writer
 	}
 	return runCo(func(co *coroutine.Co) error { return img.Convert(co, opts) })
-}
-
-// quietWriter is w, or nil when -q asks for silence.
-func quietWriter(w io.Writer, quiet bool) io.Writer {
-	if quiet {
-		return nil
-	}
-	return w
 }

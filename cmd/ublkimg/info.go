@@ -18,10 +18,10 @@ func infoCommand() *cli.Command {
 			"backing file and format-specific details, as qemu-img info does. --output json\n" +
 			"prints the same data with qemu-img's JSON field names and layout.",
 		Flags: []cli.Flag{
-			&cli.StringFlag{Name: "f", Usage: "`FMT` of the image (default: probed)"},
+			&cli.StringFlag{Name: "f", Aliases: []string{"format"}, Usage: "`FMT` of the image (default: probed)"},
 			&cli.StringFlag{Name: "output", Value: "human", Usage: "output `FORMAT`: human or json"},
 			&cli.BoolFlag{Name: "backing-chain", Usage: "also show every image of the backing chain"},
-			&cli.BoolFlag{Name: "U", Usage: "force share: open the image even if another process uses it"},
+			&cli.BoolFlag{Name: "U", Aliases: []string{"force-share"}, Usage: "force share: open the image even if another process uses it"},
 		},
 		Action: infoAction,
 	}

@@ -156,3 +156,11 @@ func runCo(fn func(co *coroutine.Co) error) error {
 		return img.Guard(func() error { return fn(co) })
 	})
 }
+
+// quietWriter is w, or nil when -q asks for silence.
+func quietWriter(w io.Writer, quiet bool) io.Writer {
+	if quiet {
+		return nil
+	}
+	return w
+}
