@@ -290,6 +290,7 @@ func Open(co *coroutine.Co, spec Spec) (*Node, error) {
 			Format:   n.BackingFormat,
 			Cache:    spec.Cache,
 			ReadOnly: true,
+			Options:  spec.Options.chainOptions(),
 		}
 		b, err := Open(co, bspec)
 		if err != nil {

@@ -31,6 +31,28 @@ type OptionSpec struct {
 	Help    string
 }
 
+// Options every node honours, whatever its driver: the protocol driver
+// applies them and they follow the backing chain. Format drivers ignore them.
+const (
+	// OptForceShare opens read-only without claiming exclusive access, like
+	// qemu-img -U: works while another process writes the image.
+	OptForceShare = "force-share"
+	// OptLocking turns QEMU-compatible image locking "on" (default) or
+	// "off".
+	OptLocking = "locking"
+)
+
+// chainOptions are the options a backing file inherits from its overlay.
+func (o Options) chainOptions() Options {
+	out := Options{}
+	for _, k := range []string{OptForceShare, OptLocking} {
+		if v, ok := o[k]; ok {
+			out[k] = v
+		}
+	}
+	return out
+}
+
 // ProtocolCreateOptions are the options of creating a plain file, which the
 // file protocol and the raw format (a file with nothing else in it) share.
 var ProtocolCreateOptions = []OptionSpec{
@@ -173,8 +195,12 @@ func (o Options) Size(name string, def int64) (int64, error) {
 	return n, nil
 }
 
-// ErrInvalidSize is wrapped by ParseSize errors.
-var ErrInvalidSize = errors.New("invalid size")
+// ErrInvalidSize is wrapped by ParseSize errors; ErrSizeTooLarge too when the
+// size does not fit in 63 bits.
+var (
+	ErrInvalidSize  = errors.New("invalid size")
+	ErrSizeTooLarge = errors.New("size too large")
+)
 
 // ParseSize parses a size with qemu-img's suffixes (QEMU's qemu_strtosz):
 // a non-negative number, optionally with a fraction, followed by an
@@ -225,13 +251,13 @@ func ParseSize(s string) (int64, error) {
 		r.Mul(r, new(big.Rat).SetInt64(mul))
 		v := new(big.Int).Quo(r.Num(), r.Denom())
 		if !v.IsInt64() {
-			return 0, fmt.Errorf("%w: '%s' is too large", ErrInvalidSize, orig)
+			return 0, fmt.Errorf("%w: %w: '%s'", ErrInvalidSize, ErrSizeTooLarge, orig)
 		}
 		return v.Int64(), nil
 	}
 	v, err := strconv.ParseUint(num, 10, 64)
 	if err != nil || v > math.MaxInt64/uint64(mul) {
-		return 0, fmt.Errorf("%w: '%s' is too large", ErrInvalidSize, orig)
+		return 0, fmt.Errorf("%w: %w: '%s'", ErrInvalidSize, ErrSizeTooLarge, orig)
 	}
 	return int64(v) * mul, nil
 }

@@ -31,16 +31,6 @@ func init() {
 	})
 }
 
-// Driver options understood at open.
-const (
-	// OptLocking controls QEMU-compatible image locking: "on" (default),
-	// "off".
-	OptLocking = "locking"
-	// OptForceShare opens read-only without claiming exclusive access, like
-	// qemu-img -U: works while another process writes the image.
-	OptForceShare = "force-share"
-)
-
 type driver struct {
 	node     *bdrv.Node
 	fd       int
@@ -138,8 +128,8 @@ func (d *driver) setup(opts bdrv.Options) error {
 			return err
 		}
 	}
-	if bdrv.Options(opts).Bool(OptLocking, true) {
-		if err := d.lock(opts.Bool(OptForceShare, false)); err != nil {
+	if opts.Bool(bdrv.OptLocking, true) {
+		if err := d.lock(opts.Bool(bdrv.OptForceShare, false)); err != nil {
 			return err
 		}
 	}
@@ -238,6 +228,15 @@ func create(co *coroutine.Co, req *bdrv.CreateRequest) error {
 			return fmt.Errorf("Could not resize file: %w", syscallErr(err))
 		}
 	}
+	// Like QEMU's file-posix: sizes are whole sectors, and the first block
+	// is written so that O_DIRECT alignment probing finds data to read.
+	size := (req.Size + 511) &^ 511
 	d := &driver{fd: fd, align: 1, node: nil}
-	return d.grow(co, 0, req.Size, prealloc)
+	if err := d.grow(co, 0, size, prealloc); err != nil {
+		return err
+	}
+	if size == 0 || prealloc != bdrv.PreallocOff {
+		return nil
+	}
+	return d.rw(co, true, 0, bdrv.IOVec{make([]byte, min(size, 4096))})
 }

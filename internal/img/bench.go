@@ -109,7 +109,7 @@ func Bench(co *coroutine.Co, opts BenchOptions, out io.Writer) (BenchResult, err
 
 	s := openSpec{filename: opts.Filename, format: opts.Format, cache: opts.Cache, readOnly: !opts.Write}
 	if opts.ForceShare {
-		s.options = bdrv.Options{"force-share": "on"}
+		s.options = bdrv.Options{bdrv.OptForceShare: "on"}
 	}
 	node, err := openImage(co, s)
 	if err != nil {

@@ -62,7 +62,7 @@ func Compare(co *coroutine.Co, opts CompareOptions, out io.Writer) (int, error) 
 	open := func(name, format string) (*bdrv.Node, error) {
 		s := openSpec{filename: name, format: format, cache: opts.Cache, readOnly: true}
 		if opts.ForceShare {
-			s.options = bdrv.Options{"force-share": "on"}
+			s.options = bdrv.Options{bdrv.OptForceShare: "on"}
 		}
 		n, err := openImage(co, s)
 		if err != nil {

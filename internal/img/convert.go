@@ -169,7 +169,7 @@ func Convert(co *coroutine.Co, opts ConvertOptions) (err error) {
 	for _, name := range opts.Sources {
 		s := openSpec{filename: name, format: opts.SourceFormat, cache: opts.SourceCache, readOnly: true}
 		if opts.ForceShare {
-			s.options = bdrv.Options{"force-share": "on"}
+			s.options = bdrv.Options{bdrv.OptForceShare: "on"}
 		}
 		n, err := openImage(co, s)
 		if err != nil {

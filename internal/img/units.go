@@ -36,47 +36,17 @@ const suffixHelp = "You may use k, M, G, T, P or E suffixes for kilobytes, megab
 // first message on two lines; ublkimg keeps every error on one.)
 func ParseSizeArg(name, value string, min, max int64) (int64, error) {
 	v, err := bdrv.ParseSize(value)
-	if err != nil {
-		if !sizeSyntaxOK(value) {
-			return 0, fmt.Errorf("Invalid %s specified. %s", name, suffixHelp)
-		}
+	if errors.Is(err, bdrv.ErrSizeTooLarge) {
 		// Well formed but beyond 63 bits: QEMU's -ERANGE case.
 		return 0, fmt.Errorf("Invalid %s specified. Must be between %d and %d.", name, min, max)
+	}
+	if err != nil {
+		return 0, fmt.Errorf("Invalid %s specified. %s", name, suffixHelp)
 	}
 	if v < min || v > max {
 		return 0, fmt.Errorf("Invalid %s specified. Must be between %d and %d.", name, min, max)
 	}
 	return v, nil
-}
-
-// sizeSyntaxOK reports whether s has the shape of a size (digits, an
-// optional fraction, an optional unit), so that a parse failure must be an
-// overflow.
-func sizeSyntaxOK(s string) bool {
-	s = strings.TrimLeft(s, " \t\n")
-	i := 0
-	for i < len(s) && s[i] >= '0' && s[i] <= '9' {
-		i++
-	}
-	if i == 0 {
-		return false
-	}
-	fraction := i < len(s) && s[i] == '.'
-	if fraction {
-		i++
-		for i < len(s) && s[i] >= '0' && s[i] <= '9' {
-			i++
-		}
-	}
-	rest := s[i:]
-	if rest == "" {
-		return !fraction // a fraction needs a unit
-	}
-	units := "bBkKmMgGtTpPeE"
-	if fraction {
-		units = "kKmMgGtTpPeE"
-	}
-	return len(rest) == 1 && strings.ContainsRune(units, rune(rest[0]))
 }
 
 // ParseUintArg parses an integer the way qemu_strtoul with base 0 does
