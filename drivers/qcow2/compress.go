@@ -10,6 +10,7 @@ import (
 	"github.com/klauspost/compress/flate"
 	"github.com/klauspost/compress/zstd"
 
+	"ublkimg/bdrv"
 	"ublkimg/coroutine"
 )
 
@@ -113,6 +114,80 @@ func compressCluster(ctype uint8, src []byte, maxLen int) ([]byte, error) {
 // on a worker goroutine instead of the loop's thread (BenchmarkDecompress:
 // inflating a 64 KiB cluster costs about as much as the hand-off).
 var offloadDecompressAbove = 64 << 10
+
+// clusterCache keeps the last few decompressed clusters, so that small
+// sequential reads of a compressed cluster inflate it once rather than once
+// per request. Entries are keyed by the compressed descriptor and dropped
+// whenever a host cluster is freed (gen changes), so a descriptor that comes
+// back for new data never finds stale content.
+type clusterCache struct {
+	mu      sync.Mutex
+	gen     uint64
+	entries [4]struct {
+		desc, gen, lru uint64
+		data           []byte
+	}
+	tick uint64
+}
+
+// lookup copies bytes [off, off+len(dst)) of the cached cluster for desc
+// into dst and reports whether it was there.
+func (c *clusterCache) lookup(desc, off uint64, dst bdrv.IOVec) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for i := range c.entries {
+		e := &c.entries[i]
+		if e.data != nil && e.desc == desc && e.gen == c.gen {
+			c.tick++
+			e.lru = c.tick
+			dst.CopyFrom(e.data[off:off+uint64(dst.Len())], 0)
+			return true
+		}
+	}
+	return false
+}
+
+// store remembers a decompressed cluster; gen is the generation read
+// before decompressing.
+func (c *clusterCache) store(desc, gen uint64, data []byte) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if gen != c.gen {
+		return
+	}
+	v := 0
+	for i := range c.entries {
+		if c.entries[i].data == nil || c.entries[i].gen != c.gen {
+			v = i
+			break
+		}
+		if c.entries[i].lru < c.entries[v].lru {
+			v = i
+		}
+	}
+	e := &c.entries[v]
+	c.tick++
+	if cap(e.data) < len(data) {
+		e.data = make([]byte, len(data))
+	}
+	e.data = e.data[:len(data)]
+	copy(e.data, data)
+	e.desc, e.gen, e.lru = desc, c.gen, c.tick
+}
+
+// generation returns the current generation.
+func (c *clusterCache) generation() uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.gen
+}
+
+// invalidate forgets everything (a host cluster was freed).
+func (c *clusterCache) invalidate() {
+	c.mu.Lock()
+	c.gen++
+	c.mu.Unlock()
+}
 
 // decompress runs decompressCluster, offloaded for large clusters.
 func (img *Image) decompress(co *coroutine.Co, dst, src []byte) error {

@@ -148,6 +148,9 @@ type Image struct {
 	corrupt atomic.Bool
 
 	preallocChecked, metadataPrealloc bool
+
+	// ccache holds recently decompressed clusters (its own lock).
+	ccache clusterCache
 }
 
 // Header returns a copy of the image header as currently on disk.

@@ -62,6 +62,12 @@ func (img *Image) readCompressed(co *coroutine.Co, ent, off uint64, part bdrv.IO
 	if host+clen > MaxHostOffset {
 		return &ioError{unix.EIO, fmt.Errorf("qcow2: compressed cluster %#x+%d beyond the offset limit", host, clen)}
 	}
+	oic := off & (img.cs - 1)
+	if uint64(part.Len()) < img.cs && img.ccache.lookup(ent, oic, part) {
+		// Small reads: the cluster was inflated already.
+		return nil
+	}
+	gen := img.ccache.generation()
 	buf := bdrv.AlignedBuffer(int(clen+img.cs), 4096)
 	src, dst := buf[:clen], buf[clen:]
 	// Data past the end of the file reads as zeros, which then fails to
@@ -73,7 +79,9 @@ func (img *Image) readCompressed(co *coroutine.Co, ent, off uint64, part bdrv.IO
 		return &ioError{unix.EIO, fmt.Errorf("qcow2: cannot decompress cluster at guest offset %#x (host %#x, %d bytes): %v",
 			off&^(img.cs-1), host, clen, err)}
 	}
-	oic := off & (img.cs - 1)
+	if uint64(part.Len()) < img.cs {
+		img.ccache.store(ent, gen, dst)
+	}
 	part.CopyFrom(dst[oic:oic+uint64(part.Len())], 0)
 	return nil
 }

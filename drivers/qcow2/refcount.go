@@ -324,6 +324,7 @@ func (img *Image) clusterFreedLocked(c uint64, dt discardType) {
 	if img.freeByteOffset != 0 && img.freeByteOffset/img.cs == c {
 		img.freeByteOffset = 0
 	}
+	img.ccache.invalidate()
 	if img.passDiscard[dt] {
 		img.queueDiscardLocked(off, img.cs, false)
 	}
