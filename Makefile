@@ -43,5 +43,11 @@ fuzz:
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./uring/ ./coroutine/
 
+# The README's first command: build, create an image, attach it as
+# /dev/ublkbN, mkfs, mount, use it, list, detach, check the image; natively
+# where the kernel has ublk (as root), else inside the test VM.
+demo:
+	@scripts/demo.sh
+
 clean:
 	rm -f ublkimg

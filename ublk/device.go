@@ -83,6 +83,17 @@ type Device struct {
 	closeErr  error
 }
 
+// testHook, set only by tests, is called at the named points of start and
+// can make it fail there, to exercise the cleanup of every partial start.
+var testHook func(point string) error
+
+func hook(point string) error {
+	if testHook != nil {
+		return testHook(point)
+	}
+	return nil
+}
+
 // Start exports node as a new ublk block device and returns once
 // /dev/ublkbN is live. The device owns node from then on: Close flushes and
 // closes it, and so does Start when it fails. Everything Start created in
@@ -138,6 +149,9 @@ func (d *Device) start() error {
 		return err
 	}
 	d.added = true
+	if err := hook("added"); err != nil {
+		return err
+	}
 	d.userCopy = d.info.Flags.Has(FeatureUserCopy)
 	if cfg.UserCopy && !d.userCopy {
 		return &UnsupportedFeatureError{Name: "UBLK_F_USER_COPY"}
@@ -148,12 +162,18 @@ func (d *Device) start() error {
 	if d.charFd, err = openCharDev(d.CharPath()); err != nil {
 		return err
 	}
+	if err := hook("chardev"); err != nil {
+		return err
+	}
 	for i := range d.info.Queues {
 		q, err := newQueue(d, uint16(i))
 		if err != nil {
 			return err
 		}
 		d.queues = append(d.queues, q)
+	}
+	if err := hook("queues"); err != nil {
+		return err
 	}
 	// Arm every tag of every queue. Each queue gets its routineQueue,
 	// counted before it starts, which ends when the queue's tags do.
@@ -168,6 +188,9 @@ func (d *Device) start() error {
 		if err := <-fetched; err != nil {
 			return err
 		}
+	}
+	if err := hook("fetched"); err != nil {
+		return err
 	}
 	// Every queue now waits in io_uring_enter, so it can serve the reads
 	// of the partition scan START_DEV does before it returns.

@@ -1,6 +1,9 @@
 package ublk_test
 
 import (
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -209,4 +212,21 @@ func TestVMKill(t *testing.T) {
 	if !strings.Contains(res.Log, "RESULT disk-gone PASS") {
 		t.Error("the disk did not disappear after the server was killed")
 	}
+}
+
+// TestVMGuestTests runs this package's TestGuest tests inside the VM, where
+// the kernel has ublk: start and close in every way, start failures at every
+// point after ADD_DEV, a device stopped from outside, I/O errors, each with
+// goroutine and file-descriptor leak checks.
+func TestVMGuestTests(t *testing.T) {
+	vm.RequireTools(t)
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "ublk.test")
+	cmd := exec.CommandContext(t.Context(), "go", "test", "-c", "-trimpath", "-o", bin, ".")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go test -c: %v\n%s", err, out)
+	}
+	run(t, `check guest-tests /usr/local/bin/ublk.test -test.run '^TestGuest' -test.v -test.count=1 -test.timeout=4m`,
+		vm.RunOptions{Files: []vm.File{{Src: bin, Dst: "/usr/local/bin/ublk.test"}}})
 }

@@ -1,0 +1,119 @@
+# Guest side of bench/vmbench: runs in the test VM (internal/vm) after
+# /init loaded ublk_drv, loop and nbd. The host sets DEVICES, RUNTIME, SIZE,
+# JOBS, PASSES and STORAGE (tmpfs, or disk: /dev/vda) before this script. Results are "@@ METRIC" lines:
+#   <device>.<job>.iops@<pass>  <device>.<job>.bw_kib@<pass>
+#   <device>.<job>.lat_us@<pass>  <device>.rss_kib@<pass> (server's peak RSS)
+set -u
+DIR=/tmp
+if [ "$STORAGE" = disk ]; then
+	# The images live on ext4 on a virtio disk (host page cache behind it),
+	# where O_DIRECT reads and writes are truly asynchronous; on tmpfs
+	# io_uring hands every read to a worker thread.
+	DIR=/data
+	mkdir -p $DIR
+	mke2fs -q -F -t ext4 /dev/vda && mount /dev/vda $DIR || result storage FAIL "mkfs/mount /dev/vda"
+fi
+RAW=$DIR/bench.raw
+QCOW2=$DIR/bench.qcow2
+
+step() { echo "bench: $*"; }
+
+# One fio run on $2 for job spec $3 ("name rw bs depth"); prints metrics.
+fio_job() {
+	dev=$1 path=$2
+	set -- $3
+	name=$1 rw=$2 bs=$3 qd=$4
+	line=$(fio --name="$name" --filename="$path" --ioengine=io_uring --direct=1 --rw="$rw" --bs="$bs" \
+		--iodepth="$qd" --size="$SIZE" --time_based --runtime="$RUNTIME" --ramp_time=1 \
+		--randrepeat=0 --norandommap --output-format=terse --terse-version=3 2>/tmp/fio.err)
+	if [ -z "$line" ]; then
+		result "$dev.$name" FAIL "$(tail -n 1 /tmp/fio.err)"
+		return
+	fi
+	echo "$line" | awk -F';' -v p="$dev.$name" -v pass="$PASS" '{
+		iops = $8 + $49; bw = $7 + $48
+		lat = ($8 > 0 && $49 > 0) ? ($40 + $81) / 2 : ($8 > 0 ? $40 : $81)
+		printf "%s.iops@%s %.0f\n%s.bw_kib@%s %.0f\n%s.lat_us@%s %.1f\n", p, pass, iops, p, pass, bw, p, pass, lat
+	}' | while read -r k v; do metric "$k" "$v"; done
+	step "pass $PASS $dev $name: $(echo "$line" | awk -F';' '{printf "%.0f IOPS, %.1f MiB/s", $8+$49, ($7+$48)/1024}')"
+}
+
+run_jobs() {
+	for spec in $JOBS; do
+		fio_job "$1" "$2" "$(echo "$spec" | tr ':' ' ')"
+	done
+}
+
+rss() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
+
+mkdir -p /var/lock
+step "preparing a $SIZE raw image"
+truncate -s "$SIZE" $RAW
+fio --name=fill --filename=$RAW --rw=write --bs=1M --size="$SIZE" --ioengine=psync >/dev/null 2>&1 || result fill FAIL
+case " $DEVICES " in *qcow2*)
+	step "converting it to qcow2"
+	check qcow2-convert qemu-img convert -f raw -O qcow2 $RAW $QCOW2 ;;
+esac
+
+# Every pass runs every device; odd passes in the order given, even ones
+# reversed, so that a slow spell of the host does not always hit the same
+# device. The host keeps the best pass.
+order=$DEVICES
+reversed=$(for d in $DEVICES; do echo "$d"; done | sed -n '1!G;h;$p' | tr '\n' ' ')
+for PASS in $(seq "$PASSES"); do
+	[ $((PASS % 2)) = 0 ] && order=$reversed || order=$DEVICES
+	for dev in $order; do
+		case $dev in
+		ublk-*)
+			# ublk-FORMAT[+OPTION...]: FORMAT raw, qcow2 or null (null-co: no
+			# image at all); options q1 (one queue), usercopy, gmpN
+			# (GOMAXPROCS=N), wb (cache=writeback).
+			kind=${dev#ublk-}
+			fmt=${kind%%+*}
+			img=$RAW extra="-t none" env=
+			case $fmt in
+			qcow2) img=$QCOW2 ;;
+			null) img=null-co:// fmt=null-co extra= ;;
+			esac
+			for opt in $(echo "$kind" | tr '+' ' ' | cut -d' ' -f2-); do
+				[ "$opt" = "$fmt" ] && continue
+				case $opt in
+				q1) extra="$extra --queues 1" ;;
+				usercopy) extra="$extra --user-copy" ;;
+				wb) extra="$extra -t writeback" ;;
+				gmp*) env="GOMAXPROCS=${opt#gmp}" ;;
+				esac
+			done
+			step "$dev: $env ublkimg attach -f $fmt $extra $img"
+			path=$(env $env ublkimg attach -f $fmt $extra $img) || { result "$dev" FAIL attach; continue; }
+			pid=$(sed -n 's/.*"pid": \([0-9]*\),.*/\1/p' /run/ublkimg/ublkb*.json)
+			run_jobs "$dev" "$path"
+			metric "$dev.rss_kib@$PASS" "$(rss "$pid")"
+			check "$dev.detach" ublkimg detach "$path"
+			;;
+		loop)
+			step "loop: losetup --direct-io=on $RAW"
+			path=$(losetup --direct-io=on -f --show $RAW) || { result loop FAIL losetup; continue; }
+			run_jobs loop "$path"
+			check loop.detach losetup -d "$path"
+			;;
+		nbd-raw | nbd-qcow2)
+			img=$RAW fmt=raw
+			[ $dev = nbd-qcow2 ] && img=$QCOW2 fmt=qcow2
+			step "$dev: qemu-nbd -f $fmt --cache=none --aio=io_uring -c /dev/nbd0 $img"
+			qemu-nbd -f $fmt --cache=none --aio=io_uring -c /dev/nbd0 $img ||
+				qemu-nbd -f $fmt --cache=none --aio=native -c /dev/nbd0 $img ||
+				{ result "$dev" FAIL qemu-nbd; continue; }
+			i=0; while [ "$(cat /sys/block/nbd0/size)" = 0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+			pid=$(pidof qemu-nbd)
+			run_jobs "$dev" /dev/nbd0
+			metric "$dev.rss_kib@$PASS" "$(rss "$pid")"
+			check "$dev.detach" qemu-nbd -d /dev/nbd0
+			i=0; while pidof qemu-nbd >/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+			;;
+		*)
+			result "$dev" FAIL "unknown device kind"
+			;;
+		esac
+	done
+done

@@ -1,0 +1,379 @@
+// Command vmbench compares ublkimg with the kernel's loop device and with
+// qemu-nbd over nbd, side by side in one VM (internal/vm: Debian's 6.12
+// kernel under qemu), with fio: 4 KiB random reads and writes at depth 1 and
+// 16, 128 KiB sequential reads and writes. It prints a table of IOPS,
+// bandwidth and ratios with the servers' peak RSS, and writes results.json,
+// results.dat and (with gnuplot) results.png to -out.
+//
+//	go run ./bench/vmbench [-devices ublk-raw,loop,nbd-raw] [-runtime 5] [-out bench/results]
+//
+// Device kinds: ublk-raw, ublk-qcow2, ublk-raw-usercopy (UBLK_F_USER_COPY),
+// ublk-raw-q1 (one queue), loop (losetup --direct-io=on on the raw file),
+// nbd-raw, nbd-qcow2 (qemu-nbd --cache=none, io_uring). Every device serves
+// the same image file, on the guest's tmpfs, one after the other.
+package main
+
+import (
+	"context"
+	_ "embed"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"ublkimg/internal/vm"
+)
+
+//go:embed guest.sh
+var guestScript string
+
+// jobs are the fio runs: name:rw:bs:iodepth.
+var jobs = []string{
+	"seqwrite-128k:write:128k:4",
+	"seqread-128k:read:128k:4",
+	"randread-4k-qd1:randread:4k:1",
+	"randread-4k-qd16:randread:4k:16",
+	"randwrite-4k-qd1:randwrite:4k:1",
+	"randwrite-4k-qd16:randwrite:4k:16",
+}
+
+// Result is one fio run in results.json.
+type Result struct {
+	Device string  `json:"device"`
+	Job    string  `json:"job"`
+	IOPS   float64 `json:"iops"`
+	BWKiB  float64 `json:"bw_kib"`
+	LatUS  float64 `json:"lat_us"`
+	// PassIOPS are the IOPS of every pass; the other fields are those of
+	// the best pass.
+	PassIOPS []float64 `json:"pass_iops"`
+}
+
+// Report is results.json.
+type Report struct {
+	Date      time.Time          `json:"date"`
+	Kernel    string             `json:"kernel"`
+	Accel     string             `json:"accel"`
+	CPUs      int                `json:"cpus"`
+	RuntimeS  int                `json:"runtime_s"`
+	Passes    int                `json:"passes"`
+	Size      string             `json:"size"`
+	Storage   string             `json:"storage"`
+	Devices   []string           `json:"devices"`
+	Jobs      []string           `json:"jobs"`
+	Results   []Result           `json:"results"`
+	RSSKiB    map[string]float64 `json:"rss_kib"`
+	Ratios    map[string]float64 `json:"ratios"`
+	Failures  []string           `json:"failures,omitempty"`
+	HostLoad  string             `json:"host_loadavg"`
+	ElapsedS  float64            `json:"elapsed_s"`
+	GoalsMet  map[string]bool    `json:"goals"`
+	GoalNotes []string           `json:"goal_notes"`
+}
+
+func main() {
+	devices := flag.String("devices", "ublk-raw,loop,nbd-raw", "comma-separated device kinds to compare")
+	runtime := flag.Int("runtime", 5, "seconds per fio run (plus 1 s ramp)")
+	size := flag.String("size", "256M", "image size and fio region")
+	out := flag.String("out", "bench/results", "output directory")
+	cpus := flag.Int("cpus", 2, "guest vCPUs")
+	cli := flag.String("ublkimg", "ublkimg/cmd/ublkimg", "package of the ublkimg command")
+	only := flag.String("jobs", "", "comma-separated job names to run (default: all)")
+	storage := flag.String("storage", "disk", "where the images live: disk (ext4 on a virtio disk) or tmpfs")
+	passes := flag.Int("passes", 2, "runs of every device and job; the best counts")
+	flag.Parse()
+	if *only != "" {
+		var keep []string
+		for _, j := range jobs {
+			for _, name := range strings.Split(*only, ",") {
+				if strings.HasPrefix(j, name+":") {
+					keep = append(keep, j)
+				}
+			}
+		}
+		jobs = keep
+	}
+	if *storage != "disk" && *storage != "tmpfs" {
+		fmt.Fprintln(os.Stderr, "vmbench: -storage must be disk or tmpfs")
+		os.Exit(2)
+	}
+	if err := run(*devices, *runtime, *passes, *size, *storage, *out, *cpus, *cli); err != nil {
+		fmt.Fprintln(os.Stderr, "vmbench:", err)
+		os.Exit(1)
+	}
+}
+
+func run(devices string, runtime, passes int, size, storage, out string, cpus int, cliPkg string) error {
+	ctx := context.Background()
+	devs := strings.Split(devices, ",")
+	start := time.Now()
+	bin, err := vm.GoBinary(ctx, cliPkg)
+	if err != nil {
+		return err
+	}
+	files := []vm.File{bin}
+	for _, t := range []string{"fio", "losetup", "qemu-nbd", "qemu-img", "mke2fs"} {
+		f, err := vm.Tool(t)
+		if err != nil {
+			return err
+		}
+		files = append(files, f)
+	}
+	files = append(files, vm.HostFile("/etc/mke2fs.conf"))
+	modules := []string{"ublk_drv", "loop", "nbd"}
+	var qemuArgs []string
+	if storage == "disk" {
+		disk, err := os.CreateTemp("", "vmbench-disk-")
+		if err != nil {
+			return err
+		}
+		defer os.Remove(disk.Name())
+		disk.Close()
+		// Room for the raw image, a fully allocated qcow2 copy and ext4.
+		if err := os.Truncate(disk.Name(), 3<<30); err != nil {
+			return err
+		}
+		qemuArgs = []string{"-drive", "file=" + disk.Name() + ",format=raw,if=virtio,cache=unsafe,aio=threads"}
+		modules = append(modules, "virtio_blk", "ext4")
+	}
+	script := fmt.Sprintf("DEVICES=%q RUNTIME=%d PASSES=%d SIZE=%s JOBS=%q STORAGE=%s\n%s",
+		strings.Join(devs, " "), runtime, passes, size, strings.Join(jobs, " "), storage, guestScript)
+	perRun := time.Duration(passes*len(devs)*len(jobs)*(runtime+4))*time.Second + 4*time.Minute
+	res, err := vm.Run(ctx, vm.RunOptions{
+		Script:   script,
+		Files:    files,
+		Modules:  modules,
+		QemuArgs: qemuArgs,
+		CPUs:     cpus,
+		Memory:   3072,
+		Timeout:  perRun,
+		Console:  os.Stderr,
+		Logf:     func(f string, a ...any) { fmt.Fprintf(os.Stderr, f+"\n", a...) },
+	})
+	if res == nil {
+		return err
+	}
+	rep := &Report{
+		Date: time.Now().UTC().Truncate(time.Second), Kernel: res.Kernel, Accel: res.Accel, CPUs: cpus,
+		RuntimeS: runtime, Passes: passes, Size: size, Storage: storage, Devices: devs, RSSKiB: map[string]float64{},
+		Ratios: map[string]float64{}, GoalsMet: map[string]bool{},
+	}
+	if load, e := os.ReadFile("/proc/loadavg"); e == nil {
+		rep.HostLoad = strings.TrimSpace(string(load))
+	}
+	if err != nil {
+		rep.Failures = append(rep.Failures, err.Error())
+	}
+	for _, j := range jobs {
+		rep.Jobs = append(rep.Jobs, strings.SplitN(j, ":", 2)[0])
+	}
+	get := func(k string) (float64, bool) {
+		v, ok := res.Metrics[k]
+		if !ok {
+			return 0, false
+		}
+		f, err := strconv.ParseFloat(v, 64)
+		return f, err == nil
+	}
+	for _, d := range devs {
+		for _, j := range rep.Jobs {
+			var best Result
+			for p := 1; p <= passes; p++ {
+				at := fmt.Sprintf("@%d", p)
+				iops, ok := get(d + "." + j + ".iops" + at)
+				if !ok {
+					continue
+				}
+				best.PassIOPS = append(best.PassIOPS, iops)
+				if iops > best.IOPS {
+					best.IOPS = iops
+					best.BWKiB, _ = get(d + "." + j + ".bw_kib" + at)
+					best.LatUS, _ = get(d + "." + j + ".lat_us" + at)
+				}
+			}
+			if len(best.PassIOPS) > 0 {
+				best.Device, best.Job = d, j
+				rep.Results = append(rep.Results, best)
+			}
+		}
+		for p := 1; p <= passes; p++ {
+			if r, ok := get(fmt.Sprintf("%s.rss_kib@%d", d, p)); ok && r > rep.RSSKiB[d] {
+				rep.RSSKiB[d] = r
+			}
+		}
+	}
+	rep.ElapsedS = time.Since(start).Seconds()
+	ratios(rep)
+	if err := os.MkdirAll(out, 0o755); err != nil {
+		return err
+	}
+	data, _ := json.MarshalIndent(rep, "", "  ")
+	if err := os.WriteFile(filepath.Join(out, "results.json"), append(data, '\n'), 0o644); err != nil {
+		return err
+	}
+	printTable(rep)
+	if err := chart(rep, out); err != nil {
+		fmt.Fprintln(os.Stderr, "vmbench: chart:", err)
+	}
+	if len(rep.Failures) > 0 {
+		return errors.New(strings.Join(rep.Failures, "; "))
+	}
+	return nil
+}
+
+func (r *Report) iops(dev, job string) float64 {
+	for _, x := range r.Results {
+		if x.Device == dev && x.Job == job {
+			return x.IOPS
+		}
+	}
+	return 0
+}
+
+// ratios computes ublk/peer IOPS ratios and checks the goals: raw >= 0.9x
+// loop on 4 KiB random reads, qcow2 >= 2x qemu-nbd on 4 KiB random I/O,
+// peak RSS <= 64 MiB per device.
+func ratios(r *Report) {
+	pairs := [][2]string{{"ublk-raw", "loop"}, {"ublk-raw", "nbd-raw"}, {"ublk-qcow2", "nbd-qcow2"},
+		{"ublk-raw-usercopy", "ublk-raw"}, {"ublk-raw-q1", "ublk-raw"}}
+	for _, p := range pairs {
+		for _, j := range r.Jobs {
+			a, b := r.iops(p[0], j), r.iops(p[1], j)
+			if a > 0 && b > 0 {
+				r.Ratios[p[0]+"/"+p[1]+"."+j] = a / b
+			}
+		}
+	}
+	goal := func(name string, ok bool, note string) {
+		r.GoalsMet[name] = ok
+		r.GoalNotes = append(r.GoalNotes, fmt.Sprintf("%s: %v (%s)", name, ok, note))
+	}
+	for _, j := range []string{"randread-4k-qd1", "randread-4k-qd16"} {
+		if v, ok := r.Ratios["ublk-raw/loop."+j]; ok {
+			goal("raw>=0.9*loop "+j, v >= 0.9, fmt.Sprintf("%.2fx", v))
+		}
+	}
+	for _, j := range []string{"randread-4k-qd1", "randread-4k-qd16", "randwrite-4k-qd1", "randwrite-4k-qd16"} {
+		if v, ok := r.Ratios["ublk-qcow2/nbd-qcow2."+j]; ok {
+			goal("qcow2>=2*nbd "+j, v >= 2, fmt.Sprintf("%.2fx", v))
+		}
+	}
+	for d, kib := range r.RSSKiB {
+		if strings.HasPrefix(d, "ublk") {
+			goal("rss<=64MiB "+d, kib <= 64<<10, fmt.Sprintf("%.1f MiB", kib/1024))
+		}
+	}
+}
+
+func printTable(r *Report) {
+	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Printf("\n%s, %s, %d vCPUs, best of %d runs of %d s, %s image on %s (host load %s)\n",
+		r.Kernel, r.Accel, r.CPUs, r.Passes, r.RuntimeS, r.Size, r.Storage, r.HostLoad)
+	fmt.Fprint(tw, "job\t")
+	for _, d := range r.Devices {
+		fmt.Fprintf(tw, "%s IOPS\t%s MiB/s\t", d, d)
+	}
+	for _, k := range ratioColumns(r) {
+		fmt.Fprintf(tw, "%s\t", k)
+	}
+	fmt.Fprintln(tw)
+	for _, j := range r.Jobs {
+		fmt.Fprintf(tw, "%s\t", j)
+		for _, d := range r.Devices {
+			found := false
+			for _, x := range r.Results {
+				if x.Device == d && x.Job == j {
+					fmt.Fprintf(tw, "%.0f\t%.1f\t", x.IOPS, x.BWKiB/1024)
+					found = true
+				}
+			}
+			if !found {
+				fmt.Fprint(tw, "-\t-\t")
+			}
+		}
+		for _, k := range ratioColumns(r) {
+			if v, ok := r.Ratios[k+"."+j]; ok {
+				fmt.Fprintf(tw, "%.2fx\t", v)
+			} else {
+				fmt.Fprint(tw, "-\t")
+			}
+		}
+		fmt.Fprintln(tw)
+	}
+	tw.Flush()
+	for _, d := range r.Devices {
+		if v, ok := r.RSSKiB[d]; ok {
+			fmt.Printf("peak RSS %s: %.1f MiB\n", d, v/1024)
+		}
+	}
+	for _, n := range r.GoalNotes {
+		fmt.Println("goal", n)
+	}
+}
+
+// ratioColumns lists the ratio pairs present in r, in a fixed order.
+func ratioColumns(r *Report) []string {
+	var cols []string
+	for _, p := range []string{"ublk-raw/loop", "ublk-raw/nbd-raw", "ublk-qcow2/nbd-qcow2", "ublk-raw-usercopy/ublk-raw", "ublk-raw-q1/ublk-raw"} {
+		for k := range r.Ratios {
+			if strings.HasPrefix(k, p+".") {
+				cols = append(cols, p)
+				break
+			}
+		}
+	}
+	return cols
+}
+
+// chart writes results.dat and a gnuplot script, and renders results.png
+// when gnuplot is installed (Debian: gnuplot-nox).
+func chart(r *Report, out string) error {
+	var dat strings.Builder
+	fmt.Fprint(&dat, "job")
+	for _, d := range r.Devices {
+		fmt.Fprintf(&dat, " %s", d)
+	}
+	fmt.Fprintln(&dat)
+	for _, j := range r.Jobs {
+		fmt.Fprint(&dat, j)
+		for _, d := range r.Devices {
+			fmt.Fprintf(&dat, " %.0f", r.iops(d, j))
+		}
+		fmt.Fprintln(&dat)
+	}
+	datPath := filepath.Join(out, "results.dat")
+	if err := os.WriteFile(datPath, []byte(dat.String()), 0o644); err != nil {
+		return err
+	}
+	gp := fmt.Sprintf(`set terminal pngcairo size 1100,600 noenhanced
+set output %q
+set title "IOPS by device (%s, %s, %d vCPUs, %d s runs)"
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.8 border -1
+set logscale y
+set ylabel "IOPS (log)"
+set xtics rotate by -20
+set key top right
+set grid ytics
+plot for [i=2:%d] %q using i:xtic(1) title columnheader(i)
+`, filepath.Join(out, "results.png"), r.Kernel, r.Accel, r.CPUs, r.RuntimeS, len(r.Devices)+1, datPath)
+	gpPath := filepath.Join(out, "results.gp")
+	if err := os.WriteFile(gpPath, []byte(gp), 0o644); err != nil {
+		return err
+	}
+	if _, err := exec.LookPath("gnuplot"); err != nil {
+		return errors.New("gnuplot not installed (apt-get install gnuplot-nox): results.png not drawn")
+	}
+	if msg, err := exec.Command("gnuplot", gpPath).CombinedOutput(); err != nil {
+		return fmt.Errorf("gnuplot: %v: %s", err, msg)
+	}
+	return nil
+}
