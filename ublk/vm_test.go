@@ -14,6 +14,9 @@ import (
 // The VM tests boot Debian's 6.12 kernel with ublk_drv (internal/vm) and run
 // the ublkimg command in it. They are skipped unless UBLKIMG_VM=1.
 
+// cliPkg is the ublkimg command the scenarios run.
+const cliPkg = "ublkimg/cmd/ublkimg"
+
 var guestTools = struct {
 	once  sync.Once
 	files []vm.File
@@ -26,7 +29,7 @@ func tools(t *testing.T) []vm.File {
 	t.Helper()
 	vm.RequireTools(t)
 	guestTools.once.Do(func() {
-		bin, err := vm.GoBinary(t.Context(), "ublkimg/cmd/ublkimg")
+		bin, err := vm.GoBinary(t.Context(), cliPkg)
 		if err != nil {
 			guestTools.err = err
 			return
@@ -126,10 +129,40 @@ check trim-shrinks test "$after" -lt $((before - 40000))
 check umount2 umount /mnt
 check detach2 ublkimg detach 0
 check list-empty sh -c 'test -z "$(ublkimg list)"'
+check image-check imgcheck $IMG
 `
 
 func TestVMLifecycleRaw(t *testing.T) {
-	run(t, "FMT=raw\nmkimg() { truncate -s \"$2\" \"$1\"; }\n"+lifecycleScript, vm.RunOptions{})
+	run(t, `FMT=raw
+mkimg() { truncate -s "$2" "$1"; }
+imgcheck() { true; }
+`+lifecycleScript, vm.RunOptions{})
+}
+
+// TestVMLifecycleQcow2 is the same scenario on a qcow2 image ublkimg
+// creates, checked with qemu-img check at the end.
+func TestVMLifecycleQcow2(t *testing.T) {
+	requireFormat(t, "qcow2")
+	qemuImg, err := vm.Tool("qemu-img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	run(t, `FMT=qcow2
+mkimg() { ublkimg create -f qcow2 "$1" "$2"; }
+imgcheck() { qemu-img check "$1"; }
+`+lifecycleScript, vm.RunOptions{Files: []vm.File{qemuImg}})
+}
+
+// requireFormat skips t unless the ublkimg command can create images of
+// format (the driver is registered in cmd/ublkimg).
+func requireFormat(t *testing.T, format string) {
+	t.Helper()
+	vm.RequireTools(t)
+	cmd := exec.CommandContext(t.Context(), "go", "run", cliPkg, "create", "-f", format,
+		filepath.Join(t.TempDir(), "probe"), "1M")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Skipf("ublkimg cannot create %s images yet: %s", format, out)
+	}
 }
 
 // miscScript: read-only attach, two queues under concurrent fio jobs, 4 KiB
