@@ -195,6 +195,16 @@ check bs4k sh -c "test \$(blockdev --getss $dev) = 4096"
 fio_verify fio-bs4k "$dev" --rw=randwrite --bs=4k --iodepth=8 --size=8M
 check detach-bs4k ublkimg detach "$dev"
 
+ublkimg attach --foreground /tmp/b.img >/tmp/fg.out 2>/tmp/fg.err &
+fg=$!
+i=0; while [ ! -s /tmp/fg.out ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+dev=$(cat /tmp/fg.out)
+check fg-attach test -b "$dev"
+kill -INT $fg
+wait $fg
+check fg-sigint-exit test $? -eq 0
+check fg-gone sh -c "! test -e $dev && ! test -e /run/ublkimg/ublkb0.json"
+
 dev=$(ublkimg attach --id 3 /tmp/a.img)
 check id3 test "$dev" = /dev/ublkb3
 expect_fail err-in-use "lock" ublkimg attach /tmp/a.img

@@ -18,9 +18,15 @@ QCOW2=$DIR/bench.qcow2
 
 step() { echo "bench: $*"; }
 
-# One fio run on $2 for job spec $3 ("name rw bs depth"); prints metrics.
+# cputicks PID: the process's user+system CPU time in clock ticks.
+cputicks() { [ -n "$1" ] && awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+
+# One fio run on $2 for job spec $3 ("name rw bs depth"), with $SERVER the
+# pid of the device's server process (empty for the loop device); prints
+# metrics, including the server's CPU time per request.
 fio_job() {
 	dev=$1 path=$2
+	t0=$(cputicks "$SERVER")
 	set -- $3
 	name=$1 rw=$2 bs=$3 qd=$4
 	line=$(fio --name="$name" --filename="$path" --ioengine=io_uring --direct=1 --rw="$rw" --bs="$bs" \
@@ -30,10 +36,14 @@ fio_job() {
 		result "$dev.$name" FAIL "$(tail -n 1 /tmp/fio.err)"
 		return
 	fi
-	echo "$line" | awk -F';' -v p="$dev.$name" -v pass="$PASS" '{
+	t1=$(cputicks "$SERVER")
+	echo "$line" | awk -F';' -v p="$dev.$name" -v pass="$PASS" -v ticks=$((t1 - t0)) -v rt="$RUNTIME" '{
 		iops = $8 + $49; bw = $7 + $48
 		lat = ($8 > 0 && $49 > 0) ? ($40 + $81) / 2 : ($8 > 0 ? $40 : $81)
 		printf "%s.iops@%s %.0f\n%s.bw_kib@%s %.0f\n%s.lat_us@%s %.1f\n", p, pass, iops, p, pass, bw, p, pass, lat
+		# ticks are 10 ms; the fio runtime excludes the 1 s ramp, the
+		# CPU time includes it: scale by runtime/(runtime+ramp).
+		if (ticks > 0 && iops > 0) printf "%s.cpu_us@%s %.1f\n", p, pass, ticks * 10000 * rt / (rt + 1) / (iops * rt)
 	}' | while read -r k v; do metric "$k" "$v"; done
 	step "pass $PASS $dev $name: $(echo "$line" | awk -F';' '{printf "%.0f IOPS, %.1f MiB/s", $8+$49, ($7+$48)/1024}')"
 }
@@ -87,6 +97,7 @@ for PASS in $(seq "$PASSES"); do
 			step "$dev: $env ublkimg attach -f $fmt $extra $img"
 			path=$(env $env ublkimg attach -f $fmt $extra $img) || { result "$dev" FAIL attach; continue; }
 			pid=$(sed -n 's/.*"pid": \([0-9]*\),.*/\1/p' /run/ublkimg/ublkb*.json)
+			SERVER=$pid
 			run_jobs "$dev" "$path"
 			metric "$dev.rss_kib@$PASS" "$(rss "$pid")"
 			check "$dev.detach" ublkimg detach "$path"
@@ -94,6 +105,7 @@ for PASS in $(seq "$PASSES"); do
 		loop)
 			step "loop: losetup --direct-io=on $RAW"
 			path=$(losetup --direct-io=on -f --show $RAW) || { result loop FAIL losetup; continue; }
+			SERVER=
 			run_jobs loop "$path"
 			check loop.detach losetup -d "$path"
 			;;
@@ -106,6 +118,7 @@ for PASS in $(seq "$PASSES"); do
 				{ result "$dev" FAIL qemu-nbd; continue; }
 			i=0; while [ "$(cat /sys/block/nbd0/size)" = 0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
 			pid=$(pidof qemu-nbd)
+			SERVER=$pid
 			run_jobs "$dev" /dev/nbd0
 			metric "$dev.rss_kib@$PASS" "$(rss "$pid")"
 			check "$dev.detach" qemu-nbd -d /dev/nbd0

@@ -51,6 +51,9 @@ type Result struct {
 	IOPS   float64 `json:"iops"`
 	BWKiB  float64 `json:"bw_kib"`
 	LatUS  float64 `json:"lat_us"`
+	// CPUUS is the server's CPU time per request in µs (user and system,
+	// 10 ms resolution); 0 for the loop device, whose work is the kernel's.
+	CPUUS float64 `json:"cpu_us"`
 	// PassIOPS are the IOPS of every pass; the other fields are those of
 	// the best pass.
 	PassIOPS []float64 `json:"pass_iops"`
@@ -196,6 +199,7 @@ func run(devices string, runtime, passes int, size, storage, out string, cpus in
 					best.IOPS = iops
 					best.BWKiB, _ = get(d + "." + j + ".bw_kib" + at)
 					best.LatUS, _ = get(d + "." + j + ".lat_us" + at)
+					best.CPUUS, _ = get(d + "." + j + ".cpu_us" + at)
 				}
 			}
 			if len(best.PassIOPS) > 0 {
@@ -304,6 +308,27 @@ func printTable(r *Report) {
 			} else {
 				fmt.Fprint(tw, "-\t")
 			}
+		}
+		fmt.Fprintln(tw)
+	}
+	tw.Flush()
+	fmt.Println("\nserver CPU time per request (µs, user+system):")
+	tw = tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprint(tw, "job\t")
+	for _, d := range r.Devices {
+		fmt.Fprintf(tw, "%s\t", d)
+	}
+	fmt.Fprintln(tw)
+	for _, j := range r.Jobs {
+		fmt.Fprintf(tw, "%s\t", j)
+		for _, d := range r.Devices {
+			v := "-"
+			for _, x := range r.Results {
+				if x.Device == d && x.Job == j && x.CPUUS > 0 {
+					v = fmt.Sprintf("%.1f", x.CPUUS)
+				}
+			}
+			fmt.Fprintf(tw, "%s\t", v)
 		}
 		fmt.Fprintln(tw)
 	}
