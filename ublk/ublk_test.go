@@ -54,7 +54,7 @@ func TestConfigDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.Queues != DefaultQueues() || cfg.Depth != 128 || cfg.BlockSize != 512 || cfg.MaxIOBytes != 512<<10 {
+	if cfg.Queues != DefaultQueues() || cfg.Depth != 128 || cfg.BlockSize != 512 || cfg.MaxIOBytes != 128<<10 {
 		t.Errorf("defaults: %+v", cfg)
 	}
 	for _, bad := range []Config{
@@ -96,7 +96,7 @@ func TestBuildParams(t *testing.T) {
 		t.Fatal(err)
 	}
 	b := p.Basic
-	if b.DevSectors != 64<<20>>9 || b.LogicalBSShift != 12 || b.PhysicalBSShift != 12 || b.MaxSectors != 1024 {
+	if b.DevSectors != 64<<20>>9 || b.LogicalBSShift != 12 || b.PhysicalBSShift != 12 || b.MaxSectors != 256 {
 		t.Errorf("basic: %+v", b)
 	}
 	if b.Attrs != uapi.AttrVolatileCache|uapi.AttrFUA {
