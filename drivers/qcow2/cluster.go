@@ -749,16 +749,21 @@ func (img *Image) handleL2MetaLocked(co *coroutine.Co, metas *l2Meta, link bool)
 		} else {
 			img.abortLocked(co, m)
 		}
-		for i, x := range img.inflight {
-			if x == m {
-				img.inflight = append(img.inflight[:i], img.inflight[i+1:]...)
-				break
-			}
-		}
+		img.removeInflightLocked(m)
 		m.deps.RestartAll(co)
 	}
 	img.processDiscardsLocked(co)
 	return first
+}
+
+// removeInflightLocked takes m off the in-flight list.
+func (img *Image) removeInflightLocked(m *l2Meta) {
+	for i, x := range img.inflight {
+		if x == m {
+			img.inflight = append(img.inflight[:i], img.inflight[i+1:]...)
+			return
+		}
+	}
 }
 
 // freeAnyClusterLocked drops the reference an L2 entry holds (QEMU's

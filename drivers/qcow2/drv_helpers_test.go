@@ -199,3 +199,9 @@ func imageOf(t testing.TB, n *bdrv.Node) *qcow2.Image {
 	}
 	return img
 }
+
+// exec_ runs qemu-img with args and returns its combined output.
+func exec_(args ...string) (string, error) {
+	out, err := exec.Command("qemu-img", args...).CombinedOutput()
+	return string(out), err
+}

@@ -74,14 +74,17 @@ func (img *Image) getRefcountLocked(co *coroutine.Co, c uint64) (uint64, error) 
 }
 
 // ensureRefblocksLocked makes sure refcount blocks exist for every cluster of
-// the host range [off, off+length). It returns errAgain after it allocated
-// one: the new block may sit where the caller meant to allocate.
+// the host range [off, off+length). When one is missing it creates it (and
+// grows the refcount table if needed) and returns errAgain: the new metadata
+// may sit where the caller meant to allocate, so the caller searches again,
+// from the start of its range (QEMU's -EAGAIN from alloc_refcount_block).
 func (img *Image) ensureRefblocksLocked(co *coroutine.Co, off, length uint64) error {
 	if length == 0 {
 		return nil
 	}
-	first, last := (off/img.cs)>>img.rbBits(), ((off+length-1)/img.cs)>>img.rbBits()
-	for i := first; i <= last; i++ {
+	bits := img.rbBits()
+	first, last := off/img.cs, (off+length-1)/img.cs
+	for i := first >> bits; i <= last>>bits; i++ {
 		rb, err := img.refblockOffsetLocked(co, i)
 		if err != nil {
 			return err
@@ -89,12 +92,7 @@ func (img *Image) ensureRefblocksLocked(co *coroutine.Co, off, length uint64) er
 		if rb != 0 {
 			continue
 		}
-		if i < uint64(len(img.reftable)) {
-			err = img.allocRefblockLocked(co, i)
-		} else {
-			err = img.growReftableLocked(co, i)
-		}
-		if err != nil {
+		if err := img.allocRefblockLocked(co, max(first, i<<bits)); err != nil {
 			return err
 		}
 		return errAgain
@@ -102,137 +100,250 @@ func (img *Image) ensureRefblocksLocked(co *coroutine.Co, off, length uint64) er
 	return nil
 }
 
-// allocRefblockLocked creates the refcount block for reftable index i,
-// which the table has room for, in the first cluster of the range it covers.
-func (img *Image) allocRefblockLocked(co *coroutine.Co, i uint64) error {
-	E := img.g.RefblockEntries()
-	c := i * E
-	if c == 0 {
-		return img.signalCorruptionLocked(co, &CorruptError{What: "no refcount block for the header cluster",
-			Table: "refcount table", Offset: img.rtOffset, Index: 0})
-	}
-	off := c * img.cs
-	if off > maxHostCluster-img.cs {
-		return unix.EFBIG
-	}
-	if err := img.checkOverlapLocked(co, off, img.cs, mkNone); err != nil {
+// allocRefblockLocked creates the missing refcount block for host cluster c
+// (QEMU's alloc_refcount_block). The block goes to the first free cluster;
+// if that lies in the range the block covers, the block counts itself,
+// else its refcount is recorded in the block that covers it. When the
+// refcount table has no entry for the block, a new table is built
+// (refcountAreaLocked). Returns nil once the block is hooked up.
+func (img *Image) allocRefblockLocked(co *coroutine.Co, c uint64) error {
+	bits, cs := img.rbBits(), img.cs
+	i := c >> bits
+	// The refcount table is written directly; L2 tables that depend on
+	// refcounts go first.
+	if err := img.l2Cache.flushLocked(co); err != nil {
 		return err
 	}
-	e, err := img.rcCache.getEmptyLocked(co, off)
+	nb, err := img.allocClustersNorefLocked(co, 1, maxHostCluster)
 	if err != nil {
 		return err
 	}
-	img.g.SetRefcount(e.buf, 0, 1) // the block counts itself
-	img.rcCache.markDirtyLocked(e)
-	img.rcCache.putLocked(e)
-	img.metaClusters[c] = mkRefBlock
-	if err := img.rcCache.flushLocked(co); err != nil {
-		delete(img.metaClusters, c)
-		img.rcCache.discardLocked(off, img.cs)
+	if nb == 0 {
+		return img.signalCorruptionLocked(co, &CorruptError{What: "preventing allocation of a refcount block at offset 0", Index: -1})
+	}
+	if err := img.checkOverlapLocked(co, nb, cs, mkNone); err != nil {
 		return err
 	}
-	buf := bdrv.AlignedBuffer(8, 8)
-	be.PutUint64(buf, off)
-	err = img.file.Pwritev(co, int64(img.rtOffset+i*8), bdrv.IOVec{buf}, 0)
-	if err == nil {
-		err = img.file.Flush(co)
-	}
-	if err != nil {
-		delete(img.metaClusters, c)
-		img.rcCache.discardLocked(off, img.cs)
-		return err
-	}
-	img.reftable[i] = off
-	return nil
-}
-
-// nextReftableEntries rounds a needed number of refcount table entries up,
-// growing by half each time as QEMU's next_refcount_table_size does, so the
-// table is not moved for every new refcount block.
-func (img *Image) nextReftableEntries(need uint64) uint64 {
-	perCluster := img.cs / 8
-	minClusters := need/perCluster + 1
-	clusters := max(1, uint64(len(img.reftable))/perCluster)
-	for minClusters > clusters {
-		clusters = (clusters*3 + 1) / 2
-	}
-	return clusters * perCluster
-}
-
-// growReftableLocked replaces the refcount table by a larger one that has an
-// entry for index i, as described at the top of this file.
-func (img *Image) growReftableLocked(co *coroutine.Co, i uint64) error {
-	cs, E := img.cs, img.g.RefblockEntries()
-	var entries, tableClusters uint64
-	blocks := uint64(1)
-	for {
-		entries = img.nextReftableEntries(i + blocks)
-		tableClusters = entries * 8 / cs
-		nb := (blocks + tableClusters + E - 1) / E
-		if nb <= blocks {
-			break
+	if (nb/cs)>>bits == i {
+		e, err := img.rcCache.getEmptyLocked(co, nb)
+		if err != nil {
+			return err
 		}
-		blocks = nb
+		img.g.SetRefcount(e.buf, (nb/cs)&(img.g.RefblockEntries()-1), 1) // it counts itself
+		img.rcCache.markDirtyLocked(e)
+		img.rcCache.putLocked(e)
+	} else {
+		// Counted elsewhere; that block may be missing too, then it is
+		// made first and the caller retries.
+		if err := img.ensureRefblocksLocked(co, nb, cs); err != nil {
+			return err
+		}
+		if err := img.updateRefcountLocked(co, nb, cs, 1, false, discardNever); err != nil {
+			return err
+		}
+		if err := img.rcCache.flushLocked(co); err != nil {
+			return err
+		}
+		e, err := img.rcCache.getEmptyLocked(co, nb)
+		if err != nil {
+			return err
+		}
+		img.rcCache.markDirtyLocked(e)
+		img.rcCache.putLocked(e)
 	}
-	if entries*8 > MaxRefcountTableBytes {
-		return unix.EFBIG
-	}
-	area := i * E // first cluster of the new metadata
-	areaEnd := area + blocks + tableClusters
-	if areaEnd > maxHostCluster/cs {
-		return unix.EFBIG
-	}
-	if err := img.checkOverlapLocked(co, area*cs, (blocks+tableClusters)*cs, mkNone); err != nil {
+	img.metaClusters[nb/cs] = mkRefBlock
+	if err := img.rcCache.flushLocked(co); err != nil {
 		return err
 	}
+	if i < uint64(len(img.reftable)) {
+		buf := bdrv.AlignedBuffer(8, 8)
+		be.PutUint64(buf, nb)
+		if err := img.checkOverlapLocked(co, img.rtOffset+i*8, 8, mkRefTable); err != nil {
+			return err
+		}
+		err := img.file.Pwritev(co, int64(img.rtOffset+i*8), bdrv.IOVec{buf}, 0)
+		if err == nil {
+			err = img.file.Flush(co)
+		}
+		if err != nil {
+			return err
+		}
+		img.reftable[i] = nb
+		return nil
+	}
+	// The table is too small: new refcount structures after everything
+	// the new block and cluster c need.
+	E := img.g.RefblockEntries()
+	blocksUsed := (max(c+1, nb/cs+1) + E - 1) / E
+	_, err = img.refcountAreaLocked(co, blocksUsed*E*cs, 0, false, i, nb)
+	return err
+}
 
-	// Refcount blocks for ranges i..i+blocks-1, counting the new area.
-	rb := bdrv.AlignedBuffer(int(blocks*cs), 4096)
-	for c := area; c < areaEnd; c++ {
-		b := (c - area) / E
-		img.g.SetRefcount(rb[b*cs:(b+1)*cs], c%E, 1)
+// refcountMetadataSize returns the refcount blocks and table clusters
+// needed to count clusters clusters plus themselves (QEMU's
+// qcow2_refcount_metadata_size); generous allows the table to grow by half.
+func refcountMetadataSize(clusters, cs uint64, order uint32, generous bool) (blocks, table uint64) {
+	perTable := cs / 8
+	perBlock := cs * 8 >> order
+	var n, last uint64
+	for {
+		last = n
+		blocks = (clusters + table + blocks + perBlock - 1) / perBlock
+		table = (blocks + perTable - 1) / perTable
+		n = clusters + blocks + table
+		if n == last && generous {
+			clusters += (table + 1) / 2
+			n = 0
+			generous = false
+		}
+		if n == last {
+			return blocks, table
+		}
 	}
-	if err := img.file.Pwritev(co, int64(area*cs), bdrv.IOVec{rb}, 0); err != nil {
-		return err
+}
+
+// maxReftableIndexLocked is the index of the last used refcount table
+// entry.
+func (img *Image) maxReftableIndexLocked() uint64 {
+	for i := len(img.reftable) - 1; i > 0; i-- {
+		if img.reftable[i] != 0 {
+			return uint64(i)
+		}
 	}
-	// The new table: the old entries plus the new blocks.
-	tb := bdrv.AlignedBuffer(int(tableClusters*cs), 4096)
-	newTable := make([]uint64, entries)
-	copy(newTable, img.reftable)
-	for b := uint64(0); b < blocks; b++ {
-		newTable[i+b] = (area + b) * cs
+	return 0
+}
+
+// refcountAreaLocked builds a new refcount table, and the refcount blocks
+// the image lacks, at host offset start, where everything must be free:
+// blocks first, then the table, all counting themselves; they are written
+// and flushed, the header switched to the new table in one write, and the
+// old table freed (QEMU's qcow2_refcount_area). The table is sized for the
+// image up to start plus additional clusters (with room to grow unless
+// exact), and may take over a block at newBlockOff for index newBlockIdx.
+// Returns the end of the new structures.
+func (img *Image) refcountAreaLocked(co *coroutine.Co, start, additional uint64, exact bool, newBlockIdx, newBlockOff uint64) (uint64, error) {
+	cs, E := img.cs, img.g.RefblockEntries()
+	totalBlocks, _ := refcountMetadataSize(start/cs+additional, cs, img.g.RefcountOrder, !exact)
+	tableSize := totalBlocks
+	if tableSize > MaxRefcountTableBytes/8 {
+		return 0, unix.EFBIG
 	}
+	tableSize = (tableSize + cs/8 - 1) / (cs / 8) * (cs / 8)
+	tableClusters := tableSize * 8 / cs
+	areaIdx := start / cs / E
+	if areaIdx >= tableSize {
+		return 0, fmt.Errorf("qcow2: internal error: refcount area index %d beyond table of %d: %w", areaIdx, tableSize, unix.EIO)
+	}
+	newTable := make([]uint64, tableSize)
+	if maxIdx := img.maxReftableIndexLocked(); tableSize > maxIdx {
+		copy(newTable, img.reftable[:maxIdx+1])
+	} else {
+		copy(newTable, img.reftable[:tableSize])
+	}
+	if newBlockOff != 0 {
+		newTable[newBlockIdx] = newBlockOff
+	}
+	var added uint64
+	for i := areaIdx; i < totalBlocks; i++ {
+		if newTable[i] == 0 {
+			added++
+		}
+	}
+	tableOff := start + added*cs
+	end := tableOff + tableClusters*cs
+	if end > maxHostCluster {
+		return 0, unix.EFBIG
+	}
+	if err := img.checkOverlapLocked(co, start, end-start, mkNone); err != nil {
+		return 0, err
+	}
+	blockOff := start
+	for i := areaIdx; i < totalBlocks; i++ {
+		var e *cacheEntry
+		var err error
+		if newTable[i] != 0 {
+			e, err = img.rcCache.getLocked(co, newTable[i])
+		} else {
+			e, err = img.rcCache.getEmptyLocked(co, blockOff)
+			if err == nil {
+				img.rcCache.markDirtyLocked(e)
+				newTable[i] = blockOff
+				img.metaClusters[blockOff/cs] = mkRefBlock
+				blockOff += cs
+			}
+		}
+		if err != nil {
+			return 0, err
+		}
+		first := i * E * cs // first host offset the block covers
+		if first < end {
+			j := uint64(0)
+			if first < start {
+				j = (start - first) / cs
+			}
+			for endIdx := min((end-first)/cs, E); j < endIdx; j++ {
+				img.g.SetRefcount(e.buf, j, 1)
+			}
+			img.rcCache.markDirtyLocked(e)
+		}
+		img.rcCache.putLocked(e)
+	}
+	if err := img.rcCache.flushLocked(co); err != nil {
+		return 0, err
+	}
+	tb := bdrv.AlignedBuffer(int(tableSize*8), 4096)
 	for k, v := range newTable {
 		be.PutUint64(tb[k*8:], v)
 	}
-	tableOff := (area + blocks) * cs
 	if err := img.file.Pwritev(co, int64(tableOff), bdrv.IOVec{tb}, 0); err != nil {
-		return err
+		return 0, err
 	}
 	if err := img.file.Flush(co); err != nil {
-		return err
+		return 0, err
 	}
-	// Switch the header to the new table in one write.
 	hb := bdrv.AlignedBuffer(12, 8)
 	be.PutUint64(hb, tableOff)
 	be.PutUint32(hb[8:], uint32(tableClusters))
 	if err := img.file.Pwritev(co, 48, bdrv.IOVec{hb}, 0); err != nil {
-		return err
+		return 0, err
 	}
 	if err := img.file.Flush(co); err != nil {
-		return err
+		return 0, err
 	}
 	oldOff, oldClusters := img.rtOffset, uint64(img.rtCluster)
 	img.reftable, img.rtOffset, img.rtCluster = newTable, tableOff, uint32(tableClusters)
 	img.hdrMu.Lock()
 	img.hdr.RefcountTableOffset, img.hdr.RefcountTableClusters = tableOff, uint32(tableClusters)
 	img.hdrMu.Unlock()
-	for b := uint64(0); b < blocks; b++ {
-		img.metaClusters[area+b] = mkRefBlock
+	if err := img.freeClustersLocked(co, oldOff, oldClusters*cs, discardOther); err != nil {
+		return 0, err
 	}
-	// Freeing the old table cannot need a new refcount block: its
-	// clusters are counted already.
-	return img.freeClustersLocked(co, oldOff, oldClusters*cs, discardOther)
+	return end, nil
+}
+
+// lastClusterLocked returns the last cluster below size bytes of file with
+// a nonzero refcount, or -1 (QEMU's qcow2_get_last_cluster).
+func (img *Image) lastClusterLocked(co *coroutine.Co, size uint64) (int64, error) {
+	E := img.g.RefblockEntries()
+	for c := (size + img.cs - 1) / img.cs; c > 0; {
+		c--
+		rb, err := img.refblockOffsetLocked(co, c>>img.rbBits())
+		if err != nil {
+			return 0, err
+		}
+		if rb == 0 {
+			c -= c % E
+			continue
+		}
+		rc, err := img.getRefcountLocked(co, c)
+		if err != nil {
+			return 0, err
+		}
+		if rc > 0 {
+			return int64(c), nil
+		}
+	}
+	return -1, nil
 }
 
 // updateRefcountLocked adds addend to (or, with decrease, subtracts it from)
@@ -422,6 +533,8 @@ func (img *Image) allocClustersLocked(co *coroutine.Co, n uint64) (uint64, error
 			return 0, err
 		}
 		if err := img.ensureRefblocksLocked(co, off, n*img.cs); err == errAgain {
+			// Try the same clusters first (QEMU's update_refcount).
+			img.freeClusterIndex = min(img.freeClusterIndex, off/img.cs)
 			continue
 		} else if err != nil {
 			return 0, err
@@ -461,6 +574,7 @@ func (img *Image) allocClustersAtLocked(co *coroutine.Co, off, n uint64) (uint64
 			return 0, nil
 		}
 		if err := img.ensureRefblocksLocked(co, off, i*img.cs); err == errAgain {
+			img.freeClusterIndex = min(img.freeClusterIndex, off/img.cs)
 			continue
 		} else if err != nil {
 			return 0, err
@@ -504,12 +618,16 @@ func (img *Image) allocBytesLocked(co *coroutine.Co, size uint64) (uint64, error
 			if err != nil {
 				return 0, err
 			}
+			if nc == 0 {
+				return 0, img.signalCorruptionLocked(co, &CorruptError{What: "preventing invalid allocation of compressed cluster at offset 0", Index: -1})
+			}
 			if off == 0 || (off+img.cs-1)/img.cs*img.cs != nc {
 				off = nc
 			}
 		}
 		if err := img.ensureRefblocksLocked(co, off, size); err == errAgain {
 			// The new metadata may have taken our clusters.
+			img.freeClusterIndex = min(img.freeClusterIndex, off/img.cs)
 			img.freeByteOffset = 0
 			continue
 		} else if err != nil {
