@@ -205,6 +205,10 @@ wait $fg
 check fg-sigint-exit test $? -eq 0
 check fg-gone sh -c "! test -e $dev && ! test -e /run/ublkimg/ublkb0.json"
 
+dev=$(cd /tmp && ublkimg attach b.img)
+check relative-path sh -c "ublkimg list | grep -q '/tmp/b.img'"
+check relative-detach ublkimg detach "$dev"
+
 dev=$(ublkimg attach --id 3 /tmp/a.img)
 check id3 test "$dev" = /dev/ublkb3
 expect_fail err-in-use "lock" ublkimg attach /tmp/a.img

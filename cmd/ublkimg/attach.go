@@ -129,19 +129,29 @@ func attachAction(c *cli.Context) error {
 	if _, err := os.Stat(o.image); err != nil && !strings.Contains(o.image, "://") {
 		return fmt.Errorf("Could not open '%s': %w", o.image, errnoText(err))
 	}
-	return startBackground(c)
+	return startBackground(c, o.image)
 }
 
 // startBackground re-executes ublkimg as `attach --foreground` with the same
 // arguments in a new session, detached from the terminal, and waits for its
 // report: the device path once the device is live, or why it failed. (Go
 // cannot fork without exec.)
-func startBackground(c *cli.Context) error {
+func startBackground(c *cli.Context, image string) error {
 	exe, err := os.Executable()
 	if err != nil {
 		return fmt.Errorf("attach: finding ublkimg itself: %w", err)
 	}
 	args := foregroundArgs(os.Args[1:], c.Command.Name)
+	// The server runs from /, so that it keeps no directory busy: give
+	// it the image by its absolute name.
+	if abs, err := filepath.Abs(image); err == nil && !strings.Contains(image, "://") {
+		for i := len(args) - 1; i >= 0; i-- {
+			if args[i] == image {
+				args[i] = abs
+				break
+			}
+		}
+	}
 	r, w, err := os.Pipe()
 	if err != nil {
 		return fmt.Errorf("attach: %w", err)
