@@ -168,8 +168,9 @@ func TestFormattingOptions(t *testing.T) {
 		{"cluster_size=4k,lazy_refcounts,compat=v3,extended_l2=yes", "1048576"},
 		{"encryption=off,nocow=off", "1024"},
 		{"compat=0.10,refcount_bits=016,preallocation=metadata", "1048576"},
-		{"backing_file=a.qcow2,backing_fmt=qcow2,data_file=d,extended_l2=on,preallocation=falloc,compression_type=zstd", "1048576"},
+		{"backing_file=a.qcow2,backing_fmt=qcow2,data_file=DATA,extended_l2=on,preallocation=falloc,compression_type=zstd", "1048576"},
 	} {
+		c.opts = strings.ReplaceAll(c.opts, "DATA", filepath.Join(t.TempDir(), "d.raw"))
 		args := []string{"create", "-f", "qcow2", "-u"}
 		if c.opts != "" {
 			args = append(args, "-o", c.opts)
