@@ -1,0 +1,1523 @@
+package qcow2
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"strings"
+
+	"golang.org/x/sys/unix"
+
+	"ublkimg/bdrv"
+	"ublkimg/coroutine"
+)
+
+// This file is the consistency checker behind `check` (QEMU's
+// qcow2_co_check_locked and qcow2_check_refcounts, block/qcow2-refcount.c,
+// with the snapshot table checks of block/qcow2-snapshot.c and the bitmap
+// walk of block/qcow2-bitmap.c), kept apart from the driver core: it reads
+// and writes only the image's protocol node and keeps all its state in a
+// chkState that lives for one pass. check_repair.go holds what a repair
+// writes.
+//
+// The messages are QEMU 7.2's, word for word, because scripts grep them, and
+// the counting follows QEMU step by step (which problems count as
+// corruptions, which as leaks, when a repair needs the refcount structure
+// rebuilt), so that ublkimg check and qemu-img check agree on every image.
+
+// CheckResult is the outcome of Check: QEMU's BdrvCheckResult plus the lines
+// qemu-img prints while checking, and what it needs to print the summary
+// (its ImageCheck).
+type CheckResult struct {
+	// Corruptions are errors left in the image, Leaks clusters that are
+	// allocated but unused, CheckErrors problems that kept the check from
+	// looking at part of the image (I/O errors, impossible repairs).
+	Corruptions, Leaks, CheckErrors int
+	// CorruptionsFixed and LeaksFixed count the repairs made.
+	CorruptionsFixed, LeaksFixed int
+	// ImageEndOffset is the end of the last cluster in use or referenced.
+	ImageEndOffset int64
+	// Allocation statistics of the active L1 table (QEMU's BlockFragInfo):
+	// clusters of the virtual disk, allocated ones, allocated ones not
+	// contiguous with their predecessor in the file, compressed ones.
+	TotalClusters, AllocatedClusters, FragmentedClusters, CompressedClusters int64
+
+	// Messages are the lines qemu-img prints to stderr while checking, such
+	// as "Leaked cluster 5 refcount=1 reference=0", in order. Lines QEMU
+	// prints through error_report lack its "qemu-img: " prefix; a CLI adds
+	// its own program name.
+	Messages []string
+
+	// Repaired is set when the check repaired something and then checked the
+	// image again without repairing, as qemu-img check -r does ("Double
+	// checking the fixed image now..."). The counts above are then those of
+	// the second pass, except CorruptionsFixed and LeaksFixed, and
+	// RepairMessages holds the lines the repairing pass printed.
+	Repaired       bool
+	RepairMessages []string
+}
+
+// FixMode selects what Check repairs (QEMU's BdrvCheckMode).
+type FixMode int
+
+// Repair modes; 0 only checks.
+const (
+	// FixLeaks decreases the refcounts of leaked clusters (check -r leaks).
+	FixLeaks FixMode = 1 << iota
+	// FixErrors repairs corruptions: refcounts that are too low, wrong
+	// COPIED flags, broken snapshot tables, and refcount structures that
+	// must be rebuilt.
+	FixErrors
+	// FixAll is check -r all.
+	FixAll = FixLeaks | FixErrors
+)
+
+// CheckFailedError reports that the check could not complete (QEMU's
+// bdrv_check returning -errno). qemu-img prints the messages gathered so far
+// and then "qemu-img: Check failed: <strerror>", prints no summary, and exits
+// with status 1; Error returns that line without the program name.
+type CheckFailedError struct {
+	Errno unix.Errno
+}
+
+// Error returns qemu-img's line, with glibc's wording of the errno.
+func (e *CheckFailedError) Error() string { return "Check failed: " + strerror(e.Errno) }
+
+// Unwrap returns the errno.
+func (e *CheckFailedError) Unwrap() error { return e.Errno }
+
+// strerror words an errno the way glibc does; Go's strings are glibc's with
+// a lower-case first letter.
+func strerror(e unix.Errno) string {
+	s := e.Error()
+	if s == "" {
+		return s
+	}
+	return strings.ToUpper(s[:1]) + s[1:]
+}
+
+// errnoOf returns the errno an error carries, EIO if none.
+func errnoOf(err error) unix.Errno {
+	var e unix.Errno
+	if errors.As(err, &e) && e != 0 {
+		return e
+	}
+	return unix.EIO
+}
+
+// Check checks the consistency of the qcow2 image in file and, depending on
+// fix, repairs it, the way `qemu-img check [-r leaks|all]` does.
+//
+// It walks every structure of the image (header cluster, active L1 and L2
+// tables and the data clusters they map, including compressed ones, every
+// internal snapshot's L1 and L2 tables, the snapshot table, the refcount
+// table and blocks, the bitmap directory and bitmap tables, the LUKS header
+// area), counts the references to each host cluster in memory, and compares
+// the counts with the stored refcounts; it also checks table entries, the
+// COPIED flags of the active tables and the snapshot table. With a fix mode
+// it repairs what it may (decreasing refcounts of leaked clusters,
+// increasing too-low ones, correcting COPIED flags, rebuilding an unusable
+// refcount structure, rewriting a broken snapshot table), and after a repair
+// without remaining errors clears the dirty and corrupt bits; opening for
+// repair also clears unknown autoclear bits, as QEMU's read-write open does.
+// When something was repaired, the image is checked once more without
+// repairing and that result is returned (see CheckResult.Repaired).
+//
+// Check reads and writes only file, the image's protocol node; the caller
+// must not have the image open through a driver that caches metadata, or
+// must flush those caches before and drop them after. file must be writable
+// when fix is not 0.
+//
+// The in-memory refcount table takes refcount_bits bits per host cluster of
+// the file; images whose table would exceed 1 GiB, or with more than
+// 2^31-1 clusters (QEMU's limit), fail the check instead.
+//
+// Errors: a *HeaderError or *UnsupportedFeatureError (through
+// errors.Is ErrInvalid / ErrUnsupported) when the image cannot be opened at
+// all (qemu-img: "Could not open"), with a nil result; a *CheckFailedError
+// when the check could not complete, with the partial result, whose Messages
+// should be printed before the error.
+func Check(co *coroutine.Co, file *bdrv.Node, fix FixMode) (*CheckResult, error) {
+	if fix != 0 && file.ReadOnly {
+		return nil, fmt.Errorf("qcow2: repairing %s: %w", file.Filename, unix.EROFS)
+	}
+	r, err := checkPass(co, file, fix)
+	if err != nil || fix == 0 || (r.CorruptionsFixed == 0 && r.LeaksFixed == 0) {
+		return r, err
+	}
+	r2, err := checkPass(co, file, 0)
+	if r2 == nil {
+		return r, err
+	}
+	r2.CorruptionsFixed, r2.LeaksFixed = r.CorruptionsFixed, r.LeaksFixed
+	r2.Repaired = true
+	r2.RepairMessages = r.Messages
+	return r2, err
+}
+
+// Limits of the checker's memory use.
+const (
+	// chkMaxClusters is QEMU's limit on the clusters of an image file it
+	// checks (nb_clusters > INT_MAX fails with EFBIG).
+	chkMaxClusters = math.MaxInt32
+	// chkMaxRefArrayBytes bounds the in-memory refcount table; larger ones
+	// fail the check with ENOMEM, as QEMU's allocation would.
+	chkMaxRefArrayBytes = 1 << 30
+	// chkMaxGrow bounds how far the repair of a refcount block beyond the
+	// end of the file may grow the file (QEMU grows the file to include it,
+	// wherever it is); farther blocks make the refcount structure be
+	// rebuilt instead, as when QEMU cannot grow the file.
+	chkMaxGrow = 64 << 20
+	// chkReadChunk is the unit in which tables are read.
+	chkReadChunk = 1 << 20
+)
+
+// chkCounts is QEMU's BdrvCheckResult: the counts of one part of a check.
+type chkCounts struct {
+	corruptions, leaks, checkErrors     int
+	corruptionsFixed, leaksFixed        int
+	imageEndOffset                      int64
+	total, allocated, fragmented, compr int64
+}
+
+// add adds src's counts to c, and its allocation information when
+// withAlloc (qcow2_add_check_result).
+func (c *chkCounts) add(src *chkCounts, withAlloc bool) {
+	c.corruptions += src.corruptions
+	c.leaks += src.leaks
+	c.checkErrors += src.checkErrors
+	c.corruptionsFixed += src.corruptionsFixed
+	c.leaksFixed += src.leaksFixed
+	if withAlloc {
+		c.imageEndOffset = src.imageEndOffset
+		c.total, c.allocated, c.fragmented, c.compr = src.total, src.allocated, src.fragmented, src.compr
+	}
+}
+
+// chkState is one pass of the checker over an image: what QEMU keeps in
+// BDRVQcow2State while checking, read from the file at the start of the
+// pass.
+type chkState struct {
+	co   *coroutine.Co
+	file *bdrv.Node
+	fix  FixMode
+
+	h  *Header
+	g  Geometry
+	cs uint64 // cluster size
+	// rbBits is log2 of the entries in a refcount block.
+	rbBits   uint32
+	refMax   uint64
+	dataFile bool
+	// diskSize is the virtual size as QEMU sees it (whole sectors).
+	diskSize uint64
+	// incompat and autoclear are the feature bits as on disk now.
+	incompat, autoclear uint64
+
+	l1Offset uint64
+	l1Size   uint32
+	// l1 is the active L1 table as read when the pass started (QEMU's
+	// s->l1_table); entries past its end were past the end of the file and
+	// are zero.
+	l1 []uint64
+
+	reftableOffset uint64
+	// reftable is the refcount table (s->refcount_table); it has
+	// refcount_table_clusters * cluster_size / 8 entries.
+	reftable []uint64
+
+	nbSnapshots     uint32
+	snapshotsOffset uint64
+	snapshotsSize   uint64
+	snaps           []Snapshot
+
+	nbBitmaps                      uint32
+	bitmapDirOffset, bitmapDirSize uint64
+
+	// freeCluster is where the search for free clusters starts
+	// (s->free_cluster_index).
+	freeCluster uint64
+	// rbCache holds recently used refcount blocks read from the file.
+	rbCache []*chkCachedBlock
+	// signaled is set once a corruption was signalled; later ones are
+	// suppressed as in QEMU.
+	signaled bool
+	// dead is set when a repair write was refused as a fatal corruption:
+	// QEMU then stops using the image (bs->drv = NULL), so refcount blocks
+	// still cached are never written.
+	dead  bool
+	wrote bool
+
+	msgs []string
+}
+
+func (c *chkState) msg(format string, args ...any) {
+	c.msgs = append(c.msgs, fmt.Sprintf(format, args...))
+}
+
+// repairWord is QEMU's `fix & BDRV_FIX_ERRORS ? "Repairing" : "ERROR"`.
+func (c *chkState) repairWord() string {
+	if c.fix&FixErrors != 0 {
+		return "Repairing"
+	}
+	return "ERROR"
+}
+
+// chex formats v like C's "%#x": without the 0x prefix for zero.
+func chex(v uint64) string {
+	if v == 0 {
+		return "0"
+	}
+	return fmt.Sprintf("%#x", v)
+}
+
+// checkPass runs one pass of qcow2_co_check_locked.
+func checkPass(co *coroutine.Co, file *bdrv.Node, fix FixMode) (*CheckResult, error) {
+	c := &chkState{co: co, file: file, fix: fix}
+	if err := c.open(); err != nil {
+		return nil, err
+	}
+	var total, snapRes, rcRes chkCounts
+	result := func(err error) (*CheckResult, error) {
+		if err == nil && c.wrote {
+			if ferr := c.file.Flush(c.co); ferr != nil {
+				total.checkErrors++
+				err = ferr
+			}
+		}
+		r := &CheckResult{
+			Corruptions: total.corruptions, Leaks: total.leaks, CheckErrors: total.checkErrors,
+			CorruptionsFixed: total.corruptionsFixed, LeaksFixed: total.leaksFixed,
+			ImageEndOffset: total.imageEndOffset, TotalClusters: total.total,
+			AllocatedClusters: total.allocated, FragmentedClusters: total.fragmented,
+			CompressedClusters: total.compr, Messages: c.msgs,
+		}
+		if err != nil {
+			return r, &CheckFailedError{Errno: errnoOf(err)}
+		}
+		return r, nil
+	}
+
+	// A read-write open clears autoclear bits this implementation does not
+	// know (qcow2_do_open), before anything else is looked at.
+	if fix != 0 && c.h.Version >= 3 && c.autoclear&^AutoclearKnown != 0 {
+		if err := c.writeFeatures(c.incompat, c.autoclear&AutoclearKnown); err != nil {
+			return nil, err
+		}
+	}
+
+	if err := c.checkReadSnapshotTable(&snapRes); err != nil {
+		total.add(&snapRes, false)
+		return result(err)
+	}
+	err := c.checkRefcounts(&rcRes)
+	total.add(&rcRes, true)
+	if err != nil {
+		total.add(&snapRes, false)
+		return result(err)
+	}
+	err = c.checkFixSnapshotTable(&snapRes)
+	total.add(&snapRes, false)
+	if err != nil {
+		return result(err)
+	}
+	if fix != 0 && total.checkErrors == 0 && total.corruptions == 0 {
+		// qcow2_mark_clean, then qcow2_mark_consistent.
+		if bits := c.incompat &^ (IncompatDirty | IncompatCorrupt); bits != c.incompat {
+			if err := c.flushRefblocks(); err != nil {
+				return result(err)
+			}
+			if err := c.writeFeatures(bits, c.autoclear); err != nil {
+				return result(err)
+			}
+		}
+	}
+	return result(c.flushRefblocks())
+}
+
+// open reads what QEMU's qcow2_do_open reads in check mode: the header
+// (without trusting the snapshot table pointer, which the check reads
+// itself, and accepting a missing refcount table, which a repair rebuilds),
+// the active L1 table and the refcount table.
+func (c *chkState) open() error {
+	head := make([]byte, 512)
+	if err := c.pread(0, head); err != nil {
+		return err
+	}
+	cb := be.Uint32(head[20:])
+	n := uint64(512)
+	if cb >= MinClusterBits && cb <= MaxClusterBits {
+		n = 1 << cb
+	}
+	b := make([]byte, n)
+	if err := c.pread(0, b); err != nil {
+		return err
+	}
+	raw := struct {
+		l1Size              uint32
+		l1Offset, rtOffset  uint64
+		rtClusters, nbSnaps uint32
+		snapOffset          uint64
+	}{be.Uint32(b[36:]), be.Uint64(b[40:]), be.Uint64(b[48:]), be.Uint32(b[56:]), be.Uint32(b[60:]), be.Uint64(b[64:])}
+
+	// Validate a copy in which the fields the check treats itself look
+	// harmless; ParseHeader checks everything else as an open would.
+	sane := append([]byte(nil), b...)
+	be.PutUint32(sane[60:], 0)
+	be.PutUint64(sane[64:], 0)
+	if raw.rtOffset == 0 {
+		be.PutUint64(sane[48:], n)
+	}
+	if raw.rtClusters == 0 {
+		be.PutUint32(sane[56:], 1)
+	}
+	if raw.l1Offset == 0 && raw.l1Size != 0 {
+		be.PutUint64(sane[40:], n)
+	}
+	h, err := ParseHeader(sane, -1)
+	if err != nil {
+		return err
+	}
+	c.h = h
+	c.g = h.Geometry()
+	c.cs = h.ClusterSize()
+	c.rbBits = h.ClusterBits + 3 - h.RefcountOrder
+	c.refMax = c.g.RefcountMax()
+	c.dataFile = h.HasDataFile()
+	c.diskSize = h.Size / 512 * 512
+	c.incompat, c.autoclear = h.IncompatibleFeatures, h.AutoclearFeatures
+	c.l1Offset, c.l1Size = raw.l1Offset, raw.l1Size
+	c.reftableOffset = raw.rtOffset
+	// QEMU's qcow2_validate_table for the refcount table, which a check
+	// open still applies: the size limit and alignment (ParseHeader checked
+	// both unless the table was missing).
+	if uint64(raw.rtClusters) > MaxRefcountTableBytes/c.cs {
+		return invalid("refcount_table_clusters", "%d too large", raw.rtClusters)
+	}
+	if raw.rtOffset&(c.cs-1) != 0 || raw.rtOffset > math.MaxInt64-uint64(raw.rtClusters)*c.cs {
+		return invalid("refcount_table_offset", "%#x invalid", raw.rtOffset)
+	}
+	c.nbSnapshots, c.snapshotsOffset = raw.nbSnaps, raw.snapOffset
+	if h.Bitmaps != nil {
+		c.nbBitmaps = h.Bitmaps.Count
+		c.bitmapDirOffset, c.bitmapDirSize = h.Bitmaps.DirectoryOffset, h.Bitmaps.DirectorySize
+	}
+
+	if c.l1, err = c.readTable(c.l1Offset, uint64(c.l1Size)); err != nil {
+		return err
+	}
+	rtEntries := uint64(raw.rtClusters) * c.cs / 8
+	t, err := c.readTable(c.reftableOffset, rtEntries)
+	if err != nil {
+		return err
+	}
+	// Entries past the end of the file read as zero: keep the full length,
+	// lookups depend on it.
+	c.reftable = make([]uint64, rtEntries)
+	copy(c.reftable, t)
+	return nil
+}
+
+// pread reads len(b) bytes at off; the part beyond the end of the file reads
+// as zeros.
+func (c *chkState) pread(off uint64, b []byte) error {
+	if off > math.MaxInt64/2 || uint64(len(b)) > math.MaxInt64/2-off {
+		return unix.EIO
+	}
+	return c.file.Preadv(c.co, int64(off), bdrv.IOVec{b}, 0)
+}
+
+// pwrite writes b at off.
+func (c *chkState) pwrite(off uint64, b []byte) error {
+	if off > math.MaxInt64/2 || uint64(len(b)) > math.MaxInt64/2-off {
+		return unix.EIO
+	}
+	c.wrote = true
+	return c.file.Pwritev(c.co, int64(off), bdrv.IOVec{b}, 0)
+}
+
+func (c *chkState) fileLen() uint64 { return uint64(max(c.file.Length(), 0)) }
+
+// inFile returns how many of n bytes at off lie before the end of the file:
+// tables are read only that far, the rest reads as zeros and zero entries
+// reference nothing.
+func (c *chkState) inFile(off, n uint64) uint64 {
+	l := c.fileLen()
+	if off >= l {
+		return 0
+	}
+	return min(n, l-off)
+}
+
+// readTable reads a table of n big-endian 64-bit entries at off, only as far
+// as the file goes: the returned slice may be shorter than n, missing
+// entries are zero.
+func (c *chkState) readTable(off, n uint64) ([]uint64, error) {
+	have := c.inFile(off, n*8) / 8
+	t := make([]uint64, have)
+	buf := make([]byte, min(have*8, chkReadChunk))
+	for i := uint64(0); i < have; {
+		k := min(have-i, uint64(len(buf))/8)
+		if err := c.pread(off+i*8, buf[:k*8]); err != nil {
+			return nil, err
+		}
+		for j := range k {
+			t[i+j] = be.Uint64(buf[j*8:])
+		}
+		i += k
+	}
+	return t, nil
+}
+
+func (c *chkState) sizeToClusters(n uint64) uint64 { return (n + c.cs - 1) >> c.h.ClusterBits }
+
+// ---------------------------------------------------------------------------
+// In-memory refcount table
+
+// chkRefs is QEMU's in-memory refcount table (IMRT): one refcount_bits-wide
+// entry per host cluster, packed exactly like refcount blocks, so that each
+// cluster-sized slice of buf is a valid refcount block for the corresponding
+// range of clusters (a rebuild writes them out as they are).
+type chkRefs struct {
+	g   Geometry
+	cs  uint64
+	buf []byte // a whole number of clusters
+	n   uint64 // entries in use (QEMU's nb_clusters)
+}
+
+// resize makes the table hold n entries, zeroing new ones
+// (realloc_refcount_array). It fails with ENOMEM beyond the memory limit.
+func (r *chkRefs) resize(n uint64) error {
+	if n >= 1<<(64-MinClusterBits) {
+		return unix.ENOMEM
+	}
+	bytes := (n<<r.g.RefcountOrder + 7) / 8
+	bytes = (bytes + r.cs - 1) / r.cs * r.cs
+	if bytes > chkMaxRefArrayBytes {
+		return unix.ENOMEM
+	}
+	if bytes != uint64(len(r.buf)) {
+		nb := make([]byte, bytes)
+		copy(nb, r.buf)
+		r.buf = nb
+	}
+	r.n = n
+	return nil
+}
+
+func (r *chkRefs) get(i uint64) uint64 {
+	v, _ := r.g.Refcount(r.buf, i)
+	return v
+}
+
+func (r *chkRefs) set(i, v uint64) { _ = r.g.SetRefcount(r.buf, i, v) }
+
+// ---------------------------------------------------------------------------
+// Snapshot table (block/qcow2-snapshot.c)
+
+// checkReadSnapshotTable reads the snapshot table for the check
+// (qcow2_check_read_snapshot_table): with FixErrors, snapshots beyond QEMU's
+// limits are dropped and oversized extra data is truncated.
+func (c *chkState) checkReadSnapshotTable(res *chkCounts) error {
+	nbReduced := 0
+	if c.nbSnapshots > MaxSnapshots && c.fix&FixErrors != 0 {
+		c.msg("Discarding %d overhanging snapshots", c.nbSnapshots-MaxSnapshots)
+		nbReduced += int(c.nbSnapshots - MaxSnapshots)
+		c.nbSnapshots = MaxSnapshots
+	}
+	// qcow2_validate_table(snapshots_offset, nb_snapshots, 40, 40*65536).
+	var verr string
+	var errno unix.Errno
+	switch {
+	case c.nbSnapshots > MaxSnapshots:
+		verr, errno = "snapshot table too large", unix.EFBIG
+	case c.snapshotsOffset > math.MaxInt64-uint64(c.nbSnapshots)*SnapshotHeaderSize ||
+		c.snapshotsOffset&(c.cs-1) != 0:
+		verr, errno = "snapshot table offset invalid", unix.EINVAL
+	}
+	if verr != "" {
+		res.checkErrors++
+		c.msg("ERROR %s", verr)
+		if c.nbSnapshots > MaxSnapshots {
+			c.msg("You can force-remove all %d overhanging snapshots with qemu-img check -r all",
+				c.nbSnapshots-MaxSnapshots)
+		}
+		c.nbSnapshots, c.snapshotsOffset = 0, 0
+		return errno
+	}
+
+	extraDropped := 0
+	snaps, size, reduced, dropped, err := c.readSnapshots(c.fix&FixErrors != 0)
+	if err != nil {
+		res.checkErrors++
+		var re *chkSnapReadError
+		if errors.As(err, &re) {
+			c.msg("ERROR failed to read the snapshot table: %s", re.msg)
+			if re.hint != "" {
+				c.msg("%s", re.hint)
+			}
+		} else {
+			c.msg("ERROR failed to read the snapshot table: Failed to read snapshot table: %s", strerror(errnoOf(err)))
+		}
+		c.nbSnapshots, c.snapshotsOffset = 0, 0
+		return err
+	}
+	nbReduced += reduced
+	extraDropped += dropped
+	c.snaps, c.snapshotsSize = snaps, size
+	c.nbSnapshots = uint32(len(snaps))
+	res.corruptions += nbReduced + extraDropped
+
+	if nbReduced > 0 {
+		// Updated now: the refcount check relies on nb_snapshots matching
+		// the header; the clusters leaked are repaired by it.
+		var b [4]byte
+		be.PutUint32(b[:], c.nbSnapshots)
+		err := c.pwrite(60, b[:])
+		if err == nil {
+			err = c.file.Flush(c.co)
+		}
+		if err != nil {
+			res.checkErrors++
+			c.msg("ERROR failed to update the snapshot count in the image header: %s", strerror(errnoOf(err)))
+			return err
+		}
+		res.corruptionsFixed += nbReduced
+		res.corruptions -= nbReduced
+	}
+
+	if c.h.Version >= 3 {
+		for i, s := range c.snaps {
+			if s.ExtraDataSize < snapshotExtraV3 {
+				res.corruptions++
+				c.msg("%s snapshot table entry %d is incomplete", c.repairWord(), i)
+			}
+		}
+	}
+	return nil
+}
+
+// chkSnapReadError is a snapshot table read error with QEMU's wording.
+type chkSnapReadError struct {
+	msg, hint string
+	errno     unix.Errno
+}
+
+func (e *chkSnapReadError) Error() string { return e.msg }
+func (e *chkSnapReadError) Unwrap() error { return e.errno }
+
+// chkReader reads a byte stream from the file through a buffer.
+type chkReader struct {
+	c      *chkState
+	bufOff uint64
+	buf    []byte
+}
+
+func (r *chkReader) read(off uint64, dst []byte) error {
+	for len(dst) > 0 {
+		if off < r.bufOff || off >= r.bufOff+uint64(len(r.buf)) {
+			if r.buf == nil {
+				r.buf = make([]byte, 64<<10)
+			}
+			r.bufOff = off
+			if err := r.c.pread(off, r.buf); err != nil {
+				r.bufOff, r.buf = 0, nil
+				return err
+			}
+		}
+		n := copy(dst, r.buf[off-r.bufOff:])
+		dst = dst[n:]
+		off += uint64(n)
+	}
+	return nil
+}
+
+// readSnapshots reads nb_snapshots entries from snapshots_offset
+// (qcow2_do_read_snapshots). With repair, too much extra data is truncated
+// and a table growing beyond QEMU's limits is cut short; it returns how many
+// snapshots were cut and how many entries lost extra data.
+func (c *chkState) readSnapshots(repair bool) (snaps []Snapshot, size uint64, reduced, dropped int, err error) {
+	if c.nbSnapshots == 0 {
+		return nil, 0, 0, 0, nil
+	}
+	r := &chkReader{c: c}
+	off := c.snapshotsOffset
+	tableLen := uint64(0)
+	for i := 0; i < int(c.nbSnapshots); i++ {
+		truncate := false
+		pre := off
+		tableLen = (tableLen + 7) &^ 7
+		off = (off + 7) &^ 7
+		var hb [SnapshotHeaderSize]byte
+		if err := r.read(off, hb[:]); err != nil {
+			return nil, 0, 0, 0, err
+		}
+		off += SnapshotHeaderSize
+		s := Snapshot{
+			L1TableOffset: be.Uint64(hb[0:]),
+			L1Size:        be.Uint32(hb[8:]),
+			VMStateSize:   uint64(be.Uint32(hb[32:])),
+			DateSec:       be.Uint32(hb[16:]),
+			DateNsec:      be.Uint32(hb[20:]),
+			VMClockNsec:   be.Uint64(hb[24:]),
+			ExtraDataSize: be.Uint32(hb[36:]),
+			Icount:        -1,
+		}
+		idLen, nameLen := uint64(be.Uint16(hb[12:])), uint64(be.Uint16(hb[14:]))
+		if s.ExtraDataSize > MaxSnapshotExtraData {
+			if !repair {
+				return nil, 0, 0, 0, &chkSnapReadError{
+					msg:   fmt.Sprintf("Too much extra metadata in snapshot table entry %d", i),
+					hint:  "You can force-remove this extra metadata with qemu-img check -r all",
+					errno: unix.EFBIG,
+				}
+			}
+			c.msg("Discarding too much extra metadata in snapshot table entry %d (%d > %d)",
+				i, s.ExtraDataSize, MaxSnapshotExtraData)
+			dropped++
+			truncate = true
+		}
+		var extra [snapshotExtraKnown]byte
+		known := min(snapshotExtraKnown, uint64(s.ExtraDataSize))
+		if err := r.read(off, extra[:known]); err != nil {
+			return nil, 0, 0, 0, err
+		}
+		off += known
+		if s.ExtraDataSize >= 8 {
+			s.VMStateSize = be.Uint64(extra[0:])
+		}
+		if s.ExtraDataSize >= 16 {
+			s.DiskSize = be.Uint64(extra[8:])
+		} else {
+			s.DiskSize = c.diskSize
+		}
+		if s.ExtraDataSize >= 24 {
+			s.Icount = int64(be.Uint64(extra[16:]))
+		}
+		if s.ExtraDataSize > snapshotExtraKnown {
+			end := off + uint64(s.ExtraDataSize) - snapshotExtraKnown
+			if truncate {
+				s.ExtraDataSize = MaxSnapshotExtraData
+			}
+			s.UnknownExtra = make([]byte, s.ExtraDataSize-snapshotExtraKnown)
+			if err := r.read(off, s.UnknownExtra); err != nil {
+				return nil, 0, 0, 0, err
+			}
+			off = end
+		}
+		id := make([]byte, idLen+nameLen)
+		if err := r.read(off, id); err != nil {
+			return nil, 0, 0, 0, err
+		}
+		off += idLen + nameLen
+		s.ID, s.Name = string(id[:idLen]), string(id[idLen:])
+
+		tableLen += SnapshotHeaderSize + uint64(s.ExtraDataSize) + idLen + nameLen
+		if tableLen > MaxSnapshotTableSize || off-c.snapshotsOffset > math.MaxInt32 {
+			left := int(c.nbSnapshots) - i
+			if !repair {
+				return nil, 0, 0, 0, &chkSnapReadError{
+					msg:   "Snapshot table is too big",
+					hint:  fmt.Sprintf("You can force-remove all %d overhanging snapshots with qemu-img check -r all", left),
+					errno: unix.EFBIG,
+				}
+			}
+			c.msg("Discarding %d overhanging snapshots (snapshot table is too big)", left)
+			reduced += left
+			off = pre
+			break
+		}
+		snaps = append(snaps, s)
+	}
+	return snaps, off - c.snapshotsOffset, reduced, dropped, nil
+}
+
+// ---------------------------------------------------------------------------
+// Refcount check (block/qcow2-refcount.c)
+
+// incRefs counts a reference to every cluster of [off, off+size) in refs
+// (qcow2_inc_refcounts_imrt). A region reaching a cluster or more past the
+// end of the file is a corruption and is not counted.
+func (c *chkState) incRefs(res *chkCounts, refs *chkRefs, off, size uint64) error {
+	if size == 0 || int64(size) < 0 {
+		return nil
+	}
+	fl := c.fileLen()
+	if off > math.MaxInt64/2 || size > math.MaxInt64/2 || off+size >= fl+c.cs {
+		c.msg("ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset %#x size %#x", off, size)
+		res.corruptions++
+		return nil
+	}
+	first, last := off>>c.h.ClusterBits, (off+size-1)>>c.h.ClusterBits
+	for k := first; k <= last; k++ {
+		if k >= refs.n {
+			if err := refs.resize(k + 1); err != nil {
+				res.checkErrors++
+				return err
+			}
+		}
+		rc := refs.get(k)
+		if rc == c.refMax {
+			c.msg("ERROR: overflow cluster offset=%#x", k<<c.h.ClusterBits)
+			c.msg("Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing")
+			res.corruptions++
+			continue
+		}
+		refs.set(k, rc+1)
+	}
+	return nil
+}
+
+// chkFragInfo is set for the walk of the active L1 table, which gathers
+// allocation statistics (CHECK_FRAG_INFO).
+const chkFragInfo = 2
+
+// checkL2 counts the references of an L2 table and checks its entries
+// (check_refcounts_l2).
+func (c *chkState) checkL2(res *chkCounts, refs *chkRefs, l2Offset uint64, flags int, active bool) error {
+	g := c.g
+	esz := g.L2EntrySize()
+	n := c.inFile(l2Offset, c.cs) / esz
+	table := make([]byte, n*esz)
+	if err := c.pread(l2Offset, table); err != nil {
+		c.msg("ERROR: I/O error in check_refcounts_l2")
+		res.checkErrors++
+		return err
+	}
+	nextContiguous := uint64(0)
+	offMask := uint64(1)<<g.csizeShift() - 1
+	for i := range int(n) {
+		e := be.Uint64(table[uint64(i)*esz:])
+		var bitmap uint64
+		if g.ExtendedL2 {
+			bitmap = be.Uint64(table[uint64(i)*esz+8:])
+		}
+		if e == 0 && bitmap == 0 {
+			continue // unallocated: nothing to count or check
+		}
+		typ := g.ClusterType(e)
+		if typ != ClusterCompressed && e&L2StdReservedMask != 0 {
+			c.msg("ERROR found l2 entry with reserved bits set: %x", e)
+			res.corruptions++
+		}
+		switch typ {
+		case ClusterCompressed:
+			if e&OflagCopied != 0 {
+				c.msg("ERROR: coffset=%#x: copied flag must never be set for compressed clusters", e&offMask)
+				e &^= OflagCopied
+				res.corruptions++
+			}
+			if c.dataFile {
+				c.msg("ERROR compressed cluster %d with data file, entry=%#x", i, e)
+				res.corruptions++
+				continue
+			}
+			if bitmap != 0 {
+				c.msg("ERROR compressed cluster %d with non-zero subcluster allocation bitmap, entry=%#x", i, e)
+				res.corruptions++
+				continue
+			}
+			coff, csize := g.CompressedRange(e)
+			if err := c.incRefs(res, refs, coff, csize); err != nil {
+				return err
+			}
+			if flags&chkFragInfo != 0 {
+				res.allocated++
+				res.compr++
+				res.fragmented++
+			}
+		case ClusterZeroAlloc, ClusterNormal:
+			off := e & L2OffsetMask
+			if (bitmap>>32)&bitmap != 0 {
+				res.corruptions++
+				c.msg("ERROR offset=%x: Allocated cluster has corrupted subcluster allocation bitmap", off)
+			}
+			if off&(c.cs-1) != 0 {
+				res.corruptions++
+				var hasData bool
+				if g.ExtendedL2 {
+					hasData = bitmap&BitmapAllAlloc != 0
+				} else {
+					hasData = e&OflagZero == 0
+				}
+				if hasData {
+					c.msg("ERROR offset=%x: Data cluster is not properly aligned; L2 entry corrupted.", off)
+				} else {
+					c.msg("%s offset=%x: Preallocated cluster is not properly aligned; L2 entry corrupted.", c.repairWord(), off)
+					if c.fix&FixErrors != 0 {
+						overlap, err := c.fixL2EntryByZero(res, l2Offset, table, i, active)
+						if overlap {
+							return err
+						}
+						if err == nil {
+							continue // the cluster is no longer used
+						}
+					}
+				}
+			}
+			if flags&chkFragInfo != 0 {
+				res.allocated++
+				if nextContiguous != 0 && off != nextContiguous {
+					res.fragmented++
+				}
+				nextContiguous = off + c.cs
+			}
+			if !c.dataFile {
+				if err := c.incRefs(res, refs, off, c.cs); err != nil {
+					return err
+				}
+			}
+		case ClusterZeroPlain:
+		case ClusterUnallocated:
+			if bitmap&BitmapAllAlloc != 0 {
+				res.corruptions++
+				c.msg("ERROR: Unallocated cluster has non-zero subcluster allocation map")
+			}
+		}
+	}
+	return nil
+}
+
+// checkL1 counts the references of an L1 table, its L2 tables and the
+// clusters they map, checking the entries (check_refcounts_l1).
+func (c *chkState) checkL1(res *chkCounts, refs *chkRefs, l1Offset uint64, l1Size uint32, flags int, active bool) error {
+	if l1Size == 0 {
+		return nil
+	}
+	if err := c.incRefs(res, refs, l1Offset, uint64(l1Size)*8); err != nil {
+		return err
+	}
+	l1, err := c.readTable(l1Offset, uint64(l1Size))
+	if err != nil {
+		c.msg("ERROR: I/O error in check_refcounts_l1")
+		res.checkErrors++
+		return err
+	}
+	for _, e := range l1 {
+		if e == 0 {
+			continue
+		}
+		if e&L1ReservedMask != 0 {
+			c.msg("ERROR found L1 entry with reserved bits set: %x", e)
+			res.corruptions++
+		}
+		l2 := e & L1OffsetMask
+		if err := c.incRefs(res, refs, l2, c.cs); err != nil {
+			return err
+		}
+		if l2&(c.cs-1) != 0 {
+			c.msg("ERROR l2_offset=%x: Table is not cluster aligned; L1 entry corrupted", l2)
+			res.corruptions++
+		}
+		if err := c.checkL2(res, refs, l2, flags, active); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// checkBitmaps counts the bitmap directory, the bitmap tables and the
+// bitmap data clusters (qcow2_check_bitmaps_refcounts).
+func (c *chkState) checkBitmaps(res *chkCounts, refs *chkRefs) error {
+	if c.nbBitmaps == 0 {
+		return nil
+	}
+	if err := c.incRefs(res, refs, c.bitmapDirOffset, c.bitmapDirSize); err != nil {
+		return err
+	}
+	bms, err := c.loadBitmapList()
+	if err != nil {
+		res.corruptions++
+		return err
+	}
+	for _, bm := range bms {
+		if err := c.incRefs(res, refs, bm.TableOffset, uint64(bm.TableSize)*8); err != nil {
+			return err
+		}
+		// bitmap_table_load refuses the whole table if any entry is bad.
+		t, err := c.readTable(bm.TableOffset, uint64(bm.TableSize))
+		if err == nil {
+			for _, e := range t {
+				if chkBitmapEntryBad(e, c.cs) {
+					err = unix.EINVAL
+					break
+				}
+			}
+		}
+		if err != nil {
+			res.corruptions++
+			return err
+		}
+		for _, e := range t {
+			if off := e & L2OffsetMask; off != 0 {
+				if err := c.incRefs(res, refs, off, c.cs); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// chkBitmapEntryBad is QEMU's check_table_entry for bitmap tables.
+func chkBitmapEntryBad(e, cs uint64) bool {
+	const reserved = 0xff000000000001fe
+	if e&reserved != 0 {
+		return true
+	}
+	off := e & L2OffsetMask
+	return off != 0 && (e&1 != 0 || off&(cs-1) != 0)
+}
+
+// loadBitmapList reads the bitmap directory the way QEMU's
+// bitmap_list_load does for a check (no repair): it fails with EINVAL on
+// anything QEMU refuses.
+func (c *chkState) loadBitmapList() ([]Bitmap, error) {
+	size := c.bitmapDirSize
+	if size == 0 || size > MaxBitmapDirectorySize {
+		return nil, unix.EINVAL
+	}
+	// An entry is at most 2 KiB; one that starts past the end of the file
+	// reads as zeros, which no valid entry is. So a directory reaching that
+	// far is broken, and reading it all would only cost memory.
+	if c.inFile(c.bitmapDirOffset, size)+2048 < size {
+		return nil, unix.EINVAL
+	}
+	dir := make([]byte, size)
+	if err := c.pread(c.bitmapDirOffset, dir); err != nil {
+		return nil, err
+	}
+	var out []Bitmap
+	off := uint64(0)
+	for off < size {
+		if size-off < bitmapEntryFixed || len(out) >= int(c.nbBitmaps) {
+			return nil, unix.EINVAL
+		}
+		e := dir[off:]
+		b := Bitmap{
+			TableOffset:     be.Uint64(e[0:]),
+			TableSize:       be.Uint32(e[8:]),
+			Flags:           be.Uint32(e[12:]),
+			Type:            e[16],
+			GranularityBits: e[17],
+		}
+		nameSize := uint64(be.Uint16(e[18:]))
+		extra := uint64(be.Uint32(e[20:]))
+		entSize := roundUp8(bitmapEntryFixed + nameSize + extra)
+		if entSize > size-off || extra != 0 {
+			return nil, unix.EINVAL
+		}
+		phys := uint64(b.TableSize) * c.cs
+		if b.TableSize == 0 || b.TableOffset == 0 || b.TableOffset&(c.cs-1) != 0 ||
+			b.TableSize > MaxBitmapTableEntries || b.GranularityBits > MaxBitmapGranularity ||
+			b.GranularityBits < MinBitmapGranularity || b.Flags&bitmapReservedFlags != 0 ||
+			nameSize > MaxBitmapNameSize || b.Type != BitmapTypeDirtyTracking ||
+			phys > maxBitmapPhysSize || c.diskSize > (phys*8)<<b.GranularityBits {
+			return nil, unix.EINVAL
+		}
+		b.Name = string(e[bitmapEntryFixed : bitmapEntryFixed+nameSize])
+		out = append(out, b)
+		off += entSize
+	}
+	if len(out) != int(c.nbBitmaps) {
+		return nil, unix.EINVAL
+	}
+	return out, nil
+}
+
+// checkRefblocks checks the refcount table entries and counts the refcount
+// blocks (check_refblocks). A block outside the image is repaired by growing
+// the file to include it; entries it cannot use make rebuild true.
+func (c *chkState) checkRefblocks(res *chkCounts, refs *chkRefs, rebuild *bool) error {
+	for i, e := range c.reftable {
+		off := e & RefTableOffsetMask
+		cluster := off >> c.h.ClusterBits
+		if e&RefTableReservedMask != 0 {
+			c.msg("ERROR refcount table entry %d has reserved bits set", i)
+			res.corruptions++
+			*rebuild = true
+			continue
+		}
+		if off&(c.cs-1) != 0 {
+			c.msg("ERROR refcount block %d is not cluster aligned; refcount table entry corrupted", i)
+			res.corruptions++
+			*rebuild = true
+			continue
+		}
+		if cluster >= refs.n {
+			res.corruptions++
+			c.msg("%s refcount block %d is outside image", c.repairWord(), i)
+			if c.fix&FixErrors == 0 {
+				continue
+			}
+			err := c.growFileTo(off)
+			if err == nil {
+				if err := refs.resize(max(refs.n, c.sizeToClusters(c.fileLen()))); err != nil {
+					res.checkErrors++
+					return err
+				}
+				if cluster >= refs.n {
+					err = unix.EINVAL
+				}
+			}
+			if err != nil {
+				*rebuild = true
+				c.msg("ERROR could not resize image: %s", strerror(errnoOf(err)))
+				continue
+			}
+			res.corruptions--
+			res.corruptionsFixed++
+			if err := c.incRefs(res, refs, off, c.cs); err != nil {
+				return err
+			}
+			continue
+		}
+		if off != 0 {
+			if err := c.incRefs(res, refs, off, c.cs); err != nil {
+				return err
+			}
+			if rc := refs.get(cluster); rc != 1 {
+				c.msg("ERROR refcount block %d refcount=%d", i, rc)
+				res.corruptions++
+				*rebuild = true
+			}
+		}
+	}
+	return nil
+}
+
+// calculateRefcounts fills refs with the references to every cluster
+// (calculate_refcounts).
+func (c *chkState) calculateRefcounts(res *chkCounts, refs *chkRefs, rebuild *bool) error {
+	if err := c.incRefs(res, refs, 0, c.cs); err != nil {
+		return err
+	}
+	if err := c.checkL1(res, refs, c.l1Offset, c.l1Size, chkFragInfo, true); err != nil {
+		return err
+	}
+	if c.dataFile && c.nbSnapshots != 0 {
+		c.msg("ERROR %d snapshots in image with data file", c.nbSnapshots)
+		res.corruptions++
+	}
+	for _, s := range c.snaps {
+		if s.L1TableOffset&(c.cs-1) != 0 {
+			c.msg("ERROR snapshot %s (%s) l1_offset=%s: L1 table is not cluster aligned; snapshot table entry corrupted",
+				s.ID, s.Name, chex(s.L1TableOffset))
+			res.corruptions++
+			continue
+		}
+		if uint64(s.L1Size) > MaxL1TableBytes/8 {
+			c.msg("ERROR snapshot %s (%s) l1_size=%s: L1 table is too large; snapshot table entry corrupted",
+				s.ID, s.Name, chex(uint64(s.L1Size)))
+			res.corruptions++
+			continue
+		}
+		if err := c.checkL1(res, refs, s.L1TableOffset, s.L1Size, 0, false); err != nil {
+			return err
+		}
+	}
+	if err := c.incRefs(res, refs, c.snapshotsOffset, c.snapshotsSize); err != nil {
+		return err
+	}
+	if err := c.incRefs(res, refs, c.reftableOffset, uint64(len(c.reftable))*8); err != nil {
+		return err
+	}
+	if cr := c.h.Crypto; cr != nil && cr.Length != 0 {
+		if err := c.incRefs(res, refs, cr.Offset, cr.Length); err != nil {
+			return err
+		}
+	}
+	if err := c.checkBitmaps(res, refs); err != nil {
+		return err
+	}
+	return c.checkRefblocks(res, refs, rebuild)
+}
+
+// compareRefcounts compares the stored refcount of every cluster with refs
+// and, as fix allows, corrects it (compare_refcounts). A stored refcount of
+// zero for a used cluster cannot be corrected in place: it sets rebuild.
+func (c *chkState) compareRefcounts(res *chkCounts, fix FixMode, rebuild *bool, highest *uint64, refs *chkRefs) {
+	*highest = 0
+	for i := uint64(0); i < refs.n; i++ {
+		stored, err := c.getRefcount(i)
+		if err != nil {
+			c.msg("Can't get refcount for cluster %d: %s", i, strerror(errnoOf(err)))
+			res.checkErrors++
+			continue
+		}
+		want := refs.get(i)
+		if stored > 0 || want > 0 {
+			*highest = i
+		}
+		if stored == want {
+			continue
+		}
+		var fixed *int
+		switch {
+		case stored == 0:
+			*rebuild = true
+		case stored > want && fix&FixLeaks != 0:
+			fixed = &res.leaksFixed
+		case stored < want && fix&FixErrors != 0:
+			fixed = &res.corruptionsFixed
+		}
+		word := "Leaked"
+		switch {
+		case fixed != nil:
+			word = "Repairing"
+		case stored < want:
+			word = "ERROR"
+		}
+		c.msg("%s cluster %d refcount=%d reference=%d", word, i, stored, want)
+		if fixed != nil {
+			diff, dec := want-stored, false
+			if stored > want {
+				diff, dec = stored-want, true
+			}
+			if err := c.updateRefcount(i<<c.h.ClusterBits, 1, diff, dec); err == nil {
+				*fixed++
+				continue
+			}
+		}
+		if stored < want {
+			res.corruptions++
+		} else {
+			res.leaks++
+		}
+	}
+}
+
+// checkRefcounts is qcow2_check_refcounts: count, compare, repair or
+// rebuild, then check the COPIED flags.
+func (c *chkState) checkRefcounts(res *chkCounts) error {
+	size := c.fileLen()
+	nb := c.sizeToClusters(size)
+	if nb > chkMaxClusters {
+		res.checkErrors++
+		return unix.EFBIG
+	}
+	res.total = int64(c.sizeToClusters(c.diskSize))
+
+	refs := &chkRefs{g: c.g, cs: c.cs}
+	if err := refs.resize(nb); err != nil {
+		res.checkErrors++
+		return err
+	}
+	rebuild := false
+	if err := c.calculateRefcounts(res, refs, &rebuild); err != nil {
+		return err
+	}
+
+	// Without a rebuild, a repair compares again with fixing enabled and
+	// the first comparison's counts are dropped.
+	pre := *res
+	var highest uint64
+	c.compareRefcounts(res, 0, &rebuild, &highest, refs)
+
+	if rebuild && c.fix&FixErrors != 0 {
+		old := *res
+		freshLeaks := 0
+		c.msg("Rebuilding refcount structure")
+		if err := c.rebuildRefcountStructure(res, refs); err != nil {
+			return err
+		}
+		res.corruptions, res.leaks = 0, 0
+		// The old refcount structure is gone: count again.
+		rebuild = false
+		clear(refs.buf)
+		if err := c.calculateRefcounts(res, refs, &rebuild); err != nil {
+			return err
+		}
+		if c.fix&FixLeaks != 0 {
+			// The old refcount structures are now leaked; fix that. Leaks
+			// that remain were made by the rebuild.
+			saved := *res
+			*res = chkCounts{}
+			c.compareRefcounts(res, FixLeaks, &rebuild, &highest, refs)
+			if rebuild {
+				c.msg("ERROR rebuilt refcount structure is still broken")
+			}
+			freshLeaks = res.leaks
+			*res = saved
+		}
+		if res.corruptions < old.corruptions {
+			res.corruptionsFixed += old.corruptions - res.corruptions
+		}
+		if res.leaks < old.leaks {
+			res.leaksFixed += old.leaks - res.leaks
+		}
+		res.leaks += freshLeaks
+	} else if c.fix != 0 {
+		if rebuild {
+			c.msg("ERROR need to rebuild refcount structures")
+			res.checkErrors++
+			return unix.EIO
+		}
+		if res.leaks != 0 || res.corruptions != 0 {
+			*res = pre
+			c.compareRefcounts(res, c.fix, &rebuild, &highest, refs)
+		}
+	}
+	if err := c.checkOflagCopied(res); err != nil {
+		return err
+	}
+	res.imageEndOffset = int64((highest + 1) * c.cs)
+	return nil
+}
+
+// checkOflagCopied checks the COPIED flag of every entry of the active L1
+// table and its L2 tables against the stored refcounts, and repairs it when
+// fixing errors, or when fixing leaks left the refcounts accurate
+// (check_oflag_copied).
+func (c *chkState) checkOflagCopied(res *chkCounts) error {
+	var repair bool
+	switch {
+	case c.fix&FixErrors != 0:
+		repair = true
+	case c.fix&FixLeaks != 0:
+		repair = res.checkErrors == 0 && res.corruptions == 0 && res.leaks == 0
+	}
+	word := "ERROR"
+	if repair {
+		word = "Repairing"
+	}
+	g := c.g
+	esz := g.L2EntrySize()
+	for i := range c.l1 {
+		e := c.l1[i]
+		l2 := e & L1OffsetMask
+		if l2 == 0 {
+			continue
+		}
+		rc, err := c.getRefcount(l2 >> c.h.ClusterBits)
+		if err != nil {
+			continue // reported by the comparison already
+		}
+		if (rc == 1) != (e&OflagCopied != 0) {
+			res.corruptions++
+			c.msg("%s OFLAG_COPIED L2 cluster: l1_index=%d l1_entry=%x refcount=%d", word, i, e, rc)
+			if repair {
+				ne := e &^ OflagCopied
+				if rc == 1 {
+					ne |= OflagCopied
+				}
+				if err := c.writeL1Entry(i, ne); err != nil {
+					res.checkErrors++
+					return err
+				}
+				res.corruptions--
+				res.corruptionsFixed++
+			}
+		}
+
+		n := c.inFile(l2, c.cs) / esz
+		table := make([]byte, n*esz)
+		if err := c.pread(l2, table); err != nil {
+			c.msg("ERROR: Could not read L2 table: %s", strerror(errnoOf(err)))
+			res.checkErrors++
+			return err
+		}
+		dirty := 0
+		for j := range int(n) {
+			le := be.Uint64(table[uint64(j)*esz:])
+			if le == 0 {
+				continue
+			}
+			if t := g.ClusterType(le); t != ClusterNormal && t != ClusterZeroAlloc {
+				continue
+			}
+			rc := uint64(1)
+			if !c.dataFile {
+				if rc, err = c.getRefcount((le & L2OffsetMask) >> c.h.ClusterBits); err != nil {
+					continue
+				}
+			}
+			if (rc == 1) != (le&OflagCopied != 0) {
+				res.corruptions++
+				c.msg("%s OFLAG_COPIED data cluster: l2_entry=%x refcount=%d", word, le, rc)
+				if repair {
+					ne := le &^ OflagCopied
+					if rc == 1 {
+						ne |= OflagCopied
+					}
+					be.PutUint64(table[uint64(j)*esz:], ne)
+					dirty++
+				}
+			}
+		}
+		if dirty > 0 {
+			if ol := c.metadataOverlap(chkOLActiveL2, l2, c.cs); ol != 0 {
+				c.signalOverlap(ol)
+				c.msg("ERROR: Could not write L2 table; metadata overlap check failed: %s", strerror(unix.EIO))
+				res.checkErrors++
+				return unix.EIO
+			}
+			if err := c.pwrite(l2, table); err != nil {
+				c.msg("ERROR: Could not write L2 table: %s", strerror(errnoOf(err)))
+				res.checkErrors++
+				return err
+			}
+			res.corruptions -= dirty
+			res.corruptionsFixed += dirty
+		}
+	}
+	return nil
+}
+
+// ---------------------------------------------------------------------------
+// Output
+
+// ExitCode returns qemu-img check's exit status for the result: 1 when the
+// check had internal errors, 2 when corruptions remain, 3 when only leaks
+// remain, 0 when the image is clean. (63, for formats that cannot be
+// checked, and 1 for a failed check, are the caller's.)
+func (r *CheckResult) ExitCode() int {
+	switch {
+	case r.CheckErrors != 0:
+		return 1
+	case r.Corruptions != 0:
+		return 2
+	case r.Leaks != 0:
+		return 3
+	}
+	return 0
+}
+
+// Human returns what qemu-img check prints for the result, stderr lines and
+// stdout summary in the order a terminal shows them: the repairing pass's
+// messages, the repair report ("The following inconsistencies were found
+// and repaired: ..."), the messages of the final pass, then the summary.
+// filename is not part of qemu-img's human output; it is accepted so that
+// Human and JSON are called alike. With CheckErrors, qemu-img follows this
+// with "qemu-img: Check failed" on stderr; that line is the caller's.
+func (r *CheckResult) Human(filename string) string {
+	_ = filename
+	var b strings.Builder
+	line := func(format string, args ...any) { fmt.Fprintf(&b, format+"\n", args...) }
+	for _, m := range r.RepairMessages {
+		line("%s", m)
+	}
+	if r.Repaired {
+		line("The following inconsistencies were found and repaired:\n\n"+
+			"    %d leaked clusters\n    %d corruptions\n\nDouble checking the fixed image now...",
+			r.LeaksFixed, r.CorruptionsFixed)
+	}
+	for _, m := range r.Messages {
+		line("%s", m)
+	}
+	b.WriteString(r.Summary())
+	return b.String()
+}
+
+// Summary returns only what qemu-img check prints on stdout after checking
+// (its dump_human_image_check), without the repair report.
+func (r *CheckResult) Summary() string {
+	var b strings.Builder
+	if r.Corruptions == 0 && r.Leaks == 0 && r.CheckErrors == 0 {
+		b.WriteString("No errors were found on the image.\n")
+	} else {
+		if r.Corruptions != 0 {
+			fmt.Fprintf(&b, "\n%d errors were found on the image.\n"+
+				"Data may be corrupted, or further writes to the image may corrupt it.\n", r.Corruptions)
+		}
+		if r.Leaks != 0 {
+			fmt.Fprintf(&b, "\n%d leaked clusters were found on the image.\n"+
+				"This means waste of disk space, but no harm to data.\n", r.Leaks)
+		}
+		if r.CheckErrors != 0 {
+			fmt.Fprintf(&b, "\n%d internal errors have occurred during the check.\n", r.CheckErrors)
+		}
+	}
+	if r.TotalClusters != 0 && r.AllocatedClusters != 0 {
+		fmt.Fprintf(&b, "%d/%d = %0.2f%% allocated, %0.2f%% fragmented, %0.2f%% compressed clusters\n",
+			r.AllocatedClusters, r.TotalClusters,
+			float64(r.AllocatedClusters)*100/float64(r.TotalClusters),
+			float64(r.FragmentedClusters)*100/float64(r.AllocatedClusters),
+			float64(r.CompressedClusters)*100/float64(r.AllocatedClusters))
+	}
+	if r.ImageEndOffset != 0 {
+		fmt.Fprintf(&b, "Image end offset: %d\n", r.ImageEndOffset)
+	}
+	return b.String()
+}
+
+// JSON returns qemu-img check --output=json's document for the result
+// (QAPI ImageCheck, format "qcow2"): the same keys in the same order (QEMU
+// prints the members in its dictionary's hash order), optional members only
+// when not zero, strings escaped the way QEMU's JSON writer does, and the
+// final newline.
+func (r *CheckResult) JSON(filename string) string {
+	type kv struct {
+		key string
+		val string
+	}
+	num := func(v int64) string { return fmt.Sprint(v) }
+	var kvs []kv
+	opt := func(key string, v int64) {
+		if v != 0 {
+			kvs = append(kvs, kv{key, num(v)})
+		}
+	}
+	opt("image-end-offset", r.ImageEndOffset)
+	opt("compressed-clusters", r.CompressedClusters)
+	opt("total-clusters", r.TotalClusters)
+	opt("corruptions", int64(r.Corruptions))
+	opt("corruptions-fixed", int64(r.CorruptionsFixed))
+	kvs = append(kvs, kv{"check-errors", num(int64(r.CheckErrors))})
+	opt("leaks", int64(r.Leaks))
+	opt("leaks-fixed", int64(r.LeaksFixed))
+	opt("allocated-clusters", r.AllocatedClusters)
+	kvs = append(kvs, kv{"filename", qemuJSONString(filename)}, kv{"format", qemuJSONString("qcow2")})
+	opt("fragmented-clusters", r.FragmentedClusters)
+
+	var b strings.Builder
+	b.WriteString("{\n")
+	for i, p := range kvs {
+		fmt.Fprintf(&b, "    %q: %s", p.key, p.val)
+		if i < len(kvs)-1 {
+			b.WriteByte(',')
+		}
+		b.WriteByte('\n')
+	}
+	b.WriteString("}\n")
+	return b.String()
+}
+
+// qemuJSONString quotes s like QEMU's JSON writer: the usual escapes for
+// quote, backslash and \b \f \n \r \t, \uXXXX (upper-case hex, surrogate
+// pairs above U+FFFF) for every other character outside printable ASCII,
+// and U+FFFD for bytes that are not UTF-8.
+func qemuJSONString(s string) string {
+	var b strings.Builder
+	b.WriteByte('"')
+	for _, r := range s { // invalid bytes come out as utf8.RuneError
+		switch r {
+		case '"':
+			b.WriteString(`\"`)
+		case '\\':
+			b.WriteString(`\\`)
+		case '\b':
+			b.WriteString(`\b`)
+		case '\f':
+			b.WriteString(`\f`)
+		case '\n':
+			b.WriteString(`\n`)
+		case '\r':
+			b.WriteString(`\r`)
+		case '\t':
+			b.WriteString(`\t`)
+		default:
+			switch {
+			case r >= 0x20 && r < 0x7f:
+				b.WriteRune(r)
+			case r > 0xffff:
+				r -= 0x10000
+				fmt.Fprintf(&b, `\u%04X\u%04X`, 0xd800+(r>>10), 0xdc00+(r&0x3ff))
+			default:
+				fmt.Fprintf(&b, `\u%04X`, r)
+			}
+		}
+	}
+	b.WriteByte('"')
+	return b.String()
+}
