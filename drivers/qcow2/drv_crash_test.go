@@ -74,7 +74,7 @@ func TestCrashChild(t *testing.T) {
 func TestCrashConsistency(t *testing.T) {
 	needQemu(t)
 	rounds := 4
-	if testing.Short() {
+	if testing.Short() || raceEnabled {
 		rounds = 2
 	}
 	for _, cfg := range []struct{ name, opts string }{

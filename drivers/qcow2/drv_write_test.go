@@ -197,8 +197,8 @@ func TestWriteStreams(t *testing.T) {
 			a := c.setup(t, dirA)
 			b := c.setup(t, dirB)
 			count := 120
-			if testing.Short() {
-				count = 40
+			if testing.Short() || raceEnabled {
+				count = 60
 			}
 			ops := genOps(uint64(i)+1, c.size, count, c.kinds, c.cs)
 			model := rawOf(t, a)

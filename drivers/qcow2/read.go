@@ -63,24 +63,35 @@ func (img *Image) readCompressed(co *coroutine.Co, ent, off uint64, part bdrv.IO
 		return &ioError{unix.EIO, fmt.Errorf("qcow2: compressed cluster %#x+%d beyond the offset limit", host, clen)}
 	}
 	oic := off & (img.cs - 1)
-	if uint64(part.Len()) < img.cs && img.ccache.lookup(ent, oic, part) {
-		// Small reads: the cluster was inflated already.
-		return nil
+	var done func([]byte)
+	if uint64(part.Len()) < img.cs {
+		// Small reads: the cluster may be inflated already, or being
+		// inflated by another reader.
+		var hit bool
+		if hit, done = img.ccache.read(co, ent, oic, part); hit {
+			return nil
+		}
 	}
-	gen := img.ccache.generation()
 	buf := bdrv.AlignedBuffer(int(clen+img.cs), 4096)
 	src, dst := buf[:clen], buf[clen:]
 	// Data past the end of the file reads as zeros, which then fails to
 	// decompress: a hostile descriptor costs a bounded read, no more.
-	if err := img.file.Preadv(co, int64(host), bdrv.IOVec{src}, 0); err != nil {
+	err := img.file.Preadv(co, int64(host), bdrv.IOVec{src}, 0)
+	if err == nil {
+		if derr := img.decompress(co, dst, src); derr != nil {
+			err = &ioError{unix.EIO, fmt.Errorf("qcow2: cannot decompress cluster at guest offset %#x (host %#x, %d bytes): %v",
+				off&^(img.cs-1), host, clen, derr)}
+		}
+	}
+	if done != nil {
+		if err != nil {
+			done(nil)
+		} else {
+			done(dst)
+		}
+	}
+	if err != nil {
 		return err
-	}
-	if err := img.decompress(co, dst, src); err != nil {
-		return &ioError{unix.EIO, fmt.Errorf("qcow2: cannot decompress cluster at guest offset %#x (host %#x, %d bytes): %v",
-			off&^(img.cs-1), host, clen, err)}
-	}
-	if uint64(part.Len()) < img.cs {
-		img.ccache.store(ent, gen, dst)
 	}
 	part.CopyFrom(dst[oic:oic+uint64(part.Len())], 0)
 	return nil
