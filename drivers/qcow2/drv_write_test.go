@@ -145,6 +145,10 @@ func streamCases() []streamCase {
 		{"cluster2M", plainImage("cluster_size=2M", "16M"), "zud", 2 << 20, 16 << 20},
 		{"refcount64", plainImage("refcount_bits=64,cluster_size=1k", "2M"), "zud", 1 << 10, 2 << 20},
 		{"extl2", plainImage("extended_l2=on", "8M"), "zud", 64 << 10, 8 << 20},
+		// 64-bit refcounts in 512-byte clusters: a refcount block covers
+		// 32 KiB and the first refcount table 2 MiB, so the writes grow
+		// both again and again.
+		{"reftable_growth", plainImage("cluster_size=512,refcount_bits=64", "8M"), "zud", 512, 8 << 20},
 		{"extl2_16k", plainImage("extended_l2=on,cluster_size=16k", "4M"), "zud", 16 << 10, 4 << 20},
 		{"lazy", plainImage("lazy_refcounts=on", "8M"), "zud", 64 << 10, 8 << 20},
 		{"prealloc_metadata", plainImage("preallocation=metadata", "8M"), "zud", 64 << 10, 8 << 20},
