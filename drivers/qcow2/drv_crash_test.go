@@ -21,7 +21,8 @@ import (
 // an operation stream with periodic flushes and reports progress on stdout;
 // the parent SIGKILLs it mid-stream. The image must then pass qemu-img check
 // (leaked clusters allowed, nothing else), and every operation completed
-// before the last completed flush must read back.
+// before the last completed flush must read back. Lazy-refcount images are
+// dirty after the kill and are repaired by a read-write open first.
 
 const (
 	crashImgEnv  = "QCOW2_CRASH_IMG"
@@ -106,11 +107,11 @@ func TestCrashConsistency(t *testing.T) {
 				flushed, started := crashRun(t, p, seed, time.Duration(r.IntN(30))*time.Millisecond)
 				if strings.Contains(cfg.opts, "lazy") {
 					// Refcounts were deferred: the image is dirty and
-					// needs the repair QEMU does on open.
+					// a read-write open repairs it, as QEMU's does.
 					if !headerOf(t, p).Dirty() {
 						t.Fatal("lazy-refcount image not dirty after the kill")
 					}
-					sh(t, "qemu-img", "check", "-q", "-r", "all", p)
+					withNode(t, bdrv.Spec{Filename: p}, func(co *coroutine.Co, n *bdrv.Node) error { return nil })
 				}
 				qcheck(t, p, true)
 				ops := crashStream(seed, int64(len(model)), cs)

@@ -210,16 +210,24 @@ func TestOpenFeatureBits(t *testing.T) {
 		t.Fatalf("image not dirty after SIGKILL")
 	}
 	checkReads(t, dirty, nil)
-	err := openErr(bdrv.Spec{Filename: dirty})
-	if err == nil || !strings.Contains(err.Error(), "dirty") {
-		t.Errorf("read-write open of a dirty image: %v", err)
+	want := rawOf(t, dirty)
+	// A read-write open repairs the refcounts first.
+	withNode(t, bdrv.Spec{Filename: dirty}, func(co *coroutine.Co, n *bdrv.Node) error {
+		return n.Pwritev(co, 2<<20, bdrv.IOVec{make([]byte, 4096)}, 0)
+	})
+	if h := headerOf(t, dirty); h.Dirty() {
+		t.Error("image still dirty after a read-write open and close")
+	}
+	qcheck(t, dirty, false)
+	if got := rawOf(t, dirty); firstDiff(got, want) >= 0 {
+		t.Error("repair changed the content")
 	}
 
 	corrupt := qimg(t, filepath.Join(dir, "corrupt.qcow2"), "4M")
 	qio(t, corrupt, "write -P 9 0 64k")
 	pokeHeader(t, corrupt, 72, qcow2.IncompatCorrupt)
 	checkReads(t, corrupt, nil)
-	err = openErr(bdrv.Spec{Filename: corrupt})
+	err := openErr(bdrv.Spec{Filename: corrupt})
 	if err == nil || !strings.Contains(err.Error(), "corrupt") {
 		t.Errorf("read-write open of a corrupt image: %v", err)
 	}

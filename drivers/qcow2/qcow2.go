@@ -188,7 +188,7 @@ var errImageCorrupt = &ioError{unix.EIO, errors.New("qcow2: image marked corrupt
 
 func open(co *coroutine.Co, n *bdrv.Node, opts bdrv.Options) (bdrv.Driver, error) {
 	img := &Image{node: n, file: n.File, readOnly: n.ReadOnly, metaClusters: map[uint64]metaKind{}}
-	if err := img.openLocked(co, opts); err != nil {
+	if err := img.openLocked(co, opts, false); err != nil {
 		if img.ownData && img.data != nil {
 			img.data.Close(co)
 		}
@@ -209,7 +209,7 @@ func (img *Image) readFile(co *coroutine.Co, off, n uint64) ([]byte, error) {
 // openLocked reads and validates the header and the tables every request
 // needs. It runs before the node is visible to anyone, so it needs no lock;
 // it is named ...Locked because the helpers it calls expect meta held.
-func (img *Image) openLocked(co *coroutine.Co, opts bdrv.Options) error {
+func (img *Image) openLocked(co *coroutine.Co, opts bdrv.Options, repaired bool) error {
 	flen := img.file.Length()
 	headLen := min(uint64(flen), 2<<20)
 	if headLen < HeaderLengthV2 {
@@ -233,9 +233,18 @@ func (img *Image) openLocked(co *coroutine.Co, opts bdrv.Options) error {
 	if !img.readOnly && h.Corrupt() {
 		return errors.New("qcow2: Image is corrupt; cannot be opened read/write")
 	}
-	if !img.readOnly && h.Dirty() {
-		return errors.New("qcow2: image is dirty (lazy refcounts were not written back after an unclean shutdown); " +
-			"open it read-only, or repair it first with 'check -r all'")
+	if !img.readOnly && h.Dirty() && !repaired {
+		// Refcounts were left stale by lazy refcounts: rebuild them
+		// before trusting them, then read everything again (QEMU's
+		// qcow2_do_open repairs dirty images the same way).
+		res, err := Check(co, img.file, FixAll)
+		if err == nil && res.CheckErrors > 0 {
+			err = unix.EIO
+		}
+		if err != nil {
+			return fmt.Errorf("Could not repair dirty image: %w", err)
+		}
+		return img.openLocked(co, opts, true)
 	}
 	img.dirtyOnDisk = h.Dirty()
 	img.lazy = opts.Bool(OptLazyRefcounts, h.LazyRefcounts())
