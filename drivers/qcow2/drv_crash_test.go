@@ -148,6 +148,26 @@ func TestCrashConsistency(t *testing.T) {
 	}
 }
 
+// waitReleased waits until the killed child's image locks are gone: the
+// kernel tears a dead process's io_uring down asynchronously, and the open
+// file (with its locks) lives until the ring drops its last reference.
+func waitReleased(t testing.TB, path string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		// A read-only open does not share write access, so it fails
+		// while anyone still holds it, and changes nothing.
+		err := openErr(bdrv.Spec{Filename: path, ReadOnly: true, NoBacking: true})
+		if err == nil || !strings.Contains(err.Error(), "lock") {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("image still locked after the child died: %v", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // crashRun starts the child on the image, waits for two flushes and delay,
 // kills it, and returns the last flushed and the last started operation.
 func crashRun(t *testing.T, path string, seed uint64, delay time.Duration) (flushed, started int) {
@@ -204,6 +224,7 @@ func crashRun(t *testing.T, path string, seed uint64, delay time.Duration) (flus
 		}
 	}
 	cmd.Wait()
+	waitReleased(t, path)
 	if !killed {
 		t.Fatal("child finished before it was killed")
 	}
