@@ -211,13 +211,19 @@ func (img *Image) readFile(co *coroutine.Co, off, n uint64) ([]byte, error) {
 // it is named ...Locked because the helpers it calls expect meta held.
 func (img *Image) openLocked(co *coroutine.Co, opts bdrv.Options, repaired bool) error {
 	flen := img.file.Length()
-	headLen := min(uint64(flen), 2<<20)
-	if headLen < HeaderLengthV2 {
+	if flen < HeaderLengthV2 {
 		return fmt.Errorf("qcow2: image file too short for a header (%d bytes)", flen)
 	}
-	head, err := img.readFile(co, 0, headLen)
+	// Read the header cluster, and no more: reading guest data here would
+	// also change what SEEK_HOLE reports for unwritten extents.
+	head, err := img.readFile(co, 0, min(uint64(flen), 4096))
 	if err != nil {
 		return fmt.Errorf("qcow2: reading header: %w", err)
+	}
+	if cb := be.Uint32(head[20:]); cb > 12 && cb <= MaxClusterBits { // head holds >= 72 bytes
+		if head, err = img.readFile(co, 0, min(uint64(flen), uint64(1)<<cb)); err != nil {
+			return fmt.Errorf("qcow2: reading header: %w", err)
+		}
 	}
 	h, err := ParseHeader(head, flen)
 	if err != nil {

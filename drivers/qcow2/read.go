@@ -140,8 +140,9 @@ func (img *Image) BlockStatus(co *coroutine.Co, wantZero bool, off, bytes int64)
 }
 
 // detectMetadataPreallocLocked decides whether the image looks like it was
-// created with metadata preallocation: far more clusters in use than the
-// file really stores (QEMU's qcow2_detect_metadata_preallocation).
+// created with metadata preallocation: at least ~10% more clusters in use
+// than the file really stores (QEMU's qcow2_detect_metadata_preallocation,
+// whose verdict also covers images whose copy-on-write left holes).
 func (img *Image) detectMetadataPreallocLocked(co *coroutine.Co) {
 	img.preallocChecked = true
 	real := img.file.AllocatedSize(co)
@@ -150,16 +151,16 @@ func (img *Image) detectMetadataPreallocLocked(co *coroutine.Co) {
 	}
 	realClusters := uint64(real) / img.cs
 	threshold := max(realClusters*10/9, realClusters+2)
-	n := (uint64(img.file.Length()) + img.cs - 1) / img.cs
+	end := (uint64(img.file.Length()) + img.cs - 1) / img.cs
 	E := img.g.RefblockEntries()
-	for c := n; c > 0; {
-		c--
+	var used uint64
+	for c := uint64(0); c < end && used < threshold; c++ {
 		rb, err := img.refblockOffsetLocked(co, c>>img.rbBits())
 		if err != nil {
 			return
 		}
 		if rb == 0 {
-			c -= c % E // skip the rest of this range
+			c |= E - 1 // nothing in use in this range
 			continue
 		}
 		rc, err := img.getRefcountLocked(co, c)
@@ -167,8 +168,8 @@ func (img *Image) detectMetadataPreallocLocked(co *coroutine.Co) {
 			return
 		}
 		if rc > 0 {
-			img.metadataPrealloc = c >= threshold
-			return
+			used++
 		}
 	}
+	img.metadataPrealloc = used >= threshold
 }
