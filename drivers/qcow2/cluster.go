@@ -780,6 +780,8 @@ func (img *Image) freeAnyClusterLocked(co *coroutine.Co, ent uint64, dt discardT
 				What: fmt.Sprintf("cannot free unaligned cluster %#x", hc), Index: -1})
 		}
 		if img.hdr.HasDataFile() {
+			// Not refcounted; a raw data file was zeroed already by
+			// whoever dropped the cluster, and must keep its blocks.
 			if img.passDiscard[dt] && !img.hdr.DataFileRaw() {
 				img.queueDiscardLocked(hc, img.cs, true)
 			}

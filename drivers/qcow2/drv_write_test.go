@@ -3,6 +3,7 @@ package qcow2_test
 import (
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -236,6 +237,16 @@ func TestWriteStreams(t *testing.T) {
 			batches = append(batches, cmds)
 			qcheck(t, a, false)
 			gotA := rawOf(t, a)
+			if strings.HasSuffix(c.name, "data_file_raw") {
+				// The raw data file must read as the guest does.
+				raw, err := os.ReadFile(filepath.Join(dirA, "img.data"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if i := firstDiff(raw[:min(len(raw), len(gotA))], gotA[:min(len(raw), len(gotA))]); i >= 0 {
+					t.Fatalf("raw data file differs from the guest view at %#x", i)
+				}
+			}
 			applyModel(model, ops, c.cs, strings.Contains(c.name, "backed_v2"))
 			if i := firstDiff(gotA, model); i >= 0 {
 				t.Fatalf("image differs from the model at %#x: %#x, want %#x", i, gotA[i], model[i])

@@ -349,6 +349,13 @@ func (img *Image) Pdiscard(co *coroutine.Co, off, bytes int64) error {
 	if img.g.Version < 3 && img.node.Backing != nil {
 		return nil
 	}
+	if img.hdr.DataFileRaw() {
+		// The discarded clusters will read as zeros; the raw data file
+		// must too.
+		if err := img.data.PwriteZeroes(co, off, bytes, bdrv.ReqMayUnmap); err != nil {
+			return err
+		}
+	}
 	img.meta.Lock(co)
 	defer img.meta.Unlock(co)
 	img.waitInflightLocked(co, uoff, ubytes)
