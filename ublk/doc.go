@@ -40,6 +40,14 @@
 // write cache with FUA (flushes reach the image), READ_ONLY, and discard and
 // write-zeroes limits when the image's driver supports them.
 //
+// # Threads
+//
+// Each queue's loop is a locked OS thread that sleeps in io_uring_enter
+// between requests; when it wakes it needs a P (a GOMAXPROCS slot), and when
+// none is idle the Go runtime hands one over through another thread. A
+// server should therefore run with GOMAXPROCS of at least Queues+2 (ublkimg
+// attach sets that).
+//
 // # Records
 //
 // ublkimg attach runs a server per device; [WriteRecord] keeps a small JSON

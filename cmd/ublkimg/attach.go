@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -223,6 +224,7 @@ func serveImage(o *attachOptions) (err error) {
 	ctx, stop := signal.NotifyContext(context.Background(), unix.SIGTERM, unix.SIGINT, unix.SIGHUP)
 	defer stop()
 
+	setMaxProcs(o.cfg.Queues)
 	node, cache, err := openImage(o)
 	if err != nil {
 		return err
@@ -273,6 +275,24 @@ func serveImage(o *attachOptions) (err error) {
 		logger.Printf("%s: %v", dev.Path(), err)
 	}
 	return err
+}
+
+// setMaxProcs gives the runtime a P for every queue thread, one for the
+// control loop and a spare, unless GOMAXPROCS is set. Queue threads are
+// locked OS threads that sleep in io_uring_enter between requests; one
+// that wakes needs a P, and when none is idle the runtime hands one over
+// through another thread: two more context switches per request. In the
+// test VM this saved about a quarter of the server's CPU time per request.
+func setMaxProcs(queues int) {
+	if os.Getenv("GOMAXPROCS") != "" {
+		return
+	}
+	if queues == 0 {
+		queues = ublk.DefaultQueues()
+	}
+	if n := queues + 2; n > runtime.GOMAXPROCS(0) {
+		runtime.GOMAXPROCS(n)
+	}
 }
 
 // openImage opens the image with the requested cache mode. Without -t it
