@@ -99,8 +99,8 @@ type Config struct {
 	// UserCopy moves data with read/write on /dev/ublkcN
 	// (UBLK_F_USER_COPY, 6.4+) instead of the kernel copying into
 	// per-tag buffers during FETCH and COMMIT. Off by default: it costs
-	// one more ring operation per request (see the package doc for the
-	// measurements). Start fails with an error matching ErrNotSupported
+	// one more ring operation per request and measured slower (see the
+	// package doc). Start fails with an error matching ErrNotSupported
 	// when the kernel lacks it.
 	UserCopy bool
 	// Logf receives progress and problem reports (queue start and stop,
