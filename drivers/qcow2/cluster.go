@@ -801,8 +801,9 @@ func (img *Image) discardInL2SliceLocked(co *coroutine.Co, off, nb uint64, dt di
 	sidx := g.L2Index(off) % img.l2SliceEnts
 	nb = min(nb, img.l2SliceEnts-sidx)
 	backing := img.node.Backing != nil
-	if l1i := g.L1Index(off); l1i < uint64(len(img.l1)) && img.l1[l1i] == 0 && !backing {
-		// No table and nothing below: already reads as zeros.
+	if l1i := g.L1Index(off); l1i < uint64(len(img.l1)) && img.l1[l1i] == 0 && (full || !backing) {
+		// No table: nothing to drop, and nothing below shows through
+		// that should not.
 		return nb, nil
 	}
 	e, idx, err := img.getClusterTableLocked(co, off)

@@ -389,9 +389,9 @@ func (img *Image) finishCreate(co *coroutine.Co, p *createParams) error {
 	case p.prealloc == bdrv.PreallocMetadata || img.hdr.HasDataFile():
 		// With a data file, preallocation only maps the clusters; the
 		// data file itself was created preallocated.
-		err2 = img.preallocateLocked(co, p.size)
+		err2 = img.preallocateLocked(co, 0, p.size)
 	default:
-		err2 = img.preallocateDataLocked(co, p.size, p.prealloc)
+		err2 = img.preallocateDataLocked(co, 0, p.size, p.prealloc)
 	}
 	if err2 != nil {
 		return fmt.Errorf("Could not preallocate metadata: %w", err2)
@@ -399,14 +399,14 @@ func (img *Image) finishCreate(co *coroutine.Co, p *createParams) error {
 	return nil
 }
 
-// preallocateLocked maps every cluster of the (new, empty) image to a host
+// preallocateLocked maps every cluster of guest range [from, size) to a host
 // cluster (QEMU's preallocate_co): L2 tables and refcounts are written and
 // data clusters reserved. Each L2 table is followed by the clusters it maps;
 // the file is extended to the last one. Called with meta held (released
 // around copy-on-write of a partial last cluster, as QEMU does).
-func (img *Image) preallocateLocked(co *coroutine.Co, size uint64) error {
+func (img *Image) preallocateLocked(co *coroutine.Co, from, size uint64) error {
 	var end uint64
-	for off := uint64(0); off < size; {
+	for off := from; off < size; {
 		host, n, metas, err := img.allocHostOffsetLocked(co, off, size-off)
 		for m := metas; m != nil; m = m.next {
 			m.prealloc = true
@@ -437,12 +437,12 @@ func (img *Image) preallocateLocked(co *coroutine.Co, size uint64) error {
 	return nil
 }
 
-// preallocateDataLocked allocates every data cluster of the (new, empty)
-// image in the file, falloc or full, the way QEMU's qcow2_co_truncate does:
+// preallocateDataLocked allocates every data cluster of guest range [from,
+// size) in the file, falloc or full, the way QEMU's qcow2_co_truncate does:
 // new refcount structures after the metadata, sized for the data, then the
 // data clusters in one contiguous area, then the L2 tables mapping them.
 // Called with meta held.
-func (img *Image) preallocateDataLocked(co *coroutine.Co, size uint64, mode bdrv.Prealloc) error {
+func (img *Image) preallocateDataLocked(co *coroutine.Co, from, size uint64, mode bdrv.Prealloc) error {
 	cs := img.cs
 	flen := uint64(img.file.Length())
 	last, err := img.lastClusterLocked(co, flen)
@@ -453,7 +453,7 @@ func (img *Image) preallocateDataLocked(co *coroutine.Co, size uint64, mode bdrv
 	if last >= 0 {
 		oldEnd = uint64(last+1) * cs
 	}
-	nData := (size + cs - 1) / cs
+	nData := (size+cs-1)/cs - from/cs
 	nL2 := (nData + img.g.L2Entries() - 1) / img.g.L2Entries()
 	start, err := img.refcountAreaLocked(co, oldEnd, nData+nL2, true, 0, 0)
 	if err != nil {
@@ -469,14 +469,25 @@ func (img *Image) preallocateDataLocked(co *coroutine.Co, size uint64, mode bdrv
 	if err := img.file.Truncate(co, int64(start+nData*cs), false, mode); err != nil {
 		return err
 	}
-	host, guest := start, uint64(0)
+	host, guest := start, from
 	for nData > 0 {
 		nb := min(nData, img.l2SliceEnts-img.g.L2Index(guest)%img.l2SliceEnts)
-		m := &l2Meta{offset: guest, allocOffset: host, nbClusters: nb, cowEnd: cowRegion{off: nb * cs}, prealloc: true}
+		// A partial first cluster keeps its old content.
+		m := &l2Meta{offset: guest &^ (cs - 1), allocOffset: host, nbClusters: nb,
+			cowStart: cowRegion{0, guest & (cs - 1)}, cowEnd: cowRegion{off: nb * cs}, prealloc: true}
+		if m.cowStart.n > 0 {
+			img.meta.Unlock(co)
+			err := img.performCow(co, m)
+			img.meta.Lock(co)
+			if err != nil {
+				return err
+			}
+			img.l2Cache.setDependsOnFlushLocked()
+		}
 		if err := img.linkL2Locked(co, m); err != nil {
 			return err
 		}
-		guest += nb * cs
+		guest = m.offset + nb*cs
 		host += nb * cs
 		nData -= nb
 	}

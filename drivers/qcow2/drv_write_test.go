@@ -125,6 +125,7 @@ type streamCase struct {
 	kinds string
 	cs    int64
 	size  int64
+	opts  bdrv.Options // open options for ublkimg's side
 }
 
 func plainImage(opts string, size string) func(t *testing.T, dir string) string {
@@ -139,54 +140,60 @@ func plainImage(opts string, size string) func(t *testing.T, dir string) string 
 
 func streamCases() []streamCase {
 	return []streamCase{
-		{"fresh_v3", plainImage("", "8M"), "zud", 64 << 10, 8 << 20},
-		{"fresh_v2", plainImage("compat=0.10", "8M"), "zud", 64 << 10, 8 << 20},
-		{"cluster512", plainImage("cluster_size=512", "2M"), "zud", 512, 2 << 20},
-		{"cluster4k_refcount1", plainImage("cluster_size=4k,refcount_bits=1", "4M"), "zud", 4 << 10, 4 << 20},
-		{"cluster2M", plainImage("cluster_size=2M", "16M"), "zud", 2 << 20, 16 << 20},
-		{"refcount64", plainImage("refcount_bits=64,cluster_size=1k", "2M"), "zud", 1 << 10, 2 << 20},
-		{"extl2", plainImage("extended_l2=on", "8M"), "zud", 64 << 10, 8 << 20},
+		{"fresh_v3", plainImage("", "8M"), "zud", 64 << 10, 8 << 20, nil},
+		{"fresh_v2", plainImage("compat=0.10", "8M"), "zud", 64 << 10, 8 << 20, nil},
+		{"cluster512", plainImage("cluster_size=512", "2M"), "zud", 512, 2 << 20, nil},
+		{"cluster4k_refcount1", plainImage("cluster_size=4k,refcount_bits=1", "4M"), "zud", 4 << 10, 4 << 20, nil},
+		{"cluster2M", plainImage("cluster_size=2M", "16M"), "zud", 2 << 20, 16 << 20, nil},
+		{"refcount64", plainImage("refcount_bits=64,cluster_size=1k", "2M"), "zud", 1 << 10, 2 << 20, nil},
+		{"extl2", plainImage("extended_l2=on", "8M"), "zud", 64 << 10, 8 << 20, nil},
+		// Two 4 KiB L2 slices and four refcount blocks in cache: every
+		// request evicts, and writes back in dependency order.
+		{"tiny_cache", plainImage("cluster_size=4k", "8M"), "zud", 4 << 10, 8 << 20,
+			bdrv.Options{"l2-cache-size": "8k", "l2-cache-entry-size": "4k", "refcount-cache-size": "1"}},
+		{"slices_extl2", plainImage("extended_l2=on", "8M"), "zud", 64 << 10, 8 << 20,
+			bdrv.Options{"l2-cache-entry-size": "1k"}},
 		// 64-bit refcounts in 512-byte clusters: a refcount block covers
 		// 32 KiB and the first refcount table 2 MiB, so the writes grow
 		// both again and again.
-		{"reftable_growth", plainImage("cluster_size=512,refcount_bits=64", "8M"), "zud", 512, 8 << 20},
-		{"extl2_16k", plainImage("extended_l2=on,cluster_size=16k", "4M"), "zud", 16 << 10, 4 << 20},
-		{"lazy", plainImage("lazy_refcounts=on", "8M"), "zud", 64 << 10, 8 << 20},
-		{"prealloc_metadata", plainImage("preallocation=metadata", "8M"), "zud", 64 << 10, 8 << 20},
-		{"zstd", plainImage("compression_type=zstd", "8M"), "zudc", 64 << 10, 8 << 20},
-		{"compressed_writes", plainImage("", "8M"), "zudc", 64 << 10, 8 << 20},
+		{"reftable_growth", plainImage("cluster_size=512,refcount_bits=64", "8M"), "zud", 512, 8 << 20, nil},
+		{"extl2_16k", plainImage("extended_l2=on,cluster_size=16k", "4M"), "zud", 16 << 10, 4 << 20, nil},
+		{"lazy", plainImage("lazy_refcounts=on", "8M"), "zud", 64 << 10, 8 << 20, nil},
+		{"prealloc_metadata", plainImage("preallocation=metadata", "8M"), "zud", 64 << 10, 8 << 20, nil},
+		{"zstd", plainImage("compression_type=zstd", "8M"), "zudc", 64 << 10, 8 << 20, nil},
+		{"compressed_writes", plainImage("", "8M"), "zudc", 64 << 10, 8 << 20, nil},
 		{"backed", func(t *testing.T, dir string) string {
 			writeRaw(t, filepath.Join(dir, "base.raw"), pattern(5, 6<<20+100))
 			mid := qimg(t, filepath.Join(dir, "mid.qcow2"), "8M", "-b", "base.raw", "-F", "raw")
 			qio(t, mid, "write -P 0x21 64k 64k", "write -c -P 0x23 2m 128k", "write -z 3m 64k")
 			return qimg(t, filepath.Join(dir, "img.qcow2"), "8M", "-b", "mid.qcow2", "-F", "qcow2")
-		}, "zud", 64 << 10, 8 << 20},
+		}, "zud", 64 << 10, 8 << 20, nil},
 		{"backed_v2", func(t *testing.T, dir string) string {
 			writeRaw(t, filepath.Join(dir, "base.raw"), pattern(6, 8<<20))
 			return qimg(t, filepath.Join(dir, "img.qcow2"), "8M", "-b", "base.raw", "-F", "raw", "-o", "compat=0.10")
-		}, "zud", 64 << 10, 8 << 20},
+		}, "zud", 64 << 10, 8 << 20, nil},
 		{"backed_extl2", func(t *testing.T, dir string) string {
 			writeRaw(t, filepath.Join(dir, "base.raw"), pattern(7, 5<<20))
 			return qimg(t, filepath.Join(dir, "img.qcow2"), "8M", "-b", "base.raw", "-F", "raw", "-o", "extended_l2=on")
-		}, "zud", 64 << 10, 8 << 20},
+		}, "zud", 64 << 10, 8 << 20, nil},
 		{"compressed_image", func(t *testing.T, dir string) string {
 			src := writeRaw(t, filepath.Join(dir, "src.raw"), pattern(8, 8<<20))
 			p := filepath.Join(dir, "img.qcow2")
 			sh(t, "qemu-img", "convert", "-c", "-O", "qcow2", src, p)
 			return p
-		}, "zud", 64 << 10, 8 << 20},
+		}, "zud", 64 << 10, 8 << 20, nil},
 		{"snapshotted", func(t *testing.T, dir string) string {
 			p := qimg(t, filepath.Join(dir, "img.qcow2"), "8M")
 			qio(t, p, "write -P 1 0 3M", "write -c -P 2 4M 256k")
 			sh(t, "qemu-img", "snapshot", "-c", "snap", p)
 			return p
-		}, "zud", 64 << 10, 8 << 20},
+		}, "zud", 64 << 10, 8 << 20, nil},
 		{"data_file", func(t *testing.T, dir string) string {
 			return qimg(t, filepath.Join(dir, "img.qcow2"), "8M", "-o", "data_file="+filepath.Join(dir, "img.data"))
-		}, "zud", 64 << 10, 8 << 20},
+		}, "zud", 64 << 10, 8 << 20, nil},
 		{"data_file_raw", func(t *testing.T, dir string) string {
 			return qimg(t, filepath.Join(dir, "img.qcow2"), "8M", "-o", "data_file="+filepath.Join(dir, "img.data")+",data_file_raw=on")
-		}, "zud", 64 << 10, 8 << 20},
+		}, "zud", 64 << 10, 8 << 20, nil},
 	}
 }
 
@@ -207,7 +214,7 @@ func TestWriteStreams(t *testing.T) {
 			}
 			ops := genOps(uint64(i)+1, c.size, count, c.kinds, c.cs)
 			model := rawOf(t, a)
-			withNode(t, bdrv.Spec{Filename: a}, func(co *coroutine.Co, n *bdrv.Node) error {
+			withNode(t, bdrv.Spec{Filename: a, Options: c.opts}, func(co *coroutine.Co, n *bdrv.Node) error {
 				for k, o := range ops {
 					if err := o.apply(co, n); err != nil {
 						return fmt.Errorf("op %d %s: %w", k, o.qemuCmd(), err)
