@@ -81,10 +81,12 @@ func TestCreateMatchesQemu(t *testing.T) {
 	for _, c := range cases {
 		name := strings.NewReplacer("/", "_", ",", "+", "=", "-").Replace(c.opts + "_" + c.size)
 		t.Run(name, func(t *testing.T) {
+			t.Parallel()
 			data := filepath.Join(t.TempDir(), "data.raw")
 			opts := strings.ReplaceAll(c.opts, "DATA", data)
-			q := filepath.Join(dir, "q.qcow2")
-			o := filepath.Join(dir, "o.qcow2")
+			// Both in dir, next to base.qcow2, under names of their own.
+			q := filepath.Join(dir, name+".q.qcow2")
+			o := filepath.Join(dir, name+".o.qcow2")
 			args := []string{}
 			if opts != "" {
 				args = append(args, "-o", opts)
