@@ -123,10 +123,35 @@ func errnoOf(err error) unix.Errno {
 // When something was repaired, the image is checked once more without
 // repairing and that result is returned (see CheckResult.Repaired).
 //
-// Check reads and writes only file, the image's protocol node; the caller
-// must not have the image open through a driver that caches metadata, or
-// must flush those caches before and drop them after. file must be writable
-// when fix is not 0.
+// Check reads and writes only file, the image's protocol node (Preadv,
+// Pwritev, Flush, Length, and Truncate to grow the file for a refcount block
+// beyond its end), through a small cache of its own that it writes back
+// before returning. Nothing else may use the image meanwhile (QEMU holds
+// s->lock). file must be writable when fix is not 0 (else EROFS). A driver
+// that has the image open calls it like this:
+//
+//   - drain its requests and flush its L2 and refcount caches;
+//   - call Check on its protocol node;
+//   - with a fix mode, then forget all cached metadata and read the header
+//     again, because a repair may have changed refcount blocks, the refcount
+//     table and its place (header fields refcount_table_offset and
+//     refcount_table_clusters), the snapshot table (nb_snapshots,
+//     snapshots_offset), the feature bits (dirty, corrupt, autoclear), COPIED
+//     flags in the active L1 and L2 tables, and the file's length; restart its
+//     free-cluster search at 0.
+//
+// On a read-write open of an image with the dirty bit, QEMU (qcow2_do_open)
+// repairs it before anything else: Check(co, file, FixAll), and the open
+// fails with "Could not repair dirty image" when Check returns an error or
+// the result has CheckErrors (its errno, EIO when the result only has check
+// errors). Not when opened for `check` itself (QEMU's BDRV_O_CHECK), nor
+// read-only. Also on a read-write open, unknown autoclear bits must be
+// cleared (Check does that too when repairing).
+//
+// Check does not look at the bitmaps' data the way QEMU's open does
+// (qcow2_load_dirty_bitmaps refuses to open an image whose bitmap directory or
+// tables are invalid); it counts the bitmap clusters and fails with EINVAL on
+// the same problems, as QEMU's check would.
 //
 // The in-memory refcount table takes refcount_bits bits per host cluster of
 // the file; images whose table would exceed 1 GiB, or with more than

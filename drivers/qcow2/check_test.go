@@ -29,6 +29,8 @@ type ckShape struct {
 	opts  string   // qemu-img create -o
 	io    []string // qemu-io commands
 	snaps int      // internal snapshots, each followed by a write
+	// snapWrite is the length of the write after each snapshot (64k).
+	snapWrite string
 	// bitmaps adds persistent bitmaps with qemu-img bitmap --add.
 	bitmaps  bool
 	dataFile bool
@@ -156,7 +158,11 @@ func ckMake(dir string, sh ckShape) (string, error) {
 		if err := run("qemu-img", "snapshot", "-c", fmt.Sprintf("snap%d", i), p); err != nil {
 			return "", err
 		}
-		if err := io(fmt.Sprintf("write -P %d %dk 64k", 10+i, 64*i)); err != nil {
+		n := sh.snapWrite
+		if n == "" {
+			n = "64k"
+		}
+		if err := io(fmt.Sprintf("write -P %d %dk %s", 10+i, 64*i, n)); err != nil {
 			return "", err
 		}
 	}
@@ -167,7 +173,7 @@ func ckMake(dir string, sh ckShape) (string, error) {
 		if err := run("qemu-img", "bitmap", "--add", "-g", "128k", "--disable", p, "b1"); err != nil {
 			return "", err
 		}
-		if err := io("write -P 9 6M 256k"); err != nil {
+		if err := io(sh.io[0]); err != nil { // dirties the enabled bitmap
 			return "", err
 		}
 	}
