@@ -114,7 +114,10 @@ func (n *Node) BlockStatusAbove(co *coroutine.Co, base *Node, wantZero bool, off
 			// long as the layers above left the range unallocated.
 			return Status{Flags: StatusZero | StatusAllocated, Pnum: bytes, Depth: depth}, nil
 		}
-		if st.Flags&StatusAllocated != 0 {
+		if st.Flags&StatusAllocated != 0 || p.Backing == nil || p.Backing == base {
+			// Allocated here, or the last layer asked: its answer
+			// stands, including the ZERO it gives unallocated ranges
+			// with nothing below (QEMU reports that layer's depth).
 			st.Depth = depth
 			return st, nil
 		}
