@@ -4,11 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"sync"
 	"sync/atomic"
-	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -62,11 +59,14 @@ type Device struct {
 	// stopping counts the routineQueue goroutines; Close waits for it.
 	stopping sync.WaitGroup
 
-	// state is an advisory snapshot for String and the state checks;
-	// the lifecycle itself is ordered by Start and closeOnce.
+	// state is guarded by its mutex. deviceState is an advisory snapshot
+	// (for String); the lifecycle itself is ordered by Start and
+	// closeOnce.
 	state struct {
 		sync.Mutex
 		deviceState
+		// startCancel aborts a START_DEV in flight when a queue fails.
+		startCancel context.CancelFunc
 	}
 
 	// done is closed when the device stops serving on its own: a queue
@@ -75,168 +75,10 @@ type Device struct {
 	doneOnce sync.Once
 	// failure is the error that closed done, if any.
 	failure atomic.Pointer[error]
-	// startCancel aborts a START_DEV in flight when a queue fails.
-	startCancel context.CancelFunc
 
 	ioErrors  atomic.Int64
 	closeOnce sync.Once
 	closeErr  error
-}
-
-// testHook, set only by tests, is called at the named points of start and
-// can make it fail there, to exercise the cleanup of every partial start.
-var testHook func(point string) error
-
-func hook(point string) error {
-	if testHook != nil {
-		return testHook(point)
-	}
-	return nil
-}
-
-// Start exports node as a new ublk block device and returns once
-// /dev/ublkbN is live. The device owns node from then on: Close flushes and
-// closes it, and so does Start when it fails. Everything Start created in
-// the kernel is deleted again when it fails.
-func Start(cfg Config, node *bdrv.Node) (*Device, error) {
-	d := &Device{node: node, charFd: -1, done: make(chan struct{})}
-	var err error
-	if d.cfg, err = cfg.withDefaults(); err != nil {
-		d.closeNodeOnly()
-		return nil, err
-	}
-	if node.ReadOnly {
-		d.cfg.ReadOnly = true
-	}
-	if d.ctrl, err = OpenCtrl(); err != nil {
-		d.closeNodeOnly()
-		return nil, err
-	}
-	if err := d.start(); err != nil {
-		d.Close()
-		return nil, err
-	}
-	d.setState(stateUp)
-	return d, nil
-}
-
-// closeNodeOnly closes the node when Start fails before anything else
-// exists.
-func (d *Device) closeNodeOnly() {
-	coroutine.Run(func(co *coroutine.Co) error { return d.node.Close(co) })
-}
-
-// start runs the start sequence of the state diagram; Close undoes
-// whatever part of it succeeded.
-func (d *Device) start() error {
-	cfg := &d.cfg
-	params, err := buildParams(cfg, d.node, cfg.MaxIOBytes)
-	if err != nil {
-		return err
-	}
-	var flags Features
-	if cfg.UserCopy {
-		if !d.ctrl.features.Has(FeatureUserCopy) {
-			return &UnsupportedFeatureError{Name: "UBLK_F_USER_COPY"}
-		}
-		flags |= FeatureUserCopy
-	}
-	d.info, err = d.ctrl.AddDev(DevInfo{
-		ID: cfg.ID, Queues: cfg.Queues, Depth: cfg.Depth,
-		MaxIOBufBytes: cfg.MaxIOBytes, Flags: flags,
-	})
-	if err != nil {
-		return err
-	}
-	d.added = true
-	if err := hook("added"); err != nil {
-		return err
-	}
-	d.userCopy = d.info.Flags.Has(FeatureUserCopy)
-	if cfg.UserCopy && !d.userCopy {
-		return &UnsupportedFeatureError{Name: "UBLK_F_USER_COPY"}
-	}
-	if err := d.ctrl.setParams(d.info.ID, params); err != nil {
-		return fmt.Errorf("setting device parameters: %w", err)
-	}
-	if d.charFd, err = openCharDev(d.CharPath()); err != nil {
-		return err
-	}
-	if err := hook("chardev"); err != nil {
-		return err
-	}
-	for i := range d.info.Queues {
-		q, err := newQueue(d, uint16(i))
-		if err != nil {
-			return err
-		}
-		d.queues = append(d.queues, q)
-	}
-	if err := hook("queues"); err != nil {
-		return err
-	}
-	// Arm every tag of every queue. Each queue gets its routineQueue,
-	// counted before it starts, which ends when the queue's tags do.
-	fetched := make(chan error, len(d.queues))
-	for _, q := range d.queues {
-		q.armed = true
-		d.stopping.Add(1)
-		go d.routineQueue(q)
-		q.start(fetched)
-	}
-	for range d.queues {
-		if err := <-fetched; err != nil {
-			return err
-		}
-	}
-	if err := hook("fetched"); err != nil {
-		return err
-	}
-	// Every queue now waits in io_uring_enter, so it can serve the reads
-	// of the partition scan START_DEV does before it returns.
-	ctx, cancel := context.WithCancel(context.Background())
-	d.state.Lock()
-	d.startCancel = cancel
-	d.state.Unlock()
-	err = d.ctrl.startDev(ctx, d.info.ID)
-	cancel()
-	if err != nil {
-		if f := d.failure.Load(); f != nil {
-			return *f
-		}
-		return fmt.Errorf("starting the device: %w", err)
-	}
-	waitForNode(d.Path())
-	return nil
-}
-
-// openCharDev opens /dev/ublkcN, waiting briefly while udev creates it
-// (ENOENT) or a previous server of the same id still holds it (EBUSY).
-func openCharDev(path string) (int, error) {
-	deadline := time.Now().Add(3 * time.Second)
-	for {
-		fd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
-		if err == nil {
-			return fd, nil
-		}
-		if err == unix.EINTR {
-			continue
-		}
-		if (err != unix.ENOENT && err != unix.EBUSY) || time.Now().After(deadline) {
-			return -1, fmt.Errorf("opening %s: %w", path, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-// waitForNode waits up to 5 s for a device node udev may still be creating.
-func waitForNode(path string) {
-	for range 250 {
-		if _, err := os.Stat(path); err == nil {
-			return
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
 }
 
 // routineQueue accompanies one queue for its whole life. It is counted in
@@ -258,7 +100,7 @@ func (d *Device) failed(err error) {
 	d.cfg.Logf("ublkb%d: %v", d.info.ID, err)
 	d.markDone(err)
 	d.state.Lock()
-	cancel := d.startCancel
+	cancel := d.state.startCancel
 	d.state.Unlock()
 	if cancel != nil {
 		cancel()
@@ -414,5 +256,3 @@ func Serve(ctx context.Context, cfg Config, node *bdrv.Node, started func(*Devic
 	}
 	return errors.Join(d.Err(), d.Close())
 }
-
-func uintptrOf(b []byte) uintptr { return uintptr(unsafe.Pointer(unsafe.SliceData(b))) }

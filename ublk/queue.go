@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -266,3 +267,5 @@ func (q *queue) userCopy(co *coroutine.Co, t *tag, toKernel bool, n int64) error
 	}
 	return nil
 }
+
+func uintptrOf(b []byte) uintptr { return uintptr(unsafe.Pointer(unsafe.SliceData(b))) }
