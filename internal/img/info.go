@@ -55,6 +55,8 @@ type ImageInfo struct {
 	BackingFilename     string
 	FullBackingFilename string
 	BackingFormat       string
+	// Snapshots are the internal snapshots (qcow2), in table order.
+	Snapshots []SnapshotInfo
 	// FormatSpecific is the InfoProvider data converted by ToQObject, or
 	// nil.
 	FormatSpecific any
@@ -128,6 +130,7 @@ func queryInfo(co *coroutine.Co, n *bdrv.Node, filename string) (*ImageInfo, err
 		info.FullBackingFilename = pathCombine(filename, n.BackingFile)
 		info.BackingFormat = n.BackingFormat
 	}
+	info.Snapshots = snapshotInfos(co, n)
 	if p, ok := drv.(InfoProvider); ok {
 		data, err := p.FormatSpecific(co)
 		if err != nil {
@@ -179,6 +182,9 @@ func (i *ImageInfo) Dict() *Dict {
 			d.Set("backing-filename-format", i.BackingFormat)
 		}
 	}
+	if len(i.Snapshots) > 0 {
+		d.Set("snapshots", snapshotDicts(i.Snapshots))
+	}
 	if i.FormatSpecific != nil {
 		spec := NewDict()
 		spec.Set("type", i.Format)
@@ -221,6 +227,9 @@ func WriteInfoHuman(w io.Writer, infos []*ImageInfo) error {
 			if i.BackingFormat != "" {
 				fmt.Fprintf(&b, "backing file format: %s\n", i.BackingFormat)
 			}
+		}
+		if len(i.Snapshots) > 0 {
+			writeSnapshotList(&b, i.Snapshots)
 		}
 		if i.FormatSpecific != nil {
 			b.WriteString("Format specific information:\n")
