@@ -22,6 +22,7 @@ import (
 	// The drivers register their formats with bdrv.
 	_ "ublkimg/drivers/file"
 	_ "ublkimg/drivers/null"
+	_ "ublkimg/drivers/qcow2"
 	_ "ublkimg/drivers/raw"
 )
 
@@ -30,14 +31,20 @@ func main() {
 }
 
 // imageCommands are the qemu-img verbs, in the order help lists them.
-// Verbs still to come here: check, map, resize, snapshot, commit, rebase,
-// amend, measure, dd.
+// Verbs still to come here: snapshot, amend.
 func imageCommands() []*cli.Command {
 	return []*cli.Command{
 		createCommand(),
 		infoCommand(),
+		checkCommand(),
+		mapCommand(),
 		convertCommand(),
 		compareCommand(),
+		resizeCommand(),
+		commitCommand(),
+		rebaseCommand(),
+		measureCommand(),
+		ddCommand(),
 		benchCommand(),
 	}
 }
@@ -135,11 +142,20 @@ func normalize(app *cli.App, args []string) ([]string, error) {
 		if c.Name != args[1] {
 			continue
 		}
-		rest, err := getoptArgs(c, args[2:])
+		in, last := args[2:], []string(nil)
+		if c.Name == "resize" {
+			// qemu-img takes the size off the end before reading
+			// options, so that "-1G" is a size, not an option.
+			if len(in) < 2 {
+				return nil, errors.New("Not enough arguments")
+			}
+			in, last = in[:len(in)-1], in[len(in)-1:]
+		}
+		rest, err := getoptArgs(c, in)
 		if err != nil {
 			return nil, err
 		}
-		return append([]string{args[0], args[1]}, rest...), nil
+		return append(append([]string{args[0], args[1]}, rest...), last...), nil
 	}
 	return args, nil
 }

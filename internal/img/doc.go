@@ -1,8 +1,9 @@
 // Package img implements the image operations of qemu-img for ublkimg:
-// create, info, convert, compare and bench. Each operation is generic over
-// the formats registered with bdrv (raw today, qcow2 later) and reproduces
-// qemu-img 7.2's semantics, output text and error wording, so that scripts
-// written against qemu-img keep working.
+// create, info, check, map, convert, compare, resize, commit, rebase,
+// measure, dd and bench. Each operation is generic over the formats
+// registered with bdrv (raw, qcow2) and reproduces qemu-img 7.2's
+// semantics, output text and error wording, so that scripts written
+// against qemu-img keep working.
 //
 // Operations run on the coroutine engine: they either take a *coroutine.Co
 // or call coroutine.Run themselves. They never print on their own; text goes

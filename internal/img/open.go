@@ -9,6 +9,7 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
+	"ublkimg/drivers/qcow2"
 )
 
 // openSpec says how an operation opens one image.
@@ -68,6 +69,10 @@ func openError(filename string, err error) error {
 // not open 'x': Could not open 'x': No such file or directory"; ublkimg says
 // it once).
 func reason(filename string, err error) string {
+	var he *qcow2.HeaderError
+	if errors.As(err, &he) && he.Field == "magic" {
+		return "Image is not in qcow2 format" // qcow2_open's wording
+	}
 	msg := err.Error()
 	for _, p := range []string{"Could not open '" + filename + "': ", "could not open '" + filename + "': "} {
 		for strings.HasPrefix(msg, p) {
@@ -77,7 +82,9 @@ func reason(filename string, err error) string {
 	if msg == "" {
 		return Strerror(err)
 	}
-	return msg
+	// bdrv words a failed backing open in lower case; qemu-img's
+	// bdrv_open_backing_file says "Could not open backing file: ...".
+	return strings.ReplaceAll(msg, "could not open backing file: ", "Could not open backing file: ")
 }
 
 // Strerror is the C library's text for the errno in err's chain ("No space

@@ -1,0 +1,226 @@
+package img
+
+import (
+	"errors"
+	"fmt"
+	"io"
+
+	"ublkimg/bdrv"
+	"ublkimg/coroutine"
+	"ublkimg/drivers/qcow2"
+)
+
+// Exit statuses of qemu-img check.
+const (
+	CheckClean       = 0  // no problem (left) in the image
+	CheckFailed      = 1  // the check could not be completed, or open failed
+	CheckCorrupted   = 2  // corruptions remain
+	CheckLeaks       = 3  // only leaked clusters remain
+	CheckUnsupported = 63 // the format has no consistency check
+)
+
+// Repair is check's -r mode.
+type Repair int
+
+// Repair modes.
+const (
+	RepairNone  Repair = iota
+	RepairLeaks        // -r leaks: free leaked clusters
+	RepairAll          // -r all: also fix corruptions
+)
+
+// ParseRepair parses -r's argument with qemu-img's message.
+func ParseRepair(s string) (Repair, error) {
+	switch s {
+	case "leaks":
+		return RepairLeaks, nil
+	case "all":
+		return RepairAll, nil
+	}
+	return 0, fmt.Errorf("Unknown option value for -r (expecting 'leaks' or 'all'): %s", s)
+}
+
+// CheckOptions are qemu-img check's arguments.
+type CheckOptions struct {
+	Filename string
+	Format   string // -f; "" probes
+	Repair   Repair
+	JSON     bool // --output json
+	// Quiet (-q) silences what qemu-img prints on stdout; the checker's
+	// own lines ("Leaked cluster 5 refcount=1 reference=0") still go to
+	// stderr, as with qemu-img.
+	Quiet      bool
+	Cache      bdrv.CacheMode // -T
+	ForceShare bool
+}
+
+// CheckError is a failure that ends check with Code: CheckFailed for an
+// image that could not be opened or checked, CheckUnsupported for a format
+// without a check.
+type CheckError struct {
+	Code int
+	Err  error
+}
+
+func (e *CheckError) Error() string { return e.Err.Error() }
+
+func (e *CheckError) Unwrap() error { return e.Err }
+
+// errNoCheck is qemu-img's message for formats without a check (bdrv_check
+// returning -ENOTSUP).
+var errNoCheck = errors.New("This image format does not support checks")
+
+// Check checks an image's consistency, repairing it as opts.Repair allows,
+// as qemu-img check does, and returns the exit status: CheckClean,
+// CheckCorrupted or CheckLeaks, or with a *CheckError, CheckFailed or
+// CheckUnsupported. What qemu-img prints on stdout (the report, the
+// summary, or the JSON document) goes to stdout, which may be nil; the
+// lines the checker prints while it works go to stderr.
+//
+// Only qcow2 has a check. qcow2 images are checked on their file alone
+// (the checker reads and repairs the metadata itself, so a dirty or
+// corrupt image is not repaired by opening it first), after the image and
+// its backing chain were opened read-only once, so that an image qemu-img
+// cannot open fails here too.
+func Check(co *coroutine.Co, opts CheckOptions, stdout, stderr io.Writer) (int, error) {
+	if stdout == nil || opts.Quiet {
+		stdout = io.Discard
+	}
+	if stderr == nil {
+		stderr = io.Discard
+	}
+	fail := func(err error) (int, error) { return CheckFailed, &CheckError{CheckFailed, err} }
+	if opts.Format != "" {
+		if _, err := bdrv.LookupFormat(opts.Format); err != nil {
+			return fail(openError(opts.Filename, errors.New("Unknown driver '"+opts.Format+"'")))
+		}
+	}
+	var fopts bdrv.Options
+	if opts.ForceShare {
+		fopts = bdrv.Options{bdrv.OptForceShare: "on"}
+	}
+
+	// Open the image as qemu-img does before checking, with its backing
+	// chain. A qcow2 image is opened read-only even for a repair: a
+	// read-write open would repair a dirty image before the check sees it.
+	format := opts.Format
+	n, err := openImage(co, openSpec{filename: opts.Filename, format: format, cache: opts.Cache,
+		readOnly: true, noBacking: true, options: fopts})
+	if err != nil {
+		var oe *OpenError
+		if !errors.As(err, &oe) || (format != "" && format != "qcow2") {
+			return fail(err)
+		}
+		// The driver may refuse images that its checker handles;
+		// let the checker tell.
+		if format == "" {
+			if format, err = probeFile(co, opts.Filename, fopts); err != nil {
+				return fail(err)
+			}
+		}
+	} else {
+		format = n.Format.Name
+		backing, backingFormat := n.BackingFile, n.BackingFormat
+		n.Close(co)
+		if backing != "" {
+			b, err := openImage(co, openSpec{filename: bdrv.ResolveBacking(opts.Filename, backing),
+				format: backingFormat, cache: opts.Cache, readOnly: true, options: fopts})
+			if err != nil {
+				return fail(openError(opts.Filename, fmt.Errorf("Could not open backing file: %s", err.Error())))
+			}
+			b.Close(co)
+		}
+	}
+	if format != "qcow2" {
+		if opts.Repair != RepairNone {
+			// qemu-img opens the image read-write to repair it.
+			n, err := openImage(co, openSpec{filename: opts.Filename, format: format, cache: opts.Cache,
+				noBacking: true, options: fopts})
+			if err != nil {
+				return fail(err)
+			}
+			n.Close(co)
+		}
+		return CheckUnsupported, &CheckError{CheckUnsupported, errNoCheck}
+	}
+
+	file, err := bdrv.Open(co, bdrv.Spec{Filename: opts.Filename, Format: "file", Options: fopts,
+		Cache: opts.Cache, ReadOnly: opts.Repair == RepairNone})
+	if err != nil {
+		return fail(openError(opts.Filename, err))
+	}
+	defer file.Close(co)
+	fix := qcow2.FixMode(0)
+	switch opts.Repair {
+	case RepairLeaks:
+		fix = qcow2.FixLeaks
+	case RepairAll:
+		fix = qcow2.FixAll
+	}
+	r, err := qcow2.Check(co, file, fix)
+	if r == nil {
+		if err == nil {
+			err = errors.New("check returned no result")
+		}
+		var cf *qcow2.CheckFailedError
+		if errors.As(err, &cf) {
+			return fail(err)
+		}
+		return fail(openError(opts.Filename, err))
+	}
+	lines := func(ls []string) {
+		for _, l := range ls {
+			fmt.Fprintln(stderr, l)
+		}
+	}
+	lines(r.RepairMessages)
+	if r.Repaired && !opts.JSON {
+		fmt.Fprintf(stdout, "The following inconsistencies were found and repaired:\n\n"+
+			"    %d leaked clusters\n    %d corruptions\n\nDouble checking the fixed image now...\n",
+			r.LeaksFixed, r.CorruptionsFixed)
+	}
+	lines(r.Messages)
+	if err != nil {
+		return fail(err)
+	}
+	if opts.JSON {
+		io.WriteString(stdout, r.JSON(opts.Filename))
+	} else {
+		io.WriteString(stdout, r.Summary())
+	}
+	if r.CheckErrors != 0 {
+		return fail(errors.New("Check failed"))
+	}
+	return r.ExitCode(), nil
+}
+
+// probeFile finds the format of an image the format driver would not open,
+// from its first bytes, as bdrv.Open would have.
+func probeFile(co *coroutine.Co, filename string, opts bdrv.Options) (string, error) {
+	file, err := bdrv.Open(co, bdrv.Spec{Filename: filename, Format: "file", Options: opts, ReadOnly: true})
+	if err != nil {
+		return "", openError(filename, err)
+	}
+	defer file.Close(co)
+	head := bdrv.AlignedBuffer(int(alignUp(min(2048, file.Length()), 4096)), 4096)
+	if len(head) > 0 {
+		if err := file.Preadv(co, 0, bdrv.IOVec{head}, 0); err != nil {
+			return "", openError(filename, err)
+		}
+	}
+	head = head[:min(2048, file.Length())]
+	best, score := "", 0
+	for _, name := range bdrv.FormatNames() {
+		f, err := bdrv.LookupFormat(name)
+		if err != nil || f.Probe == nil {
+			continue
+		}
+		if s := f.Probe(head, filename); s > score {
+			best, score = name, s
+		}
+	}
+	if best == "" {
+		return "", openError(filename, errors.New("Could not determine the image format"))
+	}
+	return best, nil
+}
