@@ -1,0 +1,37 @@
+package main
+
+import (
+	"errors"
+
+	"github.com/urfave/cli/v2"
+
+	"ublkimg/coroutine"
+	"ublkimg/internal/img"
+)
+
+func init() { registerCommands(amendCommand) }
+
+func amendCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "amend",
+		Usage:     "change format options of an existing image",
+		ArgsUsage: "FILE",
+		Description: "Changes qcow2 options in place as qemu-img amend does: compat=1.1 (upgrade\n" +
+			"from 0.10), lazy_refcounts=on|off, size. Options only meaningful at\n" +
+			"creation (cluster_size, extended_l2, ...) are refused.",
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "f", Aliases: []string{"format"}, Usage: "`FMT` of the image (default: probed)"},
+			&cli.StringFlag{Name: "o", Usage: "`OPTIONS` to change, key=value,..."},
+			&cli.BoolFlag{Name: "q", Aliases: []string{"quiet"}, Usage: "quiet"},
+		},
+		Action: amendAction,
+	}
+}
+
+func amendAction(c *cli.Context) error {
+	if c.NArg() != 1 {
+		return errors.New("Expecting one image file name")
+	}
+	opts := img.AmendOptions{Format: c.String("f"), Filename: c.Args().First(), Options: c.String("o")}
+	return runCo(func(co *coroutine.Co) error { return img.Amend(co, opts) })
+}
