@@ -17,8 +17,10 @@ func amendCommand() *cli.Command {
 		Usage:     "change format options of an existing image",
 		ArgsUsage: "FILE",
 		Description: "Changes qcow2 options in place as qemu-img amend does: compat=1.1 (upgrade\n" +
-			"from 0.10), lazy_refcounts=on|off, size. Options only meaningful at\n" +
-			"creation (cluster_size, extended_l2, ...) are refused.",
+			"from 0.10), compat=0.10 (downgrade, zero clusters expanded),\n" +
+			"lazy_refcounts=on|off, size. Options only meaningful at creation\n" +
+			"(cluster_size, extended_l2, ...) are refused; refcount_bits changes are\n" +
+			"not implemented yet.",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "f", Aliases: []string{"format"}, Usage: "`FMT` of the image (default: probed)"},
 			&cli.StringFlag{Name: "o", Usage: "`OPTIONS` to change, key=value,..."},

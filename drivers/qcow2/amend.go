@@ -2,6 +2,7 @@ package qcow2
 
 import (
 	"errors"
+	"fmt"
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
@@ -25,16 +26,18 @@ var (
 	ErrAmendRefcountW  = errors.New("Refcount width must be a power of two and may not exceed 64 bits")
 	ErrAmendDowngrade  = errors.New("compat=0.10 requires refcount_bits=16")
 	// ErrAmendNotImplemented: the change is valid for QEMU but this
-	// driver cannot make it yet (downgrade to compat=0.10, refcount width).
+	// driver cannot make it yet (refcount width; downgrades of images with
+	// zstd, or with a backing file and unallocated zero clusters).
 	ErrAmendNotImplemented = errors.New("not supported by ublkimg yet")
 )
 
 // Amend changes the image's compat level and lazy refcounts setting
-// (QEMU's qcow2_amend_options): upgrade first, then lazy refcounts. An
-// upgrade from version 2 rewrites the snapshot table (version 3 requires
-// the disk size in every entry) and then the header cluster. Turning lazy
-// refcounts off writes the refcounts back and clears the dirty bit before
-// the compat bit.
+// (QEMU's qcow2_amend_options): upgrade first, then lazy refcounts, or a
+// downgrade (downgradeLocked), which turns lazy refcounts off. An upgrade
+// from version 2 rewrites the snapshot table (version 3 requires the disk
+// size in every entry) and then the header cluster. Turning lazy refcounts
+// off writes the refcounts back and clears the dirty bit before the compat
+// bit. Changing the refcount width is not implemented.
 func (img *Image) Amend(co *coroutine.Co, o AmendOptions) error {
 	img.meta.Lock(co)
 	defer img.meta.Unlock(co)
@@ -68,9 +71,6 @@ func (img *Image) Amend(co *coroutine.Co, o AmendOptions) error {
 	if img.readOnly {
 		return errors.New("qcow2: image is read-only")
 	}
-	if newVersion < h.Version {
-		return errors.New("Downgrading to compat=0.10 is " + ErrAmendNotImplemented.Error())
-	}
 	if refBits != h.RefcountBits() {
 		return errors.New("Changing the refcount width is " + ErrAmendNotImplemented.Error())
 	}
@@ -79,6 +79,10 @@ func (img *Image) Amend(co *coroutine.Co, o AmendOptions) error {
 		if err := img.upgradeLocked(co); err != nil {
 			return err
 		}
+	}
+	if newVersion < h.Version {
+		// Lazy refcounts cannot stay on in version 2.
+		return img.downgradeLocked(co)
 	}
 	if o.LazyRefcounts != nil {
 		h := img.Header()
@@ -135,6 +139,126 @@ func (img *Image) upgradeLocked(co *coroutine.Co) error {
 	h := img.Header()
 	h.Version = 3
 	h.RefcountOrder = 4
+	return img.rewriteHeaderLocked(co, &h)
+}
+
+// downgradeLocked turns a version 3 image into version 2 (QEMU's
+// qcow2_downgrade): refcounts are written back and the dirty bit cleared,
+// zero clusters (which version 2 cannot express) are expanded in the active
+// and every snapshot's tables, then the version 2 header is written.
+// Preallocated zero clusters are filled with zeros; unallocated zero
+// clusters become unallocated, which needs an image without a backing file
+// (with one, ublkimg refuses: QEMU would allocate zeroed clusters).
+func (img *Image) downgradeLocked(co *coroutine.Co) error {
+	h := img.Header()
+	if h.HasDataFile() {
+		return errors.New("Cannot downgrade an image with a data file")
+	}
+	if err := img.markCleanLocked(co); err != nil {
+		return err
+	}
+	h = img.Header()
+	if f := h.IncompatibleFeatures &^ IncompatCompression; f != 0 {
+		return fmt.Errorf("Cannot downgrade an image with incompatible features %#x set", f)
+	}
+	if h.CompressionType != 0 {
+		return errors.New("Downgrading an image with zstd compression is " + ErrAmendNotImplemented.Error())
+	}
+	tables := [][]uint64{img.l1}
+	for _, s := range img.snapshots {
+		l1, err := img.readSnapshotL1Locked(co, s, 0)
+		if err != nil {
+			return err
+		}
+		tables = append(tables, l1)
+	}
+	if h.BackingFile != "" {
+		for _, l1 := range tables {
+			n, err := img.expandZeroLocked(co, l1, true)
+			if err != nil {
+				return err
+			}
+			if n > 0 {
+				return errors.New("Downgrading an image with a backing file and zero clusters is " + ErrAmendNotImplemented.Error())
+			}
+		}
+	}
+	for _, l1 := range tables {
+		if _, err := img.expandZeroLocked(co, l1, false); err != nil {
+			return err
+		}
+	}
+	if err := img.syncAllLocked(co); err != nil {
+		return err
+	}
+	h.Version, h.RefcountOrder = 2, 4
+	h.IncompatibleFeatures, h.CompatibleFeatures, h.AutoclearFeatures = 0, 0, 0
+	h.HeaderTail, h.FeatureTable, h.Bitmaps = nil, nil, nil
+	if err := img.rewriteHeaderLocked(co, &h); err != nil {
+		return err
+	}
+	img.lazy = false
+	return nil
+}
+
+// expandZeroLocked rewrites the zero clusters the L2 tables of l1 map, or
+// with scan only counts the unallocated ones. Zeroed data reaches the disk
+// before the L2 entries that expose it.
+func (img *Image) expandZeroLocked(co *coroutine.Co, l1 []uint64, scan bool) (int, error) {
+	g, cs := img.g, img.cs
+	count := 0
+	for i := range l1 {
+		l2Off, _, err := g.DecodeL1(l1[i], img.l1Offset, int64(i))
+		if err != nil {
+			return count, img.asCorruptionLocked(co, err)
+		}
+		if l2Off == 0 {
+			continue
+		}
+		for s := uint64(0); s < cs/img.l2SliceSize; s++ {
+			e, err := img.l2Cache.getLocked(co, l2Off+s*img.l2SliceSize)
+			if err != nil {
+				return count, err
+			}
+			for j := 0; j < int(img.l2SliceEnts); j++ {
+				ent, bm, _ := g.L2EntryAt(e.buf, j)
+				var ne uint64
+				switch g.ClusterType(ent) {
+				case ClusterZeroPlain:
+					count++
+					ne = 0
+				case ClusterZeroAlloc:
+					hc := HostOffset(ent)
+					if scan {
+						continue
+					}
+					err = img.checkOverlapLocked(co, hc, cs, mkNone)
+					if err == nil {
+						err = img.file.PwriteZeroes(co, int64(hc), int64(cs), 0)
+					}
+					if err != nil {
+						img.l2Cache.putLocked(e)
+						return count, err
+					}
+					ne = hc | ent&OflagCopied
+				default:
+					continue
+				}
+				if !scan {
+					g.SetL2EntryAt(e.buf, j, ne, bm)
+					img.l2Cache.markDirtyLocked(e)
+					img.l2Cache.setDependsOnFlushLocked()
+				}
+			}
+			img.l2Cache.putLocked(e)
+		}
+	}
+	return count, nil
+}
+
+// rewriteHeaderLocked writes h as the header cluster, flushes, and adopts
+// it as the image's header.
+func (img *Image) rewriteHeaderLocked(co *coroutine.Co, h *Header) error {
 	buf, err := h.Marshal(int(img.cs))
 	if err != nil {
 		return err

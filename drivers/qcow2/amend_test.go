@@ -74,6 +74,27 @@ func TestAmend(t *testing.T) {
 		t.Fatalf("lazy off:\n%s\nqemu-img:\n%s", a, b)
 	}
 
+	// Downgrade: preallocated and plain zero clusters, in the active
+	// table and in a snapshot's.
+	ours = qimg(t, filepath.Join(dir, "v3.qcow2"), "4M")
+	qio(t, ours, "write -P 1 0 1M", "write -z 0 64k", "write -z -u 128k 64k", "write -z 2M 64k")
+	sh(t, "qemu-img", "snapshot", "-c", "s", ours)
+	qio(t, ours, "write -P 3 0 128k", "write -z 512k 64k")
+	sh(t, "cp", ours, theirs)
+	amend(ours, qcow2.AmendOptions{Version: 2}, false)
+	sh(t, "qemu-img", "amend", "-o", "compat=0.10", theirs)
+	qcheck(t, ours, false)
+	sh(t, "qemu-img", "compare", ours, theirs)
+	if a, b := infoNoName(t, ours), infoNoName(t, theirs); a != b || !strings.Contains(a, "compat: 0.10") {
+		t.Fatalf("downgrade:\n%s\nqemu-img:\n%s", a, b)
+	}
+	if a, b := sh(t, "qemu-img", "map", "--output=json", ours), sh(t, "qemu-img", "map", "--output=json", theirs); a != b {
+		t.Fatalf("downgrade map:\n%s\nqemu-img:\n%s", a, b)
+	}
+	if a, b := snapRaw(t, ours, "s"), snapRaw(t, theirs, "s"); !bytes.Equal(a, b) {
+		t.Fatalf("downgrade: snapshot differs at %d", firstDiff(a, b))
+	}
+
 	// Refusals, as QEMU's.
 	v2 := qimg(t, filepath.Join(dir, "r.qcow2"), "1M", "-o", "compat=0.10")
 	r8 := qimg(t, filepath.Join(dir, "r8.qcow2"), "1M", "-o", "refcount_bits=8")

@@ -24,6 +24,9 @@ func TestAmendVerb(t *testing.T) {
 		{"compat=0.10", "lazy_refcounts=on"},
 		{"compat=0.10", "refcount_bits=8"},
 		{"refcount_bits=8", "compat=0.10"},
+		{"compat=1.1", "compat=0.10"},
+		{"lazy_refcounts=on", "compat=0.10"},
+		{"extended_l2=on", "compat=0.10"},
 	} {
 		ours, theirs := filepath.Join(dir, "a.qcow2"), filepath.Join(dir, "b.qcow2")
 		for _, p := range []string{ours, theirs} {
