@@ -471,6 +471,15 @@ func (img *Image) processDiscardsLocked(co *coroutine.Co) {
 	img.discards = img.discards[:0]
 }
 
+// settleDiscardsLocked sends the queued discards before any cluster is
+// handed out: a freed cluster may be reallocated at once, and a discard of it
+// sent after the new data was written would punch a hole in that data.
+func (img *Image) settleDiscardsLocked(co *coroutine.Co) {
+	if len(img.discards) > 0 {
+		img.processDiscardsLocked(co)
+	}
+}
+
 // freeClustersLocked drops one reference to every cluster of the host range
 // (QEMU's qcow2_free_clusters).
 func (img *Image) freeClustersLocked(co *coroutine.Co, off, size uint64, dt discardType) error {
@@ -481,6 +490,7 @@ func (img *Image) freeClustersLocked(co *coroutine.Co, off, size uint64, dt disc
 // without taking them (QEMU's alloc_clusters_noref). All of them lie below
 // limit.
 func (img *Image) allocClustersNorefLocked(co *coroutine.Co, n uint64, limit uint64) (uint64, error) {
+	img.settleDiscardsLocked(co)
 	E := img.g.RefblockEntries()
 	c := img.freeClusterIndex
 	start, run := c, uint64(0)
@@ -553,6 +563,7 @@ func (img *Image) allocClustersLocked(co *coroutine.Co, n uint64) (uint64, error
 // offset off, stopping at the first one in use, and returns how many it got
 // (QEMU's qcow2_alloc_clusters_at).
 func (img *Image) allocClustersAtLocked(co *coroutine.Co, off, n uint64) (uint64, error) {
+	img.settleDiscardsLocked(co)
 	if off+n*img.cs > maxHostCluster {
 		return 0, nil
 	}
