@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 
-	"ublkimg/bdrv"
 	"ublkimg/coroutine"
 )
 
@@ -259,19 +258,7 @@ func (img *Image) expandZeroLocked(co *coroutine.Co, l1 []uint64, scan bool) (in
 // rewriteHeaderLocked writes h as the header cluster, flushes, and adopts
 // it as the image's header.
 func (img *Image) rewriteHeaderLocked(co *coroutine.Co, h *Header) error {
-	buf, err := h.Marshal(int(img.cs))
-	if err != nil {
-		return err
-	}
-	out := bdrv.AlignedBuffer(len(buf), 4096)
-	copy(out, buf)
-	if err := img.file.Pwritev(co, 0, bdrv.IOVec{out}, 0); err != nil {
-		return err
-	}
-	if err := img.file.Flush(co); err != nil {
-		return err
-	}
-	nh, err := ParseHeader(out, -1)
+	nh, err := img.writeHeaderClusterLocked(co, h)
 	if err != nil {
 		return err
 	}

@@ -1,6 +1,9 @@
 package qcow2
 
 import (
+	"errors"
+	"fmt"
+
 	"golang.org/x/sys/unix"
 
 	"ublkimg/bdrv"
@@ -43,21 +46,10 @@ func (img *Image) ChangeBackingFile(co *coroutine.Co, name, format string) error
 		return unix.EINVAL
 	}
 	h.BackingFile, h.BackingFormat = name, format
-	buf, err := h.Marshal(int(img.cs))
-	if err != nil {
+	nh, err := img.writeHeaderClusterLocked(co, &h)
+	if errors.Is(err, errHeaderTooBig) {
 		return unix.ENOSPC
 	}
-	// Marshal starts from zeroed memory; the driver's buffers must be
-	// aligned for O_DIRECT files.
-	out := bdrv.AlignedBuffer(len(buf), 4096)
-	copy(out, buf)
-	if err := img.file.Pwritev(co, 0, bdrv.IOVec{out}, 0); err != nil {
-		return err
-	}
-	if err := img.file.Flush(co); err != nil {
-		return err
-	}
-	nh, err := ParseHeader(out, -1)
 	if err != nil {
 		return err
 	}
@@ -68,4 +60,29 @@ func (img *Image) ChangeBackingFile(co *coroutine.Co, name, format string) error
 	img.hdrMu.Unlock()
 	img.node.BackingFile, img.node.BackingFormat = name, format
 	return nil
+}
+
+// errHeaderTooBig wraps Marshal failures: the header does not fit in its
+// cluster.
+var errHeaderTooBig = errors.New("qcow2: header does not fit in the header cluster")
+
+// writeHeaderClusterLocked writes h as the whole header cluster in one write,
+// flushes, and returns the header as parsed back from what was written;
+// adopting it is the caller's choice. Called with img.meta held.
+func (img *Image) writeHeaderClusterLocked(co *coroutine.Co, h *Header) (*Header, error) {
+	buf, err := h.Marshal(int(img.cs))
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", errHeaderTooBig, err)
+	}
+	// Marshal starts from zeroed memory; the driver's buffers must be
+	// aligned for O_DIRECT files.
+	out := bdrv.AlignedBuffer(len(buf), 4096)
+	copy(out, buf)
+	if err := img.file.Pwritev(co, 0, bdrv.IOVec{out}, 0); err != nil {
+		return nil, err
+	}
+	if err := img.file.Flush(co); err != nil {
+		return nil, err
+	}
+	return ParseHeader(out, -1)
 }
