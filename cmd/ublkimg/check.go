@@ -50,13 +50,11 @@ func checkAction(c *cli.Context) error {
 		return errors.New("Expecting one image file name")
 	}
 	opts.Filename = c.Args().First()
-	switch c.String("output") {
-	case "json":
-		opts.JSON = true
-	case "human":
-	default:
-		return errors.New("--output must be used with human or json as argument.")
+	json, err := jsonOutput(c)
+	if err != nil {
+		return err
 	}
+	opts.JSON = json
 	if s := c.String("T"); s != "" {
 		mode, err := bdrv.ParseCacheMode(s)
 		if err != nil {
@@ -65,7 +63,7 @@ func checkAction(c *cli.Context) error {
 		opts.Cache = mode
 	}
 	var code int
-	err := runCo(func(co *coroutine.Co) error {
+	err = runCo(func(co *coroutine.Co) error {
 		var err error
 		code, err = img.Check(co, opts, c.App.Writer, c.App.ErrWriter)
 		return err

@@ -28,16 +28,16 @@ func infoCommand() *cli.Command {
 }
 
 func infoAction(c *cli.Context) error {
-	output := c.String("output")
-	if output != "human" && output != "json" {
-		return errors.New("--output must be used with human or json as argument.")
+	json, err := jsonOutput(c)
+	if err != nil {
+		return err
 	}
 	if c.NArg() != 1 {
 		return errors.New("Expecting one image file name")
 	}
 	chain := c.Bool("backing-chain")
 	var infos []*img.ImageInfo
-	err := runCo(func(co *coroutine.Co) error {
+	err = runCo(func(co *coroutine.Co) error {
 		var err error
 		infos, err = img.Info(co, img.InfoOptions{
 			Filename:     c.Args().First(),
@@ -50,7 +50,7 @@ func infoAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	if output == "json" {
+	if json {
 		return img.WriteInfoJSON(c.App.Writer, infos, chain)
 	}
 	return img.WriteInfoHuman(c.App.Writer, infos)

@@ -167,6 +167,23 @@ func oneLine(s string) string {
 
 // runCo runs an operation as a coroutine on a private loop, turning a panic
 // into an error so that even a bug ends in one line on stderr.
+// jsonOutput reads the --output flag the image verbs share, as qemu-img
+// does: human (also when the flag is absent) or json; anything else is an
+// error.
+func jsonOutput(c *cli.Context) (bool, error) {
+	switch c.String("output") {
+	case "json":
+		return true, nil
+	case "human":
+		return false, nil
+	case "":
+		if !c.IsSet("output") {
+			return false, nil
+		}
+	}
+	return false, errors.New("--output must be used with human or json as argument.")
+}
+
 func runCo(fn func(co *coroutine.Co) error) error {
 	return coroutine.Run(func(co *coroutine.Co) error {
 		return img.Guard(func() error { return fn(co) })

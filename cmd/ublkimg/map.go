@@ -51,17 +51,10 @@ func mapAction(c *cli.Context) error {
 		return errors.New("Expecting one image file name")
 	}
 	opts.Filename = c.Args().First()
-	switch c.String("output") {
-	case "json":
-		opts.JSON = true
-	case "human":
-	case "":
-		if !c.IsSet("output") {
-			break
-		}
-		fallthrough
-	default:
-		return errors.New("--output must be used with human or json as argument.")
+	json, err := jsonOutput(c)
+	if err != nil {
+		return err
 	}
+	opts.JSON = json
 	return runCo(func(co *coroutine.Co) error { return img.Map(co, opts, c.App.Writer) })
 }

@@ -32,15 +32,9 @@ func measureCommand() *cli.Command {
 
 func measureAction(c *cli.Context) error {
 	opts := img.MeasureOptions{OutputFormat: c.String("O"), Format: c.String("f"), Size: -1, ForceShare: c.Bool("U")}
-	json := false
-	if c.IsSet("output") {
-		switch c.String("output") {
-		case "json":
-			json = true
-		case "human":
-		default:
-			return errors.New("--output must be used with human or json as argument.")
-		}
+	json, err := jsonOutput(c)
+	if err != nil {
+		return err
 	}
 	if c.IsSet("size") {
 		v, err := img.ParseSizeArg("image size", c.String("size"), 0, img.MaxImageSize)
