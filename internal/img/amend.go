@@ -3,6 +3,8 @@ package img
 import (
 	"errors"
 	"fmt"
+	"io"
+	"math"
 	"strconv"
 	"strings"
 
@@ -16,6 +18,8 @@ type AmendOptions struct {
 	Filename string
 	Format   string // -f; "" probes
 	Options  string // -o, "key=value,..."
+	// Progress, if not nil, receives -p's progress line.
+	Progress io.Writer
 }
 
 // creationOnly are the qcow2 create options amend refuses (QEMU's
@@ -25,51 +29,29 @@ var creationOnly = map[string]bool{
 	"preallocation": true, "encryption": true, "nocow": true, "encrypt.format": true,
 }
 
-// Amend changes format options of an existing image as qemu-img amend does
-// (qcow2: compat upgrade, lazy_refcounts, size). The errors are qemu-img's.
+// amendKinds are the options amend takes and their value types.
+var amendKinds = map[string]bdrv.OptionType{
+	"size": bdrv.OptSize, "compat": bdrv.OptString,
+	"backing_file": bdrv.OptString, "backing_fmt": bdrv.OptString,
+	"data_file": bdrv.OptString, "data_file_raw": bdrv.OptBool,
+	"lazy_refcounts": bdrv.OptBool, "refcount_bits": bdrv.OptNumber,
+}
+
+// Amend changes format options of an existing qcow2 image as qemu-img
+// amend does: compat (upgrade and downgrade), refcount_bits,
+// lazy_refcounts, size, data_file and data_file_raw (renaming, clearing
+// the raw bit), and backing_file / backing_fmt (only their current
+// values). The steps, their order and the errors are qemu-img's: the image
+// is opened, the -o string parsed (syntax errors, in the order given),
+// the values checked, then the changes made in QEMU's order, so a failing
+// combination leaves the same changes behind. Progress, like qemu-img's,
+// covers the upgrade, refcount width change and downgrade.
 func Amend(co *coroutine.Co, opts AmendOptions) error {
 	if opts.Options == "" {
 		return errors.New("Must specify options (-o)")
 	}
-	var o qcow2.AmendOptions
-	var size string
-	for _, kv := range strings.Split(opts.Options, ",") {
-		k, v, _ := strings.Cut(kv, "=")
-		switch {
-		case creationOnly[k]:
-			return fmt.Errorf("Invalid parameter '%s'\nThis option is only supported for image creation", k)
-		case k == "compat":
-			switch v {
-			case "0.10", "v2":
-				o.Version = 2
-			case "1.1", "v3":
-				o.Version = 3
-			default:
-				return fmt.Errorf("Unknown compatibility level %s", v)
-			}
-		case k == "lazy_refcounts":
-			b := v == "on"
-			if v != "on" && v != "off" {
-				return fmt.Errorf("Parameter 'lazy_refcounts' expects 'on' or 'off'")
-			}
-			o.LazyRefcounts = &b
-		case k == "refcount_bits":
-			n, err := strconv.ParseUint(v, 10, 32)
-			if err != nil {
-				return fmt.Errorf("Parameter 'refcount_bits' expects a non-negative number below 2^64")
-			}
-			if n == 0 {
-				return qcow2.ErrAmendRefcountW
-			}
-			o.RefcountBits = uint32(n)
-		case k == "size":
-			size = v
-		case k == "backing_file", k == "backing_fmt", k == "data_file", k == "data_file_raw":
-			return fmt.Errorf("Changing '%s' with amend is not supported by ublkimg yet", k)
-		default:
-			return fmt.Errorf("Invalid parameter '%s'", k)
-		}
-	}
+	p := NewProgress(opts.Progress, 1)
+	defer p.End()
 	node, err := openImage(co, openSpec{filename: opts.Filename, format: opts.Format, noBacking: true})
 	if err != nil {
 		return err
@@ -79,18 +61,117 @@ func Amend(co *coroutine.Co, opts AmendOptions) error {
 		node.Close(co)
 		return fmt.Errorf("Format driver '%s' does not support option amendment", node.Format.Name)
 	}
-	err = q.Amend(co, o)
-	if err == nil && size != "" {
-		var n int64
-		if n, err = bdrv.ParseSize(size); err == nil {
-			err = node.Truncate(co, n, false, bdrv.PreallocOff)
+	o, size, err := parseAmendOptions(opts.Options)
+	if err == nil {
+		if size != 0 {
+			o.Resize = func(co *coroutine.Co) error {
+				if err := node.Truncate(co, size, false, bdrv.PreallocOff); err != nil {
+					return errors.New(snapErrText(err))
+				}
+				return nil
+			}
 		}
-		if err != nil {
-			err = errors.New(snapErrText(err))
+		o.Status = func(off, total int64) { p.Print(float32(100)*float32(off)/float32(total), 0) }
+		p.Print(0, 0)
+		err = q.Amend(co, o)
+		p.Print(100, 0)
+		if errors.Is(err, qcow2.ErrAmendBacking) {
+			err = errors.New(err.Error() + "\nYou can use 'qemu-img rebase' instead.")
 		}
 	}
 	if cerr := node.Close(co); err == nil && cerr != nil {
 		err = errors.New(snapErrText(cerr))
 	}
 	return err
+}
+
+// parseAmendOptions parses -o as qemu-img amend does: QemuOpts syntax and
+// types first, in the order given (a later value of a name wins), then the
+// compat level. The driver checks the other values.
+func parseAmendOptions(s string) (qcow2.AmendOptions, int64, error) {
+	var o qcow2.AmendOptions
+	var size int64
+	vals := map[string]string{}
+	for _, kv := range strings.Split(s, ",") {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok && strings.HasPrefix(k, "no") {
+			k, v = k[2:], "off"
+		} else if !ok {
+			v = "on"
+		}
+		kind, known := amendKinds[k]
+		switch {
+		case creationOnly[k]:
+			return o, 0, fmt.Errorf("Invalid parameter '%s'\nThis option is only supported for image creation", k)
+		case !known:
+			return o, 0, fmt.Errorf("Invalid parameter '%s'", k)
+		case kind == bdrv.OptBool:
+			if _, err := bdrv.ParseBool(v); err != nil {
+				return o, 0, fmt.Errorf("Parameter '%s' expects 'on' or 'off'", k)
+			}
+		case kind == bdrv.OptSize:
+			n, err := bdrv.ParseSize(v)
+			if err != nil {
+				return o, 0, fmt.Errorf("Parameter '%s' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.", k)
+			}
+			size = n
+		case kind == bdrv.OptNumber:
+			if _, err := parseAmendNumber(v); errors.Is(err, strconv.ErrRange) {
+				return o, 0, fmt.Errorf("Value '%s' is too large for parameter '%s'", v, k)
+			} else if err != nil {
+				return o, 0, fmt.Errorf("Parameter '%s' expects a number", k)
+			}
+		}
+		vals[k] = v
+	}
+	if v, ok := vals["compat"]; ok {
+		switch v {
+		case "0.10", "v2":
+			o.Version = 2
+		case "1.1", "v3":
+			o.Version = 3
+		default:
+			return o, 0, fmt.Errorf("Unknown compatibility level %s", v)
+		}
+	}
+	str := func(k string) *string {
+		if v, ok := vals[k]; ok {
+			return &v
+		}
+		return nil
+	}
+	flag := func(k string) *bool {
+		if v, ok := vals[k]; ok {
+			b, _ := bdrv.ParseBool(v)
+			return &b
+		}
+		return nil
+	}
+	o.BackingFile, o.BackingFormat, o.DataFile = str("backing_file"), str("backing_fmt"), str("data_file")
+	o.DataFileRaw, o.LazyRefcounts = flag("data_file_raw"), flag("lazy_refcounts")
+	if v, ok := vals["refcount_bits"]; ok {
+		n, _ := parseAmendNumber(v)
+		o.RefcountBits = math.MaxUint32 // refused by the driver
+		if n > 0 && n <= 64 {
+			o.RefcountBits = uint32(n)
+		}
+	}
+	return o, size, nil
+}
+
+// parseAmendNumber parses a QemuOpts number as strtoull does: 0x and 0
+// prefixes, a leading minus wraps around; an error wraps strconv.ErrRange
+// when the value does not fit.
+func parseAmendNumber(v string) (uint64, error) {
+	if strings.Contains(v, "_") {
+		return 0, strconv.ErrSyntax
+	}
+	n, err := strconv.ParseUint(strings.TrimPrefix(v, "-"), 0, 64)
+	if err != nil {
+		return 0, err
+	}
+	if strings.HasPrefix(v, "-") {
+		n = -n
+	}
+	return n, nil
 }
