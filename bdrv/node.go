@@ -140,6 +140,8 @@ type Node struct {
 	BackingFile, BackingFormat string
 	// ReadOnly nodes refuse writes with EROFS.
 	ReadOnly bool
+	// NoIO: the node was opened for metadata only (Spec.NoIO).
+	NoIO bool
 	// Cache is the cache mode the node was opened with.
 	Cache CacheMode
 
@@ -234,6 +236,10 @@ type Spec struct {
 	// NoBacking leaves the backing file closed (qemu-img's -u, info without
 	// --backing-chain errors).
 	NoBacking bool
+	// NoIO opens the image to read its metadata only, without guest I/O
+	// (QEMU's BDRV_O_NO_IO, which qemu-img info uses): drivers may then skip
+	// what only guest I/O needs, such as unlocking encryption.
+	NoIO bool
 }
 
 // ErrNoFile wraps the error of an image that does not exist.
@@ -276,7 +282,7 @@ func Open(co *coroutine.Co, spec Spec) (*Node, error) {
 	if f.Protocol {
 		return proto, nil
 	}
-	n := &Node{Filename: spec.Filename, Format: f, File: proto, ReadOnly: spec.ReadOnly, Cache: spec.Cache}
+	n := &Node{Filename: spec.Filename, Format: f, File: proto, ReadOnly: spec.ReadOnly, NoIO: spec.NoIO, Cache: spec.Cache}
 	drv, err := f.Open(co, n, spec.Options)
 	if err != nil {
 		proto.Close(co)
@@ -290,6 +296,7 @@ func Open(co *coroutine.Co, spec Spec) (*Node, error) {
 			Format:   n.BackingFormat,
 			Cache:    spec.Cache,
 			ReadOnly: true,
+			NoIO:     spec.NoIO,
 			Options:  spec.Options.chainOptions(),
 		}
 		b, err := Open(co, bspec)

@@ -42,12 +42,19 @@ const (
 	OptLocking = "locking"
 )
 
-// chainOptions are the options a backing file inherits from its overlay.
+// chainOptions are the options a backing file inherits from its overlay,
+// plus those addressed to it with QEMU's "backing." prefix
+// (backing.encrypt.key-secret=ID).
 func (o Options) chainOptions() Options {
 	out := Options{}
 	for _, k := range []string{OptForceShare, OptLocking} {
 		if v, ok := o[k]; ok {
 			out[k] = v
+		}
+	}
+	for k, v := range o {
+		if sub, ok := strings.CutPrefix(k, "backing."); ok {
+			out[sub] = v
 		}
 	}
 	return out

@@ -801,9 +801,11 @@ func (img *Image) discardInL2SliceLocked(co *coroutine.Co, off, nb uint64, dt di
 	sidx := g.L2Index(off) % img.l2SliceEnts
 	nb = min(nb, img.l2SliceEnts-sidx)
 	backing := img.node.Backing != nil
-	if l1i := g.L1Index(off); l1i < uint64(len(img.l1)) && img.l1[l1i] == 0 && (full || !backing) {
+	if l1i := g.L1Index(off); l1i < uint64(len(img.l1)) && img.l1[l1i] == 0 && !full && !backing {
 		// No table: nothing to drop, and nothing below shows through
-		// that should not.
+		// that should not. (A full discard, from a shrink or an
+		// emptying, gets a table as QEMU's get_cluster_table gives it
+		// one: the image then has the tables QEMU's would have.)
 		return nb, nil
 	}
 	e, idx, err := img.getClusterTableLocked(co, off)

@@ -14,6 +14,7 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
+	"ublkimg/internal/luks"
 )
 
 // The driver (this file and cache.go, cluster.go, refcount.go, read.go,
@@ -151,6 +152,9 @@ type Image struct {
 
 	// ccache holds recently decompressed clusters (its own lock).
 	ccache clusterCache
+
+	// crypt is the encryption of guest data (crypt.go); set at open.
+	crypt cryptState
 }
 
 // Header returns a copy of the image header as currently on disk.
@@ -233,9 +237,6 @@ func (img *Image) openLocked(co *coroutine.Co, opts bdrv.Options, repaired bool)
 	img.g = h.Geometry()
 	img.cs = img.g.ClusterSize()
 
-	if h.CryptMethod != CryptNone {
-		return &HeaderError{Field: "crypt_method", Msg: fmt.Sprintf("%d: encrypted images are not supported", h.CryptMethod), Unsupported: true}
-	}
 	if !img.readOnly && h.Corrupt() {
 		return errors.New("qcow2: Image is corrupt; cannot be opened read/write")
 	}
@@ -251,6 +252,9 @@ func (img *Image) openLocked(co *coroutine.Co, opts bdrv.Options, repaired bool)
 			return fmt.Errorf("Could not repair dirty image: %w", err)
 		}
 		return img.openLocked(co, opts, true)
+	}
+	if err := img.openCrypto(co, opts); err != nil {
+		return err
 	}
 	img.dirtyOnDisk = h.Dirty()
 	img.lazy = opts.Bool(OptLazyRefcounts, h.LazyRefcounts())
@@ -630,12 +634,16 @@ func (img *Image) Close(co *coroutine.Co) error {
 	return errors.Join(errs...)
 }
 
-// RefreshLimits implements bdrv.LimitsRefresher: byte-granular requests;
-// write-zeroes in subclusters and discard in clusters, as QEMU's
-// qcow2_refresh_limits.
+// RefreshLimits implements bdrv.LimitsRefresher: byte-granular requests
+// (sector-granular in encrypted images); write-zeroes in subclusters and
+// discard in clusters, as QEMU's qcow2_refresh_limits.
 func (img *Image) RefreshLimits() bdrv.Limits {
+	align := int64(1)
+	if img.encrypted() {
+		align = luks.SectorSize
+	}
 	return bdrv.Limits{
-		RequestAlignment:      1,
+		RequestAlignment:      align,
 		PwriteZeroesAlignment: int64(img.g.SubclusterSize()),
 		PdiscardAlignment:     int64(img.cs),
 	}

@@ -41,7 +41,11 @@ func (img *Image) readGuest(co *coroutine.Co, off uint64, iov bdrv.IOVec) error 
 		case SubclusterZeroPlain, SubclusterZeroAlloc:
 			part.Zero(0, int64(n))
 		case SubclusterNormal:
-			err = img.data.Preadv(co, int64(m.host), part, 0)
+			if img.encrypted() {
+				err = img.readEncrypted(co, m.host, off+done, part)
+			} else {
+				err = img.data.Preadv(co, int64(m.host), part, 0)
+			}
 		case SubclusterCompressed:
 			err = img.readCompressed(co, m.host, off+done, part)
 		default:
@@ -129,6 +133,11 @@ func (img *Image) BlockStatus(co *coroutine.Co, wantZero bool, off, bytes int64)
 		st.Flags = bdrv.StatusZero
 	case SubclusterCompressed:
 		st.Flags = bdrv.StatusData | bdrv.StatusCompressed
+	}
+	if img.encrypted() {
+		// The host offset holds ciphertext: nobody may read the guest
+		// data there (QEMU leaves OFFSET_VALID out when s->crypto).
+		st.Flags &^= bdrv.StatusOffsetValid
 	}
 	if st.Flags&bdrv.StatusOffsetValid != 0 {
 		st.Map, st.File = int64(m.host), img.data

@@ -74,7 +74,16 @@ func (img *Image) checkWriteOverlapLocked(co *coroutine.Co, host, n uint64, meta
 // not touch them afterwards.
 func (img *Image) writeTask(co *coroutine.Co, host, guestOff uint64, iov bdrv.IOVec, metas *l2Meta) error {
 	var err error
-	img.handleAllocSpace(co, metas)
+	if img.encrypted() {
+		if iov, err = img.encryptCopy(host, guestOff, iov); err != nil {
+			img.meta.Lock(co)
+			img.handleL2MetaLocked(co, metas, false)
+			img.meta.Unlock(co)
+			return err
+		}
+	} else {
+		img.handleAllocSpace(co, metas)
+	}
 	if !mergeCow(guestOff, uint64(iov.Len()), iov, metas) {
 		err = img.data.Pwritev(co, int64(host), iov, 0)
 	}
@@ -177,6 +186,13 @@ func (img *Image) performCow(co *coroutine.Co, m *l2Meta) error {
 			}
 		}
 	}
+	if img.encrypted() {
+		// The old content was read decrypted; store it encrypted for its
+		// new place.
+		if err := img.encryptCow(m, startBuf, endBuf); err != nil {
+			return err
+		}
+	}
 	if m.data != nil {
 		v := make(bdrv.IOVec, 0, len(m.data)+2)
 		if start.n > 0 {
@@ -212,6 +228,9 @@ func (img *Image) performCow(co *coroutine.Co, m *l2Meta) error {
 func (img *Image) writeCompressed(co *coroutine.Co, off uint64, iov bdrv.IOVec) error {
 	if img.hdr.HasDataFile() {
 		return bdrv.ErrNotSupported
+	}
+	if img.encrypted() {
+		return fmt.Errorf("qcow2: Compression and encryption not supported at the same time: %w", unix.ENOTSUP)
 	}
 	cs := img.cs
 	total := uint64(iov.Len())
