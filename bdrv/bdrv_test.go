@@ -352,7 +352,7 @@ func TestImageLockingWithQEMU(t *testing.T) {
 	path, _ := makeFile(t, 1<<20)
 	withNode(t, bdrv.Spec{Filename: path, Format: "raw"}, func(co *coroutine.Co, n *bdrv.Node) error {
 		_, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: "raw"})
-		if err == nil || !strings.Contains(err.Error(), `Failed to get "write" lock`) {
+		if err == nil || !strings.Contains(err.Error(), `Failed to get "write" lock`) || !errors.Is(err, bdrv.ErrLocked) {
 			return fmt.Errorf("second writer: %v", err)
 		}
 		ro, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: "raw", ReadOnly: true,

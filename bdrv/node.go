@@ -245,6 +245,10 @@ type Spec struct {
 // ErrNoFile wraps the error of an image that does not exist.
 var ErrNoFile = errors.New("no such file")
 
+// ErrLocked is matched by the error of an image another process holds: its
+// lock forbids what this open needs (QEMU's "Failed to get \"write\" lock").
+var ErrLocked = errors.New("image is locked by another process")
+
 // Open opens the image described by spec: a protocol node for the file, the
 // format node over it (probed when spec.Format is empty), and the backing
 // chain the image names, each backing file read-only, resolved relative to

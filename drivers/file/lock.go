@@ -5,6 +5,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"ublkimg/bdrv"
 )
 
 // Image locking, compatible with QEMU's file-posix (raw_apply_lock_bytes and
@@ -61,14 +63,22 @@ func (d *driver) lock(forceShare bool) error {
 	for i, name := range permNames {
 		bit := 1 << i
 		if perm&bit != 0 && lockedByOther(d.fd, lockSharedBase+i) {
-			return fmt.Errorf("Failed to get \"%s\" lock\nIs another process using the image [%s]?", name, d.node.Filename)
+			return lockedError{fmt.Sprintf("Failed to get \"%s\" lock\nIs another process using the image [%s]?", name, d.node.Filename)}
 		}
 		if shared&bit == 0 && lockedByOther(d.fd, lockPermBase+i) {
-			return fmt.Errorf("Failed to get shared \"%s\" lock\nIs another process using the image [%s]?", name, d.node.Filename)
+			return lockedError{fmt.Sprintf("Failed to get shared \"%s\" lock\nIs another process using the image [%s]?", name, d.node.Filename)}
 		}
 	}
 	return nil
 }
+
+// lockedError is QEMU's message for an image another process holds; it
+// matches bdrv.ErrLocked.
+type lockedError struct{ msg string }
+
+func (e lockedError) Error() string { return e.msg }
+
+func (e lockedError) Is(target error) bool { return target == bdrv.ErrLocked }
 
 func setLock(fd, off int) error {
 	lk := unix.Flock_t{Type: unix.F_RDLCK, Whence: unix.SEEK_SET, Start: int64(off), Len: 1}
