@@ -103,6 +103,28 @@ type Config struct {
 	// package doc). Start fails with an error matching ErrNotSupported
 	// when the kernel lacks it.
 	UserCopy bool
+	// Recovery lets the device outlive its server: when the server dies
+	// (killed, crashed), the kernel keeps /dev/ublkbN and holds new
+	// requests (state QUIESCED) until [Recover] attaches a new server. It
+	// asks for UBLK_F_USER_RECOVERY and UBLK_F_USER_RECOVERY_REISSUE.
+	//
+	// REISSUE decides the requests the dead server had received but not
+	// completed. Without it the kernel fails them with EIO: a file system
+	// sees failed writes (ext4 aborts its journal), fio's verify stops,
+	// although nothing was lost. With it they are requeued and sent to the
+	// next server. That is safe for a block device because every request
+	// is idempotent: a read, a write of the same data to the same place, a
+	// discard, write-zeroes or flush done twice leaves what doing it once
+	// does, and the block layer never has two overlapping writes in flight
+	// that it expects in order. So no write is dropped, silently or with an
+	// error; a write the old server had half done is simply done again.
+	// Acknowledged writes survive too, as long as the image keeps them
+	// when its writer dies: a raw file does (its data is in the host
+	// kernel once written); a format with a write-back metadata cache
+	// (qcow2) must write its metadata before acknowledging, which the
+	// attach command ensures by making every write FUA (cache modes
+	// writethrough and directsync).
+	Recovery bool
 	// Logf receives progress and problem reports (queue start and stop,
 	// failed requests). nil discards them.
 	Logf func(format string, args ...any)

@@ -32,6 +32,12 @@ const (
 	// FeatureIoctlEncode is UBLK_F_CMD_IOCTL_ENCODE (6.4): the kernel takes
 	// the ioctl-encoded opcodes.
 	FeatureIoctlEncode = uapi.FCmdIoctlEncode
+	// FeatureUserRecovery is UBLK_F_USER_RECOVERY (6.1): the device
+	// survives its server (QUIESCED) until a new one recovers it.
+	FeatureUserRecovery = uapi.FUserRecovery
+	// FeatureUserRecoveryReissue is UBLK_F_USER_RECOVERY_REISSUE (6.1):
+	// requests the dead server held are sent again to the next one.
+	FeatureUserRecoveryReissue = uapi.FUserRecoveryReissue
 )
 
 // DevState is a device's state as the kernel reports it (UBLK_S_DEV_*):
@@ -266,6 +272,33 @@ func (c *Ctrl) setParams(id int, p *uapi.Params) error {
 func (c *Ctrl) startDev(ctx context.Context, id int) error {
 	cc := uapi.CtrlCmd{DevID: devID(id), Data: uint64(os.Getpid())}
 	return c.run(ctx, uapi.UCmdStartDev, id, cc, nil)
+}
+
+// getParams returns device id's parameters (GET_PARAMS).
+func (c *Ctrl) getParams(id int) (*uapi.Params, error) {
+	p := &uapi.Params{Len: uapi.SizeofParams}
+	cc := uapi.CtrlCmd{DevID: devID(id), Len: uapi.SizeofParams, Addr: addrOf(p)}
+	if err := c.run(context.Background(), uapi.UCmdGetParams, id, cc, p); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// startRecovery sends START_USER_RECOVERY: the kernel forgets the dead
+// server's queues so that a new process may open /dev/ublkcN, map it and
+// fetch every tag. It fails with EBUSY while the old server still holds
+// /dev/ublkcN or the device is not QUIESCED.
+func (c *Ctrl) startRecovery(id int) error {
+	return c.run(context.Background(), uapi.UCmdStartUserRecovery, id, uapi.CtrlCmd{DevID: devID(id)}, nil)
+}
+
+// endRecovery sends END_USER_RECOVERY with this process as the server. It
+// returns once every tag of every queue is fetched and the device is LIVE
+// again (the held requests are then sent to the new server); ctx cancels
+// the wait.
+func (c *Ctrl) endRecovery(ctx context.Context, id int) error {
+	cc := uapi.CtrlCmd{DevID: devID(id), Data: uint64(os.Getpid())}
+	return c.run(ctx, uapi.UCmdEndUserRecovery, id, cc, nil)
 }
 
 // StopDev stops device id (STOP_DEV): the disk is removed once in-flight

@@ -38,7 +38,9 @@ func Detach(ctx context.Context, c *Ctrl, id int, force bool) error {
 	if err != nil {
 		return err
 	}
-	if info.State == StateLive && !force {
+	// A quiesced device (its server died, recovery pending) may be
+	// mounted as well; deleting it fails the held requests.
+	if (info.State == StateLive || info.State == StateQuiesced) && !force {
 		if err := checkNotBusy(path); err != nil {
 			return err
 		}

@@ -34,6 +34,9 @@ type Record struct {
 	Cache     string `json:"cache"`
 	Discard   string `json:"discard"`
 	UserCopy  bool   `json:"user-copy,omitempty"`
+	// Recovery is set for a device attached with recovery: when its
+	// server dies, `ublkimg recover` serves it again from this record.
+	Recovery bool `json:"recovery,omitempty"`
 	// PID is the server process; PIDStart its start time in clock ticks
 	// since boot (/proc/PID/stat field 22), which tells it apart from a
 	// later process that reuses the pid.
@@ -95,6 +98,29 @@ func RemoveRecord(id, pid int) error {
 		return err
 	}
 	return nil
+}
+
+// DeadServerRecord returns the record of a device that served image
+// (an absolute path) and whose server is no longer running, if there is
+// one. Such a server's image lock may outlive it briefly: the kernel tears
+// a dead process's io_uring down asynchronously, and the ring holds the
+// image file open until then.
+func DeadServerRecord(image string) (Record, bool) {
+	ents, err := os.ReadDir(RecordDir)
+	if err != nil {
+		return Record{}, false
+	}
+	for _, e := range ents {
+		m := recordName.FindStringSubmatch(e.Name())
+		if m == nil {
+			continue
+		}
+		id, _ := strconv.Atoi(m[1])
+		if r, err := ReadRecord(id); err == nil && r.Image == image && !r.ServerAlive() {
+			return r, true
+		}
+	}
+	return Record{}, false
 }
 
 // procStart returns the start time of process pid in clock ticks since

@@ -28,20 +28,27 @@ func hook(point string) error {
 // closes it, and so does Start when it fails. Everything Start created in
 // the kernel is deleted again when it fails.
 func Start(cfg Config, node *bdrv.Node) (*Device, error) {
+	if node.ReadOnly {
+		cfg.ReadOnly = true
+	}
+	return launch(cfg, node, (*Device).start)
+}
+
+// launch makes a Device of cfg (defaulted) and node, opens the control
+// device and runs sequence (start or recover), closing what it did when it
+// fails.
+func launch(cfg Config, node *bdrv.Node, sequence func(*Device) error) (*Device, error) {
 	d := &Device{node: node, charFd: -1, done: make(chan struct{})}
 	var err error
 	if d.cfg, err = cfg.withDefaults(); err != nil {
 		d.closeNodeOnly()
 		return nil, err
 	}
-	if node.ReadOnly {
-		d.cfg.ReadOnly = true
-	}
 	if d.ctrl, err = OpenCtrl(); err != nil {
 		d.closeNodeOnly()
 		return nil, err
 	}
-	if err := d.start(); err != nil {
+	if err := sequence(d); err != nil {
 		d.Close()
 		return nil, err
 	}
@@ -70,6 +77,9 @@ func (d *Device) start() error {
 		}
 		flags |= FeatureUserCopy
 	}
+	if cfg.Recovery {
+		flags |= FeatureUserRecovery | FeatureUserRecoveryReissue
+	}
 	d.info, err = d.ctrl.AddDev(DevInfo{
 		ID: cfg.ID, Queues: cfg.Queues, Depth: cfg.Depth,
 		MaxIOBufBytes: cfg.MaxIOBytes, Flags: flags,
@@ -85,6 +95,10 @@ func (d *Device) start() error {
 	if cfg.UserCopy && !d.userCopy {
 		return &UnsupportedFeatureError{Name: "UBLK_F_USER_COPY"}
 	}
+	if cfg.Recovery && !d.info.Flags.Has(FeatureUserRecovery|FeatureUserRecoveryReissue) {
+		// Unprivileged devices lose the recovery flags in ADD_DEV.
+		return &UnsupportedFeatureError{Name: "UBLK_F_USER_RECOVERY_REISSUE"}
+	}
 	if err := d.ctrl.setParams(d.info.ID, params); err != nil {
 		return fmt.Errorf("setting device parameters: %w", err)
 	}
@@ -94,6 +108,16 @@ func (d *Device) start() error {
 	if err := hook("chardev"); err != nil {
 		return err
 	}
+	return d.startQueues("starting the device", d.ctrl.startDev)
+}
+
+// startQueues creates the device's queues on the open /dev/ublkcN, arms
+// every tag of every queue, then sends goLive (START_DEV, or
+// END_USER_RECOVERY; what names it in its error), which returns once the
+// kernel saw every FETCH. From
+// the first armed tag on, only STOP_DEV ends the queues, so d.added is set
+// then: Close must stop the device.
+func (d *Device) startQueues(what string, goLive func(ctx context.Context, id int) error) error {
 	for i := range d.info.Queues {
 		q, err := newQueue(d, uint16(i))
 		if err != nil {
@@ -106,6 +130,7 @@ func (d *Device) start() error {
 	}
 	// Arm every tag of every queue. Each queue gets its routineQueue,
 	// counted before it starts, which ends when the queue's tags do.
+	d.added = true
 	fetched := make(chan error, len(d.queues))
 	for _, q := range d.queues {
 		q.armed = true
@@ -122,7 +147,8 @@ func (d *Device) start() error {
 		return err
 	}
 	// Every queue now waits in io_uring_enter, so it can serve the reads
-	// of the partition scan START_DEV does before it returns.
+	// of the partition scan START_DEV does before it returns (and the
+	// requests END_USER_RECOVERY releases).
 	ctx, cancel := context.WithCancel(context.Background())
 	d.state.Lock()
 	d.state.startCancel = cancel
@@ -130,13 +156,13 @@ func (d *Device) start() error {
 	if d.Err() != nil {
 		cancel() // a queue failed before the cancel was in place
 	}
-	err = d.ctrl.startDev(ctx, d.info.ID)
+	err := goLive(ctx, d.info.ID)
 	cancel()
 	if err != nil {
 		if f := d.failure.Load(); f != nil {
 			return *f
 		}
-		return fmt.Errorf("starting the device: %w", err)
+		return fmt.Errorf("%s: %w", what, err)
 	}
 	waitForNode(d.Path())
 	return nil

@@ -277,3 +277,107 @@ func TestVMGuestTests(t *testing.T) {
 	run(t, `check guest-tests /usr/local/bin/ublk.test -test.run '^TestGuest' -test.v -test.count=1 -test.timeout=4m`,
 		vm.RunOptions{Files: []vm.File{{Src: bin, Dst: "/usr/local/bin/ublk.test"}}})
 }
+
+// recoveryScript: devices attached with --recovery survive a SIGKILL of
+// their server (QUIESCED, I/O held), and `ublkimg recover` serves them
+// again while fio keeps writing and verifying on a mounted ext4, for a raw
+// and a qcow2 image; recover's refusals; detach of a quiesced device; the
+// image lock of a killed server does not stop an attach or recover right
+// after the kill.
+const recoveryScript = `
+pidof() { sed -n 's/.*"pid": \([0-9]*\),.*/\1/p' /run/ublkimg/ublkb$1.json; }
+recovery_case() {
+	F=$1 IMG=/tmp/r.$1
+	mkimg $IMG 256M
+	dev=$(ublkimg attach $IMG --recovery --queues 2)
+	check $F-attach test -b "$dev" || return 1
+	id=${dev#/dev/ublkb}
+	check $F-record grep -q '"recovery": true' /run/ublkimg/ublkb$id.json
+	expect_fail $F-recover-live "is running" ublkimg recover $id
+	check $F-mkfs mke2fs -q -F -t ext4 "$dev"
+	check $F-mount mount "$dev" /mnt || return 1
+	fio --name=rec --filename=/mnt/fio --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
+		--iodepth=16 --size=32M --verify=crc32c --do_verify=1 --verify_fatal=1 >/tmp/fio.$F 2>&1 &
+	fio=$!
+	sleep 3
+	check $F-fio-mid-stream kill -0 $fio
+	kill -KILL $(pidof $id)
+	dd if="$dev" of=/dev/null bs=4k count=1 skip=4000 iflag=direct 2>/dev/null &
+	dd=$!
+	sleep 2
+	ublkimg list
+	check $F-device-kept test -b "$dev"
+	check $F-list-quiesced sh -c "ublkimg list | grep '$dev' | grep -q 'quiesced (server gone)'"
+	check $F-read-blocks kill -0 $dd
+	check $F-fio-blocks kill -0 $fio
+	expect_fail $F-recover-other "served $IMG, not /tmp/other.img" ublkimg recover $id /tmp/other.img
+	t0=$(date +%s)
+	check $F-recover ublkimg recover "$dev" $IMG
+	wait $dd
+	check $F-read-done test $? -eq 0
+	wait $fio
+	rc=$?
+	metric ${F}_fio_after_recover_s $(($(date +%s) - t0))
+	tail -n 4 /tmp/fio.$F
+	check $F-fio-verified test $rc -eq 0
+	check $F-list-live sh -c "ublkimg list | grep '$dev' | grep -q 'live'"
+	check $F-umount umount /mnt
+	check $F-fsck e2fsck -fn "$dev"
+	check $F-detach ublkimg detach "$dev"
+	imgcheck $IMG
+}
+mkimg() { truncate -s "$2" "$1"; }
+imgcheck() { true; }
+recovery_case raw
+mkimg() { ublkimg create -f qcow2 "$1" "$2" >/dev/null; }
+imgcheck() {
+	qemu-img check "$1"
+	rc=$?
+	metric qcow2_check_exit $rc
+	# 3: leaked clusters only, which a kill between a cluster's refcount
+	# and its L2 entry leaves (as a killed QEMU does); 0: clean.
+	check qcow2-check test $rc -eq 0 -o $rc -eq 3
+}
+recovery_case qcow2
+
+# Recover right after the kill (the dead server's rings, and the image
+# lock they hold, are released asynchronously), then kill again and detach
+# the quiesced device.
+truncate -s 64M /tmp/q.img
+dev=$(ublkimg attach --recovery /tmp/q.img)
+kill -KILL $(pidof 0)
+check recover-at-once ublkimg recover 0
+check read-after-recover dd if="$dev" of=/dev/null bs=1M count=4 iflag=direct
+kill -KILL $(pidof 0)
+sleep 1
+check detach-quiesced ublkimg detach 0
+check quiesced-gone sh -c '! test -e /dev/ublkb0 && ! test -e /dev/ublkc0 && ! test -e /run/ublkimg/ublkb0.json'
+
+# Without --recovery: a kill fails the I/O and deletes the disk; attaching
+# the image again at once succeeds; recover refuses the old device.
+truncate -s 64M /tmp/n.img
+dev=$(ublkimg attach /tmp/n.img)
+kill -KILL $(pidof 0)
+dev2=$(ublkimg attach /tmp/n.img)
+check attach-at-once test -b "$dev2"
+expect_fail recover-not-recoverable "not attached with recovery" ublkimg recover 0
+check detach-dead ublkimg detach 0
+check detach-new ublkimg detach "$dev2"
+expect_fail recover-none "no record" ublkimg recover 5
+check list-empty sh -c 'test -z "$(ublkimg list)"'
+`
+
+// TestVMRecovery runs recoveryScript; qemu-img checks the qcow2 image.
+func TestVMRecovery(t *testing.T) {
+	requireFormat(t, "qcow2")
+	qemuImg, err := vm.Tool("qemu-img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	res := run(t, recoveryScript, vm.RunOptions{Files: []vm.File{qemuImg}})
+	for _, name := range []string{"raw-fio-verified", "qcow2-fio-verified", "recover-at-once", "attach-at-once"} {
+		if !strings.Contains(res.Log, "RESULT "+name+" PASS") {
+			t.Errorf("%s did not pass", name)
+		}
+	}
+}
