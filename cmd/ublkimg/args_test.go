@@ -44,3 +44,33 @@ func TestGetoptArgs(t *testing.T) {
 		t.Errorf("info: %q, %v", s, err)
 	}
 }
+
+// TestDeviceVerbArgs: the device verbs take options after their operands,
+// as getopt permutes them, through the same normalisation as the image
+// verbs.
+func TestDeviceVerbArgs(t *testing.T) {
+	app := newApp(nil, nil)
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"attach", "a.img", "--queues", "2"}, "attach --queues 2 -- a.img"},
+		{[]string{"attach", "a.img", "--queues=2", "-f", "raw", "--recovery"}, "attach --queues 2 -f raw --recovery -- a.img"},
+		{[]string{"attach", "--read-only", "a.img", "-tnone"}, "attach --read-only -t none -- a.img"},
+		{[]string{"attach", "a.img", "--rec"}, "attach --recovery -- a.img"},
+		{[]string{"detach", "3", "--force"}, "detach --force -- 3"},
+		{[]string{"list", "--output", "json"}, "list --output json --"},
+		{[]string{"recover", "0", "a.img", "--foreground"}, "recover --foreground -- 0 a.img"},
+		{[]string{"attach", "a.img", "--bogus"}, "error: unrecognized option '--bogus'"},
+		{[]string{"recover", "0", "--id", "1"}, "error: unrecognized option '--id'"},
+	} {
+		got, err := normalize(app, append([]string{"ublkimg"}, tc.args...))
+		s := strings.Join(got[min(1, len(got)):], " ")
+		if err != nil {
+			s = "error: " + err.Error()
+		}
+		if s != tc.want {
+			t.Errorf("%q: %q, want %q", tc.args, s, tc.want)
+		}
+	}
+}

@@ -31,7 +31,7 @@ import (
 // that started it: one line, "ready DEVICE" or "error MESSAGE".
 const readyFDEnv = "UBLKIMG_READY_FD"
 
-func init() { registerCommands(attachCommand, detachCommand, listCommand) }
+func init() { registerCommands(attachCommand, detachCommand, listCommand, recoverCommand) }
 
 func attachCommand() *cli.Command {
 	return &cli.Command{
@@ -51,19 +51,22 @@ func attachCommand() *cli.Command {
 			&cli.IntFlag{Name: "id", Value: -1, Usage: "device number N of /dev/ublkbN (-1: the first free)"},
 			&cli.IntFlag{Name: "block-size", Value: ublk.DefaultBlockSize, Usage: "logical block size: 512 or 4096"},
 			&cli.BoolFlag{Name: "user-copy", Usage: "move data with UBLK_F_USER_COPY instead of per-tag buffers"},
+			&cli.BoolFlag{Name: "recovery", Usage: "keep the device when the server dies (I/O waits) so that `ublkimg recover` can serve it again"},
 			&cli.BoolFlag{Name: "foreground", Usage: "serve in this process until SIGTERM or SIGINT"},
 		},
 		Action: attachAction,
 	}
 }
 
-// attachOptions are attach's flags, checked.
+// attachOptions are attach's flags, checked, or what recover takes from
+// the device's record.
 type attachOptions struct {
 	image     string
 	format    string
 	cache     bdrv.CacheMode
 	cacheSet  bool
 	cfg       ublk.Config
+	recover   bool     // recover device cfg.ID instead of adding one
 	readyFile *os.File // background server: where to report readiness
 }
 
@@ -91,6 +94,7 @@ func parseAttach(c *cli.Context) (*attachOptions, error) {
 		ReadOnly:  c.Bool("read-only"),
 		Discard:   discard,
 		UserCopy:  c.Bool("user-copy"),
+		Recovery:  c.Bool("recovery"),
 	}
 	if o.cfg.Queues < 0 || (c.IsSet("queues") && o.cfg.Queues == 0) {
 		return nil, fmt.Errorf("invalid queue count %d", o.cfg.Queues)
@@ -109,7 +113,40 @@ func attachAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	if fd := os.Getenv(readyFDEnv); fd != "" && c.Bool("foreground") {
+	// Check what the caller can fix before starting a server, so each
+	// mistake gets its own line from here.
+	return runServer(c, o, o.image, func(*ublk.Ctrl) error {
+		if _, err := os.Stat(o.image); err != nil && !strings.Contains(o.image, "://") {
+			return fmt.Errorf("Could not open '%s': %w", o.image, errnoText(err))
+		}
+		return nil
+	})
+}
+
+// runServer runs the server of attach or recover: in this process with
+// --foreground, else in the background once check (given the control
+// device, which must open) passed. image is the image argument, "" if none.
+func runServer(c *cli.Context, o *attachOptions, image string, check func(*ublk.Ctrl) error) error {
+	if c.Bool("foreground") {
+		return serveForeground(o)
+	}
+	ctrl, err := ublk.OpenCtrl()
+	if err != nil {
+		return err
+	}
+	err = check(ctrl)
+	ctrl.Close()
+	if err != nil {
+		return err
+	}
+	return startBackground(c, image)
+}
+
+// serveForeground is the server of attach and recover --foreground: the
+// background server reports to the command that started it on the file
+// descriptor readyFDEnv names.
+func serveForeground(o *attachOptions) error {
+	if fd := os.Getenv(readyFDEnv); fd != "" {
 		n, err := strconv.Atoi(fd)
 		if err != nil {
 			return fmt.Errorf("%s=%q: %w", readyFDEnv, fd, err)
@@ -117,20 +154,7 @@ func attachAction(c *cli.Context) error {
 		o.readyFile = os.NewFile(uintptr(n), "ready")
 		os.Unsetenv(readyFDEnv)
 	}
-	if c.Bool("foreground") {
-		return serveImage(o)
-	}
-	// Check what the caller can fix before starting a server, so each
-	// mistake gets its own line from here.
-	ctrl, err := ublk.OpenCtrl()
-	if err != nil {
-		return err
-	}
-	ctrl.Close()
-	if _, err := os.Stat(o.image); err != nil && !strings.Contains(o.image, "://") {
-		return fmt.Errorf("Could not open '%s': %w", o.image, errnoText(err))
-	}
-	return startBackground(c, o.image)
+	return serveImage(o)
 }
 
 // startBackground re-executes ublkimg as `attach --foreground` with the same
@@ -145,7 +169,7 @@ func startBackground(c *cli.Context, image string) error {
 	args := foregroundArgs(os.Args[1:], c.Command.Name)
 	// The server runs from /, so that it keeps no directory busy: give
 	// it the image by its absolute name.
-	if abs, err := filepath.Abs(image); err == nil && !strings.Contains(image, "://") {
+	if abs, err := filepath.Abs(image); err == nil && image != "" && !strings.Contains(image, "://") {
 		for i := len(args) - 1; i >= 0; i-- {
 			if args[i] == image {
 				args[i] = abs
@@ -165,7 +189,7 @@ func startBackground(c *cli.Context, image string) error {
 	if err := cmd.Start(); err != nil {
 		r.Close()
 		w.Close()
-		return fmt.Errorf("attach: starting the server: %w", err)
+		return fmt.Errorf("%s: starting the server: %w", c.Command.Name, err)
 	}
 	w.Close()
 	line, _ := bufio.NewReader(r).ReadString('\n')
@@ -181,7 +205,7 @@ func startBackground(c *cli.Context, image string) error {
 		return errors.New(msg)
 	}
 	err = cmd.Wait()
-	return fmt.Errorf("attach: the server exited before the device was ready (%v)", err)
+	return fmt.Errorf("%s: the server exited before the device was ready (%v)", c.Command.Name, err)
 }
 
 // foregroundArgs returns the arguments of the background server: the
@@ -229,7 +253,14 @@ func serveImage(o *attachOptions) (err error) {
 	if err != nil {
 		return err
 	}
-	dev, err := ublk.Start(o.cfg, node)
+	if o.cfg.Recovery && !o.recover {
+		cache = recoveryCache(node, cache)
+	}
+	start := ublk.Start
+	if o.recover {
+		start = ublk.Recover
+	}
+	dev, err := start(o.cfg, node)
 	if err != nil {
 		return err
 	}
@@ -239,7 +270,8 @@ func serveImage(o *attachOptions) (err error) {
 		ID: dev.ID(), Device: dev.Path(), Image: abs, Format: node.Format.Name,
 		Queues: dev.Info().Queues, Depth: dev.Info().Depth, BlockSize: cfg.BlockSize,
 		ReadOnly: cfg.ReadOnly, Cache: cache.String(), Discard: cfg.Discard.String(),
-		UserCopy: cfg.UserCopy, Started: time.Now().UTC().Truncate(time.Second),
+		UserCopy: cfg.UserCopy, Recovery: dev.Info().Flags.Has(ublk.FeatureUserRecovery),
+		Started: time.Now().UTC().Truncate(time.Second),
 	}
 	if err := ublk.WriteRecord(rec); err != nil {
 		return errors.Join(err, dev.Close())
@@ -277,6 +309,28 @@ func serveImage(o *attachOptions) (err error) {
 	return err
 }
 
+// recoveryCache makes every write of a device attached with recovery FUA
+// when the image format keeps metadata in a write-back cache (qcow2's L2
+// and refcount tables): a write is then acknowledged only once the
+// metadata that maps it is in the image, so a killed server loses no
+// acknowledged write (ublk.Config.Recovery). The root node's writes get
+// FUA, which bdrv emulates with a flush, as QEMU's writethrough does. A
+// raw image needs nothing: its data is in the host kernel once written.
+// cache=unsafe is left alone: it asked to lose writes on a crash.
+func recoveryCache(node *bdrv.Node, cache bdrv.CacheMode) bdrv.CacheMode {
+	if node.Format.Protocol || node.Format.Name == "raw" {
+		return cache
+	}
+	switch cache {
+	case bdrv.CacheNone:
+		cache = bdrv.CacheDirectsync
+	case bdrv.CacheWriteback:
+		cache = bdrv.CacheWritethrough
+	}
+	node.Cache = cache
+	return cache
+}
+
 // setMaxProcs gives the runtime a P for every queue thread, one for the
 // control loop and a spare, unless GOMAXPROCS is set. Queue threads are
 // locked OS threads that sleep in io_uring_enter between requests; one
@@ -308,12 +362,41 @@ func openImage(o *attachOptions) (*bdrv.Node, bdrv.CacheMode, error) {
 		})
 		return node, err
 	}
-	node, err := open(o.cache)
+	node, err := openUnlocked(o.image, func() (*bdrv.Node, error) { return open(o.cache) })
 	if err != nil && !o.cacheSet && errors.Is(err, unix.EINVAL) {
 		o.cache = bdrv.CacheWriteback
 		node, err = open(o.cache)
 	}
 	return node, o.cache, err
+}
+
+// lockWait bounds how long openUnlocked waits for a dead server's lock.
+const lockWait = 2 * time.Second
+
+// openUnlocked calls open, and calls it again for up to lockWait while it
+// fails because the image is locked and a ublkimg server that served it
+// has died (its record says so): the kernel releases a killed process's
+// io_uring, which holds the image file open, asynchronously, so its lock
+// can outlive it briefly. A lock held by a live process fails at once.
+func openUnlocked(image string, open func() (*bdrv.Node, error)) (*bdrv.Node, error) {
+	node, err := open()
+	if !errors.Is(err, bdrv.ErrLocked) {
+		return node, err
+	}
+	abs, _ := filepath.Abs(image)
+	rec, dead := ublk.DeadServerRecord(abs)
+	if !dead {
+		return node, err
+	}
+	deadline := time.Now().Add(lockWait)
+	for errors.Is(err, bdrv.ErrLocked) && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+		node, err = open()
+	}
+	if errors.Is(err, bdrv.ErrLocked) {
+		err = fmt.Errorf("%w (still held %v after its server of %s, process %d, died)", err, lockWait, rec.Device, rec.PID)
+	}
+	return node, err
 }
 
 // logDir is where background servers log; the log of a device that

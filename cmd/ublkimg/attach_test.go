@@ -1,12 +1,18 @@
 package main
 
 import (
+	"errors"
 	"net"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"ublkimg/bdrv"
+	"ublkimg/coroutine"
+	"ublkimg/ublk"
 )
 
 func TestForegroundArgs(t *testing.T) {
@@ -48,6 +54,11 @@ func TestAttachUsageErrors(t *testing.T) {
 		{[]string{"ublkimg", "attach", "-t", "bogus", "a.img"}, "invalid cache option"},
 		{[]string{"ublkimg", "attach", "--discard", "maybe", "a.img"}, "invalid discard mode"},
 		{[]string{"ublkimg", "attach", "--queues", "0", "a.img"}, "invalid queue count"},
+		{[]string{"ublkimg", "attach", "a.img", "--queues", "0"}, "invalid queue count"},
+		{[]string{"ublkimg", "attach", "a.img", "b.img"}, "expecting exactly one image"},
+		{[]string{"ublkimg", "recover"}, "expecting a device"},
+		{[]string{"ublkimg", "recover", "0", "a.img", "b.img"}, "expecting a device"},
+		{[]string{"ublkimg", "recover", "sda"}, "not a ublk device"},
 		{[]string{"ublkimg", "detach"}, "expecting exactly one device"},
 		{[]string{"ublkimg", "detach", "sda"}, "not a ublk device"},
 		{[]string{"ublkimg", "list", "--output", "yaml"}, "--output must be human or json"},
@@ -60,5 +71,136 @@ func TestAttachUsageErrors(t *testing.T) {
 		if !strings.Contains(msg, tc.want) || strings.Count(msg, "\n") != 1 {
 			t.Errorf("%q: stderr %q, want one line with %q", tc.args, msg, tc.want)
 		}
+	}
+}
+
+// tempRecordDir points ublk.RecordDir into a new temporary directory for
+// the test and returns that directory.
+func tempRecordDir(t *testing.T) string {
+	dir := t.TempDir()
+	old := ublk.RecordDir
+	ublk.RecordDir = filepath.Join(dir, "run")
+	t.Cleanup(func() { ublk.RecordDir = old })
+	return dir
+}
+
+// TestRecoverOptions: recover rebuilds the server's options from the
+// device's record and refuses, in one line each, a device without record,
+// one whose server runs, and an image other than the recorded one.
+func TestRecoverOptions(t *testing.T) {
+	dir := tempRecordDir(t)
+	img := filepath.Join(dir, "a.qcow2")
+	dead := ublk.Record{ID: 1, Device: "/dev/ublkb1", Image: img, Format: "qcow2", Queues: 2, Depth: 64,
+		BlockSize: 4096, Cache: "directsync", Discard: "ignore", Recovery: true, PID: 1, PIDStart: 1}
+	live := ublk.Record{ID: 2, Device: "/dev/ublkb2", Image: img, Format: "raw", Cache: "none", Discard: "unmap"}
+	for _, r := range []ublk.Record{dead, live} {
+		if err := ublk.WriteRecord(r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Chdir(dir)
+	for _, tc := range []struct {
+		id    int
+		image string
+		want  string // error substring, or "" for success
+	}{
+		{1, "", ""},
+		{1, img, ""},
+		{1, "a.qcow2", ""}, // relative to the working directory
+		{1, "b.qcow2", "it served " + img + ", not " + filepath.Join(dir, "b.qcow2")},
+		{2, "", "its server (process"},
+		{3, "", "ublkimg has no record of it"},
+	} {
+		o, err := recoverOptions(tc.id, tc.image)
+		switch {
+		case tc.want == "" && err != nil:
+			t.Errorf("%d %q: %v", tc.id, tc.image, err)
+		case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+			t.Errorf("%d %q: %v, want %q", tc.id, tc.image, err, tc.want)
+		case tc.want != "":
+			if strings.Contains(err.Error(), "\n") {
+				t.Errorf("%d %q: more than one line: %q", tc.id, tc.image, err)
+			}
+		default:
+			want := attachOptions{image: img, format: "qcow2", cache: bdrv.CacheDirectsync, cacheSet: true, recover: true,
+				cfg: ublk.Config{ID: 1, Queues: 2, Depth: 64, BlockSize: 4096, Discard: ublk.DiscardIgnore, Recovery: true}}
+			if o.image != want.image || o.format != want.format || o.cache != want.cache || !o.recover ||
+				o.cfg.ID != 1 || o.cfg.Queues != 2 || o.cfg.Depth != 64 || o.cfg.BlockSize != 4096 ||
+				o.cfg.Discard != ublk.DiscardIgnore || !o.cfg.Recovery {
+				t.Errorf("%d %q: options %+v, want %+v", tc.id, tc.image, *o, want)
+			}
+		}
+	}
+}
+
+// TestOpenUnlocked: an image locked by another open (here another open file
+// description in this process, as a dead server's ring holds it until the
+// kernel tears it down) is waited for only when the record of a dead
+// server names it, and for at most lockWait.
+func TestOpenUnlocked(t *testing.T) {
+	dir := tempRecordDir(t)
+	img := filepath.Join(dir, "a.raw")
+	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	openRaw := func() (*bdrv.Node, error) {
+		var n *bdrv.Node
+		err := runCo(func(co *coroutine.Co) (err error) {
+			n, err = bdrv.Open(co, bdrv.Spec{Filename: img, Format: "raw"})
+			return err
+		})
+		return n, err
+	}
+	closeNode := func(n *bdrv.Node) { runCo(func(co *coroutine.Co) error { return n.Close(co) }) }
+	for _, tc := range []struct {
+		name    string
+		dead    bool          // a record of a dead server names the image
+		release time.Duration // the holder closes after this; 0: never
+		want    string        // error substring, "" for success
+	}{
+		{"live holder", false, 300 * time.Millisecond, `Failed to get "write" lock`},
+		{"dead server, released", true, 300 * time.Millisecond, ""},
+		{"dead server, still held", true, 0, "still held 2s after its server of /dev/ublkb1, process 1, died"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			os.RemoveAll(ublk.RecordDir)
+			if tc.dead {
+				rec := ublk.Record{ID: 1, Device: "/dev/ublkb1", Image: img, PID: 1, PIDStart: 1}
+				if err := ublk.WriteRecord(rec); err != nil {
+					t.Fatal(err)
+				}
+			}
+			holder, err := openRaw()
+			if err != nil {
+				t.Fatal(err)
+			}
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				if tc.release == 0 {
+					time.Sleep(lockWait + 500*time.Millisecond)
+				} else {
+					time.Sleep(tc.release)
+				}
+				closeNode(holder)
+			}()
+			start := time.Now()
+			n, err := openUnlocked(img, openRaw)
+			took := time.Since(start)
+			<-done
+			if n != nil {
+				closeNode(n)
+			}
+			switch {
+			case tc.want == "" && err != nil:
+				t.Fatalf("%v (after %v)", err, took)
+			case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+				t.Fatalf("%v, want %q", err, tc.want)
+			case tc.want != "" && !errors.Is(err, bdrv.ErrLocked):
+				t.Errorf("%v does not match bdrv.ErrLocked", err)
+			case !tc.dead && took > 100*time.Millisecond:
+				t.Errorf("a live holder's lock was waited for (%v)", took)
+			}
+		})
 	}
 }

@@ -129,8 +129,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	return code
 }
 
-// normalize applies getopt's rules (getoptArgs) to the arguments of the
-// image verbs; the device verbs keep urfave's own parsing.
+// normalize applies getopt's rules (getoptArgs) to the arguments of every
+// verb, the image verbs and the device verbs alike, so that options may
+// follow the operands ("ublkimg attach a.img --queues 2").
 func normalize(app *cli.App, args []string) ([]string, error) {
 	if len(args) < 2 {
 		return args, nil
@@ -138,7 +139,7 @@ func normalize(app *cli.App, args []string) ([]string, error) {
 	if !strings.HasPrefix(args[1], "-") && app.Command(args[1]) == nil {
 		return nil, errors.New("Command not found: " + args[1])
 	}
-	for _, c := range imageCommands() {
+	for _, c := range app.Commands {
 		if c.Name != args[1] {
 			continue
 		}

@@ -1,0 +1,89 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/urfave/cli/v2"
+
+	"ublkimg/bdrv"
+	"ublkimg/ublk"
+)
+
+func recoverCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "recover",
+		Usage:     "serve again a device whose server died (attached with --recovery)",
+		ArgsUsage: "DEV|ID [IMG]",
+		Description: "Attaches a new server to /dev/ublkbN (or device number N), whose server died while\n" +
+			"the kernel kept the device and held its I/O (attach --recovery; list shows it\n" +
+			"\"quiesced\"). The image, its format, cache mode and discard mode come from the\n" +
+			"device's record; IMG, if given, must be that image. Prints the device once it is\n" +
+			"live again and serves it in the background, as attach does.",
+		Flags: []cli.Flag{
+			&cli.BoolFlag{Name: "foreground", Usage: "serve in this process until SIGTERM or SIGINT"},
+		},
+		Action: recoverAction,
+	}
+}
+
+func recoverAction(c *cli.Context) error {
+	if c.NArg() < 1 || c.NArg() > 2 {
+		return errors.New("recover: expecting a device and optionally its image (ublkimg recover DEV|ID [IMG])")
+	}
+	id, err := ublk.ParseDeviceID(c.Args().Get(0))
+	if err != nil {
+		return err
+	}
+	o, err := recoverOptions(id, c.Args().Get(1))
+	if err != nil {
+		return err
+	}
+	// What the kernel says about the device comes first: the image may
+	// well be locked by whoever replaced a device that cannot recover.
+	return runServer(c, o, c.Args().Get(1), func(ctrl *ublk.Ctrl) error {
+		return ublk.WaitRecoverable(ctrl, id)
+	})
+}
+
+// recoverOptions rebuilds the options of device id's server from its
+// record, refusing an image other than the recorded one.
+func recoverOptions(id int, image string) (*attachOptions, error) {
+	dev := fmt.Sprintf("/dev/ublkb%d", id)
+	rec, err := ublk.ReadRecord(id)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("cannot recover %s: ublkimg has no record of it (%s)", dev, ublk.RecordDir)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if rec.ServerAlive() {
+		return nil, fmt.Errorf("cannot recover %s: its server (process %d) is running", dev, rec.PID)
+	}
+	if image != "" {
+		abs, err := filepath.Abs(image)
+		if err != nil {
+			return nil, err
+		}
+		if abs != rec.Image {
+			return nil, fmt.Errorf("cannot recover %s: it served %s, not %s", dev, rec.Image, abs)
+		}
+	}
+	cache, err := bdrv.ParseCacheMode(rec.Cache)
+	if err != nil {
+		return nil, fmt.Errorf("record of %s: %w", dev, err)
+	}
+	discard, err := ublk.ParseDiscardMode(rec.Discard)
+	if err != nil {
+		return nil, fmt.Errorf("record of %s: %w", dev, err)
+	}
+	return &attachOptions{
+		image: rec.Image, format: rec.Format, cache: cache, cacheSet: true, recover: true,
+		cfg: ublk.Config{
+			ID: id, Queues: rec.Queues, Depth: rec.Depth, BlockSize: rec.BlockSize,
+			ReadOnly: rec.ReadOnly, Discard: discard, UserCopy: rec.UserCopy, Recovery: true,
+		},
+	}, nil
+}
