@@ -64,6 +64,12 @@ case " $DEVICES " in *qcow2*)
 	step "converting it to qcow2"
 	check qcow2-convert qemu-img convert -f raw -O qcow2 $RAW $QCOW2 ;;
 esac
+# Write the images back and drop them from the page cache: O_DIRECT reads
+# of ranges with dirty pages cannot be issued without blocking, so io_uring
+# would hand them to worker threads until writeback caught up, and the
+# device measured first would pay for it.
+sync
+echo 3 >/proc/sys/vm/drop_caches
 
 # Every pass runs every device; odd passes in the order given, even ones
 # reversed, so that a slow spell of the host does not always hit the same
@@ -91,7 +97,7 @@ for PASS in $(seq "$PASSES"); do
 				q1) extra="$extra --queues 1" ;;
 				usercopy) extra="$extra --user-copy" ;;
 				wb) extra="$extra -t writeback" ;;
-				gmp*) env="GOMAXPROCS=${opt#gmp}" ;;
+				gmp*) env="$env GOMAXPROCS=${opt#gmp}" ;;
 				esac
 			done
 			step "$dev: $env ublkimg attach -f $fmt $extra $img"
