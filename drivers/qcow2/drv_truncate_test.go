@@ -1,11 +1,15 @@
 package qcow2_test
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
@@ -75,4 +79,111 @@ func TestTruncateMatchesQemu(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestTruncateWithSnapshots resizes copies of images with internal
+// snapshots with Node.Truncate and with qemu-img resize, compares the
+// results byte for byte, then applies the snapshot (which takes the image
+// back to the snapshot's size) with the driver and with qemu-img snapshot
+// -a and compares what qemu-img check, info, map and compare see. A
+// version 2 image with snapshots cannot be resized.
+func TestTruncateWithSnapshots(t *testing.T) {
+	needQemu(t)
+	cases := []struct {
+		name, size    string
+		create        []string // qemu-img create arguments
+		before, after []string // qemu-io commands around the snapshot
+		newSize       int64
+		resized       []string // qemu-io commands after the resize
+		wantErr       string
+	}{
+		{"grow", "4M", nil, []string{"write -P 1 0 3M"}, []string{"write -P 2 1M 1M"}, 100 << 20, []string{"write -P 4 50M 1M"}, ""},
+		{"grow_l1", "4M", []string{"-o", "cluster_size=4k"}, mixedWrites, []string{"write -P 2 1M 1M", "write -c -P 3 2M 4k"}, 64 << 20, nil, ""},
+		{"shrink", "16M", nil, []string{"write -P 1 0 16M"}, []string{"write -P 2 1M 1M", "write -P 3 10M 1M"}, 2 << 20, nil, ""},
+		{"shrink_4k", "16M", []string{"-o", "cluster_size=4k"}, []string{"write -P 9 0 16m"}, []string{"write -P 2 8M 4k"}, 3 << 20, nil, ""},
+		{"v2", "4M", []string{"-o", "compat=0.10"}, []string{"write -P 1 0 1M"}, nil, 8 << 20, nil, "Can't resize a v2 image which has snapshots"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			dir := t.TempDir()
+			q := qimg(t, filepath.Join(dir, "q.qcow2"), c.size, c.create...)
+			qio(t, q, c.before...)
+			sh(t, "qemu-img", "snapshot", "-c", "s1", q)
+			snap := rawOf(t, q)
+			if len(c.after) > 0 {
+				qio(t, q, c.after...)
+			}
+			o := filepath.Join(dir, "o.qcow2")
+			b, _ := os.ReadFile(q)
+			os.WriteFile(o, b, 0o644)
+
+			var err error
+			withNode(t, bdrv.Spec{Filename: o}, func(co *coroutine.Co, n *bdrv.Node) error {
+				err = n.Truncate(co, c.newSize, false, bdrv.PreallocOff)
+				return nil
+			})
+			if c.wantErr != "" {
+				if err == nil || err.Error() != c.wantErr || !errors.Is(err, unix.ENOTSUP) {
+					t.Fatalf("resize: error %v, want %q", err, c.wantErr)
+				}
+				out, qerr := exec_("resize", q, strconv.FormatInt(c.newSize, 10))
+				if qerr == nil || !strings.Contains(out, c.wantErr) {
+					t.Fatalf("qemu-img resize: %v %s, want %q", qerr, out, c.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			sh(t, "qemu-img", "resize", "-q", "--shrink", q, strconv.FormatInt(c.newSize, 10))
+			qcheck(t, o, false)
+			qb, _ := os.ReadFile(q)
+			ob, _ := os.ReadFile(o)
+			if i := firstDiff(ob, qb); i >= 0 || len(ob) != len(qb) {
+				t.Fatalf("resized image differs from qemu-img's from %#x (sizes %d, %d)", i, len(ob), len(qb))
+			}
+			if got, want := sh(t, "qemu-img", "snapshot", "-l", o), sh(t, "qemu-img", "snapshot", "-l", q); got != want {
+				t.Errorf("snapshot -l:\n%s\nqemu-img's:\n%s", got, want)
+			}
+
+			if len(c.resized) > 0 {
+				qio(t, q, c.resized...)
+				qio(t, o, c.resized...)
+			}
+			sh(t, "qemu-img", "snapshot", "-a", "s1", q)
+			withNode(t, bdrv.Spec{Filename: o}, func(co *coroutine.Co, n *bdrv.Node) error {
+				return imageOf(t, n).SnapshotApply(co, "s1")
+			})
+			qcheck(t, o, false)
+			sh(t, "qemu-img", "compare", o, q)
+			// Going back to a smaller size cuts the file after the last
+			// cluster in use before the snapshot's tables come back.
+			if oi, qi := fileSize(t, o), fileSize(t, q); oi != qi {
+				t.Errorf("file size %d after apply, qemu-img's %d", oi, qi)
+			}
+			if i := firstDiff(rawOf(t, o), snap); i >= 0 {
+				t.Errorf("applied snapshot differs from the snapshot's content at %#x", i)
+			}
+			// Allocated clusters and image end; info without the file's
+			// own name and allocated size; the map without host offsets.
+			strip := regexp.MustCompile(`(?m)^ *"(actual-size|filename)": .*\n|, "offset": \d+`)
+			for _, a := range [][]string{{"check", "--output=json"}, {"info", "--output=json"}, {"map", "--output=json"}} {
+				got := strip.ReplaceAllString(sh(t, "qemu-img", append(a, o)...), "")
+				want := strip.ReplaceAllString(sh(t, "qemu-img", append(a, q)...), "")
+				if got != want {
+					t.Errorf("qemu-img %v after our apply:\n%s\nafter qemu-img's:\n%s", a, got, want)
+				}
+			}
+		})
+	}
+}
+
+func fileSize(t *testing.T, path string) int64 {
+	t.Helper()
+	fi, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fi.Size()
 }

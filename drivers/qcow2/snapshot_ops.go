@@ -409,6 +409,16 @@ func (img *Image) SnapshotApply(co *coroutine.Co, idOrName string) error {
 	img.quiesceLocked(co)
 	img.processDiscardsLocked(co)
 	sn := img.snapshots[i]
+	if sn.DiskSize != uint64(img.node.Length()) {
+		// The image was resized after the snapshot: it takes the
+		// snapshot's size again, by a resize of the active layer.
+		if sn.DiskSize%512 != 0 || sn.DiskSize > math.MaxInt64 {
+			return fmt.Errorf("qcow2: snapshot %s: invalid disk size %d: %w", sn.ID, sn.DiskSize, unix.EINVAL)
+		}
+		if err := img.truncateLocked(co, int64(sn.DiskSize), true, bdrv.PreallocOff); err != nil {
+			return err
+		}
+	}
 	if err := img.growL1Locked(co, uint64(sn.L1Size)); err != nil {
 		return err
 	}
@@ -448,16 +458,6 @@ func (img *Image) SnapshotApply(co *coroutine.Co, idOrName string) error {
 		errs = append(errs, err)
 	}
 	img.rebuildActiveL2MapLocked()
-	if sn.DiskSize != img.hdr.Size {
-		if err := img.writeHeaderU64(co, 24, sn.DiskSize); err != nil {
-			errs = append(errs, err)
-		} else {
-			img.hdrMu.Lock()
-			img.hdr.Size = sn.DiskSize
-			img.hdrMu.Unlock()
-			img.node.SetLength(int64(sn.DiskSize))
-		}
-	}
 	img.ccache.invalidate()
 	errs = append(errs, img.syncAllLocked(co))
 	return errors.Join(errs...)

@@ -17,8 +17,10 @@ import (
 // if needed and, with preallocation, maps (and for falloc/full allocates)
 // the new clusters; shrinking drops every cluster past the new end, the L2
 // tables that mapped only them, and the unused tail of the file. exact is
-// ignored, as QEMU ignores it for qcow2. Images with internal snapshots or
-// bitmaps cannot be resized, as in QEMU.
+// ignored, as QEMU ignores it for qcow2. As in QEMU, a version 3 image
+// with internal snapshots can be resized (each snapshot keeps its own
+// size, which applying it restores), a version 2 image with snapshots or
+// any image with bitmaps cannot.
 func (img *Image) Truncate(co *coroutine.Co, size int64, exact bool, prealloc bdrv.Prealloc) error {
 	if err := img.checkIO(); err != nil {
 		return err
@@ -28,8 +30,14 @@ func (img *Image) Truncate(co *coroutine.Co, size int64, exact bool, prealloc bd
 	}
 	img.meta.Lock(co)
 	defer img.meta.Unlock(co)
-	if len(img.snapshots) > 0 {
-		return fmt.Errorf("Can't resize an image which has snapshots: %w", unix.ENOTSUP)
+	return img.truncateLocked(co, size, exact, prealloc)
+}
+
+// truncateLocked is Truncate (QEMU's qcow2_co_truncate) with meta held and
+// the size checked.
+func (img *Image) truncateLocked(co *coroutine.Co, size int64, exact bool, prealloc bdrv.Prealloc) error {
+	if len(img.snapshots) > 0 && img.hdr.Version < 3 {
+		return &refusal{"Can't resize a v2 image which has snapshots", unix.ENOTSUP}
 	}
 	if img.hdr.Bitmaps != nil {
 		return fmt.Errorf("Can't resize an image which has bitmaps: %w", unix.ENOTSUP)
@@ -95,6 +103,16 @@ func (img *Image) Truncate(co *coroutine.Co, size int64, exact bool, prealloc bd
 	img.node.SetLength(size)
 	return nil
 }
+
+// refusal is a request QEMU refuses with errno: its message is QEMU's
+// alone, as qemu-img prints it.
+type refusal struct {
+	msg   string
+	errno unix.Errno
+}
+
+func (e *refusal) Error() string { return e.msg }
+func (e *refusal) Unwrap() error { return e.errno }
 
 // growL1Locked gives the active L1 table n entries, moving it to new
 // clusters: the new table is written and flushed, then the header switched
