@@ -662,16 +662,11 @@ func (img *Image) HasZeroInit() bool {
 	return true
 }
 
-// AllocatedSize implements bdrv.AllocatedSizer: the image file plus an
-// external data file.
+// AllocatedSize implements bdrv.AllocatedSizer: the image file's, without
+// an external data file, as qemu-img 7.2 reports it (info's disk size and
+// actual-size).
 func (img *Image) AllocatedSize(co *coroutine.Co) (int64, error) {
-	n := img.file.AllocatedSize(co)
-	if img.data != img.file && n >= 0 {
-		if d := img.data.AllocatedSize(co); d >= 0 {
-			n += d
-		}
-	}
-	return n, nil
+	return img.file.AllocatedSize(co), nil
 }
 
 // checkIO fails requests on an image found corrupt.

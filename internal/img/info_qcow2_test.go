@@ -28,6 +28,8 @@ qemu-img create -q -f raw base.raw 10M
 qemu-img create -q -f qcow2 -b base.raw -F raw overlay.qcow2
 qemu-img create -q -f qcow2 -o lazy_refcounts=on dirty.qcow2 10M
 qemu-img create -q -f qcow2 corrupt.qcow2 10M
+qemu-img create -q -f qcow2 -o data_file="$PWD/data.raw" datafile.qcow2 10M
+qemu-io -c "write -P 1 0 2M" datafile.qcow2 >/dev/null
 `)
 	// Set the dirty bit of one image and the corrupt bit of another
 	// (incompatible features, header offset 72).
@@ -41,7 +43,10 @@ qemu-img create -q -f qcow2 corrupt.qcow2 10M
 		f.WriteAt(b[:], 72)
 		f.Close()
 	}
-	for _, name := range []string{"v3.qcow2", "v2.qcow2", "l2.qcow2", "zstd.qcow2", "bitmaps.qcow2", "overlay.qcow2", "dirty.qcow2", "corrupt.qcow2"} {
+	for _, name := range []string{"v3.qcow2", "v2.qcow2", "l2.qcow2", "zstd.qcow2", "bitmaps.qcow2", "overlay.qcow2", "dirty.qcow2", "corrupt.qcow2",
+		// The disk size counts the image file alone, not the 2 MiB
+		// in its data file.
+		"datafile.qcow2"} {
 		t.Run(name, func(t *testing.T) {
 			path := filepath.Join(dir, name)
 			var infos []*ImageInfo
