@@ -342,12 +342,15 @@ recovery_case qcow2
 
 # Recover right after the kill (the dead server's rings, and the image
 # lock they hold, are released asynchronously), then kill again and detach
-# the quiesced device.
-truncate -s 64M /tmp/q.img
-dev=$(ublkimg attach --recovery /tmp/q.img)
+# the quiesced device. The writes before the kill are acknowledged without
+# any flush, and allocate qcow2 clusters: they must survive the server.
+ublkimg create -f qcow2 /tmp/q.qcow2 64M >/dev/null
+dev=$(ublkimg attach --recovery /tmp/q.qcow2)
+dd if=/dev/urandom of=/tmp/q.data bs=64k count=128 2>/dev/null
+check write-unflushed sh -c "test \$(wc -c </tmp/q.data) -eq 8388608 && dd if=/tmp/q.data of=$dev bs=64k seek=16 oflag=direct"
 kill -KILL $(pidof 0)
 check recover-at-once ublkimg recover 0
-check read-after-recover dd if="$dev" of=/dev/null bs=1M count=4 iflag=direct
+check acknowledged-kept sh -c "dd if=$dev bs=64k skip=16 count=128 iflag=direct 2>/dev/null | cmp - /tmp/q.data"
 kill -KILL $(pidof 0)
 sleep 1
 check detach-quiesced ublkimg detach 0
@@ -375,7 +378,7 @@ func TestVMRecovery(t *testing.T) {
 		t.Fatal(err)
 	}
 	res := run(t, recoveryScript, vm.RunOptions{Files: []vm.File{qemuImg}})
-	for _, name := range []string{"raw-fio-verified", "qcow2-fio-verified", "recover-at-once", "attach-at-once"} {
+	for _, name := range []string{"raw-fio-verified", "qcow2-fio-verified", "recover-at-once", "acknowledged-kept", "attach-at-once"} {
 		if !strings.Contains(res.Log, "RESULT "+name+" PASS") {
 			t.Errorf("%s did not pass", name)
 		}
