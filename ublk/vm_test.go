@@ -297,9 +297,9 @@ recovery_case() {
 	check $F-mkfs mke2fs -q -F -t ext4 "$dev"
 	check $F-mount mount "$dev" /mnt || return 1
 	fio --name=rec --filename=/mnt/fio --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
-		--iodepth=16 --size=32M --verify=crc32c --do_verify=1 --verify_fatal=1 >/tmp/fio.$F 2>&1 &
+		--iodepth=16 --size=16M --verify=crc32c --do_verify=1 --verify_fatal=1 >/tmp/fio.$F 2>&1 &
 	fio=$!
-	sleep 3
+	sleep 2
 	check $F-fio-mid-stream kill -0 $fio
 	kill -KILL $(pidof $id)
 	dd if="$dev" of=/dev/null bs=4k count=1 skip=4000 iflag=direct 2>/dev/null &
