@@ -13,6 +13,9 @@ func (n *Node) BlockStatus(co *coroutine.Co, wantZero bool, off, bytes int64) (S
 	}
 	total := n.Length()
 	if off >= total || bytes == 0 {
+		if qtotal := alignUp(total, sectorSize); off < qtotal && bytes > 0 {
+			return n.tailStatus(co, wantZero, off, min(bytes, qtotal-off))
+		}
 		return Status{Flags: StatusEOF}, nil
 	}
 	bytes = min(bytes, total-off)
@@ -69,8 +72,10 @@ func (n *Node) BlockStatus(co *coroutine.Co, wantZero bool, off, bytes int64) (S
 	} else if n.Backing == nil {
 		// Nothing below: unallocated areas read as zeros.
 		st.Flags |= StatusZero
-	} else if wantZero && off >= n.Backing.Length() {
-		// Past the end of a short backing file: zeros too.
+	} else if wantZero && off >= alignUp(n.Backing.Length(), sectorSize) {
+		// Past the end of a short backing file: zeros too. Its end is
+		// that of its last sector, as QEMU's bdrv_getlength counts;
+		// up to there the backing file answers (tailStatus).
 		st.Flags |= StatusZero
 	}
 
@@ -87,7 +92,52 @@ func (n *Node) BlockStatus(co *coroutine.Co, wantZero bool, off, bytes int64) (S
 		}
 	}
 	st.Flags &^= StatusRecurse | StatusRaw
-	if off+st.Pnum >= total {
+	if off+st.Pnum >= alignUp(total, sectorSize) {
+		st.Flags |= StatusEOF
+	}
+	return st, nil
+}
+
+// sectorSize is QEMU's BDRV_SECTOR_SIZE: QEMU's node lengths are whole
+// sectors, so a node whose length is not one answers for the rest of its
+// last sector too.
+const sectorSize = 512
+
+// tailStatus reports [off, off+bytes) between the node's exact end and the
+// end of its last sector, which reads as zeros (QEMU's file-posix reports
+// a trailing hole there, and the layers above a short backing file read
+// zeros from its exact end). A protocol node answers zeros at that offset
+// of itself; a format node whose last byte maps straight to its file (raw)
+// passes on the file's answer for the same bytes. Any other node ends at
+// its exact length (StatusEOF with Pnum 0).
+func (n *Node) tailStatus(co *coroutine.Co, wantZero bool, off, bytes int64) (Status, error) {
+	if n.Format.Protocol {
+		return Status{Flags: StatusZero | StatusAllocated | StatusOffsetValid | StatusEOF,
+			Pnum: bytes, Map: off, File: n}, nil
+	}
+	bs, ok := n.drv.(BlockStatuser)
+	total := n.Length()
+	if !ok || total == 0 {
+		return Status{Flags: StatusEOF}, nil
+	}
+	aoff := alignDown(total-1, n.limits.RequestAlignment)
+	last, err := bs.BlockStatus(co, false, aoff, total-aoff)
+	if err != nil {
+		return Status{}, err
+	}
+	if last.Flags&StatusRaw == 0 || last.File == nil || last.Pnum < total-aoff {
+		return Status{Flags: StatusEOF}, nil
+	}
+	st, err := last.File.BlockStatus(co, wantZero, last.Map+off-aoff, bytes)
+	if err != nil || st.Pnum == 0 {
+		return Status{Flags: StatusEOF}, err
+	}
+	st.Pnum = min(st.Pnum, bytes)
+	st.Flags &^= StatusRecurse | StatusRaw
+	if st.Flags&(StatusData|StatusZero) != 0 {
+		st.Flags |= StatusAllocated
+	}
+	if off+st.Pnum >= alignUp(total, sectorSize) {
 		st.Flags |= StatusEOF
 	}
 	return st, nil
@@ -101,6 +151,17 @@ func (n *Node) BlockStatus(co *coroutine.Co, wantZero bool, off, bytes int64) (S
 // answering layer.
 func (n *Node) BlockStatusAbove(co *coroutine.Co, base *Node, wantZero bool, off, bytes int64) (Status, error) {
 	depth := 0
+	// eof is where n ends if its answer reached its end: a lower
+	// layer's end says nothing about n's, so the answer is at EOF only
+	// if it reaches there (QEMU's bdrv_co_common_block_status_above).
+	eof := int64(-1)
+	atEOF := func(st Status) Status {
+		st.Flags &^= StatusEOF
+		if off+st.Pnum == eof {
+			st.Flags |= StatusEOF
+		}
+		return st
+	}
 	for p := n; p != nil && p != base; p = p.Backing {
 		st, err := p.BlockStatus(co, wantZero, off, bytes)
 		if err != nil {
@@ -112,19 +173,25 @@ func (n *Node) BlockStatusAbove(co *coroutine.Co, base *Node, wantZero bool, off
 			}
 			// Past the end of a shorter lower layer: zeros, for as
 			// long as the layers above left the range unallocated.
-			return Status{Flags: StatusZero | StatusAllocated, Pnum: bytes, Depth: depth}, nil
+			return atEOF(Status{Flags: StatusZero | StatusAllocated, Pnum: bytes, Depth: depth}), nil
+		}
+		if p == n && st.Flags&StatusEOF != 0 {
+			eof = off + st.Pnum
 		}
 		if st.Flags&StatusAllocated != 0 || p.Backing == nil || p.Backing == base {
 			// Allocated here, or the last layer asked: its answer
 			// stands, including the ZERO it gives unallocated ranges
 			// with nothing below (QEMU reports that layer's depth).
 			st.Depth = depth
+			if depth > 0 {
+				st = atEOF(st)
+			}
 			return st, nil
 		}
 		bytes = st.Pnum
 		depth++
 	}
-	return Status{Pnum: bytes, Depth: depth}, nil
+	return atEOF(Status{Pnum: bytes, Depth: depth}), nil
 }
 
 // IsAllocatedAbove reports whether [off, off+bytes) is allocated in n or any

@@ -154,9 +154,9 @@ func Map(co *coroutine.Co, opts MapOptions, out io.Writer) error {
 // mapStatus is qemu-img's get_block_status: the status of [off,
 // off+bytes) in the first layer of the chain that says anything about it
 // (data or zero), and that layer's depth. Each layer answers as
-// bdrv_block_status does, including the zeros past the end of a short
-// backing file and, at the bottom of the chain, the zeros of unallocated
-// ranges.
+// bdrv_block_status does (bdrv.Node.BlockStatus), including the zeros past
+// the end of a short backing file and, at the bottom of the chain, the
+// zeros of unallocated ranges.
 func mapStatus(co *coroutine.Co, n *bdrv.Node, off, bytes int64, names map[*bdrv.Node]string) (mapEntry, error) {
 	var st bdrv.Status
 	depth := 0
@@ -167,31 +167,12 @@ func mapStatus(co *coroutine.Co, n *bdrv.Node, off, bytes int64, names map[*bdrv
 			return mapEntry{}, err
 		}
 		if st.Pnum <= 0 {
-			// Past the exact end of the layer, inside its last 512-byte
-			// sector (QEMU's lengths are whole sectors): zeros, at that
-			// offset of the file below, as QEMU's raw and file drivers
-			// answer there.
+			// A layer that ends inside its last sector without
+			// answering for the rest of it (not a raw file): zeros.
 			st = bdrv.Status{Flags: bdrv.StatusZero | bdrv.StatusAllocated, Pnum: bytes}
-			if end := qemuLength(p); end > off {
-				st.Pnum = min(bytes, end-off)
-			}
-			if f := p.File; f != nil || p.Format.Protocol {
-				if f == nil {
-					f = p
-				}
-				st.Flags |= bdrv.StatusOffsetValid
-				st.Map, st.File = off, f
-			}
 			break
 		}
 		bytes = st.Pnum
-		if st.Flags&bdrv.StatusZero != 0 && st.Flags&bdrv.StatusAllocated == 0 &&
-			p.Backing != nil && off < qemuLength(p.Backing) {
-			// bdrv's zeros past the end of a short backing file start
-			// at its exact end; QEMU's at the end of its last sector,
-			// so the backing file answers for the part in between.
-			st.Flags &^= bdrv.StatusZero
-		}
 		if st.Flags&(bdrv.StatusData|bdrv.StatusZero) != 0 {
 			break
 		}
