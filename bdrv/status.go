@@ -108,8 +108,8 @@ const sectorSize = 512
 // a trailing hole there, and the layers above a short backing file read
 // zeros from its exact end). A protocol node answers zeros at that offset
 // of itself; a format node whose last byte maps straight to its file (raw)
-// passes on the file's answer for the same bytes. Any other node ends at
-// its exact length (StatusEOF with Pnum 0).
+// answers zeros at the file's offset for the same bytes. Any other node
+// ends at its exact length (StatusEOF with Pnum 0).
 func (n *Node) tailStatus(co *coroutine.Co, wantZero bool, off, bytes int64) (Status, error) {
 	if n.Format.Protocol {
 		return Status{Flags: StatusZero | StatusAllocated | StatusOffsetValid | StatusEOF,
@@ -132,11 +132,10 @@ func (n *Node) tailStatus(co *coroutine.Co, wantZero bool, off, bytes int64) (St
 	if err != nil || st.Pnum == 0 {
 		return Status{Flags: StatusEOF}, err
 	}
+	// Zeros whatever the file holds there (a window of a longer file):
+	// that is what the node reads past its end.
 	st.Pnum = min(st.Pnum, bytes)
-	st.Flags &^= StatusRecurse | StatusRaw
-	if st.Flags&(StatusData|StatusZero) != 0 {
-		st.Flags |= StatusAllocated
-	}
+	st.Flags = st.Flags&^(StatusRecurse|StatusRaw|StatusData) | StatusZero | StatusAllocated
 	if off+st.Pnum >= alignUp(total, sectorSize) {
 		st.Flags |= StatusEOF
 	}
