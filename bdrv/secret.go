@@ -19,39 +19,48 @@ var secrets struct {
 }
 
 // AddSecretObject creates a secret object from its --object description,
-// with QEMU's checks and error wording. Objects of other types are refused.
-func AddSecretObject(desc string) error {
+// with QEMU's checks and error wording, and returns its id. Objects of
+// other types are refused.
+func AddSecretObject(desc string) (string, error) {
+	id, b, err := parseSecretObject(desc)
+	if err != nil {
+		return "", err
+	}
+	return id, AddSecret(id, b)
+}
+
+func parseSecretObject(desc string) (string, []byte, error) {
 	typ, rest, _ := strings.Cut(desc, ",")
 	if k, v, ok := strings.Cut(typ, "="); ok {
 		if k != "qom-type" {
-			return errors.New("Parameter 'qom-type' is missing")
+			return "", nil, errors.New("Parameter 'qom-type' is missing")
 		}
 		typ = v
 	}
 	if typ != "secret" {
-		return fmt.Errorf("Parameter 'qom-type' does not accept value '%s'", typ)
+		return "", nil, fmt.Errorf("Parameter 'qom-type' does not accept value '%s'", typ)
 	}
 	o, err := ParseOptionString(rest)
 	if err != nil {
-		return err
+		return "", nil, err
 	}
 	for k := range o {
 		switch k {
 		case "id", "data", "file", "format":
 		default:
-			return fmt.Errorf("Parameter '%s' is unexpected", k)
+			return "", nil, fmt.Errorf("Parameter '%s' is unexpected", k)
 		}
 	}
 	id, ok := o["id"]
 	if !ok {
-		return errors.New("Parameter 'id' is missing")
+		return "", nil, errors.New("Parameter 'id' is missing")
 	}
 	data, hasData := o["data"]
 	file, hasFile := o["file"]
 	var b []byte
 	switch {
 	case hasData && hasFile:
-		return errors.New("'file' and 'data' are mutually exclusive")
+		return "", nil, errors.New("'file' and 'data' are mutually exclusive")
 	case hasData:
 		b = []byte(data)
 	case hasFile:
@@ -60,10 +69,10 @@ func AddSecretObject(desc string) error {
 			if errors.As(err, &pe) {
 				err = pe.Err
 			}
-			return fmt.Errorf("Unable to read %s: Failed to open file “%s”: %s", file, file, capitalizeFirst(err.Error()))
+			return "", nil, fmt.Errorf("Unable to read %s: Failed to open file “%s”: %s", file, file, capitalizeFirst(err.Error()))
 		}
 	default:
-		return errors.New("Either 'file' or 'data' must be provided")
+		return "", nil, errors.New("Either 'file' or 'data' must be provided")
 	}
 	switch f := o.String("format", "raw"); f {
 	case "raw":
@@ -71,13 +80,13 @@ func AddSecretObject(desc string) error {
 		dec, err := base64.StdEncoding.DecodeString(string(b))
 		clear(b)
 		if err != nil {
-			return errors.New("Base64 data contains invalid characters")
+			return "", nil, errors.New("Base64 data contains invalid characters")
 		}
 		b = dec
 	default:
-		return fmt.Errorf("Parameter 'format' does not accept value '%s'", f)
+		return "", nil, fmt.Errorf("Parameter 'format' does not accept value '%s'", f)
 	}
-	return AddSecret(id, b)
+	return id, b, nil
 }
 
 // AddSecret registers secret data under id; the secret keeps data (the

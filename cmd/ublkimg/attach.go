@@ -23,6 +23,7 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
+	"ublkimg/internal/img"
 	"ublkimg/ublk"
 )
 
@@ -63,6 +64,7 @@ func attachCommand() *cli.Command {
 type attachOptions struct {
 	image     string
 	format    string
+	options   bdrv.Options // from --image-opts
 	cache     bdrv.CacheMode
 	cacheSet  bool
 	cfg       ublk.Config
@@ -75,6 +77,16 @@ func parseAttach(c *cli.Context) (*attachOptions, error) {
 		return nil, errors.New("attach: expecting exactly one image (ublkimg attach [options] IMG)")
 	}
 	o := &attachOptions{image: c.Args().First(), format: c.String("f"), cache: bdrv.CacheNone}
+	if c.Bool("image-opts") {
+		name, format, opts, err := img.ResolveImageName(o.image)
+		if err != nil {
+			return nil, err
+		}
+		if o.format != "" && o.format != format {
+			return nil, fmt.Errorf("--image-opts driver '%s' conflicts with format '%s'", format, o.format)
+		}
+		o.image, o.format, o.options = name, format, opts
+	}
 	if s := c.String("t"); s != "" {
 		mode, err := bdrv.ParseCacheMode(s)
 		if err != nil {
@@ -357,7 +369,7 @@ func openImage(o *attachOptions) (*bdrv.Node, bdrv.CacheMode, error) {
 		var node *bdrv.Node
 		err := coroutine.Run(func(co *coroutine.Co) error {
 			var err error
-			node, err = bdrv.Open(co, bdrv.Spec{Filename: o.image, Format: o.format, Cache: cache, ReadOnly: o.cfg.ReadOnly})
+			node, err = bdrv.Open(co, bdrv.Spec{Filename: o.image, Format: o.format, Options: o.options, Cache: cache, ReadOnly: o.cfg.ReadOnly})
 			return err
 		})
 		return node, err

@@ -103,6 +103,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		if c.OnUsageError == nil {
 			c.OnUsageError = app.OnUsageError
 		}
+		addObjectFlags(c)
 	}
 	return app
 }
@@ -156,6 +157,7 @@ func normalize(app *cli.App, args []string) ([]string, error) {
 		if err != nil {
 			return nil, err
 		}
+		rest = markImageOpts(c.Name, rest)
 		return append(append([]string{args[0], args[1]}, rest...), last...), nil
 	}
 	return args, nil

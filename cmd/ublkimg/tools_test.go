@@ -127,15 +127,7 @@ func TestToolVerbs(t *testing.T) {
 			if out, err := cp.CombinedOutput(); err != nil {
 				t.Fatalf("%v\n%s", err, out)
 			}
-			got := runIn(t, ours, binary, args...)
-			want := runIn(t, theirs, "qemu-img", args...)
-			if got.stdout != want.stdout || got.code != want.code {
-				t.Errorf("exit %d, stdout:\n%s\nqemu-img: exit %d, stdout:\n%s", got.code, got.stdout, want.code, want.stdout)
-			}
-			gotLines, wantLines := toolStderr(t, got, want)
-			if gotLines != wantLines {
-				t.Errorf("stderr:\n%s\nqemu-img's, as ublkimg words it:\n%s", gotLines, wantLines)
-			}
+			sameAsQemu(t, ours, theirs, args)
 			// The images must read alike afterwards.
 			for _, name := range []string{"base.raw", "top.qcow2", "lone.qcow2", "out.raw", "out.qcow2"} {
 				a, b := filepath.Join(ours, name), filepath.Join(theirs, name)

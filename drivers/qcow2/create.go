@@ -43,9 +43,10 @@ const (
 // order qemu-img prints them in its "Formatting ..." line (QEMU's option
 // list merged with the file protocol's). Default is the value printed when
 // the option is not given; options without one are not printed then.
-var createOptionSpecs = []bdrv.OptionSpec{
+var createOptionSpecs = append([]bdrv.OptionSpec{
 	{Name: CreateEncryption, Type: bdrv.OptBool, Help: "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)"},
 	{Name: CreateEncryptFormat, Type: bdrv.OptString, Help: "Encrypt the image, format choices: 'aes', 'luks'"},
+}, append(encryptOptionSpecs, []bdrv.OptionSpec{
 	{Name: CreateClusterSize, Type: bdrv.OptSize, Default: "65536", Help: "qcow2 cluster size"},
 	{Name: CreateExtendedL2, Type: bdrv.OptBool, Default: "off", Help: "Extended L2 tables"},
 	{Name: CreatePreallocation, Type: bdrv.OptString, Help: "Preallocation mode (allowed values: off, metadata, falloc, full)"},
@@ -59,7 +60,7 @@ var createOptionSpecs = []bdrv.OptionSpec{
 	{Name: CreateLazyRefcounts, Type: bdrv.OptBool, Default: "off", Help: "Postpone refcount updates"},
 	{Name: CreateRefcountBits, Type: bdrv.OptNumber, Default: "16", Help: "Width of a reference count entry in bits"},
 	{Name: CreateNocow, Type: bdrv.OptBool, Help: "Turn off copy-on-write (valid only on btrfs)"},
-}
+}...)...)
 
 // FormattingOptions returns the option=value list qemu-img prints after
 // "fmt=qcow2" in its "Formatting 'FILE', fmt=qcow2 ..." line, for a create
@@ -114,6 +115,7 @@ type createParams struct {
 	dataFileRaw           bool
 	nocow                 bool
 	nocowSet, preallocSet bool
+	encrypt               *encryptParams // nil: unencrypted
 }
 
 // parseCreateOptions validates a create request with QEMU's rules and error
@@ -134,8 +136,9 @@ func parseCreateOptions(req *bdrv.CreateRequest) (*createParams, error) {
 	}
 	p.size = (uint64(size) + 511) &^ 511
 
-	if o.Bool(CreateEncryption, false) || o.String(CreateEncryptFormat, "") != "" {
-		return nil, errors.New("Encrypted images are not supported by ublkimg")
+	var err error
+	if p.encrypt, err = parseEncryptOptions(o); err != nil {
+		return nil, err
 	}
 	switch v := o.String(CreateCompat, "1.1"); v {
 	case "0.10", "v2":
@@ -334,6 +337,11 @@ func create(co *coroutine.Co, req *bdrv.CreateRequest) error {
 	}
 	img := n.Driver().(*Image)
 	err = img.finishCreate(co, p)
+	if err == nil && p.encrypt != nil {
+		img.meta.Lock(co)
+		err = img.setUpEncryptionLocked(co, p.encrypt)
+		img.meta.Unlock(co)
+	}
 	if cerr := n.Close(co); err == nil {
 		err = cerr
 	}

@@ -3,6 +3,8 @@ package qcow2
 import (
 	"errors"
 	"fmt"
+	"strconv"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -68,11 +70,11 @@ func (img *Image) openCrypto(co *coroutine.Co, opts bdrv.Options) error {
 	}
 	id, ok := opts[OptKeySecret]
 	if !ok {
-		return fmt.Errorf("Parameter '%s' is required for cipher", OptKeySecret)
+		return &KeyError{fmt.Errorf("Parameter '%s' is required for cipher", OptKeySecret)}
 	}
 	pass, err := bdrv.LookupSecret(id)
 	if err != nil {
-		return err
+		return &KeyError{err}
 	}
 	defer clear(pass)
 	if h.CryptMethod == CryptAES {
@@ -88,12 +90,24 @@ func (img *Image) openCrypto(co *coroutine.Co, opts bdrv.Options) error {
 		}
 		return err
 	})
+	if errors.Is(err, luks.ErrInvalidPassword) {
+		return &KeyError{err}
+	}
 	if err != nil {
 		return err
 	}
 	img.crypt.cipher = v.Cipher
 	return nil
 }
+
+// KeyError is the failure to open an encrypted image for want of its key:
+// no encrypt.key-secret, no such secret, or a passphrase that opens no key
+// slot. Tools that can work on the metadata alone (check) must not fall
+// back to doing so: qemu-img refuses.
+type KeyError struct{ Err error }
+
+func (e *KeyError) Error() string { return e.Err.Error() }
+func (e *KeyError) Unwrap() error { return e.Err }
 
 // encrypted reports whether guest data clusters are encrypted.
 func (img *Image) encrypted() bool { return img.hdr.CryptMethod != CryptNone }
@@ -171,4 +185,150 @@ func (img *Image) encryptCow(m *l2Meta, startBuf, endBuf []byte) error {
 		c.Encrypt(r.buf, img.cryptSector(host, m.offset+r.off))
 	}
 	return nil
+}
+
+// Encryption create options (qemu-img's encrypt.* names). CreateEncryption
+// (encryption=on) and CreateEncryptFormat are in create.go.
+const (
+	CreateEncryptKeySecret    = "encrypt.key-secret"
+	CreateEncryptCipherAlg    = "encrypt.cipher-alg"
+	CreateEncryptCipherMode   = "encrypt.cipher-mode"
+	CreateEncryptIVGenAlg     = "encrypt.ivgen-alg"
+	CreateEncryptIVGenHashAlg = "encrypt.ivgen-hash-alg"
+	CreateEncryptHashAlg      = "encrypt.hash-alg"
+	CreateEncryptIterTime     = "encrypt.iter-time"
+)
+
+// encryptOptionSpecs are the encrypt.* options after encrypt.format, in
+// qemu-img's order.
+var encryptOptionSpecs = []bdrv.OptionSpec{
+	{Name: CreateEncryptKeySecret, Type: bdrv.OptString, Help: "ID of secret providing qcow AES key or LUKS passphrase"},
+	{Name: CreateEncryptCipherAlg, Type: bdrv.OptString, Help: "Name of encryption cipher algorithm"},
+	{Name: CreateEncryptCipherMode, Type: bdrv.OptString, Help: "Name of encryption cipher mode"},
+	{Name: CreateEncryptIVGenAlg, Type: bdrv.OptString, Help: "Name of IV generator algorithm"},
+	{Name: CreateEncryptIVGenHashAlg, Type: bdrv.OptString, Help: "Name of IV generator hash algorithm"},
+	{Name: CreateEncryptHashAlg, Type: bdrv.OptString, Help: "Name of encryption hash algorithm"},
+	{Name: CreateEncryptIterTime, Type: bdrv.OptNumber, Help: "Time to spend in PBKDF in milliseconds"},
+}
+
+// encryptParams are validated encryption create options.
+type encryptParams struct {
+	method uint32 // CryptAES or CryptLUKS
+	secret string
+	luks   luks.CreateOptions
+}
+
+// parseEncryptOptions validates the encryption options of a create request
+// with qemu-img 7.2's rules and wording; nil means unencrypted. The legacy
+// encryption=on means encrypt.format=aes, as in qemu-img 7.2.
+func parseEncryptOptions(o bdrv.Options) (*encryptParams, error) {
+	format, hasFormat := o[CreateEncryptFormat]
+	if o.Has(CreateEncryption) {
+		if hasFormat {
+			return nil, errors.New("'encrypt.format' and its alias 'encryption' can't be used at the same time")
+		}
+		if !o.Bool(CreateEncryption, false) {
+			return nil, nil
+		}
+		format, hasFormat = "aes", true
+	}
+	if !hasFormat {
+		for _, s := range encryptOptionSpecs {
+			if o.Has(s.Name) {
+				return nil, fmt.Errorf("Parameter '%s' is missing", CreateEncryptFormat)
+			}
+		}
+		return nil, nil
+	}
+	e := &encryptParams{}
+	switch format {
+	case "aes":
+		e.method = CryptAES
+		for _, s := range encryptOptionSpecs[1:] {
+			if o.Has(s.Name) {
+				return nil, fmt.Errorf("Parameter '%s' is unexpected", s.Name)
+			}
+		}
+	case "luks":
+		e.method = CryptLUKS
+		e.luks = luks.CreateOptions{
+			CipherAlg:    o.String(CreateEncryptCipherAlg, ""),
+			CipherMode:   o.String(CreateEncryptCipherMode, ""),
+			IVGenAlg:     o.String(CreateEncryptIVGenAlg, ""),
+			IVGenHashAlg: o.String(CreateEncryptIVGenHashAlg, ""),
+			HashAlg:      o.String(CreateEncryptHashAlg, ""),
+		}
+		if v, ok := o[CreateEncryptIterTime]; ok {
+			ms, err := strconv.ParseUint(v, 10, 32)
+			if err != nil {
+				return nil, fmt.Errorf("Parameter '%s' expects a number", CreateEncryptIterTime)
+			}
+			// 0 means the fewest iterations (QEMU's floor), not the
+			// default that a zero Duration stands for.
+			e.luks.IterTime = max(time.Duration(ms)*time.Millisecond, time.Nanosecond)
+		}
+	default:
+		return nil, fmt.Errorf("Parameter 'format' does not accept value '%s'", format)
+	}
+	id, ok := o[CreateEncryptKeySecret]
+	if !ok {
+		return nil, fmt.Errorf("Parameter '%s' is required for cipher", CreateEncryptKeySecret)
+	}
+	e.secret = id
+	return e, nil
+}
+
+// setUpEncryptionLocked makes a new, still empty image encrypted (QEMU's
+// qcow2_set_up_encryption): for LUKS, a header area with the header and the
+// key material is allocated after the existing clusters and written, its
+// refcounts flushed, then the header names it; legacy AES only sets
+// crypt_method. Called with meta held.
+func (img *Image) setUpEncryptionLocked(co *coroutine.Co, e *encryptParams) error {
+	pass, err := bdrv.LookupSecret(e.secret)
+	if err != nil {
+		return err
+	}
+	defer clear(pass)
+	h := *img.hdr
+	h.CryptMethod = e.method
+	if e.method == CryptLUKS {
+		v, area, err := luks.Create(pass, e.luks)
+		if err != nil {
+			return err
+		}
+		defer clear(area)
+		cs := img.cs
+		n := (uint64(len(area)) + cs - 1) / cs
+		off, err := img.allocClustersLocked(co, n)
+		if err != nil {
+			return fmt.Errorf("Could not allocate the encryption header: %w", err)
+		}
+		buf := bdrv.AlignedBuffer(int(n*cs), 4096)
+		copy(buf, area)
+		if err := img.file.Pwritev(co, int64(off), bdrv.IOVec{buf}, 0); err != nil {
+			return fmt.Errorf("Could not write the encryption header: %w", err)
+		}
+		if err := img.rcCache.flushLocked(co); err != nil {
+			return err
+		}
+		h.Crypto = &CryptoHeaderExt{Offset: off, Length: uint64(len(area))}
+		img.crypt = cryptState{cipher: v.Cipher, physical: true, luks: v.Header}
+	} else {
+		img.crypt = cryptState{cipher: luks.NewQCowCipher(pass)}
+	}
+	if err := img.rewriteHeaderLocked(co, &h); err != nil {
+		return fmt.Errorf("Could not update qcow2 header: %w", err)
+	}
+	return nil
+}
+
+// EncryptionHeaderSize validates the encryption options of a create request
+// and returns the bytes its encryption header area takes (0 unencrypted or
+// legacy AES), for qemu-img measure.
+func EncryptionHeaderSize(o bdrv.Options) (int64, error) {
+	e, err := parseEncryptOptions(o)
+	if err != nil || e == nil || e.method != CryptLUKS {
+		return 0, err
+	}
+	return luks.AreaSize(e.luks)
 }

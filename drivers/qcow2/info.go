@@ -40,8 +40,62 @@ type SpecificInfo struct {
 	LazyRefcounts   *bool        `json:"lazy-refcounts"`
 	Corrupt         *bool        `json:"corrupt"`
 	RefcountBits    int64        `json:"refcount-bits"`
+	Encrypt         *EncryptInfo `json:"encrypt"`
 	Bitmaps         []BitmapInfo `json:"bitmaps,omitempty"`
 	CompressionType string       `json:"compression-type"`
+}
+
+// EncryptInfo is the "encrypt" member of an encrypted image's information
+// (QAPI QCryptoBlockInfo): the format, and for LUKS the header's cipher
+// and key slots. Offsets are in bytes.
+type EncryptInfo struct {
+	Format         string     `json:"format"`
+	CipherAlg      string     `json:"cipher-alg,omitempty"`
+	CipherMode     string     `json:"cipher-mode,omitempty"`
+	IVGenAlg       string     `json:"ivgen-alg,omitempty"`
+	IVGenHashAlg   string     `json:"ivgen-hash-alg,omitempty"`
+	HashAlg        string     `json:"hash-alg,omitempty"`
+	PayloadOffset  *int64     `json:"payload-offset"`
+	MasterKeyIters *int64     `json:"master-key-iters"`
+	UUID           string     `json:"uuid,omitempty"`
+	Slots          []SlotInfo `json:"slots,omitempty"`
+}
+
+// SlotInfo is one LUKS key slot (QAPI QCryptoBlockInfoLUKSSlot); iters
+// and stripes are given for active slots only.
+type SlotInfo struct {
+	Active    bool   `json:"active"`
+	Iters     *int64 `json:"iters"`
+	Stripes   *int64 `json:"stripes"`
+	KeyOffset int64  `json:"key-offset"`
+}
+
+// encryptInfo describes the image's encryption, nil if it has none.
+func (img *Image) encryptInfo() *EncryptInfo {
+	switch img.hdr.CryptMethod {
+	case CryptAES:
+		return &EncryptInfo{Format: "aes"}
+	case CryptLUKS:
+	default:
+		return nil
+	}
+	h := img.crypt.luks
+	num := func(v int64) *int64 { return &v }
+	s := h.Suite()
+	e := &EncryptInfo{
+		Format: "luks", CipherAlg: s.CipherAlg, CipherMode: s.CipherMode, IVGenAlg: s.IVGenAlg,
+		IVGenHashAlg: s.IVGenHash, HashAlg: s.HashAlg, UUID: h.UUID,
+		PayloadOffset:  num(h.AreaSize()),
+		MasterKeyIters: num(int64(h.MKDigestIter)),
+	}
+	for _, k := range h.Slots {
+		si := SlotInfo{Active: k.Active, KeyOffset: int64(k.KeyOffset) * 512}
+		if k.Active {
+			si.Iters, si.Stripes = num(int64(k.Iterations)), num(int64(k.Stripes))
+		}
+		e.Slots = append(e.Slots, si)
+	}
+	return e
 }
 
 // BitmapInfo describes one persistent bitmap (QAPI Qcow2BitmapInfo). Flags
@@ -63,6 +117,7 @@ func (img *Image) FormatSpecific(co *coroutine.Co) (any, error) {
 	if h.CompressionType == CompressionZstd {
 		info.CompressionType = "zstd"
 	}
+	info.Encrypt = img.encryptInfo()
 	if h.Version < 3 {
 		return info, nil
 	}

@@ -90,9 +90,20 @@ func Check(co *coroutine.Co, opts CheckOptions, stdout, stderr io.Writer) (int, 
 		stderr = io.Discard
 	}
 	fail := func(err error) (int, error) { return CheckFailed, &CheckError{CheckFailed, err} }
+	// An --image-opts name: check the file it names, opened with its
+	// options (the key of an encrypted image).
+	// Opens go through the name as given (marked); the file itself is
+	// named.filename; messages and JSON say display, as qemu-img does.
+	named := openSpec{filename: opts.Filename, format: opts.Format}
+	display, err := resolveImageOpts(&named)
+	if err != nil {
+		return fail(openError(display, err))
+	}
+	marked := opts.Filename
+	opts.Filename, opts.Format = named.filename, named.format
 	if opts.Format != "" {
 		if _, err := bdrv.LookupFormat(opts.Format); err != nil {
-			return fail(openError(opts.Filename, errors.New("Unknown driver '"+opts.Format+"'")))
+			return fail(openError(display, errors.New("Unknown driver '"+opts.Format+"'")))
 		}
 	}
 	var fopts bdrv.Options
@@ -104,11 +115,12 @@ func Check(co *coroutine.Co, opts CheckOptions, stdout, stderr io.Writer) (int, 
 	// chain. A qcow2 image is opened read-only even for a repair: a
 	// read-write open would repair a dirty image before the check sees it.
 	format := opts.Format
-	n, err := openImage(co, openSpec{filename: opts.Filename, format: format, cache: opts.Cache,
+	n, err := openImage(co, openSpec{filename: marked, format: format, cache: opts.Cache,
 		readOnly: true, noBacking: true, options: fopts})
 	if err != nil {
 		var oe *OpenError
-		if !errors.As(err, &oe) || (format != "" && format != "qcow2") {
+		var ke *qcow2.KeyError
+		if !errors.As(err, &oe) || (format != "" && format != "qcow2") || errors.As(err, &ke) {
 			return fail(err)
 		}
 		// The driver may refuse images that its checker handles;
@@ -126,7 +138,7 @@ func Check(co *coroutine.Co, opts CheckOptions, stdout, stderr io.Writer) (int, 
 			b, err := openImage(co, openSpec{filename: bdrv.ResolveBacking(opts.Filename, backing),
 				format: backingFormat, cache: opts.Cache, readOnly: true, options: fopts})
 			if err != nil {
-				return fail(openError(opts.Filename, fmt.Errorf("Could not open backing file: %s", err.Error())))
+				return fail(openError(display, fmt.Errorf("Could not open backing file: %s", err.Error())))
 			}
 			b.Close(co)
 		}
@@ -134,7 +146,7 @@ func Check(co *coroutine.Co, opts CheckOptions, stdout, stderr io.Writer) (int, 
 	if format != "qcow2" {
 		if opts.Repair != RepairNone {
 			// qemu-img opens the image read-write to repair it.
-			n, err := openImage(co, openSpec{filename: opts.Filename, format: format, cache: opts.Cache,
+			n, err := openImage(co, openSpec{filename: marked, format: format, cache: opts.Cache,
 				noBacking: true, options: fopts})
 			if err != nil {
 				return fail(err)
@@ -147,7 +159,7 @@ func Check(co *coroutine.Co, opts CheckOptions, stdout, stderr io.Writer) (int, 
 	file, err := bdrv.Open(co, bdrv.Spec{Filename: opts.Filename, Format: "file", Options: fopts,
 		Cache: opts.Cache, ReadOnly: opts.Repair == RepairNone})
 	if err != nil {
-		return fail(openError(opts.Filename, err))
+		return fail(openError(display, err))
 	}
 	defer file.Close(co)
 	fix := qcow2.FixMode(0)
@@ -166,7 +178,7 @@ func Check(co *coroutine.Co, opts CheckOptions, stdout, stderr io.Writer) (int, 
 		if errors.As(err, &cf) {
 			return fail(err)
 		}
-		return fail(openError(opts.Filename, err))
+		return fail(openError(display, err))
 	}
 	lines := func(ls []string) {
 		for _, l := range ls {
@@ -184,7 +196,7 @@ func Check(co *coroutine.Co, opts CheckOptions, stdout, stderr io.Writer) (int, 
 		return fail(err)
 	}
 	if opts.JSON {
-		io.WriteString(stdout, r.JSON(opts.Filename))
+		io.WriteString(stdout, r.JSON(display))
 	} else {
 		io.WriteString(stdout, r.Summary())
 	}

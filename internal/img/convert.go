@@ -153,6 +153,9 @@ func Convert(co *coroutine.Co, opts ConvertOptions) (err error) {
 	if opts.NoCreate && len(opts.Options) > 0 {
 		return errors.New("-o has no effect when skipping image creation")
 	}
+	if opts.Compress && (opts.Options.Has("encrypt.format") || opts.Options.Bool("encryption", false)) {
+		return errors.New("Compression and encryption not supported at the same time")
+	}
 	if opts.TargetFormat == "" {
 		opts.TargetFormat = "raw"
 	}
@@ -198,7 +201,8 @@ func Convert(co *coroutine.Co, opts ConvertOptions) (err error) {
 		}
 	}()
 
-	target, err := openImage(co, openSpec{filename: opts.Target, format: opts.TargetFormat, cache: opts.TargetCache, noBacking: true})
+	target, err := openImage(co, openSpec{filename: opts.Target, format: opts.TargetFormat, cache: opts.TargetCache, noBacking: true,
+		options: keySecretOption(opts.Options)})
 	if err != nil {
 		return err
 	}

@@ -85,7 +85,7 @@ func Info(co *coroutine.Co, opts InfoOptions) ([]*ImageInfo, error) {
 			return nil, fmt.Errorf("Backing file '%s' creates an infinite loop.", filename)
 		}
 		seen[filename] = true
-		s := openSpec{filename: filename, format: format, readOnly: true, noBacking: true}
+		s := openSpec{filename: filename, format: format, readOnly: true, noBacking: true, noIO: true}
 		if opts.ForceShare {
 			s.options = bdrv.Options{"force-share": "on"}
 		}

@@ -136,9 +136,12 @@ func measureQcow2(co *coroutine.Co, o bdrv.Options, in *bdrv.Node) (*MeasureInfo
 		}
 	}
 	hasBacking := o.Has(qcow2.CreateBackingFile)
-	if o.String(qcow2.CreateEncryptFormat, "") == "luks" {
-		return nil, errors.New("Encrypted images are not supported by ublkimg")
+	// A LUKS header area takes whole clusters after the metadata.
+	cryptArea, err := qcow2.EncryptionHeaderSize(o)
+	if err != nil {
+		return nil, err
 	}
+	cryptClusters := alignUpU(uint64(cryptArea), cs)
 
 	vsize, err := o.Size(optSize, 0)
 	if err != nil {
@@ -185,6 +188,7 @@ func measureQcow2(co *coroutine.Co, o bdrv.Options, in *bdrv.Node) (*MeasureInfo
 		required = virtual
 	}
 	full := qcow2PreallocSize(virtual, cs, uint32(bits.TrailingZeros64(rb)), extL2)
+	full += cryptClusters
 	info := &MeasureInfo{FullyAllocated: int64(full), Required: int64(full - virtual + required)}
 	if img, ok := qcow2Image(in); version >= 3 && ok && img.Header().Version >= 3 {
 		b, err := qcow2BitmapsSize(co, img, uint64(in.Length()), cs)

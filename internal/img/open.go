@@ -21,15 +21,21 @@ type openSpec struct {
 	// noBacking leaves the backing chain closed: info walks it itself, and
 	// nothing else needs it for metadata-only work.
 	noBacking bool
-	options   bdrv.Options
+	// noIO opens for metadata only: an encrypted image needs no key.
+	noIO    bool
+	options bdrv.Options
 }
 
 // openImage opens an image and words failures as qemu-img's img_open does:
 // "Could not open 'x': <reason>".
 func openImage(co *coroutine.Co, s openSpec) (*bdrv.Node, error) {
+	display, err := resolveImageOpts(&s)
+	if err != nil {
+		return nil, openError(display, err)
+	}
 	if s.format != "" {
 		if _, err := bdrv.LookupFormat(s.format); err != nil {
-			return nil, openError(s.filename, errors.New("Unknown driver '"+s.format+"'"))
+			return nil, openError(display, errors.New("Unknown driver '"+s.format+"'"))
 		}
 	}
 	n, err := bdrv.Open(co, bdrv.Spec{
@@ -39,12 +45,26 @@ func openImage(co *coroutine.Co, s openSpec) (*bdrv.Node, error) {
 		Cache:     s.cache,
 		ReadOnly:  s.readOnly,
 		NoBacking: s.noBacking,
+		NoIO:      s.noIO,
 	})
 	if err != nil {
-		return nil, openError(s.filename, err)
+		if display != s.filename {
+			err = &renamedError{err, "could not open '" + s.filename + "': "}
+		}
+		return nil, openError(display, err)
 	}
 	return n, nil
 }
+
+// renamedError drops the layers' "could not open 'file': " prefix from an
+// error whose image is named by its --image-opts string instead.
+type renamedError struct {
+	err    error
+	prefix string
+}
+
+func (e *renamedError) Error() string { return strings.TrimPrefix(e.err.Error(), e.prefix) }
+func (e *renamedError) Unwrap() error { return e.err }
 
 // OpenError is a failure to open an image. Its message is qemu-img's
 // "Could not open 'name': reason"; Unwrap gives the cause (an errno where

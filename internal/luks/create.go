@@ -98,12 +98,11 @@ func Create(passphrase []byte, o CreateOptions) (*Volume, []byte, error) {
 	d := pbkdf2.Key(mk, h.MKDigestSalt[:], int(h.MKDigestIter), DigestSize, s.newHash)
 	copy(h.MKDigest[:], d)
 
-	splitSectors := roundUp(roundUp(h.SplitKeySize(), SectorSize)/SectorSize, keySlotAlign/SectorSize)
-	first := int64(keySlotAlign / SectorSize)
+	first, splitSectors, payload := layout(keyBytes)
 	for i := range h.Slots {
 		h.Slots[i] = KeySlot{KeyOffset: uint32(first + int64(i)*splitSectors), Stripes: Stripes}
 	}
-	h.PayloadOffset = uint32(first + NumKeySlots*splitSectors)
+	h.PayloadOffset = uint32(payload)
 
 	area := make([]byte, h.AreaSize())
 	copy(area, h.Marshal())
@@ -116,6 +115,27 @@ func Create(passphrase []byte, o CreateOptions) (*Volume, []byte, error) {
 		return nil, nil, err
 	}
 	return &Volume{Header: h, Cipher: c}, area, nil
+}
+
+// layout places the header area of a master key of keyBytes bytes as QEMU
+// does, in sectors: the first key slot after the 4096-byte header, each
+// slot's material rounded up to 4096 bytes, the payload after the last.
+func layout(keyBytes int) (first, slotSectors, payload int64) {
+	split := roundUp(int64(keyBytes)*Stripes, SectorSize) / SectorSize
+	first = keySlotAlign / SectorSize
+	slotSectors = roundUp(split, keySlotAlign/SectorSize)
+	return first, slotSectors, first + NumKeySlots*slotSectors
+}
+
+// AreaSize returns the size in bytes of the header area Create makes with
+// options o (what qemu-img measure adds for encrypt.format=luks).
+func AreaSize(o CreateOptions) (int64, error) {
+	_, keyBytes, err := o.suite()
+	if err != nil {
+		return 0, err
+	}
+	_, _, payload := layout(keyBytes)
+	return payload * SectorSize, nil
 }
 
 // setSlot activates slot i for passphrase: fresh salt, iteration count for

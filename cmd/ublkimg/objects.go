@@ -1,0 +1,83 @@
+package main
+
+import (
+	"slices"
+	"strings"
+
+	"github.com/urfave/cli/v2"
+
+	"ublkimg/bdrv"
+	"ublkimg/internal/img"
+)
+
+// --object and --image-opts, as qemu-img takes them: secret objects hold
+// passphrases (encrypt.key-secret=ID names one), and --image-opts names an
+// image by its open options ("driver=qcow2,file.filename=X,
+// encrypt.key-secret=ID") instead of a file name.
+
+// objectVerbs are the verbs that accept --object (every qemu-img verb that
+// opens or creates an image, and attach).
+var objectVerbs = []string{"amend", "attach", "bench", "check", "commit", "compare", "convert", "create",
+	"dd", "info", "map", "measure", "rebase", "resize", "snapshot"}
+
+// imageOptsVerbs are the verbs whose image operands may be --image-opts
+// strings.
+var imageOptsVerbs = []string{"attach", "bench", "check", "compare", "convert", "dd", "map"}
+
+// addObjectFlags gives c the --object flag (and --image-opts where it
+// applies). The secrets exist while c runs, and are forgotten and zeroed
+// when it returns.
+func addObjectFlags(c *cli.Command) {
+	if slices.Contains(objectVerbs, c.Name) {
+		c.Flags = append(c.Flags, &cli.StringSliceFlag{Name: "object",
+			Usage: "`OBJECTDEF` secret,id=ID,data=STRING|file=PATH[,format=raw|base64]: a passphrase for encrypt.key-secret=ID; repeatable"})
+		action := c.Action
+		c.Action = func(ctx *cli.Context) error {
+			for _, o := range ctx.StringSlice("object") {
+				id, err := bdrv.AddSecretObject(o)
+				if err != nil {
+					return err
+				}
+				defer bdrv.RemoveSecret(id)
+			}
+			return action(ctx)
+		}
+	}
+	if slices.Contains(imageOptsVerbs, c.Name) {
+		c.Flags = append(c.Flags, &cli.BoolFlag{Name: "image-opts",
+			Usage: "image operands are option strings: driver=FMT,file.filename=FILE[,encrypt.key-secret=ID,...]"})
+	}
+	if c.Name == "convert" {
+		c.Flags = append(c.Flags, &cli.BoolFlag{Name: "target-image-opts",
+			Usage: "the target operand is an option string (with -n)"})
+	}
+}
+
+// markImageOpts rewrites the image operands of a normalized argument list
+// (options, "--", operands) when --image-opts or --target-image-opts is
+// among the options, so that the operations open them by their options.
+func markImageOpts(verb string, args []string) []string {
+	sep := slices.Index(args, "--")
+	if sep < 0 {
+		return args
+	}
+	opts, ops := args[:sep], slices.Clone(args[sep+1:])
+	imageOpts := slices.Contains(opts, "--image-opts")
+	targetOpts := verb == "convert" && slices.Contains(opts, "--target-image-opts")
+	for i, a := range ops {
+		last := i == len(ops)-1
+		switch {
+		case verb == "dd":
+			if v, ok := strings.CutPrefix(a, "if="); ok && imageOpts {
+				ops[i] = "if=" + img.ImageOptsName(v)
+			}
+		case verb == "convert" && last:
+			if targetOpts {
+				ops[i] = img.ImageOptsName(a)
+			}
+		case imageOpts:
+			ops[i] = img.ImageOptsName(a)
+		}
+	}
+	return append(append(slices.Clone(opts), "--"), ops...)
+}
