@@ -439,3 +439,36 @@ func BenchmarkNopDepth32(b *testing.B) {
 		return nil
 	})
 }
+
+// TestAdaptivePolling checks QEMU's poll-time rule: sleeps that end within
+// PollMax grow the poll time, a sleep longer than PollMax turns polling off,
+// and events caught while polling complete as usual.
+func TestAdaptivePolling(t *testing.T) {
+	const pollMax = 200 * time.Millisecond
+	l, err := Start(Config{PollMax: pollMax})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	pollNow := func() (d time.Duration) {
+		l.Call(func(co *Co) error { d = l.pollNow; return nil })
+		return d
+	}
+	// Short sleeps, well within PollMax: the poll time doubles from
+	// pollGrowStart on every sleep that outlasts it.
+	l.Call(func(co *Co) error {
+		for range 8 {
+			co.Sleep(time.Millisecond)
+		}
+		return nil
+	})
+	if got := pollNow(); got < 16*pollGrowStart || got > pollMax {
+		t.Fatalf("after short sleeps the poll time is %v, want between %v and %v", got, 16*pollGrowStart, pollMax)
+	}
+	// Idle for longer than PollMax: polling stops. The Call above
+	// returned, so the loop sleeps (after polling) until this Call wakes it.
+	time.Sleep(3 * pollMax)
+	if got := pollNow(); got != 0 {
+		t.Fatalf("after an idle spell the poll time is %v, want 0", got)
+	}
+}

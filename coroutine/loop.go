@@ -6,6 +6,7 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -22,6 +23,15 @@ type Config struct {
 	// is created; an error aborts Start. ublk queues use it for
 	// prctl(PR_SET_IO_FLUSHER) and CPU placement.
 	OnThread func() error
+	// PollMax enables adaptive polling, as QEMU's IOThread poll-max-ns:
+	// when the loop runs out of work it checks the ring for completions
+	// for up to the current poll time before it sleeps in the kernel. The
+	// poll time grows (doubling, up to PollMax) while the events that end
+	// a sleep come sooner than PollMax, and drops to zero after a sleep
+	// longer than that, so an idle loop does not spin. Polling trades CPU
+	// time for latency: an event caught by polling costs no wake-up of
+	// the thread. 0 disables it.
+	PollMax time.Duration
 }
 
 // userData layout: kind in the top byte; the rest depends on the kind.
@@ -70,6 +80,9 @@ type Loop struct {
 	}
 	stopping atomic.Bool
 	done     chan struct{}
+
+	pollMax time.Duration // Config.PollMax
+	pollNow time.Duration // current poll time, 0 to pollMax
 }
 
 var registry struct {
@@ -81,7 +94,7 @@ var registry struct {
 // Start creates a loop on a new locked OS thread and returns once its ring is
 // set up. The loop runs until [Loop.Close].
 func Start(cfg Config) (*Loop, error) {
-	l := &Loop{done: make(chan struct{}), efd: -1, efdBuf: make([]byte, 8)}
+	l := &Loop{done: make(chan struct{}), efd: -1, efdBuf: make([]byte, 8), pollMax: cfg.PollMax}
 	errc := make(chan error, 1)
 	go l.main(cfg, errc)
 	if err := <-errc; err != nil {
@@ -154,14 +167,57 @@ func (l *Loop) run() {
 			l.drainInbox() // work posted just before Close
 			continue
 		}
-		var wait uint32 = 1
 		if len(l.ready) > 0 {
-			wait = 0
+			l.enter(0)
+			continue
 		}
-		if _, err := l.ring.SubmitAndWait(wait); err != nil && !transient(err) {
-			panic(fmt.Sprintf("coroutine: io_uring_enter: %v", err))
+		if l.pollMax == 0 {
+			l.enter(1)
+			continue
 		}
-		l.reap()
+		l.pollOrSleep()
+	}
+}
+
+// enter submits the queued SQEs, waits for wait completions and dispatches
+// every completion that arrived.
+func (l *Loop) enter(wait uint32) {
+	if _, err := l.ring.SubmitAndWait(wait); err != nil && !transient(err) {
+		panic(fmt.Sprintf("coroutine: io_uring_enter: %v", err))
+	}
+	l.reap()
+}
+
+// pollGrowStart is the first poll time after polling was off, as QEMU's
+// default when poll-grow starts from zero.
+const pollGrowStart = 4 * time.Microsecond
+
+// pollOrSleep waits for the loop's next event when it has nothing to run:
+// first by polling the ring (each io_uring_enter without waiting also runs
+// the kernel's deferred completion work) for the current poll time, then
+// by sleeping in the kernel. It adapts the poll time to how long the sleep
+// lasted, as QEMU's aio_poll does.
+func (l *Loop) pollOrSleep() {
+	if l.pollNow > 0 {
+		deadline := time.Now().Add(l.pollNow)
+		for {
+			l.enter(0)
+			if len(l.ready) > 0 {
+				return
+			}
+			if !time.Now().Before(deadline) {
+				break
+			}
+		}
+	}
+	start := time.Now()
+	l.enter(1)
+	slept := time.Since(start)
+	switch {
+	case slept > l.pollMax:
+		l.pollNow = 0
+	case slept > l.pollNow:
+		l.pollNow = min(max(2*l.pollNow, pollGrowStart), l.pollMax)
 	}
 }
 

@@ -3,6 +3,7 @@ package ublk
 import (
 	"fmt"
 	"runtime"
+	"time"
 
 	"ublkimg/ublk/internal/uapi"
 )
@@ -103,6 +104,13 @@ type Config struct {
 	// package doc). Start fails with an error matching ErrNotSupported
 	// when the kernel lacks it.
 	UserCopy bool
+	// PollMax lets each queue thread poll its ring for up to this long
+	// before it sleeps (adaptive, as QEMU's IOThread poll-max-ns: see
+	// coroutine.Config.PollMax). Polling saves the wake-ups of the queue
+	// thread (one when a request arrives, one when its image I/O
+	// completes) at the cost of CPU time while the device is busy; an
+	// idle device does not poll. 0, the default, never polls.
+	PollMax time.Duration
 	// Recovery lets the device outlive its server: when the server dies
 	// (killed, crashed), the kernel keeps /dev/ublkbN and holds new
 	// requests (state QUIESCED) until [Recover] attaches a new server. It

@@ -93,6 +93,7 @@ func newQueue(d *Device, id uint16) (*queue, error) {
 		// Room for every tag's ublk command plus image I/O.
 		Entries:  uint32(min(max(2*depth, 64), 4096)),
 		OnThread: ioFlusher,
+		PollMax:  d.cfg.PollMax,
 	})
 	if err != nil {
 		q.unmap()

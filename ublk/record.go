@@ -34,6 +34,8 @@ type Record struct {
 	Cache     string `json:"cache"`
 	Discard   string `json:"discard"`
 	UserCopy  bool   `json:"user-copy,omitempty"`
+	// PollMax is the queue threads' maximum poll time (Config.PollMax).
+	PollMax time.Duration `json:"poll-max-ns,omitempty"`
 	// Recovery is set for a device attached with recovery: when its
 	// server dies, `ublkimg recover` serves it again from this record.
 	Recovery bool `json:"recovery,omitempty"`

@@ -98,6 +98,7 @@ for PASS in $(seq "$PASSES"); do
 				usercopy) extra="$extra --user-copy" ;;
 				wb) extra="$extra -t writeback" ;;
 				gmp*) env="$env GOMAXPROCS=${opt#gmp}" ;;
+				poll*) extra="$extra --poll-max ${opt#poll}us" ;;
 				esac
 			done
 			step "$dev: $env ublkimg attach -f $fmt $extra $img"

@@ -52,6 +52,7 @@ func attachCommand() *cli.Command {
 			&cli.IntFlag{Name: "id", Value: -1, Usage: "device number N of /dev/ublkbN (-1: the first free)"},
 			&cli.IntFlag{Name: "block-size", Value: ublk.DefaultBlockSize, Usage: "logical block size: 512 or 4096"},
 			&cli.BoolFlag{Name: "user-copy", Usage: "move data with UBLK_F_USER_COPY instead of per-tag buffers"},
+			&cli.DurationFlag{Name: "poll-max", Usage: "let queue threads poll for up to `DURATION` (e.g. 50us) before sleeping: lower latency, more CPU while busy (default 0: never poll)"},
 			&cli.BoolFlag{Name: "recovery", Usage: "keep the device when the server dies (I/O waits) so that `ublkimg recover` can serve it again"},
 			&cli.BoolFlag{Name: "foreground", Usage: "serve in this process until SIGTERM or SIGINT"},
 		},
@@ -106,7 +107,11 @@ func parseAttach(c *cli.Context) (*attachOptions, error) {
 		ReadOnly:  c.Bool("read-only"),
 		Discard:   discard,
 		UserCopy:  c.Bool("user-copy"),
+		PollMax:   c.Duration("poll-max"),
 		Recovery:  c.Bool("recovery"),
+	}
+	if o.cfg.PollMax < 0 || o.cfg.PollMax > time.Second {
+		return nil, fmt.Errorf("invalid poll time %v (0 to 1s)", o.cfg.PollMax)
 	}
 	if o.cfg.Queues < 0 || (c.IsSet("queues") && o.cfg.Queues == 0) {
 		return nil, fmt.Errorf("invalid queue count %d", o.cfg.Queues)
@@ -282,7 +287,7 @@ func serveImage(o *attachOptions) (err error) {
 		ID: dev.ID(), Device: dev.Path(), Image: abs, Format: node.Format.Name,
 		Queues: dev.Info().Queues, Depth: dev.Info().Depth, BlockSize: cfg.BlockSize,
 		ReadOnly: cfg.ReadOnly, Cache: cache.String(), Discard: cfg.Discard.String(),
-		UserCopy: cfg.UserCopy, Recovery: dev.Info().Flags.Has(ublk.FeatureUserRecovery),
+		UserCopy: cfg.UserCopy, PollMax: cfg.PollMax, Recovery: dev.Info().Flags.Has(ublk.FeatureUserRecovery),
 		Started: time.Now().UTC().Truncate(time.Second),
 	}
 	if err := ublk.WriteRecord(rec); err != nil {

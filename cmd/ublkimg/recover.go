@@ -83,7 +83,7 @@ func recoverOptions(id int, image string) (*attachOptions, error) {
 		image: rec.Image, format: rec.Format, cache: cache, cacheSet: true, recover: true,
 		cfg: ublk.Config{
 			ID: id, Queues: rec.Queues, Depth: rec.Depth, BlockSize: rec.BlockSize,
-			ReadOnly: rec.ReadOnly, Discard: discard, UserCopy: rec.UserCopy, Recovery: true,
+			ReadOnly: rec.ReadOnly, Discard: discard, UserCopy: rec.UserCopy, PollMax: rec.PollMax, Recovery: true,
 		},
 	}, nil
 }
