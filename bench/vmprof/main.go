@@ -1,0 +1,89 @@
+// Command vmprof profiles the whole test VM (internal/vm) with perf while
+// fio runs against one device, to see where a request's time goes: the
+// ublkimg server, the kernel's ublk and io_uring paths, fio, virtio.
+//
+//	go run ./bench/vmprof [-device ublk-raw|loop] [-rw randread] [-depth 16] [-attach-args "--poll-max 100us"]
+//
+// It prints perf's flat profile (by command, object and symbol) of the
+// guest, sampled with the cpu-clock software event (TCG has no PMU).
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"time"
+
+	"ublkimg/internal/vm"
+)
+
+const script = `
+set -u
+mkdir -p /data /var/lock
+mke2fs -q -F -t ext4 /dev/vda && mount /dev/vda /data || result storage FAIL mkfs
+IMG=/data/bench.raw
+truncate -s 256M $IMG
+fio --name=fill --filename=$IMG --rw=write --bs=1M --size=256M --ioengine=psync >/dev/null 2>&1
+sync; echo 3 >/proc/sys/vm/drop_caches
+case $DEVICE in
+ublk-raw) path=$(ublkimg attach -f raw -t none $ATTACH_ARGS $IMG) ;;
+loop) path=$(losetup --direct-io=on -f --show $IMG) ;;
+esac
+echo "device $DEVICE at $path"
+perf record -a -e cpu-clock -F 2000 -o /tmp/perf.data -- fio --name=p --filename=$path --ioengine=io_uring --direct=1 \
+	--rw=$RW --bs=4k --iodepth=$DEPTH --size=256M --time_based --runtime=$RUNTIME --randrepeat=0 --norandommap \
+	--output-format=terse --terse-version=3 | awk -F';' '{print "fio iops", $8+$49}'
+perf report -i /tmp/perf.data --stdio --no-children --sort comm,dso,sym 2>/dev/null | grep -v '^#' | grep -v '^$' | head -70
+perf report -i /tmp/perf.data --stdio --no-children --sort comm 2>/dev/null | grep -v '^#' | grep -v '^$' | head -20
+result prof PASS
+`
+
+func main() {
+	device := flag.String("device", "ublk-raw", "ublk-raw or loop")
+	rw := flag.String("rw", "randread", "fio rw")
+	depth := flag.Int("depth", 16, "fio iodepth")
+	runtime := flag.Int("runtime", 5, "seconds")
+	attachArgs := flag.String("attach-args", "", "more ublkimg attach options, e.g. \"--poll-max 100us\"")
+	flag.Parse()
+	ctx := context.Background()
+	bin, err := vm.GoBinary(ctx, "ublkimg/cmd/ublkimg")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	files := []vm.File{bin, vm.HostFile("/etc/mke2fs.conf")}
+	for _, t := range []string{"fio", "losetup", "mke2fs", "perf"} {
+		f, err := vm.Tool(t)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		files = append(files, f)
+	}
+	disk, err := os.CreateTemp("", "vmprof-disk-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	defer os.Remove(disk.Name())
+	disk.Close()
+	if err := os.Truncate(disk.Name(), 1<<30); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	_, err = vm.Run(ctx, vm.RunOptions{
+		Script:   fmt.Sprintf("DEVICE=%s RW=%s DEPTH=%d RUNTIME=%d ATTACH_ARGS=%q\n%s", *device, *rw, *depth, *runtime, *attachArgs, script),
+		Files:    files,
+		Modules:  []string{"ublk_drv", "loop", "virtio_blk", "ext4"},
+		QemuArgs: []string{"-drive", "file=" + disk.Name() + ",format=raw,if=virtio,cache=unsafe,aio=threads"},
+		CPUs:     2,
+		Memory:   2048,
+		Timeout:  10 * time.Minute,
+		Console:  os.Stdout,
+	})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+}
