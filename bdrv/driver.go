@@ -208,4 +208,12 @@ type (
 	ZeroIniter interface {
 		HasZeroInit() bool
 	}
+	// WriteTracker is told the range of every write, write-zeroes and
+	// discard request the node was given, once it ended (successfully or
+	// not), as QEMU's bdrv_co_write_req_finish calls bdrv_set_dirty:
+	// drivers that keep dirty bitmaps mark it. It runs on the I/O path,
+	// possibly on several loops at once: it must not block or yield.
+	WriteTracker interface {
+		WriteDone(off, bytes int64)
+	}
 )

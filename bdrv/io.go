@@ -182,6 +182,9 @@ func (n *Node) write(co *coroutine.Co, off, bytes int64, iov IOVec, flags ReqFla
 		err = n.paddedWrite(co, off, bytes, iov, flags)
 	}
 	n.writeGen.Add(1)
+	if n.tracker != nil {
+		n.tracker.WriteDone(off, bytes)
+	}
 	if n.Format.Protocol && err == nil {
 		n.growLength(off + bytes)
 	}
@@ -339,6 +342,11 @@ func (n *Node) Pdiscard(co *coroutine.Co, off, bytes int64) error {
 	}
 	maxD = max(alignDown(maxD, align), align)
 	defer n.writeGen.Add(1)
+	if n.tracker != nil {
+		// The whole range, unaligned parts included, as QEMU's
+		// bdrv_co_pdiscard marks it.
+		defer n.tracker.WriteDone(off, bytes)
+	}
 	for start < end {
 		num := min(end-start, maxD)
 		if err := d.Pdiscard(co, start, num); err != nil && !errors.Is(err, ErrNotSupported) {

@@ -149,7 +149,9 @@ type Node struct {
 	limits Limits
 	// writeFlags are the flags drv.Pwritev handles itself.
 	writeFlags ReqFlags
-	length     atomic.Int64
+	// tracker is drv as a WriteTracker, or nil.
+	tracker WriteTracker
+	length  atomic.Int64
 
 	// Request tracking for read-modify-write serialisation (tracked.go).
 	tracked trackedList
@@ -221,6 +223,7 @@ func (n *Node) RefreshLimits() {
 	if w, ok := n.drv.(WriteFlagser); ok {
 		n.writeFlags = w.SupportedWriteFlags()
 	}
+	n.tracker, _ = n.drv.(WriteTracker)
 }
 
 // Spec says what to open: the image file, its format and options.

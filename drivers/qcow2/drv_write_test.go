@@ -6,7 +6,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 
 	"ublkimg/bdrv"
@@ -322,49 +321,26 @@ func TestConcurrentWrites(t *testing.T) {
 				t.Fatal(err)
 			}
 			nchunks := int64(len(model)) / chunk
-			var wg sync.WaitGroup
-			errs := make(chan error, loops*perLoop)
-			var lps []*coroutine.Loop
-			for l := 0; l < loops; l++ {
-				lp, err := coroutine.Start(coroutine.Config{})
-				if err != nil {
-					t.Fatal(err)
+			onLoops(t, loops, perLoop, func(co *coroutine.Co, worker int) error {
+				// Worker k writes chunks k, k+W, k+2W, ... in a
+				// shuffled order.
+				r := rand.New(rand.NewPCG(uint64(worker), 1))
+				var mine []int64
+				for c := int64(worker); c < nchunks; c += loops * perLoop {
+					mine = append(mine, c)
 				}
-				lps = append(lps, lp)
-				for w := 0; w < perLoop; w++ {
-					worker := l*perLoop + w
-					wg.Add(1)
-					lp.Spawn(func(co *coroutine.Co) {
-						defer wg.Done()
-						// Worker k writes chunks k, k+W, k+2W, ...
-						// in a shuffled order.
-						r := rand.New(rand.NewPCG(uint64(worker), 1))
-						var mine []int64
-						for c := int64(worker); c < nchunks; c += loops * perLoop {
-							mine = append(mine, c)
-						}
-						r.Shuffle(len(mine), func(i, j int) { mine[i], mine[j] = mine[j], mine[i] })
-						for _, c := range mine {
-							buf := make([]byte, chunk)
-							for i := range buf {
-								buf[i] = byte(c*7 + int64(i)%13)
-							}
-							if err := node.Pwritev(co, c*chunk, bdrv.IOVec{buf}, 0); err != nil {
-								errs <- err
-								return
-							}
-						}
-					})
+				r.Shuffle(len(mine), func(i, j int) { mine[i], mine[j] = mine[j], mine[i] })
+				for _, c := range mine {
+					buf := make([]byte, chunk)
+					for i := range buf {
+						buf[i] = byte(c*7 + int64(i)%13)
+					}
+					if err := node.Pwritev(co, c*chunk, bdrv.IOVec{buf}, 0); err != nil {
+						return err
+					}
 				}
-			}
-			wg.Wait()
-			for _, lp := range lps {
-				lp.Close()
-			}
-			close(errs)
-			for err := range errs {
-				t.Fatal(err)
-			}
+				return nil
+			})
 			if err := coroutine.Run(func(co *coroutine.Co) error { return node.Close(co) }); err != nil {
 				t.Fatal(err)
 			}

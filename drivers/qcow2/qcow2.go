@@ -50,6 +50,12 @@ const (
 	// OptPassDiscardOther discards clusters freed for other reasons (copy
 	// on write of shared clusters, L2 table copies); default off.
 	OptPassDiscardOther = "pass-discard-other"
+	// OptCrashSafeMetadata (not a QEMU option, hence the x- prefix) writes
+	// the metadata a request changed back to the image file before the
+	// request completes, so that a process that dies loses no completed
+	// write while the host kernel (its page cache) survives; default off.
+	// See syncMetadata.
+	OptCrashSafeMetadata = "x-crash-safe-metadata"
 )
 
 // probe recognises a qcow2 header (QEMU's qcow2_probe).
@@ -106,6 +112,8 @@ type Image struct {
 	cs       uint64 // cluster size
 	readOnly bool
 	lazy     bool // lazy refcounts in use
+	// crashSafe is OptCrashSafeMetadata; set at open.
+	crashSafe bool
 	// passDiscard says which freed clusters are discarded in the file.
 	passDiscard [discardOther + 1]bool
 	l2SliceSize uint64 // bytes of one L2 cache entry
@@ -129,6 +137,10 @@ type Image struct {
 
 	l2Cache *cache
 	rcCache *cache
+	// metaDirty is set (under meta) when a cache entry becomes dirty and
+	// cleared once both caches were written back; read without the lock
+	// so that a request that changed no metadata does not take it again.
+	metaDirty atomic.Bool
 
 	freeClusterIndex uint64
 	freeByteOffset   uint64 // next byte for compressed data, 0 = none
@@ -152,6 +164,9 @@ type Image struct {
 
 	// ccache holds recently decompressed clusters (its own lock).
 	ccache clusterCache
+
+	// bm holds the persistent dirty bitmaps (bitmap_rw.go).
+	bm bitmapState
 
 	// crypt is the encryption of guest data (crypt.go); set at open.
 	crypt cryptState
@@ -265,6 +280,7 @@ func (img *Image) openLocked(co *coroutine.Co, opts bdrv.Options, repaired bool)
 	img.passDiscard[discardRequest] = opts.Bool(OptPassDiscardRequest, true)
 	img.passDiscard[discardSnapshot] = true
 	img.passDiscard[discardOther] = opts.Bool(OptPassDiscardOther, false)
+	img.crashSafe = opts.Bool(OptCrashSafeMetadata, false) && !img.readOnly
 
 	// Active L1 table; ParseHeader bounded its size and checked that it
 	// lies inside the file.
@@ -315,16 +331,16 @@ func (img *Image) openLocked(co *coroutine.Co, opts bdrv.Options, repaired bool)
 
 	if !img.readOnly {
 		// An implementation must clear the autoclear bits of features it
-		// does not maintain before it writes. Bitmaps are not updated
-		// by this driver, so their bit goes too (QEMU then ignores
-		// the now stale bitmaps instead of trusting them).
-		keep := h.AutoclearFeatures & AutoclearDataFileRaw
+		// does not maintain before it writes.
+		keep := h.AutoclearFeatures & AutoclearKnown
 		if keep != h.AutoclearFeatures && h.Version >= 3 {
 			if err := img.writeHeaderU64(co, 88, keep); err != nil {
 				return fmt.Errorf("qcow2: clearing autoclear features: %w", err)
 			}
 			img.setFeaturesLocked(h.IncompatibleFeatures, keep)
-			h.Bitmaps = nil
+		}
+		if err := img.openBitmapsLocked(co); err != nil {
+			return err
 		}
 	}
 	return nil
@@ -582,10 +598,16 @@ func (img *Image) flushFilesLocked(co *coroutine.Co) error {
 // writeCachesLocked writes both caches back in dependency order (QEMU's
 // qcow2_write_caches). Called with meta held.
 func (img *Image) writeCachesLocked(co *coroutine.Co) error {
-	if err := img.l2Cache.writeLocked(co); err != nil {
-		return err
+	// Nothing can dirty an entry meanwhile: that takes meta.
+	img.metaDirty.Store(false)
+	err := img.l2Cache.writeLocked(co)
+	if err == nil {
+		err = img.rcCache.writeLocked(co)
 	}
-	return img.rcCache.writeLocked(co)
+	if err != nil {
+		img.metaDirty.Store(true)
+	}
+	return err
 }
 
 // Flush implements bdrv.Driver: write the metadata caches back (the
@@ -613,6 +635,7 @@ func (img *Image) Close(co *coroutine.Co) error {
 	var errs []error
 	if !img.readOnly && !img.corrupt.Load() {
 		img.meta.Lock(co)
+		errs = append(errs, img.storeBitmapsLocked(co))
 		err := img.writeCachesLocked(co)
 		if err == nil {
 			err = img.file.Flush(co)

@@ -19,8 +19,8 @@ import (
 // tables that mapped only them, and the unused tail of the file. exact is
 // ignored, as QEMU ignores it for qcow2. As in QEMU, a version 3 image
 // with internal snapshots can be resized (each snapshot keeps its own
-// size, which applying it restores), a version 2 image with snapshots or
-// any image with bitmaps cannot.
+// size, which applying it restores), a version 2 image with snapshots
+// cannot; persistent bitmaps follow the new size.
 func (img *Image) Truncate(co *coroutine.Co, size int64, exact bool, prealloc bdrv.Prealloc) error {
 	if err := img.checkIO(); err != nil {
 		return err
@@ -39,8 +39,8 @@ func (img *Image) truncateLocked(co *coroutine.Co, size int64, exact bool, preal
 	if len(img.snapshots) > 0 && img.hdr.Version < 3 {
 		return &refusal{"Can't resize a v2 image which has snapshots", unix.ENOTSUP}
 	}
-	if img.hdr.Bitmaps != nil {
-		return fmt.Errorf("Can't resize an image which has bitmaps: %w", unix.ENOTSUP)
+	if err := img.prepareBitmapResizeLocked(co); err != nil {
+		return err
 	}
 	cs := img.cs
 	old, nsize := uint64(img.node.Length()), uint64(size)
@@ -101,6 +101,7 @@ func (img *Image) truncateLocked(co *coroutine.Co, size int64, exact bool, preal
 	img.hdr.Size = nsize
 	img.hdrMu.Unlock()
 	img.node.SetLength(size)
+	img.resizeBitmapsLocked(nsize)
 	return nil
 }
 

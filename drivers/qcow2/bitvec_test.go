@@ -1,0 +1,82 @@
+package qcow2
+
+import "testing"
+
+// TestBitVec checks the bit vector against a plain []bool model: ranges
+// across words and chunks, the on-disk byte order, resizing and merging
+// between granularities.
+func TestBitVec(t *testing.T) {
+	const n = bitChunkBits + 200
+	model := make([]bool, n)
+	v := newBitVec(n)
+	set := func(first, last uint64) {
+		v.setRange(first, last)
+		for i := first; i <= min(last, n-1); i++ {
+			model[i] = true
+		}
+	}
+	for _, r := range [][2]uint64{{0, 0}, {3, 70}, {63, 64}, {128, 191}, {bitChunkBits - 5, bitChunkBits + 3}, {n - 2, n + 100}} {
+		set(r[0], r[1])
+	}
+	check := func(what string, v *bitVec, model []bool) {
+		t.Helper()
+		buf := make([]byte, (v.n+63)/64*8)
+		v.serialize(0, buf)
+		for i := range uint64(len(buf) * 8) {
+			got := buf[i/8]&(1<<(i%8)) != 0
+			if want := i < uint64(len(model)) && model[i]; got != want {
+				t.Fatalf("%s: bit %d is %v, want %v", what, i, got, want)
+			}
+		}
+	}
+	check("set", v, model)
+
+	// Round trip through the on-disk form, in two pieces.
+	buf := make([]byte, (n+63)/64*8)
+	v.serialize(0, buf[:4096])
+	v.serialize(4096, buf[4096:])
+	w := newBitVec(n)
+	w.deserialize(0, buf[:4096])
+	w.deserialize(4096, buf[4096:])
+	check("round trip", w, model)
+
+	check("shrunk", v.resized(100), model[:100])
+	grown := v.resized(2 * n)
+	check("grown", grown, append(append([]bool{}, model...), make([]bool, n)...))
+
+	// Merging a 4-bit-granule vector into a 1-bit one sets 4 bits per
+	// source bit, and back again one bit per touched group of 4.
+	fine := newBitVec(4 * 64)
+	coarse := newBitVec(64)
+	coarse.setRange(1, 1)
+	fine.mergeFrom(9, coarse, 11)
+	want := make([]bool, 4*64)
+	for i := 4; i < 8; i++ {
+		want[i] = true
+	}
+	check("merge fine", fine, want)
+	fine.setRange(17, 17)
+	coarse2 := newBitVec(64)
+	coarse2.mergeFrom(11, fine, 9)
+	check("merge coarse", coarse2, []bool{false, true, false, false, true})
+
+	if v.empty() {
+		t.Error("empty after sets")
+	}
+	v.reset()
+	if !v.empty() {
+		t.Error("not empty after reset")
+	}
+}
+
+// BenchmarkBitVecMark is the cost the write path pays per request and
+// bitmap: marking a 4 KiB write at 64 KiB granularity, bits already set
+// (the common case) and the same on a 512-byte granularity.
+func BenchmarkBitVecMark(b *testing.B) {
+	v := newBitVec(1 << 20)
+	for i := 0; b.Loop(); i++ {
+		off := uint64(i*4096) % (1 << 30)
+		v.setRange(off>>16, (off+4095)>>16)
+		v.setRange(off>>9, (off+4095)>>9)
+	}
+}
