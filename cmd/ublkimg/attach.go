@@ -83,10 +83,13 @@ func parseAttach(c *cli.Context) (*attachOptions, error) {
 		if err != nil {
 			return nil, err
 		}
-		if o.format != "" && o.format != format {
+		if o.format != "" && format != "" && o.format != format {
 			return nil, fmt.Errorf("--image-opts driver '%s' conflicts with format '%s'", format, o.format)
 		}
-		o.image, o.format, o.options = name, format, opts
+		o.image, o.options = name, opts
+		if format != "" {
+			o.format = format
+		}
 	}
 	if s := c.String("t"); s != "" {
 		mode, err := bdrv.ParseCacheMode(s)

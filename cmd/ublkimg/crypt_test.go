@@ -21,6 +21,8 @@ qemu-img convert -n --object secret,id=s0,file=pw -f raw plain.raw --target-imag
 qemu-io --object secret,id=s0,file=pw --image-opts driver=qcow2,file.filename=enc.qcow2,encrypt.key-secret=s0 -c "write -z 64k 64k" -c "discard 256k 64k" >/dev/null
 qemu-img create -q -f qcow2 --object secret,id=s0,file=pw -o encrypt.format=aes,encrypt.key-secret=s0 aes.qcow2 1M
 qemu-io --object secret,id=s0,file=pw --image-opts driver=qcow2,file.filename=aes.qcow2,encrypt.key-secret=s0 -c "write -P 7 4k 100k" >/dev/null
+qemu-img create -q -f qcow2 pl.qcow2 2M
+qemu-io -c "write -P 1 0 64k" pl.qcow2 >/dev/null
 `
 
 func TestEncryptedVerbs(t *testing.T) {
@@ -54,6 +56,11 @@ func TestEncryptedVerbs(t *testing.T) {
 		{"map", "--object", obj, "--output=json", "--image-opts", enc},
 		{"map", "--object", obj, "--image-opts", enc},
 		{"map", "enc.qcow2"},
+		{"map", "--image-opts", "driver=qcow2,file.filename=pl.qcow2"},
+		{"compare", "--image-opts", "driver=qcow2,file.filename=pl.qcow2", plain},
+		{"compare", "-s", "--image-opts", "driver=qcow2,file.filename=pl.qcow2", plain},
+		{"check", "--image-opts", "file.filename=pl.qcow2"},
+		{"bench", "-c", "1", "--image-opts", "driver=qcow2,file.filename=enc.qcow2"},
 		{"compare", "--object", obj, "--image-opts", enc, plain},
 		{"compare", "--object", obj, "--image-opts", aes, plain},
 		{"convert", "--object", obj, "--image-opts", enc, "-O", "raw", "out.raw"},
@@ -133,7 +140,7 @@ func TestAttachImageOpts(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"ublkimg", "attach", "--image-opts", "file.filename=a.img"}, "Parameter 'driver' is required"},
+		{[]string{"ublkimg", "attach", "--image-opts", "driver=qcow2"}, "A block device must be specified for \"file\""},
 		{[]string{"ublkimg", "attach", "-f", "raw", "--image-opts", "driver=qcow2,file.filename=a.img"}, "--image-opts driver 'qcow2' conflicts with format 'raw'"},
 		{[]string{"ublkimg", "attach", "--object", "secret,id=s0", "a.img"}, "Either 'file' or 'data' must be provided"},
 	} {

@@ -113,11 +113,11 @@ func (c *comparer) run(co *coroutine.Co, n1, n2 *bdrv.Node, opts CompareOptions,
 	for off := int64(0); off < total; {
 		st1, err := n1.BlockStatusAbove(co, nil, true, off, size1-off)
 		if err != nil {
-			return CompareAllocError, &CompareError{CompareAllocError, fmt.Errorf("Sector allocation test failed for %s", opts.Filename1)}
+			return CompareAllocError, &CompareError{CompareAllocError, fmt.Errorf("Sector allocation test failed for %s", displayName(opts.Filename1))}
 		}
 		st2, err := n2.BlockStatusAbove(co, nil, true, off, size2-off)
 		if err != nil {
-			return CompareAllocError, &CompareError{CompareAllocError, fmt.Errorf("Sector allocation test failed for %s", opts.Filename2)}
+			return CompareAllocError, &CompareError{CompareAllocError, fmt.Errorf("Sector allocation test failed for %s", displayName(opts.Filename2))}
 		}
 		pastEnd1, pastEnd2 := fixPastEnd(&st1, off, size1), fixPastEnd(&st2, off, size2)
 		alloc1, alloc2 := st1.Flags&bdrv.StatusAllocated != 0, st2.Flags&bdrv.StatusAllocated != 0
@@ -139,9 +139,9 @@ func (c *comparer) run(co *coroutine.Co, n1, n2 *bdrv.Node, opts CompareOptions,
 			}
 		default:
 			chunk = min(chunk, ioBufSize)
-			n, name := n1, opts.Filename1
+			n, name := n1, displayName(opts.Filename1)
 			if alloc2 {
-				n, name = n2, opts.Filename2
+				n, name = n2, displayName(opts.Filename2)
 			}
 			if code, err := c.checkEmpty(co, n, off, chunk, name); code != CompareIdentical {
 				return code, err
@@ -153,9 +153,9 @@ func (c *comparer) run(co *coroutine.Co, n1, n2 *bdrv.Node, opts CompareOptions,
 
 	if size1 != size2 {
 		fmt.Fprintf(c.out, "Warning: Image size mismatch!\n")
-		over, name, overSize := n1, opts.Filename1, size1
+		over, name, overSize := n1, displayName(opts.Filename1), size1
 		if size2 > size1 {
-			over, name, overSize = n2, opts.Filename2, size2
+			over, name, overSize = n2, displayName(opts.Filename2), size2
 		}
 		for off := total; off < progressBase; {
 			st, err := over.BlockStatusAbove(co, nil, true, off, progressBase-off)
@@ -195,10 +195,10 @@ func fixPastEnd(st *bdrv.Status, off, size int64) bool {
 func (c *comparer) compareData(co *coroutine.Co, n1, n2 *bdrv.Node, off, chunk int64, opts CompareOptions) (int, error) {
 	b1, b2 := c.buf1[:chunk], c.buf2[:chunk]
 	if err := n1.Preadv(co, off, bdrv.IOVec{b1}, 0); err != nil {
-		return CompareReadError, &CompareError{CompareReadError, fmt.Errorf("Error while reading offset %d of %s: %s", off, opts.Filename1, Strerror(err))}
+		return CompareReadError, &CompareError{CompareReadError, fmt.Errorf("Error while reading offset %d of %s: %s", off, displayName(opts.Filename1), Strerror(err))}
 	}
 	if err := n2.Preadv(co, off, bdrv.IOVec{b2}, 0); err != nil {
-		return CompareReadError, &CompareError{CompareReadError, fmt.Errorf("Error while reading offset %d of %s: %s", off, opts.Filename2, Strerror(err))}
+		return CompareReadError, &CompareError{CompareReadError, fmt.Errorf("Error while reading offset %d of %s: %s", off, displayName(opts.Filename2), Strerror(err))}
 	}
 	for i := int64(0); i < chunk; i += sectorSize {
 		end := min(i+sectorSize, chunk)

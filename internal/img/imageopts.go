@@ -22,17 +22,14 @@ const imageOptsMark = "\x00"
 func ImageOptsName(opts string) string { return imageOptsMark + opts }
 
 // ParseImageOpts splits an --image-opts string into the file name
-// (file.filename, or filename with driver=file), the format (driver) and the
-// remaining driver options.
+// (file.filename, or filename with driver=file), the format (driver; ""
+// probes) and the remaining driver options.
 func ParseImageOpts(s string) (filename, format string, opts bdrv.Options, err error) {
 	o, err := bdrv.ParseOptionString(s)
 	if err != nil {
 		return "", "", nil, err
 	}
-	format = o["driver"]
-	if format == "" {
-		return "", "", nil, errors.New("Parameter 'driver' is required")
-	}
+	format = o["driver"] // "" probes
 	if d, ok := o["file.driver"]; ok && d != "file" {
 		return "", "", nil, fmt.Errorf("Unknown protocol driver '%s'", d)
 	}
@@ -69,10 +66,13 @@ func resolveImageOpts(s *openSpec) (string, error) {
 	if err != nil {
 		return display, err
 	}
-	if s.format != "" && s.format != format {
+	if s.format != "" && format != "" && s.format != format {
 		return display, fmt.Errorf("--image-opts driver '%s' conflicts with format '%s'", format, s.format)
 	}
-	s.filename, s.format = filename, format
+	s.filename = filename
+	if format != "" {
+		s.format = format
+	}
 	s.options = s.options.Merge(opts)
 	return display, nil
 }
@@ -97,3 +97,7 @@ func ResolveImageName(name string) (filename, format string, opts bdrv.Options, 
 	}
 	return s.filename, s.format, s.options, nil
 }
+
+// displayName is how messages name an image: an ImageOptsName by its
+// option string, as qemu-img does, anything else as given.
+func displayName(name string) string { return strings.TrimPrefix(name, imageOptsMark) }

@@ -112,7 +112,7 @@ func Map(co *coroutine.Co, opts MapOptions, out io.Writer) error {
 		return err
 	}
 	defer n.Close(co)
-	names := chainNames(n, opts.Filename)
+	names := chainNames(n, n.Filename) // the file, also for --image-opts
 
 	if opts.JSON {
 		io.WriteString(w, "[")
