@@ -89,8 +89,10 @@ func (img *Image) walkRefcountsLocked(co *coroutine.Co, ng Geometry, fill bool, 
 		if err := op(idx, block, empty); err != nil {
 			return err
 		}
+		if !empty {
+			clear(block) // an empty block holds only zeros already
+		}
 		idx, pos, empty = idx+1, 0, true
-		clear(block)
 		return nil
 	}
 	i := uint64(0)

@@ -61,7 +61,7 @@ func Amend(co *coroutine.Co, opts AmendOptions) error {
 		node.Close(co)
 		return fmt.Errorf("Format driver '%s' does not support option amendment", node.Format.Name)
 	}
-	o, size, err := parseAmendOptions(opts.Options)
+	o, compat, size, err := parseAmendOptions(opts.Options)
 	if err == nil {
 		if size != 0 {
 			o.Resize = func(co *coroutine.Co) error {
@@ -73,7 +73,9 @@ func Amend(co *coroutine.Co, opts AmendOptions) error {
 		}
 		o.Status = func(off, total int64) { p.Print(float32(100)*float32(off)/float32(total), 0) }
 		p.Print(0, 0)
-		err = q.Amend(co, o)
+		if o.Version, err = amendVersion(compat); err == nil {
+			err = q.Amend(co, o)
+		}
 		p.Print(100, 0)
 		if errors.Is(err, qcow2.ErrAmendBacking) {
 			err = errors.New(err.Error() + "\nYou can use 'qemu-img rebase' instead.")
@@ -85,12 +87,11 @@ func Amend(co *coroutine.Co, opts AmendOptions) error {
 	return err
 }
 
-// parseAmendOptions parses -o as qemu-img amend does: QemuOpts syntax and
-// types first, in the order given (a later value of a name wins), then the
-// compat level. The driver checks the other values.
-func parseAmendOptions(s string) (qcow2.AmendOptions, int64, error) {
-	var o qcow2.AmendOptions
-	var size int64
+// parseAmendOptions parses -o as qemu-img amend does (QemuOpts syntax and
+// types, in the order given; a later value of a name wins) and returns the
+// compat value apart, since its check comes later (amendVersion). The
+// driver checks the other values.
+func parseAmendOptions(s string) (o qcow2.AmendOptions, compat *string, size int64, err error) {
 	vals := map[string]string{}
 	for _, kv := range strings.Split(s, ",") {
 		k, v, ok := strings.Cut(kv, "=")
@@ -102,37 +103,27 @@ func parseAmendOptions(s string) (qcow2.AmendOptions, int64, error) {
 		kind, known := amendKinds[k]
 		switch {
 		case creationOnly[k]:
-			return o, 0, fmt.Errorf("Invalid parameter '%s'\nThis option is only supported for image creation", k)
+			return o, nil, 0, fmt.Errorf("Invalid parameter '%s'\nThis option is only supported for image creation", k)
 		case !known:
-			return o, 0, fmt.Errorf("Invalid parameter '%s'", k)
+			return o, nil, 0, fmt.Errorf("Invalid parameter '%s'", k)
 		case kind == bdrv.OptBool:
 			if _, err := bdrv.ParseBool(v); err != nil {
-				return o, 0, fmt.Errorf("Parameter '%s' expects 'on' or 'off'", k)
+				return o, nil, 0, fmt.Errorf("Parameter '%s' expects 'on' or 'off'", k)
 			}
 		case kind == bdrv.OptSize:
 			n, err := bdrv.ParseSize(v)
 			if err != nil {
-				return o, 0, fmt.Errorf("Parameter '%s' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.", k)
+				return o, nil, 0, fmt.Errorf("Parameter '%s' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.", k)
 			}
 			size = n
 		case kind == bdrv.OptNumber:
 			if _, err := parseAmendNumber(v); errors.Is(err, strconv.ErrRange) {
-				return o, 0, fmt.Errorf("Value '%s' is too large for parameter '%s'", v, k)
+				return o, nil, 0, fmt.Errorf("Value '%s' is too large for parameter '%s'", v, k)
 			} else if err != nil {
-				return o, 0, fmt.Errorf("Parameter '%s' expects a number", k)
+				return o, nil, 0, fmt.Errorf("Parameter '%s' expects a number", k)
 			}
 		}
 		vals[k] = v
-	}
-	if v, ok := vals["compat"]; ok {
-		switch v {
-		case "0.10", "v2":
-			o.Version = 2
-		case "1.1", "v3":
-			o.Version = 3
-		default:
-			return o, 0, fmt.Errorf("Unknown compatibility level %s", v)
-		}
 	}
 	str := func(k string) *string {
 		if v, ok := vals[k]; ok {
@@ -156,7 +147,22 @@ func parseAmendOptions(s string) (qcow2.AmendOptions, int64, error) {
 			o.RefcountBits = uint32(n)
 		}
 	}
-	return o, size, nil
+	return o, str("compat"), size, nil
+}
+
+// amendVersion checks the compat value as QEMU's qcow2_amend_options does
+// (after the progress starts): 0 when not given.
+func amendVersion(compat *string) (uint32, error) {
+	if compat == nil {
+		return 0, nil
+	}
+	switch *compat {
+	case "0.10", "v2":
+		return 2, nil
+	case "1.1", "v3":
+		return 3, nil
+	}
+	return 0, fmt.Errorf("Unknown compatibility level %s", *compat)
 }
 
 // parseAmendNumber parses a QemuOpts number as strtoull does: 0x and 0
