@@ -1,6 +1,6 @@
 // Package img implements the image operations of qemu-img for ublkimg:
 // create, info, check, map, convert, compare, resize, commit, rebase,
-// measure, dd and bench. Each operation is generic over the formats
+// measure, dd, bench and bitmap. Each operation is generic over the formats
 // registered with bdrv (raw, qcow2) and reproduces qemu-img 7.2's
 // semantics, output text and error wording, so that scripts written
 // against qemu-img keep working.
