@@ -179,6 +179,40 @@ func TestBitmapVerb(t *testing.T) {
 	}
 }
 
+// TestBitmapTools compares convert --bitmaps, convert -n into an image with
+// enabled bitmaps (which mark what convert writes) and resize of images
+// with bitmaps with qemu-img's: exit status, output, errors, and the
+// resulting bitmaps.
+func TestBitmapTools(t *testing.T) {
+	requireQemuImg(t)
+	src := bitmapImageDir(t)
+	for _, args := range [][]string{
+		{"convert", "--bitmaps", "-O", "qcow2", "q.qcow2", "out.qcow2"},
+		{"convert", "--bitmaps", "-O", "qcow2", "-o", "cluster_size=4k", "same.qcow2", "out.qcow2"},
+		{"convert", "--bitmaps", "-O", "qcow2", "crashed.qcow2", "out.qcow2"},
+		{"convert", "--bitmaps", "--skip-broken-bitmaps", "-O", "qcow2", "crashed.qcow2", "out.qcow2"},
+		{"convert", "--skip-broken-bitmaps", "-O", "qcow2", "q.qcow2", "out.qcow2"},
+		{"convert", "--bitmaps", "-O", "raw", "q.qcow2", "out.raw"},
+		{"convert", "--bitmaps", "-O", "qcow2", "-o", "compat=0.10", "q.qcow2", "out.qcow2"},
+		{"convert", "--bitmaps", "-O", "qcow2", "r.raw", "out.qcow2"},
+		{"convert", "--bitmaps", "-O", "qcow2", "v2.qcow2", "out.qcow2"},
+		{"convert", "--bitmaps", "-O", "qcow2", "q.qcow2", "same.qcow2", "out.qcow2"},
+		{"convert", "-n", "-O", "qcow2", "same.qcow2", "q.qcow2"},
+		{"convert", "-n", "--bitmaps", "-O", "qcow2", "same.qcow2", "q.qcow2"},
+		{"convert", "-n", "--bitmaps", "-O", "qcow2", "q.qcow2", "big.qcow2"},
+		{"convert", "-n", "--bitmaps", "-O", "qcow2", "big.qcow2", "big.qcow2"},
+		{"resize", "q.qcow2", "8M"},
+		{"resize", "--shrink", "q.qcow2", "1M"},
+		{"resize", "crashed.qcow2", "+1M"},
+	} {
+		t.Run(strings.Join(args, " "), func(t *testing.T) {
+			ours, theirs := twinDirs(t, src)
+			compareBitmapRun(t, args[0], ours, theirs, args, "ublkimg", "qemu-img",
+				[]string{"out.qcow2", "q.qcow2", "big.qcow2", "crashed.qcow2"})
+		})
+	}
+}
+
 // bitmapImageDir makes bitmapImages in a new directory.
 func bitmapImageDir(t *testing.T) string {
 	t.Helper()

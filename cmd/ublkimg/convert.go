@@ -2,6 +2,7 @@ package main
 
 import (
 	"errors"
+	"fmt"
 
 	"github.com/urfave/cli/v2"
 
@@ -35,6 +36,8 @@ func convertCommand() *cli.Command {
 			&cli.StringFlag{Name: "t", Usage: "`CACHE` mode of the output (default: unsafe)"},
 			&cli.StringFlag{Name: "T", Usage: "`SRC_CACHE` mode of the sources (default: writeback)"},
 			&cli.BoolFlag{Name: "U", Aliases: []string{"force-share"}, Usage: "force share: open the sources even if another process uses them"},
+			&cli.BoolFlag{Name: "bitmaps", Usage: "copy the persistent bitmaps (qcow2 to qcow2)"},
+			&cli.BoolFlag{Name: "skip-broken-bitmaps", Usage: "with --bitmaps: skip inconsistent bitmaps instead of failing"},
 		},
 		Action: convertAction,
 	}
@@ -53,6 +56,12 @@ func convertAction(c *cli.Context) error {
 		ForceShare:   c.Bool("U"),
 		SourceCache:  bdrv.CacheWriteback,
 		TargetCache:  bdrv.CacheUnsafe,
+		Bitmaps:      c.Bool("bitmaps"),
+		SkipBroken:   c.Bool("skip-broken-bitmaps"),
+		Warn:         func(msg string) { fmt.Fprintf(c.App.ErrWriter, "ublkimg: warning: %s\n", msg) },
+	}
+	if opts.SkipBroken && !opts.Bitmaps {
+		return errors.New("Use of --skip-broken-bitmaps requires --bitmaps")
 	}
 	if opts.TargetFormat == "" {
 		opts.TargetFormat = "raw"

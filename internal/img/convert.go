@@ -6,9 +6,11 @@ import (
 	"io"
 	"math/bits"
 	"os"
+	"slices"
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
+	"ublkimg/drivers/qcow2"
 )
 
 // Defaults and limits of qemu-img convert.
@@ -66,6 +68,12 @@ type ConvertOptions struct {
 	ForceShare bool
 	// Progress, if not nil, receives -p's progress line.
 	Progress io.Writer
+	// Bitmaps (--bitmaps) copies the source's persistent bitmaps to the
+	// target (one qcow2 source, a qcow2 target); inconsistent ones fail
+	// the copy unless SkipBroken (--skip-broken-bitmaps).
+	Bitmaps, SkipBroken bool
+	// Warn, if not nil, receives warnings (skipped bitmaps).
+	Warn func(msg string)
 }
 
 // IOError is a failed read or write of convert, worded as qemu-img's
@@ -186,7 +194,13 @@ func Convert(co *coroutine.Co, opts ConvertOptions) (err error) {
 		c.totalSectors += sectors
 	}
 
-	created := false
+	if opts.Bitmaps {
+		if err := checkBitmapSource(co, c.srcs, opts.SkipBroken); err != nil {
+			return err
+		}
+	}
+
+	created, keep := false, false
 	if !opts.NoCreate {
 		if err := c.createTarget(co); err != nil {
 			return err
@@ -196,7 +210,7 @@ func Convert(co *coroutine.Co, opts ConvertOptions) (err error) {
 	// From here on a failure leaves a partial image behind: remove it,
 	// so that no one mistakes it for a good copy.
 	defer func() {
-		if err != nil && created {
+		if err != nil && created && !keep {
 			co.Offload(func() { os.Remove(opts.Target) })
 		}
 	}()
@@ -207,9 +221,23 @@ func Convert(co *coroutine.Co, opts ConvertOptions) (err error) {
 		return err
 	}
 	c.target = target
+	tq, _ := target.Driver().(*qcow2.Image)
+	if opts.Bitmaps && (tq == nil || !tq.SupportsBitmaps()) {
+		// qemu-img leaves the new target behind.
+		target.Close(co)
+		keep = true
+		return fmt.Errorf("Format driver '%s' does not support bitmaps", opts.TargetFormat)
+	}
 	if err := c.copy(co); err != nil {
 		target.Close(co)
 		return err
+	}
+	if opts.Bitmaps {
+		if err := copyBitmaps(co, c.srcs[0], tq, opts); err != nil {
+			target.Close(co)
+			keep = true
+			return err
+		}
 	}
 	if err := target.Close(co); err != nil {
 		// The final flush failed: the data may not all be on disk.
@@ -614,4 +642,60 @@ func pow2floor(x int64) int64 {
 		return 1
 	}
 	return 1 << (63 - bits.LeadingZeros64(uint64(x)))
+}
+
+// checkBitmapSource is qemu-img's convert_check_bitmaps: one source, able to
+// hold bitmaps, none inconsistent unless skipBroken. Bitmaps are visited
+// newest first, as QEMU walks its list.
+func checkBitmapSource(co *coroutine.Co, srcs []*bdrv.Node, skipBroken bool) error {
+	if len(srcs) > 1 {
+		return errors.New("Copying bitmaps only possible with single source")
+	}
+	q, _ := srcs[0].Driver().(*qcow2.Image)
+	if q == nil || !q.SupportsBitmaps() {
+		return errors.New("Source lacks bitmap support")
+	}
+	bms, err := q.DirtyBitmaps(co)
+	if err != nil {
+		return err
+	}
+	for _, b := range slices.Backward(bms) {
+		if b.Inconsistent && !skipBroken {
+			// qemu-img's hint on the next line (--skip-broken-bitmaps or
+			// bitmap --remove) is left out: errors are one line.
+			return fmt.Errorf("Cannot copy inconsistent bitmap '%s'", b.Name)
+		}
+	}
+	return nil
+}
+
+// copyBitmaps is qemu-img's convert_copy_bitmaps: each bitmap of src is
+// added to the target with its granularity and state and filled with
+// src's bits; one the target cannot fill is removed again.
+func copyBitmaps(co *coroutine.Co, src *bdrv.Node, dst *qcow2.Image, opts ConvertOptions) error {
+	q := src.Driver().(*qcow2.Image)
+	bms, err := q.DirtyBitmaps(co)
+	if err != nil {
+		return err
+	}
+	for _, b := range slices.Backward(bms) {
+		if b.Inconsistent {
+			if opts.Warn != nil {
+				opts.Warn(fmt.Sprintf("Skipping inconsistent bitmap '%s'", b.Name))
+			}
+			continue
+		}
+		if err := dst.AddBitmap(co, b.Name, b.Granularity, !b.Enabled); err != nil {
+			return fmt.Errorf("Failed to create bitmap %s: %w", b.Name, err)
+		}
+		data, err := q.ExportBitmap(co, b.Name)
+		if err == nil {
+			err = dst.MergeBitmap(co, b.Name, data)
+		}
+		if err != nil {
+			dst.RemoveBitmap(co, b.Name)
+			return fmt.Errorf("Failed to populate bitmap %s: %w", b.Name, err)
+		}
+	}
+	return nil
 }
