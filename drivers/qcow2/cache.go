@@ -154,7 +154,10 @@ func (c *cache) putLocked(e *cacheEntry) {
 }
 
 // markDirtyLocked records that e must be written back.
-func (c *cache) markDirtyLocked(e *cacheEntry) { e.dirty = true }
+func (c *cache) markDirtyLocked(e *cacheEntry) {
+	e.dirty = true
+	c.img.metaDirty.Store(true)
+}
 
 // discardLocked drops the cached tables within the host range [off,
 // off+size) without writing them (their cluster was freed). Entries in use

@@ -84,18 +84,24 @@ func rawOf(t testing.TB, path string) []byte {
 // only if allowLeaks).
 func qcheck(t testing.TB, path string, allowLeaks bool) {
 	t.Helper()
-	cmd := exec.Command("qemu-img", "check", "-U", path)
-	out, err := cmd.CombinedOutput()
-	code := 0
-	if ee, ok := err.(*exec.ExitError); ok {
-		code = ee.ExitCode()
-	} else if err != nil {
-		t.Fatal(err)
-	}
+	code, out := checkCode(t, path)
 	if code == 0 || (code == 3 && allowLeaks) {
 		return
 	}
 	t.Fatalf("qemu-img check %s: exit %d\n%s", filepath.Base(path), code, out)
+}
+
+// checkCode runs qemu-img check and returns its exit code and output.
+func checkCode(t testing.TB, path string) (int, string) {
+	t.Helper()
+	out, err := exec.Command("qemu-img", "check", "-U", path).CombinedOutput()
+	if ee, ok := err.(*exec.ExitError); ok {
+		return ee.ExitCode(), string(out)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return 0, string(out)
 }
 
 // withNode opens spec on a private loop and runs fn.

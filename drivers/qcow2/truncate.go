@@ -30,7 +30,10 @@ func (img *Image) Truncate(co *coroutine.Co, size int64, exact bool, prealloc bd
 	}
 	img.meta.Lock(co)
 	defer img.meta.Unlock(co)
-	return img.truncateLocked(co, size, exact, prealloc)
+	if err := img.truncateLocked(co, size, exact, prealloc); err != nil {
+		return err
+	}
+	return img.syncMetadataLocked(co)
 }
 
 // truncateLocked is Truncate (QEMU's qcow2_co_truncate) with meta held and

@@ -18,10 +18,59 @@ func (img *Image) Pwritev(co *coroutine.Co, off int64, iov bdrv.IOVec, flags bdr
 	if err := img.checkIO(); err != nil {
 		return err
 	}
+	var err error
 	if flags&bdrv.ReqWriteCompressed != 0 {
-		return img.writeCompressed(co, uint64(off), iov)
+		err = img.writeCompressed(co, uint64(off), iov)
+	} else {
+		err = img.writeGuest(co, uint64(off), iov)
 	}
-	return img.writeGuest(co, uint64(off), iov)
+	if err != nil {
+		return err
+	}
+	return img.syncMetadata(co)
+}
+
+// syncMetadata is OptCrashSafeMetadata: before a request that changed
+// cached metadata (allocation, copy-on-write, zero or discarded clusters,
+// compressed clusters, subcluster bitmaps) completes, write both caches
+// back to the image file, so that the request survives the death of this
+// process. The cache write-back keeps its dependency order (refcounts
+// before the L2 entries that use them, copied data before the L2 entries
+// that map it) with the flushes that order takes, so the file also stays
+// consistent at every power-loss point. A request that dirtied nothing —
+// a rewrite of allocated clusters — costs one atomic load.
+//
+// The rest of the state a restarted server needs is on disk already: L1
+// entries, the refcount table and the header (with the dirty bit of lazy
+// refcounts) are written through when they change; queued discards of
+// freed clusters are only lost space in the file; persistent dirty bitmaps
+// stay in_use on disk while the image is open, so a crash leaves them
+// inconsistent, as QEMU's does.
+//
+// Called unlocked, once per request, at the request entry points; the
+// dirty flag is image-wide, so a request also writes back metadata that a
+// concurrent request dirtied and has not yet written itself.
+func (img *Image) syncMetadata(co *coroutine.Co) error {
+	if !img.crashSafe || !img.metaDirty.Load() {
+		return nil
+	}
+	img.meta.Lock(co)
+	defer img.meta.Unlock(co)
+	return img.syncMetadataLocked(co)
+}
+
+// syncMetadataLocked is syncMetadata with meta held.
+func (img *Image) syncMetadataLocked(co *coroutine.Co) error {
+	if !img.crashSafe || !img.metaDirty.Load() {
+		return nil
+	}
+	if img.corrupt.Load() {
+		return errImageCorrupt
+	}
+	if err := img.writeCachesLocked(co); err != nil {
+		return fmt.Errorf("qcow2: writing metadata back: %w", err)
+	}
+	return nil
 }
 
 // writeGuest writes guest data. Called unlocked.
@@ -350,7 +399,10 @@ func (img *Image) PwriteZeroes(co *coroutine.Co, off, bytes int64, flags bdrv.Re
 			return bdrv.ErrNotSupported
 		}
 	}
-	return img.subclusterZeroizeLocked(co, uoff, ubytes, flags&bdrv.ReqMayUnmap != 0)
+	if err := img.subclusterZeroizeLocked(co, uoff, ubytes, flags&bdrv.ReqMayUnmap != 0); err != nil {
+		return err
+	}
+	return img.syncMetadataLocked(co)
 }
 
 // Pdiscard implements bdrv.Discarder (QEMU's qcow2_co_pdiscard): whole
@@ -378,5 +430,8 @@ func (img *Image) Pdiscard(co *coroutine.Co, off, bytes int64) error {
 	img.meta.Lock(co)
 	defer img.meta.Unlock(co)
 	img.waitInflightLocked(co, uoff, ubytes)
-	return img.clusterDiscardLocked(co, uoff, ubytes, discardRequest, false)
+	if err := img.clusterDiscardLocked(co, uoff, ubytes, discardRequest, false); err != nil {
+		return err
+	}
+	return img.syncMetadataLocked(co)
 }
