@@ -7,8 +7,8 @@ import (
 	"testing"
 )
 
-// The image tools (check, map, resize, commit, rebase, measure, dd) from
-// the command line, against qemu-img 7.2 run the same way: each case gets
+// The image tools (check, map, resize, commit, rebase, measure, dd, amend)
+// from the command line, against qemu-img 7.2 run the same way: each case gets
 // two copies of a directory of images, ublkimg runs in one and qemu-img in
 // the other, with the same relative names. Standard output and the exit
 // status must be the same. On stderr, qemu-img's error (its "qemu-img: "
@@ -118,6 +118,16 @@ func TestToolVerbs(t *testing.T) {
 		{"dd", "if=in.raw"},
 		{"dd", "if=in.raw", "of=out.raw", "conv=notrunc"},
 		{"dd", "-q", "if=in.raw", "of=out.raw"},
+
+		{"amend", "-p", "-o", "refcount_bits=64", "lone.qcow2"},
+		{"amend", "-p", "-o", "compat=0.10", "lone.qcow2"},
+		{"amend", "-q", "-p", "-o", "lazy_refcounts=on", "lone.qcow2"},
+		{"amend", "-o", "backing_file=new.raw", "top.qcow2"},
+		{"amend", "-o", "backing_file=base.raw,backing_fmt=raw", "top.qcow2"},
+		{"amend", "-o", "refcount_bits=8", "nope.qcow2"},
+		{"amend", "-f", "raw", "-o", "size=1M", "base.raw"},
+		{"amend", "lone.qcow2"},
+		{"amend", "-o", "compat=1.1"},
 	} {
 		t.Run(strings.Join(args, " "), func(t *testing.T) {
 			t.Parallel()

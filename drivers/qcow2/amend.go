@@ -15,7 +15,9 @@ type AmendOptions struct {
 	Version uint32
 	// LazyRefcounts turns lazy refcounts on or off.
 	LazyRefcounts *bool
-	// RefcountBits is the new refcount width.
+	// RefcountBits is the new refcount width: 1, 2, 4, 8, 16, 32 or 64
+	// (anything else is refused with ErrAmendRefcountW; widths other than
+	// 16 need version 3).
 	RefcountBits uint32
 	// BackingFile and BackingFormat, when set, must equal what the image
 	// records (nil for nothing recorded): amend cannot change them.

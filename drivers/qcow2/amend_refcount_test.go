@@ -12,6 +12,8 @@ import (
 	"sync"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
 	"ublkimg/drivers/qcow2"
@@ -231,16 +233,22 @@ func TestAmendRefcountCircuit(t *testing.T) {
 
 // crashFile is a protocol driver for tests ("crashfile://PATH"): the file
 // driver, except that after a budget of writes (and flushes, zero writes,
-// discards) every further one is dropped, as if the power failed there.
+// discards) every further one is dropped, as if the power failed there, or
+// with failOnce the next one fails with EIO and the rest reach the file.
 type crashFile struct {
 	inner *bdrv.Node
-	left  *int // writes still reaching the file; negative: unlimited
+	b     *crashBudget
+}
+
+type crashBudget struct {
+	left     int // writes still reaching the file; negative: unlimited
+	failOnce bool
 }
 
 var crashBudgets = struct {
 	sync.Mutex
-	m map[string]*int
-}{m: map[string]*int{}}
+	m map[string]*crashBudget
+}{m: map[string]*crashBudget{}}
 
 func init() {
 	bdrv.Register(&bdrv.Format{
@@ -249,9 +257,9 @@ func init() {
 		Open: func(co *coroutine.Co, n *bdrv.Node, _ bdrv.Options) (bdrv.Driver, error) {
 			path := strings.TrimPrefix(n.Filename, "crashfile://")
 			crashBudgets.Lock()
-			left := crashBudgets.m[path]
+			b := crashBudgets.m[path]
 			crashBudgets.Unlock()
-			if left == nil {
+			if b == nil {
 				return nil, errors.New("crashfile: no budget for " + path)
 			}
 			in, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: "file", ReadOnly: n.ReadOnly})
@@ -259,20 +267,24 @@ func init() {
 				return nil, err
 			}
 			n.SetLength(in.Length())
-			return &crashFile{inner: in, left: left}, nil
+			return &crashFile{inner: in, b: b}, nil
 		},
 	})
 }
 
-// spend reports whether the next write reaches the file.
-func (f *crashFile) spend() bool {
-	if *f.left == 0 {
-		return false
+// spend reports whether the next write reaches the file, and if not, its
+// error.
+func (f *crashFile) spend() (bool, error) {
+	switch {
+	case f.b.left == 0 && f.b.failOnce:
+		f.b.left = -1
+		return false, unix.EIO
+	case f.b.left == 0:
+		return false, nil
+	case f.b.left > 0:
+		f.b.left--
 	}
-	if *f.left > 0 {
-		*f.left--
-	}
-	return true
+	return true, nil
 }
 
 func (f *crashFile) Preadv(co *coroutine.Co, off int64, iov bdrv.IOVec, fl bdrv.ReqFlags) error {
@@ -280,29 +292,29 @@ func (f *crashFile) Preadv(co *coroutine.Co, off int64, iov bdrv.IOVec, fl bdrv.
 }
 
 func (f *crashFile) Pwritev(co *coroutine.Co, off int64, iov bdrv.IOVec, fl bdrv.ReqFlags) error {
-	if !f.spend() {
-		return nil
+	if ok, err := f.spend(); !ok {
+		return err
 	}
 	return f.inner.Pwritev(co, off, iov, fl)
 }
 
 func (f *crashFile) PwriteZeroes(co *coroutine.Co, off, n int64, fl bdrv.ReqFlags) error {
-	if !f.spend() {
-		return nil
+	if ok, err := f.spend(); !ok {
+		return err
 	}
 	return f.inner.PwriteZeroes(co, off, n, fl)
 }
 
 func (f *crashFile) Pdiscard(co *coroutine.Co, off, n int64) error {
-	if !f.spend() {
-		return nil
+	if ok, err := f.spend(); !ok {
+		return err
 	}
 	return f.inner.Pdiscard(co, off, n)
 }
 
 func (f *crashFile) Flush(co *coroutine.Co) error {
-	if !f.spend() {
-		return nil
+	if ok, err := f.spend(); !ok {
+		return err
 	}
 	return f.inner.Flush(co)
 }
@@ -311,50 +323,53 @@ func (f *crashFile) Close(co *coroutine.Co) error { return f.inner.Close(co) }
 
 // TestAmendRefcountCrash cuts the power after every write of a refcount
 // width change (snapshot image, 16 -> 8 and 16 -> 64 bits; 512-byte
-// clusters with a multi-cluster new table, 16 -> 64): what reached the file
-// must check clean apart from leaks, read the same, and use either width.
+// clusters with a multi-cluster new table, 16 -> 64), and for the first
+// also fails each write once with EIO (the change fails and cleans up, or
+// carries on): what reached the file must check clean apart from leaks,
+// read the same, and use either width.
 func TestAmendRefcountCrash(t *testing.T) {
 	needQemu(t)
 	for _, tc := range []struct {
-		img  int
-		bits uint32
-	}{{2, 8}, {2, 64}, {5, 64}} {
+		img      int
+		bits     uint32
+		failOnce bool
+	}{{2, 8, false}, {2, 8, true}, {2, 64, false}, {5, 64, false}} {
 		if raceEnabled && tc.bits == 64 && tc.img == 2 {
 			continue
 		}
-		t.Run(fmt.Sprintf("%s_%d", refcountImages[tc.img].name, tc.bits), func(t *testing.T) {
+		t.Run(fmt.Sprintf("%s_%d_failonce=%v", refcountImages[tc.img].name, tc.bits, tc.failOnce), func(t *testing.T) {
 			t.Parallel()
 			dir := t.TempDir()
 			orig := makeRefcountImage(t, dir, tc.img)
 			want := rawOf(t, orig)
 			p := filepath.Join(dir, "crash.qcow2")
-			// amend runs the change with a budget of writes and returns
-			// how many it had left.
-			amend := func(budget int) int {
+			// amend runs the change (and the close) with a budget of
+			// writes and returns how many it had left.
+			amend := func(budget int, failOnce bool) int {
 				copyFile(t, orig, p)
-				left := -1
+				b := &crashBudget{left: -1}
 				crashBudgets.Lock()
-				crashBudgets.m[p] = &left
+				crashBudgets.m[p] = b
 				crashBudgets.Unlock()
 				err := coroutine.Run(func(co *coroutine.Co) error {
 					n, err := bdrv.Open(co, bdrv.Spec{Filename: "crashfile://" + p, Format: "qcow2"})
 					if err != nil {
 						return err
 					}
-					left = budget
+					b.left, b.failOnce = budget, failOnce
 					err = imageOf(t, n).Amend(co, qcow2.AmendOptions{RefcountBits: tc.bits})
 					if cerr := n.Close(co); err == nil {
 						err = cerr
 					}
 					return err
 				})
-				if left > 0 && err != nil {
+				if b.left > 0 && err != nil {
 					t.Fatalf("budget %d not used up: %v", budget, err)
 				}
-				return left
+				return b.left
 			}
 			const unlimited = 1 << 30
-			total := unlimited - amend(unlimited)
+			total := unlimited - amend(unlimited, false)
 			if refcountBitsOf(t, p) != int(tc.bits) {
 				t.Fatalf("no cut: still %d bits", refcountBitsOf(t, p))
 			}
@@ -365,7 +380,7 @@ func TestAmendRefcountCrash(t *testing.T) {
 				if budget%stride != 0 && budget < total-6 {
 					continue
 				}
-				amend(budget)
+				amend(budget, tc.failOnce)
 				qcheck(t, p, true)
 				if got := rawOf(t, p); !bytes.Equal(got, want) {
 					t.Fatalf("cut after %d writes: content differs at %#x", budget, firstDiff(got, want))
