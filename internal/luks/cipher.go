@@ -10,8 +10,6 @@ import (
 	"fmt"
 	"hash"
 	"strings"
-
-	"golang.org/x/crypto/xts"
 )
 
 // suite is a parsed cipher specification: AES in XTS or CBC mode with a
@@ -103,7 +101,7 @@ func (s suite) modeString() string {
 // Cipher encrypts and decrypts whole sectors in place. It is safe for
 // concurrent use: it holds only expanded keys.
 type Cipher struct {
-	xts   *xts.Cipher  // xts mode
+	xts   *xtsCipher   // xts mode
 	block cipher.Block // cbc mode
 	essiv cipher.Block // essiv IV generator: AES keyed with hash(key)
 	plain bool         // 32-bit sector numbers (plain) instead of 64-bit
@@ -118,7 +116,7 @@ func (s suite) newCipher(key []byte) (*Cipher, error) {
 	var err error
 	switch s.mode {
 	case "xts":
-		c.xts, err = xts.NewCipher(aes.NewCipher, key)
+		c.xts, err = newXTS(key)
 	default:
 		c.block, err = aes.NewCipher(key)
 	}
@@ -196,6 +194,10 @@ func (c *Cipher) Decrypt(buf []byte, sector uint64) { c.crypt(buf, sector, false
 
 func (c *Cipher) crypt(buf []byte, sector uint64, encrypt bool) {
 	checkLen(buf)
+	if c.xts != nil && !encrypt {
+		c.xts.decryptSectors(buf, sector, c.plain)
+		return
+	}
 	var iv [aes.BlockSize]byte
 	var cbc cipher.BlockMode
 	for ; len(buf) > 0; buf, sector = buf[SectorSize:], sector+1 {
@@ -205,11 +207,7 @@ func (c *Cipher) crypt(buf []byte, sector uint64, encrypt bool) {
 			if c.plain {
 				n &= 0xffffffff
 			}
-			if encrypt {
-				c.xts.Encrypt(s, s, n)
-			} else {
-				c.xts.Decrypt(s, s, n)
-			}
+			c.xts.crypt(s, n, encrypt)
 			continue
 		}
 		c.iv(&iv, sector)
