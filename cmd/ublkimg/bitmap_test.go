@@ -180,8 +180,8 @@ func TestBitmapVerb(t *testing.T) {
 }
 
 // TestBitmapTools compares convert --bitmaps, convert -n into an image with
-// enabled bitmaps (which mark what convert writes) and resize of images
-// with bitmaps with qemu-img's: exit status, output, errors, and the
+// enabled bitmaps (which mark what convert writes), resize of images with
+// bitmaps, and info and measure of them with qemu-img's: exit status, output, errors, and the
 // resulting bitmaps.
 func TestBitmapTools(t *testing.T) {
 	requireQemuImg(t)
@@ -201,6 +201,10 @@ func TestBitmapTools(t *testing.T) {
 		{"convert", "-n", "--bitmaps", "-O", "qcow2", "same.qcow2", "q.qcow2"},
 		{"convert", "-n", "--bitmaps", "-O", "qcow2", "q.qcow2", "big.qcow2"},
 		{"convert", "-n", "--bitmaps", "-O", "qcow2", "big.qcow2", "big.qcow2"},
+		{"info", "q.qcow2"},
+		{"info", "--output=json", "crashed.qcow2"},
+		{"measure", "-O", "qcow2", "q.qcow2"},
+		{"measure", "--output=json", "-O", "qcow2", "crashed.qcow2"},
 		{"resize", "q.qcow2", "8M"},
 		{"resize", "--shrink", "q.qcow2", "1M"},
 		{"resize", "crashed.qcow2", "+1M"},

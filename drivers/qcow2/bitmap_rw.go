@@ -170,11 +170,22 @@ func (img *Image) readBitmapTableLocked(co *coroutine.Co, b *dirtyBitmap) ([]uin
 	if err != nil {
 		return nil, err
 	}
+	// Freeing the clusters of a table that points into other metadata
+	// would corrupt the image: such tables are refused.
+	bad := func(i int64, format string, args ...any) error {
+		return fmt.Errorf("%w: %w", corrupt("bitmap table", b.TableOffset, i, format, args...), unix.EINVAL)
+	}
+	if k := img.overlapLocked(b.TableOffset, uint64(b.TableSize)*8, mkNone); k != mkNone {
+		return nil, bad(-1, "bitmap %q: table overlaps the %s", b.Name, k)
+	}
 	table := make([]uint64, b.TableSize)
 	for i := range table {
 		e := be.Uint64(raw[i*8:])
 		if chkBitmapEntryBad(e, img.cs) {
-			return nil, fmt.Errorf("%w: %w", corrupt("bitmap table", b.TableOffset, int64(i), "bitmap %q: invalid entry %#x", b.Name, e), unix.EINVAL)
+			return nil, bad(int64(i), "bitmap %q: invalid entry %#x", b.Name, e)
+		}
+		if k := img.overlapLocked(e&L2OffsetMask, img.cs, mkNone); e&L2OffsetMask != 0 && k != mkNone {
+			return nil, bad(int64(i), "bitmap %q: data cluster %#x overlaps the %s", b.Name, e&L2OffsetMask, k)
 		}
 		table[i] = e
 	}
@@ -258,6 +269,9 @@ func (img *Image) markBitmapsInUseLocked(co *coroutine.Co, bms []*dirtyBitmap) e
 	dir := MarshalBitmapDirectory(entries)
 	if uint64(len(dir)) != ext.DirectorySize {
 		return fmt.Errorf("qcow2: internal error: bitmap directory of %d bytes, %d on disk", len(dir), ext.DirectorySize)
+	}
+	if err := img.checkOverlapLocked(co, ext.DirectoryOffset, ext.DirectorySize, mkNone); err != nil {
+		return err
 	}
 	af := img.hdr.AutoclearFeatures
 	if err := img.writeHeaderU64(co, 88, af&^AutoclearBitmaps); err != nil {

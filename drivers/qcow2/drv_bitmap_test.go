@@ -215,6 +215,21 @@ func TestBitmapTracking(t *testing.T) {
 						return fmt.Errorf("%s: %w", op, err)
 					}
 				}
+				// A crash now (the image as flushed, never closed)
+				// leaves a consistent image whose enabled bitmaps QEMU
+				// calls in use.
+				if err := n.Flush(co); err != nil {
+					return err
+				}
+				crashed := filepath.Join(dir, "crashed.qcow2")
+				sh(t, "cp", ours, crashed)
+				qcheck(t, crashed, true)
+				bms, _, _ = readStoredBitmaps(t, crashed)
+				for name, b := range bms {
+					if b.Flags&qcow2.BitmapFlagAuto != 0 && b.Flags&qcow2.BitmapFlagInUse == 0 {
+						t.Errorf("crash: enabled bitmap %s not in use", name)
+					}
+				}
 				return nil
 			})
 			qcheck(t, ours, tc.leaks)
@@ -332,5 +347,45 @@ func onLoops(t *testing.T, loops, perLoop int, fn func(co *coroutine.Co, worker 
 	close(errs)
 	for err := range errs {
 		t.Fatal(err)
+	}
+}
+
+// TestBitmapHostileTable: a bitmap table entry pointing at an L2 table
+// fails the read-write open (storing the bitmap would free the L2 table's
+// cluster) and leaves the image as it was.
+func TestBitmapHostileTable(t *testing.T) {
+	needQemu(t)
+	p := qimg(t, filepath.Join(t.TempDir(), "img.qcow2"), "1M")
+	sh(t, "qemu-img", "bitmap", "--add", p, "b")
+	qio(t, p, "write 0 4k")
+	f, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := qcow2.ParseHeader(f, int64(len(f)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	bms, err := qcow2.ParseBitmapDirectory(f[h.Bitmaps.DirectoryOffset:], *h.Bitmaps, h.ClusterBits, h.Size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l2 := binary.BigEndian.Uint64(f[h.L1TableOffset:]) & qcow2.L2OffsetMask
+	copy(f[bms[0].TableOffset:], binary.BigEndian.AppendUint64(nil, l2))
+	if err := os.WriteFile(p, f, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	err = coroutine.Run(func(co *coroutine.Co) error {
+		n, err := bdrv.Open(co, bdrv.Spec{Filename: p, Format: "qcow2"})
+		if err == nil {
+			n.Close(co)
+		}
+		return err
+	})
+	if err == nil || !strings.Contains(err.Error(), "overlaps the active L2 table") {
+		t.Fatalf("open: %v", err)
+	}
+	if g, err := os.ReadFile(p); err != nil || !bytes.Equal(g, f) {
+		t.Errorf("image changed by the failed open (%v)", err)
 	}
 }

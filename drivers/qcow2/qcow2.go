@@ -468,8 +468,21 @@ func (img *Image) buildMetadataMap() {
 // inactive L2 tables). A hit means the image's metadata is inconsistent: it
 // is marked corrupt. Called with meta held.
 func (img *Image) checkOverlapLocked(co *coroutine.Co, off, size uint64, ignore metaKind) error {
-	if size == 0 {
+	hit := img.overlapLocked(off, size, ignore)
+	if hit == mkNone {
 		return nil
+	}
+	return img.signalCorruptionLocked(co, &CorruptError{
+		What:  fmt.Sprintf("Preventing invalid write on metadata (overlaps with %s) at %#x+%#x", hit, off, size),
+		Index: -1,
+	})
+}
+
+// overlapLocked returns the kind of metadata other than ignore that host
+// range [off, off+size) overlaps, or mkNone.
+func (img *Image) overlapLocked(off, size uint64, ignore metaKind) metaKind {
+	if size == 0 {
+		return mkNone
 	}
 	end := off + size
 	hit := mkNone
@@ -510,13 +523,7 @@ func (img *Image) checkOverlapLocked(co *coroutine.Co, off, size uint64, ignore 
 			}
 		}
 	}
-	if hit == mkNone {
-		return nil
-	}
-	return img.signalCorruptionLocked(co, &CorruptError{
-		What:  fmt.Sprintf("Preventing invalid write on metadata (overlaps with %s) at %#x+%#x", hit, off, size),
-		Index: -1,
-	})
+	return hit
 }
 
 // signalCorruptionLocked reports corrupt metadata (QEMU's
