@@ -93,7 +93,12 @@ func Info(co *coroutine.Co, opts InfoOptions) ([]*ImageInfo, error) {
 		if err != nil {
 			return nil, err
 		}
-		info, err := queryInfo(co, n, filename)
+		// An --image-opts name shows as the file it opens, as in qemu-img.
+		shown := filename
+		if strings.HasPrefix(filename, imageOptsMark) {
+			shown = n.Filename
+		}
+		info, err := queryInfo(co, n, shown)
 		n.Close(co)
 		if err != nil {
 			return nil, err
