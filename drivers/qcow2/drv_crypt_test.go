@@ -305,3 +305,58 @@ func TestCreateEncryptedRefusals(t *testing.T) {
 		}
 	}
 }
+
+// TestEncryptedBackingChain: an encrypted overlay over an encrypted
+// backing file with another passphrase (backing.encrypt.key-secret), both
+// created here. Unaligned writes to the overlay copy the rest of their
+// clusters from the backing file (decrypted with its key, re-encrypted
+// with the overlay's); qemu-img, given both secrets, must read the chain as
+// we expect and find both images clean.
+func TestEncryptedBackingChain(t *testing.T) {
+	needQemu(t)
+	t.Parallel()
+	dir := t.TempDir()
+	base, top := filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "top.qcow2")
+	kb, kt := addSecret(t, "base-pass"), addSecret(t, "top-pass")
+	if err := createOurs(t, base, 1<<20, "encrypt.format=luks,encrypt.iter-time=0,cluster_size=4096,encrypt.key-secret="+kb); err != nil {
+		t.Fatal(err)
+	}
+	want := pattern(1, 1<<20)
+	withNode(t, bdrv.Spec{Filename: base, Options: bdrv.Options{"encrypt.key-secret": kb}}, func(co *coroutine.Co, n *bdrv.Node) error {
+		return n.Pwritev(co, 0, bdrv.IOVec{bytes.Clone(want)}, 0)
+	})
+	if err := createOurs(t, top, 1<<20, "encrypt.format=luks,encrypt.iter-time=0,cluster_size=4096,backing_file=base.qcow2,backing_fmt=qcow2,encrypt.key-secret="+kt); err != nil {
+		t.Fatal(err)
+	}
+	opts := bdrv.Options{"encrypt.key-secret": kt, "backing.encrypt.key-secret": kb}
+	withNode(t, bdrv.Spec{Filename: top, Options: opts}, func(co *coroutine.Co, n *bdrv.Node) error {
+		for i, w := range []struct{ off, n int }{{100, 300}, {5000, 9000}, {1<<20 - 700, 700}} {
+			p := pattern(uint64(10+i), w.n)
+			copy(want[w.off:], p)
+			if err := n.Pwritev(co, int64(w.off), bdrv.IOVec{p}, 0); err != nil {
+				return err
+			}
+		}
+		got := make([]byte, 1<<20)
+		if err := n.Preadv(co, 0, bdrv.IOVec{got}, 0); err != nil {
+			return err
+		}
+		if i := firstDiff(got, want); i >= 0 {
+			return fmt.Errorf("reading the chain back: differs at %#x", i)
+		}
+		return nil
+	})
+	objs := []string{"--object", "secret,id=kb,data=base-pass", "--object", "secret,id=kt,data=top-pass"}
+	chain := "driver=qcow2,file.filename=" + top + ",encrypt.key-secret=kt,backing.encrypt.key-secret=kb"
+	out := filepath.Join(dir, "out.raw")
+	sh(t, "qemu-img", append(append([]string{"convert", "-U"}, objs...), "--image-opts", chain, "-O", "raw", out)...)
+	got, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if i := firstDiff(got, want); i >= 0 {
+		t.Fatalf("qemu-img reads the chain differently at %#x", i)
+	}
+	sh(t, "qemu-img", append(append([]string{"check", "-U"}, objs...), "--image-opts", chain)...)
+	sh(t, "qemu-img", append(append([]string{"check", "-U"}, objs...), "--image-opts", "driver=qcow2,file.filename="+base+",encrypt.key-secret=kb")...)
+}
