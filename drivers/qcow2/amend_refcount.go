@@ -95,6 +95,9 @@ func (img *Image) walkRefcountsLocked(co *coroutine.Co, ng Geometry, fill bool, 
 		idx, pos, empty = idx+1, 0, true
 		return nil
 	}
+	// A block listed twice is corrupt, and would make the walk's work
+	// grow with the table instead of the file.
+	seen := map[uint64]bool{}
 	i := uint64(0)
 	for ; i < uint64(len(img.reftable)); i++ {
 		if progress != nil {
@@ -104,6 +107,12 @@ func (img *Image) walkRefcountsLocked(co *coroutine.Co, ng Geometry, fill bool, 
 		if err != nil {
 			return err
 		}
+		if rb != 0 && seen[rb] {
+			return img.signalCorruptionLocked(co, &CorruptError{
+				What:  fmt.Sprintf("refcount block %#x listed twice", rb),
+				Table: "refcount table", Offset: img.rtOffset, Index: int64(i)})
+		}
+		seen[rb] = true
 		if rb == 0 {
 			// No block: oldE refcounts of 0.
 			for n := oldE; n > 0; {

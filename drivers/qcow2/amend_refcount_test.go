@@ -393,3 +393,29 @@ func TestAmendRefcountCrash(t *testing.T) {
 		})
 	}
 }
+
+// TestAmendRefcountHostile: a refcount block listed twice in the refcount
+// table is refused as corruption before anything is allocated (the walk
+// would otherwise cost the table's size times the block's entries).
+func TestAmendRefcountHostile(t *testing.T) {
+	needQemu(t)
+	p := qimg(t, filepath.Join(t.TempDir(), "dup.qcow2"), "4M")
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rt := headerOf(t, p).RefcountTableOffset
+	copy(b[rt+8:rt+16], b[rt:rt+8])
+	writeRaw(t, p, b)
+	withNode(t, bdrv.Spec{Filename: p}, func(co *coroutine.Co, n *bdrv.Node) error {
+		err := imageOf(t, n).Amend(co, qcow2.AmendOptions{RefcountBits: 8})
+		var ce *qcow2.CorruptError
+		if !errors.As(err, &ce) || !strings.Contains(err.Error(), "listed twice") {
+			t.Errorf("Amend: %v, want a corruption error", err)
+		}
+		return nil
+	})
+	if h := headerOf(t, p); h.RefcountBits() != 16 || !h.Corrupt() {
+		t.Errorf("after the refusal: %d refcount bits, corrupt %v", h.RefcountBits(), h.Corrupt())
+	}
+}
