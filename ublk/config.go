@@ -130,8 +130,8 @@ type Config struct {
 	// when its writer dies: a raw file does (its data is in the host
 	// kernel once written); a format with a write-back metadata cache
 	// (qcow2) must write its metadata before acknowledging, which the
-	// attach command ensures by making every write FUA (cache modes
-	// writethrough and directsync).
+	// attach command ensures with the qcow2 open option
+	// x-crash-safe-metadata=on.
 	Recovery bool
 	// Logf receives progress and problem reports (queue start and stop,
 	// failed requests). nil discards them.

@@ -23,6 +23,7 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
+	"ublkimg/drivers/qcow2"
 	"ublkimg/internal/img"
 	"ublkimg/ublk"
 )
@@ -53,7 +54,7 @@ func attachCommand() *cli.Command {
 			&cli.IntFlag{Name: "block-size", Value: ublk.DefaultBlockSize, Usage: "logical block size: 512 or 4096"},
 			&cli.BoolFlag{Name: "user-copy", Usage: "move data with UBLK_F_USER_COPY instead of per-tag buffers"},
 			&cli.DurationFlag{Name: "poll-max", Usage: "let queue threads poll for up to `DURATION` (e.g. 50us) before sleeping: lower latency, more CPU while busy (default 0: never poll)"},
-			&cli.BoolFlag{Name: "recovery", Usage: "keep the device when the server dies (I/O waits) so that `ublkimg recover` can serve it again"},
+			&cli.BoolFlag{Name: "recovery", Usage: "keep the device when the server dies (I/O waits) so that `ublkimg recover` can serve it again; a qcow2 image then writes the metadata a write changed back before acknowledging it (x-crash-safe-metadata=on)"},
 			&cli.BoolFlag{Name: "foreground", Usage: "serve in this process until SIGTERM or SIGINT"},
 		},
 		Action: attachAction,
@@ -269,12 +270,12 @@ func serveImage(o *attachOptions) (err error) {
 	defer stop()
 
 	setMaxProcs(o.cfg.Queues)
+	if o.cfg.Recovery {
+		o.options = recoveryOptions(o.options)
+	}
 	node, cache, err := openImage(o)
 	if err != nil {
 		return err
-	}
-	if o.cfg.Recovery && !o.recover {
-		cache = recoveryCache(node, cache)
 	}
 	start := ublk.Start
 	if o.recover {
@@ -329,26 +330,17 @@ func serveImage(o *attachOptions) (err error) {
 	return err
 }
 
-// recoveryCache makes every write of a device attached with recovery FUA
-// when the image format keeps metadata in a write-back cache (qcow2's L2
-// and refcount tables): a write is then acknowledged only once the
-// metadata that maps it is in the image, so a killed server loses no
-// acknowledged write (ublk.Config.Recovery). The root node's writes get
-// FUA, which bdrv emulates with a flush, as QEMU's writethrough does. A
-// raw image needs nothing: its data is in the host kernel once written.
-// cache=unsafe is left alone: it asked to lose writes on a crash.
-func recoveryCache(node *bdrv.Node, cache bdrv.CacheMode) bdrv.CacheMode {
-	if node.Format.Protocol || node.Format.Name == "raw" {
-		return cache
-	}
-	switch cache {
-	case bdrv.CacheNone:
-		cache = bdrv.CacheDirectsync
-	case bdrv.CacheWriteback:
-		cache = bdrv.CacheWritethrough
-	}
-	node.Cache = cache
-	return cache
+// recoveryOptions returns the open options of an image served with
+// recovery (attach --recovery and recover): a killed server must lose no
+// acknowledged write (ublk.Config.Recovery). The host kernel, and its page
+// cache, outlive the server, so data written to the image file is safe; a
+// qcow2 image's L2 and refcount updates sit in its metadata caches until
+// written back, so qcow2.OptCrashSafeMetadata writes them back before a
+// write that changed them completes. Rewrites of allocated clusters and
+// reads cost nothing, and the cache mode stays the user's. Other formats
+// ignore the option: raw keeps no metadata.
+func recoveryOptions(opts bdrv.Options) bdrv.Options {
+	return opts.Merge(bdrv.Options{qcow2.OptCrashSafeMetadata: "on"})
 }
 
 // setMaxProcs gives the runtime a P for every queue thread, one for the

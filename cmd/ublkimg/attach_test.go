@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"errors"
 	"net"
 	"os"
@@ -202,5 +203,54 @@ func TestOpenUnlocked(t *testing.T) {
 				t.Errorf("a live holder's lock was waited for (%v)", took)
 			}
 		})
+	}
+}
+
+// TestRecoveryOptions: an image served with recovery keeps the user's
+// cache mode, and an allocating qcow2 write is in the image file once it
+// completes, without a flush (a copy of the open file, as a server killed
+// then would leave it, reads it back in qemu-img), even if the user's
+// options turned x-crash-safe-metadata off.
+func TestRecoveryOptions(t *testing.T) {
+	requireQemuImg(t)
+	dir := t.TempDir()
+	p := filepath.Join(dir, "a.qcow2")
+	if r := qemuImg(t, "create", "-q", "-f", "qcow2", p, "1M"); r.code != 0 {
+		t.Fatal(r.stderr)
+	}
+	o := &attachOptions{image: p, cache: bdrv.CacheWriteback, cacheSet: true,
+		options: recoveryOptions(bdrv.Options{"x-crash-safe-metadata": "off"})}
+	node, cache, err := openImage(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cache != bdrv.CacheWriteback || node.Cache != bdrv.CacheWriteback {
+		t.Errorf("cache mode %v (node %v), want the user's writeback", cache, node.Cache)
+	}
+	data := bytes.Repeat([]byte{0x5a}, 64<<10)
+	killed := filepath.Join(dir, "killed.qcow2")
+	err = coroutine.Run(func(co *coroutine.Co) error {
+		werr := node.Pwritev(co, 128<<10, bdrv.IOVec{data}, 0)
+		if werr == nil {
+			var b []byte
+			if b, werr = os.ReadFile(p); werr == nil {
+				werr = os.WriteFile(killed, b, 0o644)
+			}
+		}
+		return errors.Join(werr, node.Close(co))
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw := filepath.Join(dir, "killed.raw")
+	if r := qemuImg(t, "convert", "-U", "-O", "raw", killed, raw); r.code != 0 {
+		t.Fatal(r.stderr)
+	}
+	got, err := os.ReadFile(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got[128<<10:192<<10], data) {
+		t.Error("the acknowledged write is not in the image file")
 	}
 }
