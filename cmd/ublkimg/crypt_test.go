@@ -66,6 +66,8 @@ func TestEncryptedVerbs(t *testing.T) {
 		{"convert", "--object", obj, "--image-opts", enc, "-O", "raw", "out.raw"},
 		{"convert", "--object", obj, "--image-opts", aes, "-O", "qcow2", "out.qcow2"},
 		{"convert", "enc.qcow2", "out.raw"},
+		{"convert", "--target-image-opts", "plain.raw", "driver=raw,file.filename=out.raw"},
+		{"convert", "-n", "--object", obj, "--target-image-opts", "plain.raw", enc},
 		{"convert", "--object", obj, "-O", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", "plain.raw", "new.qcow2"},
 		{"convert", "--object", obj, "-c", "-O", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", "plain.raw", "new.qcow2"},
 		{"create", "-f", "qcow2", "--object", obj, "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", "new.qcow2", "1M"},

@@ -157,7 +157,9 @@ func normalize(app *cli.App, args []string) ([]string, error) {
 		if err != nil {
 			return nil, err
 		}
-		rest = markImageOpts(c.Name, rest)
+		if rest, err = markImageOpts(c.Name, rest); err != nil {
+			return nil, err
+		}
 		return append(append([]string{args[0], args[1]}, rest...), last...), nil
 	}
 	return args, nil

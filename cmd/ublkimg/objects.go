@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"slices"
 	"strings"
 
@@ -56,14 +57,17 @@ func addObjectFlags(c *cli.Command) {
 // markImageOpts rewrites the image operands of a normalized argument list
 // (options, "--", operands) when --image-opts or --target-image-opts is
 // among the options, so that the operations open them by their options.
-func markImageOpts(verb string, args []string) []string {
+func markImageOpts(verb string, args []string) ([]string, error) {
 	sep := slices.Index(args, "--")
 	if sep < 0 {
-		return args
+		return args, nil
 	}
 	opts, ops := args[:sep], slices.Clone(args[sep+1:])
 	imageOpts := slices.Contains(opts, "--image-opts")
 	targetOpts := verb == "convert" && slices.Contains(opts, "--target-image-opts")
+	if targetOpts && !slices.Contains(opts, "-n") {
+		return nil, errors.New("--target-image-opts requires use of -n flag")
+	}
 	for i, a := range ops {
 		last := i == len(ops)-1
 		switch {
@@ -79,5 +83,5 @@ func markImageOpts(verb string, args []string) []string {
 			ops[i] = img.ImageOptsName(a)
 		}
 	}
-	return append(append(slices.Clone(opts), "--"), ops...)
+	return append(append(slices.Clone(opts), "--"), ops...), nil
 }

@@ -66,9 +66,8 @@ func resolveImageOpts(s *openSpec) (string, error) {
 	if err != nil {
 		return display, err
 	}
-	if s.format != "" && format != "" && s.format != format {
-		return display, fmt.Errorf("--image-opts driver '%s' conflicts with format '%s'", format, s.format)
-	}
+	// The driver named in the string wins over a format passed along
+	// (convert's default -O raw with --target-image-opts).
 	s.filename = filename
 	if format != "" {
 		s.format = format
