@@ -87,6 +87,8 @@ func TestEncryptedVerbs(t *testing.T) {
 		{"measure", "--object", obj, "-O", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.cipher-alg=aes-128", "--size", "1G"},
 		{"measure", "--object", obj, "-O", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=s0,cluster_size=4k", "plain.raw"},
 		{"measure", "-O", "qcow2", "-o", "encrypt.format=luks", "--size", "1G"},
+		{"measure", "--object", obj, "-O", "qcow2", "--image-opts", enc},
+		{"measure", "-O", "qcow2", "enc.qcow2"},
 	} {
 		// Directory names without commas: --image-opts strings hold paths.
 		t.Run(fmt.Sprint(i), func(t *testing.T) {
