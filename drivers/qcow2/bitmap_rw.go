@@ -49,7 +49,7 @@ type dirtyBitmap struct {
 	// table is the bitmap table as on disk, when read.
 	table []uint64
 	// bits is the data, nil when not loaded: the bitmap was in use at open
-	// (inconsistent) or has extra data this package does not understand.
+	// (inconsistent).
 	bits    *bitVec
 	enabled bool
 	// stale: the copy on disk is outdated or marked in use; store it.
@@ -122,9 +122,10 @@ func (img *Image) publishTrackingLocked() {
 }
 
 // loadBitmapsLocked reads the bitmap directory and the data of every
-// bitmap neither in use nor carrying extra data it must not use (QEMU's
-// qcow2_load_dirty_bitmaps, without the marking). Errors are QEMU's reasons
-// to refuse the open.
+// bitmap not in use (QEMU's qcow2_load_dirty_bitmaps, without the
+// marking). Errors are QEMU's reasons to refuse the open, among them any
+// extra data in the directory (QEMU's bitmap_list_load understands none
+// and refuses it, extra_data_compatible or not).
 func (img *Image) loadBitmapsLocked(co *coroutine.Co) error {
 	if img.bm.loaded {
 		return nil
@@ -146,9 +147,12 @@ func (img *Image) loadBitmapsLocked(co *coroutine.Co) error {
 	var list []*dirtyBitmap
 	mem := uint64(0)
 	for _, e := range entries {
+		if len(e.ExtraData) > 0 {
+			return fmt.Errorf("Bitmap extra data is not supported: %w", unix.ENOTSUP)
+		}
 		b := &dirtyBitmap{Bitmap: e, enabled: e.Auto()}
 		list = append(list, b)
-		if e.InUse() || !e.Usable() {
+		if e.InUse() {
 			continue
 		}
 		nbits := bitmapBits(h.Size, e.GranularityBits)
@@ -382,7 +386,7 @@ func (img *Image) writeBitmapLocked(co *coroutine.Co, b *dirtyBitmap) (uint64, [
 // order that keeps the image consistent at every crash point (QEMU's
 // qcow2_store_persistent_dirty_bitmaps): new data and tables, new
 // directory, refcounts and data flushed, header switched (flushed), then
-// the old clusters freed. Inconsistent and unusable bitmaps keep their
+// the old clusters freed. Inconsistent bitmaps keep their
 // entries as they are.
 func (img *Image) storeBitmapsLocked(co *coroutine.Co) error {
 	if !img.bm.changed || img.hdr.Version < 3 {

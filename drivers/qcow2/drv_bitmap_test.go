@@ -350,42 +350,71 @@ func onLoops(t *testing.T, loops, perLoop int, fn func(co *coroutine.Co, worker 
 	}
 }
 
-// TestBitmapHostileTable: a bitmap table entry pointing at an L2 table
-// fails the read-write open (storing the bitmap would free the L2 table's
-// cluster) and leaves the image as it was.
-func TestBitmapHostileTable(t *testing.T) {
+// TestBitmapHostile: images whose bitmaps a read-write open must refuse,
+// leaving the file as it was: a bitmap table entry pointing at an L2 table
+// (storing the bitmap would free the L2 table's cluster) and extra data in
+// the directory (QEMU refuses it too).
+func TestBitmapHostile(t *testing.T) {
 	needQemu(t)
-	p := qimg(t, filepath.Join(t.TempDir(), "img.qcow2"), "1M")
-	sh(t, "qemu-img", "bitmap", "--add", p, "b")
-	qio(t, p, "write 0 4k")
-	f, err := os.ReadFile(p)
-	if err != nil {
-		t.Fatal(err)
+	cases := []struct {
+		name, want string
+		edit       func(f []byte, h *qcow2.Header, bms []qcow2.Bitmap) []byte
+	}{
+		{"table-points-at-L2", "overlaps the active L2 table", func(f []byte, h *qcow2.Header, bms []qcow2.Bitmap) []byte {
+			l2 := binary.BigEndian.Uint64(f[h.L1TableOffset:]) & qcow2.L2OffsetMask
+			binary.BigEndian.PutUint64(f[bms[0].TableOffset:], l2)
+			return f
+		}},
+		{"extra-data", "Bitmap extra data is not supported", func(f []byte, h *qcow2.Header, bms []qcow2.Bitmap) []byte {
+			bms[0].ExtraData = []byte{1, 2, 3}
+			bms[0].Flags |= qcow2.BitmapFlagExtraDataCompatible
+			dir := qcow2.MarshalBitmapDirectory(bms)
+			// The bigger directory goes to a new cluster at the end;
+			// the extension's size and offset follow.
+			cs := h.ClusterSize()
+			off := (uint64(len(f)) + cs - 1) / cs * cs
+			f = append(f, make([]byte, off+cs-uint64(len(f)))...)
+			copy(f[off:], dir)
+			ext := bytes.Index(f[:h.ClusterSize()], binary.BigEndian.AppendUint32(nil, qcow2.ExtBitmaps))
+			binary.BigEndian.PutUint64(f[ext+16:], uint64(len(dir)))
+			binary.BigEndian.PutUint64(f[ext+24:], off)
+			return f
+		}},
 	}
-	h, err := qcow2.ParseHeader(f, int64(len(f)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	bms, err := qcow2.ParseBitmapDirectory(f[h.Bitmaps.DirectoryOffset:], *h.Bitmaps, h.ClusterBits, h.Size)
-	if err != nil {
-		t.Fatal(err)
-	}
-	l2 := binary.BigEndian.Uint64(f[h.L1TableOffset:]) & qcow2.L2OffsetMask
-	copy(f[bms[0].TableOffset:], binary.BigEndian.AppendUint64(nil, l2))
-	if err := os.WriteFile(p, f, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	err = coroutine.Run(func(co *coroutine.Co) error {
-		n, err := bdrv.Open(co, bdrv.Spec{Filename: p, Format: "qcow2"})
-		if err == nil {
-			n.Close(co)
-		}
-		return err
-	})
-	if err == nil || !strings.Contains(err.Error(), "overlaps the active L2 table") {
-		t.Fatalf("open: %v", err)
-	}
-	if g, err := os.ReadFile(p); err != nil || !bytes.Equal(g, f) {
-		t.Errorf("image changed by the failed open (%v)", err)
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			p := qimg(t, filepath.Join(t.TempDir(), "img.qcow2"), "1M")
+			sh(t, "qemu-img", "bitmap", "--add", p, "b")
+			qio(t, p, "write 0 4k")
+			f, err := os.ReadFile(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			h, err := qcow2.ParseHeader(f, int64(len(f)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			bms, err := qcow2.ParseBitmapDirectory(f[h.Bitmaps.DirectoryOffset:], *h.Bitmaps, h.ClusterBits, h.Size)
+			if err != nil {
+				t.Fatal(err)
+			}
+			f = tc.edit(f, h, bms)
+			if err := os.WriteFile(p, f, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			err = coroutine.Run(func(co *coroutine.Co) error {
+				n, err := bdrv.Open(co, bdrv.Spec{Filename: p, Format: "qcow2"})
+				if err == nil {
+					n.Close(co)
+				}
+				return err
+			})
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("open: %v, want %q", err, tc.want)
+			}
+			if g, err := os.ReadFile(p); err != nil || !bytes.Equal(g, f) {
+				t.Errorf("image changed by the failed open (%v)", err)
+			}
+		})
 	}
 }
