@@ -296,8 +296,10 @@ recovery_case() {
 	expect_fail $F-recover-live "is running" ublkimg recover $id
 	check $F-mkfs mke2fs -q -F -t ext4 "$dev"
 	check $F-mount mount "$dev" /mnt || return 1
+	# 4096 writes at most 500 per second: still writing when the server
+	# is killed 2 s in, however fast the machine.
 	fio --name=rec --filename=/mnt/fio --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
-		--iodepth=16 --size=16M --verify=crc32c --do_verify=1 --verify_fatal=1 >/tmp/fio.$F 2>&1 &
+		--iodepth=16 --size=16M --rate_iops=500 --verify=crc32c --do_verify=1 --verify_fatal=1 >/tmp/fio.$F 2>&1 &
 	fio=$!
 	sleep 2
 	check $F-fio-mid-stream kill -0 $fio
