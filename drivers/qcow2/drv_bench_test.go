@@ -6,6 +6,7 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
+	"ublkimg/drivers/qcow2"
 )
 
 // Benchmarks of the qcow2 driver through a bdrv node, page cache
@@ -75,16 +76,56 @@ func benchImage(b *testing.B, opts string, fill bool) string {
 }
 
 func withBenchNode(b *testing.B, path string, fn func(co *coroutine.Co, n *bdrv.Node)) {
+	withBenchSpec(b, bdrv.Spec{Filename: path, Format: "qcow2"}, false, fn)
+}
+
+// withBenchSpec opens spec and runs fn; with fua, every write of the
+// node is FUA (cache=writethrough on the qcow2 node, the file below it
+// keeping the page cache), as attach --recovery once made them.
+func withBenchSpec(b *testing.B, spec bdrv.Spec, fua bool, fn func(co *coroutine.Co, n *bdrv.Node)) {
 	err := coroutine.Run(func(co *coroutine.Co) error {
-		n, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: "qcow2"})
+		n, err := bdrv.Open(co, spec)
 		if err != nil {
 			return err
+		}
+		if fua {
+			n.Cache = bdrv.CacheWritethrough
 		}
 		fn(co, n)
 		return n.Close(co)
 	})
 	if err != nil {
 		b.Fatal(err)
+	}
+}
+
+// BenchmarkRecoveryModes: BenchmarkRewrite and BenchmarkAllocatingWrite in
+// the ways a server can keep acknowledged writes when it dies: not at all
+// (off), metadata written back by the requests that changed it
+// (x-crash-safe-metadata=on), every write FUA (writethrough).
+func BenchmarkRecoveryModes(b *testing.B) {
+	for _, mode := range []struct {
+		name string
+		opts bdrv.Options
+		fua  bool
+	}{
+		{"off", nil, false},
+		{"crash-safe", bdrv.Options{qcow2.OptCrashSafeMetadata: "on"}, false},
+		{"writethrough", nil, true},
+	} {
+		for _, w := range []struct {
+			name string
+			fill bool
+		}{{"rewrite", true}, {"alloc", false}} {
+			b.Run(w.name+"/"+mode.name, func(b *testing.B) {
+				p := benchImage(b, "", w.fill)
+				withBenchSpec(b, bdrv.Spec{Filename: p, Format: "qcow2", Options: mode.opts}, mode.fua, func(co *coroutine.Co, n *bdrv.Node) {
+					runDepth(b, n, co, func(co *coroutine.Co, i int, buf []byte) error {
+						return n.Pwritev(co, int64(i*benchReq)%benchSize, bdrv.IOVec{buf}, 0)
+					})
+				})
+			})
+		}
 	}
 }
 
