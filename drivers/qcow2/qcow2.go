@@ -605,16 +605,17 @@ func (img *Image) flushFilesLocked(co *coroutine.Co) error {
 // writeCachesLocked writes both caches back in dependency order (QEMU's
 // qcow2_write_caches). Called with meta held.
 func (img *Image) writeCachesLocked(co *coroutine.Co) error {
-	// Nothing can dirty an entry meanwhile: that takes meta.
+	if err := img.l2Cache.writeLocked(co); err != nil {
+		return err
+	}
+	if err := img.rcCache.writeLocked(co); err != nil {
+		return err
+	}
+	// Cleared only now: a request that finds it clear must not complete
+	// while the write-back of its metadata is still under way. Nothing
+	// dirtied an entry meanwhile: that takes meta.
 	img.metaDirty.Store(false)
-	err := img.l2Cache.writeLocked(co)
-	if err == nil {
-		err = img.rcCache.writeLocked(co)
-	}
-	if err != nil {
-		img.metaDirty.Store(true)
-	}
-	return err
+	return nil
 }
 
 // Flush implements bdrv.Driver: write the metadata caches back (the
