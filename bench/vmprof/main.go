@@ -21,7 +21,7 @@ import (
 const script = `
 set -u
 mkdir -p /data /var/lock
-mke2fs -q -F -t ext4 /dev/vda && mount /dev/vda /data || result storage FAIL mkfs
+mke2fs -q -F -t ext4 -E lazy_itable_init=0,lazy_journal_init=0 /dev/vda && mount /dev/vda /data || result storage FAIL mkfs
 IMG=/data/bench.raw
 truncate -s 256M $IMG
 fio --name=fill --filename=$IMG --rw=write --bs=1M --size=256M --ioengine=psync >/dev/null 2>&1
