@@ -293,7 +293,7 @@ func Open(co *coroutine.Co, spec Spec) (*Node, error) {
 	drv, err := f.Open(co, n, spec.Options)
 	if err != nil {
 		proto.Close(co)
-		return nil, fmt.Errorf("could not open '%s': %w", spec.Filename, err)
+		return nil, &FormatOpenError{Filename: spec.Filename, Err: err}
 	}
 	n.drv = drv
 	n.RefreshLimits()
@@ -304,16 +304,40 @@ func Open(co *coroutine.Co, spec Spec) (*Node, error) {
 			Cache:    spec.Cache,
 			ReadOnly: true,
 			NoIO:     spec.NoIO,
-			Options:  spec.Options.chainOptions(),
+			Options:  spec.Options.ChainOptions(),
 		}
 		b, err := Open(co, bspec)
 		if err != nil {
 			n.Close(co)
-			return nil, fmt.Errorf("could not open backing file: %w", err)
+			return nil, fmt.Errorf("could not open backing file: %w", BackingOpenReason(err))
 		}
 		n.Backing = b
 	}
 	return n, nil
+}
+
+// FormatOpenError is a format driver's refusal to open an image (bad
+// header, missing key), named by its file.
+type FormatOpenError struct {
+	Filename string
+	Err      error
+}
+
+func (e *FormatOpenError) Error() string {
+	return "could not open '" + e.Filename + "': " + e.Err.Error()
+}
+func (e *FormatOpenError) Unwrap() error { return e.Err }
+
+// BackingOpenReason is the failure to open a backing file as QEMU's
+// bdrv_open_backing_file words it after "Could not open backing file: ":
+// the file is named in protocol errors ("Could not open 'b': No such file
+// or directory") but not in the format driver's ("Parameter
+// 'encrypt.key-secret' is required for cipher").
+func BackingOpenReason(err error) error {
+	if fe, ok := err.(*FormatOpenError); ok {
+		return fe.Err
+	}
+	return err
 }
 
 // ResolveBacking resolves a backing file name recorded in image the way QEMU

@@ -42,10 +42,10 @@ const (
 	OptLocking = "locking"
 )
 
-// chainOptions are the options a backing file inherits from its overlay,
+// ChainOptions are the options a backing file inherits from its overlay,
 // plus those addressed to it with QEMU's "backing." prefix
 // (backing.encrypt.key-secret=ID).
-func (o Options) chainOptions() Options {
+func (o Options) ChainOptions() Options {
 	out := Options{}
 	for _, k := range []string{OptForceShare, OptLocking} {
 		if v, ok := o[k]; ok {
@@ -58,6 +58,19 @@ func (o Options) chainOptions() Options {
 		}
 	}
 	return out
+}
+
+// BackingOverridden reports whether o addresses options to the backing
+// file ("backing.*"), QEMU's bdrv_backing_overridden: the backing node is
+// then known by its options (a json: name), not by the file name the image
+// records.
+func (o Options) BackingOverridden() bool {
+	for k := range o {
+		if strings.HasPrefix(k, "backing.") {
+			return true
+		}
+	}
+	return false
 }
 
 // ProtocolCreateOptions are the options of creating a plain file, which the

@@ -2,7 +2,6 @@ package main
 
 import (
 	"fmt"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -39,11 +38,7 @@ func TestEncryptedVerbs(t *testing.T) {
 		aes   = "driver=qcow2,file.filename=aes.qcow2,encrypt.key-secret=s0"
 		plain = "driver=raw,file.filename=plain.raw"
 	)
-	base, err := os.MkdirTemp("", "ublkimg-crypt")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(base) })
+	work := fixtureCopies(t, src)
 	for i, args := range [][]string{
 		{"info", "enc.qcow2"},
 		{"info", "--output=json", "aes.qcow2"},
@@ -90,16 +85,10 @@ func TestEncryptedVerbs(t *testing.T) {
 		{"measure", "--object", obj, "-O", "qcow2", "--image-opts", enc},
 		{"measure", "-O", "qcow2", "enc.qcow2"},
 	} {
-		// Directory names without commas: --image-opts strings hold paths.
 		t.Run(fmt.Sprint(i), func(t *testing.T) {
 			t.Parallel()
 			t.Log(strings.Join(args, " "))
-			ours, theirs := filepath.Join(base, fmt.Sprint(i, "a")), filepath.Join(base, fmt.Sprint(i, "b"))
-			cp := exec.Command("bash", "-c", "mkdir "+ours+" "+theirs+" && cp -a --sparse=always . "+ours+" && cp -a --sparse=always . "+theirs)
-			cp.Dir = src
-			if out, err := cp.CombinedOutput(); err != nil {
-				t.Fatalf("%v\n%s", err, out)
-			}
+			ours, theirs := work(t, i)
 			sameAsQemu(t, ours, theirs, args)
 			// What was written reads alike through qemu-img (new keys
 			// differ, so encrypted images are compared decrypted) and

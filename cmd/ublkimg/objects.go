@@ -23,7 +23,7 @@ var objectVerbs = []string{"amend", "attach", "bench", "check", "commit", "compa
 
 // imageOptsVerbs are the verbs whose image operands may be --image-opts
 // strings.
-var imageOptsVerbs = []string{"amend", "attach", "bench", "check", "compare", "convert", "dd", "info", "map", "measure", "resize", "snapshot"}
+var imageOptsVerbs = []string{"amend", "attach", "bench", "check", "commit", "compare", "convert", "dd", "info", "map", "measure", "rebase", "resize", "snapshot"}
 
 // addObjectFlags gives c the --object flag (and --image-opts where it
 // applies). The secrets exist while c runs, and are forgotten and zeroed

@@ -100,23 +100,34 @@ func openCommitChain(co *coroutine.Co, opts CommitOptions) (top, base *bdrv.Node
 		top.Close(co)
 		return nil, nil, err
 	}
-	cur, curName := top, opts.Filename
+	// The options of the image's --image-opts string reach each backing
+	// file with their "backing." prefixes taken off, as bdrv.Open passes
+	// them (backing.encrypt.key-secret=ID is the backing file's key).
+	_, _, curOpts, err := ResolveImageName(opts.Filename)
+	if err != nil {
+		return fail(err)
+	}
+	display := displayName(opts.Filename)
+	cur, curName := top, top.Filename
 	for depth := 0; ; depth++ {
 		if cur.BackingFile == "" {
 			if opts.Base == "" {
 				return fail(errors.New("Image does not have a backing file"))
 			}
-			return fail(fmt.Errorf("Did not find '%s' in the backing chain of '%s'", opts.Base, opts.Filename))
+			return fail(fmt.Errorf("Did not find '%s' in the backing chain of '%s'", opts.Base, display))
 		}
 		name := bdrv.ResolveBacking(curName, cur.BackingFile)
 		isBase := depth == 0 && opts.Base == ""
-		if opts.Base != "" {
+		if opts.Base != "" && !curOpts.BackingOverridden() {
+			// A backing file given options is known by its json: name
+			// only, which -b cannot match as a file name.
 			isBase = sameBackingImage(curName, cur.BackingFile, opts.Base)
 		}
+		curOpts = curOpts.ChainOptions()
 		next, err := openImage(co, openSpec{filename: name, format: cur.BackingFormat, cache: opts.Cache,
-			readOnly: !isBase, noBacking: !isBase})
+			readOnly: !isBase, noBacking: !isBase, options: curOpts})
 		if err != nil {
-			return fail(openError(opts.Filename, fmt.Errorf("Could not open backing file: %s", err.Error())))
+			return fail(openError(display, fmt.Errorf("Could not open backing file: %s", backingReason(name, err))))
 		}
 		cur.Backing = next
 		if isBase {

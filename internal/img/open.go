@@ -107,6 +107,19 @@ func reason(filename string, err error) string {
 	return strings.ReplaceAll(msg, "could not open backing file: ", "Could not open backing file: ")
 }
 
+// backingReason is openImage's failure to open the backing file name as
+// QEMU words it after "Could not open backing file: ": a format driver's
+// refusal ("Parameter 'encrypt.key-secret' is required for cipher") does
+// not name the file, a protocol error does ("Could not open 'b': No such
+// file or directory").
+func backingReason(name string, err error) string {
+	var oe *OpenError
+	if errors.As(err, &oe) && bdrv.BackingOpenReason(oe.Err) != oe.Err {
+		return reason(name, oe.Err)
+	}
+	return err.Error()
+}
+
 // Strerror is the C library's text for the errno in err's chain ("No space
 // left on device"), or err's own message when it carries none. qemu-img
 // prints I/O errors as strerror(-ret); Go's errno texts are the same

@@ -88,7 +88,7 @@ func Rebase(co *coroutine.Co, opts RebaseOptions) error {
 	}
 	progress.Print(100, 0)
 	if err := n.Close(co); err != nil {
-		return fmt.Errorf("Failed to close '%s': %s", opts.Filename, errText(err))
+		return fmt.Errorf("Failed to close '%s': %s", displayName(opts.Filename), errText(err))
 	}
 	return nil
 }
@@ -100,15 +100,21 @@ func rebaseCopy(co *coroutine.Co, n *bdrv.Node, opts RebaseOptions, progress *Pr
 	old := n.Backing
 	var newB, prefix *bdrv.Node
 	if opts.Backing != "" {
-		path := pathCombine(opts.Filename, opts.Backing)
-		// A new backing file from the image's own chain is reused.
-		name := opts.Filename
-		for p := n; p != nil && p.Backing != nil; p = p.Backing {
+		path := pathCombine(n.Filename, opts.Backing)
+		// A new backing file from the image's own chain is reused; one
+		// opened with options of its own (--image-opts backing.*) is known
+		// by its json: name only, which -b does not match as a file name.
+		_, _, o, err := ResolveImageName(opts.Filename)
+		if err != nil {
+			return err
+		}
+		name := n.Filename
+		for p := n; p != nil && p.Backing != nil && !o.BackingOverridden(); p = p.Backing {
 			if sameBackingImage(name, p.BackingFile, opts.Backing) {
 				prefix = p.Backing
 				break
 			}
-			name = pathCombine(name, p.BackingFile)
+			name, o = pathCombine(name, p.BackingFile), o.ChainOptions()
 		}
 		if prefix != nil {
 			newB = prefix
@@ -119,7 +125,7 @@ func rebaseCopy(co *coroutine.Co, n *bdrv.Node, opts RebaseOptions, progress *Pr
 			}
 			b, err := openImage(co, s)
 			if err != nil {
-				return fmt.Errorf("Could not open new backing file '%s': %s", opts.Backing, err.Error())
+				return fmt.Errorf("Could not open new backing file '%s': %s", opts.Backing, backingReason(path, err))
 			}
 			defer b.Close(co)
 			newB = b
