@@ -130,3 +130,12 @@ func capitalizeFirst(s string) string {
 	}
 	return s
 }
+
+// KeyError is the failure to open an encrypted image for want of its key:
+// no key-secret option, no such secret, or a passphrase that opens no key
+// slot. Tools that can work on the metadata alone (check) must not fall
+// back to doing so: qemu-img refuses.
+type KeyError struct{ Err error }
+
+func (e *KeyError) Error() string { return e.Err.Error() }
+func (e *KeyError) Unwrap() error { return e.Err }

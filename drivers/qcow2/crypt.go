@@ -70,11 +70,11 @@ func (img *Image) openCrypto(co *coroutine.Co, opts bdrv.Options) error {
 	}
 	id, ok := opts[OptKeySecret]
 	if !ok {
-		return &KeyError{fmt.Errorf("Parameter '%s' is required for cipher", OptKeySecret)}
+		return &KeyError{Err: fmt.Errorf("Parameter '%s' is required for cipher", OptKeySecret)}
 	}
 	pass, err := bdrv.LookupSecret(id)
 	if err != nil {
-		return &KeyError{err}
+		return &KeyError{Err: err}
 	}
 	defer clear(pass)
 	if h.CryptMethod == CryptAES {
@@ -91,7 +91,7 @@ func (img *Image) openCrypto(co *coroutine.Co, opts bdrv.Options) error {
 		return err
 	})
 	if errors.Is(err, luks.ErrInvalidPassword) {
-		return &KeyError{err}
+		return &KeyError{Err: err}
 	}
 	if err != nil {
 		return err
@@ -100,14 +100,9 @@ func (img *Image) openCrypto(co *coroutine.Co, opts bdrv.Options) error {
 	return nil
 }
 
-// KeyError is the failure to open an encrypted image for want of its key:
-// no encrypt.key-secret, no such secret, or a passphrase that opens no key
-// slot. Tools that can work on the metadata alone (check) must not fall
-// back to doing so: qemu-img refuses.
-type KeyError struct{ Err error }
-
-func (e *KeyError) Error() string { return e.Err.Error() }
-func (e *KeyError) Unwrap() error { return e.Err }
+// KeyError is the failure to open an encrypted image for want of its key
+// (no encrypt.key-secret, no such secret, or a wrong passphrase).
+type KeyError = bdrv.KeyError
 
 // encrypted reports whether guest data clusters are encrypted.
 func (img *Image) encrypted() bool { return img.hdr.CryptMethod != CryptNone }

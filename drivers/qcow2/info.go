@@ -4,6 +4,7 @@ import (
 	"fmt"
 
 	"ublkimg/coroutine"
+	"ublkimg/internal/luks"
 )
 
 // What qemu-img info reports about a qcow2 image (QEMU's qcow2_get_info and
@@ -61,14 +62,8 @@ type EncryptInfo struct {
 	Slots          []SlotInfo `json:"slots,omitempty"`
 }
 
-// SlotInfo is one LUKS key slot (QAPI QCryptoBlockInfoLUKSSlot); iters
-// and stripes are given for active slots only.
-type SlotInfo struct {
-	Active    bool   `json:"active"`
-	Iters     *int64 `json:"iters"`
-	Stripes   *int64 `json:"stripes"`
-	KeyOffset int64  `json:"key-offset"`
-}
+// SlotInfo is one LUKS key slot (QAPI QCryptoBlockInfoLUKSSlot).
+type SlotInfo = luks.SlotInfo
 
 // encryptInfo describes the image's encryption, nil if it has none.
 func (img *Image) encryptInfo() *EncryptInfo {
@@ -79,23 +74,15 @@ func (img *Image) encryptInfo() *EncryptInfo {
 	default:
 		return nil
 	}
-	h := img.crypt.luks
+	in := img.crypt.luks.Info()
 	num := func(v int64) *int64 { return &v }
-	s := h.Suite()
-	e := &EncryptInfo{
-		Format: "luks", CipherAlg: s.CipherAlg, CipherMode: s.CipherMode, IVGenAlg: s.IVGenAlg,
-		IVGenHashAlg: s.IVGenHash, HashAlg: s.HashAlg, UUID: h.UUID,
-		PayloadOffset:  num(h.AreaSize()),
-		MasterKeyIters: num(int64(h.MKDigestIter)),
+	return &EncryptInfo{
+		Format: "luks", CipherAlg: in.CipherAlg, CipherMode: in.CipherMode, IVGenAlg: in.IVGenAlg,
+		IVGenHashAlg: in.IVGenHashAlg, HashAlg: in.HashAlg, UUID: in.UUID,
+		PayloadOffset:  num(in.PayloadOffset),
+		MasterKeyIters: num(in.MasterKeyIters),
+		Slots:          in.Slots,
 	}
-	for _, k := range h.Slots {
-		si := SlotInfo{Active: k.Active, KeyOffset: int64(k.KeyOffset) * 512}
-		if k.Active {
-			si.Iters, si.Stripes = num(int64(k.Iterations)), num(int64(k.Stripes))
-		}
-		e.Slots = append(e.Slots, si)
-	}
-	return e
 }
 
 // BitmapInfo describes one persistent bitmap (QAPI Qcow2BitmapInfo). Flags

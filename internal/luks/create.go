@@ -39,8 +39,13 @@ func (o CreateOptions) suite() (suite, int, error) {
 		aesBytes = 24
 	case "aes-256":
 		aesBytes = 32
-	default:
+	case "des", "3des":
+		return suite{}, 0, fmt.Errorf("Algorithm '%s' not supported", alg)
+	case "cast5-128", "serpent-128", "serpent-192", "serpent-256", "twofish-128", "twofish-192", "twofish-256":
+		// QEMU's other LUKS ciphers, which this package lacks.
 		return suite{}, 0, fmt.Errorf("Cipher algorithm '%s' is not supported", alg)
+	default:
+		return suite{}, 0, fmt.Errorf("Parameter 'cipher-alg' does not accept value '%s'", alg)
 	}
 	keyBytes := aesBytes
 	if mode == "xts" {

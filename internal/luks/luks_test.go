@@ -205,6 +205,8 @@ func TestCreateRefuses(t *testing.T) {
 		want string
 	}{
 		{CreateOptions{CipherAlg: "twofish-256"}, "Cipher algorithm 'twofish-256' is not supported"},
+		{CreateOptions{CipherAlg: "des"}, "Algorithm 'des' not supported"},
+		{CreateOptions{CipherAlg: "sm4"}, "Parameter 'cipher-alg' does not accept value 'sm4'"},
 		{CreateOptions{CipherMode: "ctr"}, "Cipher mode 'ctr-plain64' is not supported"},
 		{CreateOptions{HashAlg: "md5"}, "Hash algorithm 'md5' is not supported"},
 		{CreateOptions{IVGenAlg: "benbi"}, "IV generator 'benbi' is not supported"},
