@@ -165,6 +165,50 @@ func requireFormat(t *testing.T, format string) {
 	}
 }
 
+// qcow2FeaturesScript: an encrypted (LUKS) qcow2 image served with its key
+// from a secret object, refused with a wrong key, and a qcow2 image with a
+// persistent dirty bitmap that records the device's writes; both pass
+// qemu-img check, and qemu-img sees the bitmap consistent after detach.
+const qcow2FeaturesScript = `
+printf 'correct horse' >/tmp/key
+printf 'wrong horse' >/tmp/badkey
+SEC="--object secret,id=sec0,file=/tmp/key"
+OPTS="driver=qcow2,file.filename=/tmp/enc.qcow2,encrypt.key-secret=sec0"
+check enc-create ublkimg create -f qcow2 $SEC -o encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10 /tmp/enc.qcow2 64M
+dev=$(ublkimg attach $SEC --image-opts "$OPTS")
+check enc-attach test -b "$dev" || exit 1
+check enc-mkfs mke2fs -q -F -t ext4 "$dev"
+fio_verify enc-fio "$dev" --rw=randwrite --bs=4k --iodepth=16 --size=16M --offset=32M
+check enc-detach ublkimg detach "$dev"
+check enc-no-plaintext sh -c "! grep -q 'lost+found' /tmp/enc.qcow2"
+expect_fail enc-wrong-key "Invalid password" ublkimg attach --object secret,id=sec0,file=/tmp/badkey --image-opts "$OPTS"
+dev=$(ublkimg attach $SEC --image-opts "$OPTS")
+check enc-fsck e2fsck -fn "$dev"
+check enc-detach2 ublkimg detach "$dev"
+check enc-qemu-check qemu-img check $SEC --image-opts "$OPTS"
+
+check bm-create ublkimg create -f qcow2 /tmp/bm.qcow2 64M
+check bm-add qemu-img bitmap --add /tmp/bm.qcow2 b0
+dev=$(ublkimg attach /tmp/bm.qcow2)
+check bm-attach test -b "$dev" || exit 1
+check bm-write dd if=/dev/urandom of="$dev" bs=64k count=4 seek=100 oflag=direct
+check bm-in-use-while-attached sh -c "qemu-img info -U /tmp/bm.qcow2 | grep -q 'in-use'"
+check bm-detach ublkimg detach "$dev"
+check bm-consistent sh -c "qemu-img info /tmp/bm.qcow2 | grep -q 'auto' && ! qemu-img info /tmp/bm.qcow2 | grep -q 'in-use'"
+check bm-qemu-check qemu-img check /tmp/bm.qcow2
+`
+
+// TestVMQcow2Features serves an encrypted qcow2 image and one with a
+// persistent bitmap through ublk.
+func TestVMQcow2Features(t *testing.T) {
+	requireFormat(t, "qcow2")
+	qemuImg, err := vm.Tool("qemu-img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	run(t, qcow2FeaturesScript, vm.RunOptions{Files: []vm.File{qemuImg}})
+}
+
 // miscScript: read-only attach, two queues under concurrent fio jobs, 4 KiB
 // blocks, detach refusing a mounted device, and every error line.
 const miscScript = `
