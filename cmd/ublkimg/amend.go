@@ -23,13 +23,18 @@ func amendCommand() *cli.Command {
 			"data file only; empty removes the name), data_file_raw=off.\n" +
 			"backing_file and backing_fmt may only repeat the current values (use\n" +
 			"rebase to change them); options only meaningful at creation\n" +
-			"(cluster_size, extended_l2, ...) are refused. Changes are made in\n" +
+			"(cluster_size, extended_l2, ...) are refused. LUKS key slots:\n" +
+			"encrypt.state=active,encrypt.new-secret=ID[,encrypt.keyslot=N][,encrypt.iter-time=MS]\n" +
+			"adds a passphrase (the image's key, from --image-opts, unlocks it);\n" +
+			"encrypt.state=inactive with encrypt.keyslot=N or encrypt.old-secret=ID erases.\n" +
+			"Changes are made in\n" +
 			"qemu-img's order, so a failing combination stops at the same step.",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "f", Aliases: []string{"format"}, Usage: "`FMT` of the image (default: probed)"},
 			&cli.StringFlag{Name: "o", Usage: "`OPTIONS` to change, key=value,..."},
 			&cli.BoolFlag{Name: "p", Usage: "show progress"},
 			&cli.BoolFlag{Name: "q", Aliases: []string{"quiet"}, Usage: "quiet"},
+			&cli.BoolFlag{Name: "force", Usage: "allow unsafe changes: overwrite an active key slot, erase the last ones"},
 		},
 		Action: amendAction,
 	}
@@ -39,7 +44,7 @@ func amendAction(c *cli.Context) error {
 	if c.NArg() != 1 {
 		return errors.New("Expecting one image file name")
 	}
-	opts := img.AmendOptions{Format: c.String("f"), Filename: c.Args().First(), Options: c.String("o")}
+	opts := img.AmendOptions{Format: c.String("f"), Filename: c.Args().First(), Options: c.String("o"), Force: c.Bool("force")}
 	if c.Bool("p") && !c.Bool("q") {
 		opts.Progress = c.App.Writer
 	}

@@ -25,12 +25,7 @@ qemu-io $O --image-opts driver=qcow2,file.filename=top.qcow2,encrypt.key-secret=
 
 func TestEncryptedChainVerbs(t *testing.T) {
 	requireQemuImg(t)
-	src := t.TempDir()
-	sh := exec.Command("bash", "-e", "-c", cryptChainImages)
-	sh.Dir = src
-	if out, err := sh.CombinedOutput(); err != nil {
-		t.Fatalf("making images: %v\n%s", err, out)
-	}
+	src := makeImages(t, cryptChainImages)
 	const (
 		s0, s1 = "secret,id=s0,data=pw0", "secret,id=s1,data=pw1"
 		top    = "driver=qcow2,file.filename=top.qcow2,encrypt.key-secret=s1"
@@ -88,6 +83,18 @@ func TestEncryptedChainVerbs(t *testing.T) {
 			}
 		})
 	}
+}
+
+// makeImages runs the shell script in a new directory and returns it.
+func makeImages(t *testing.T, script string) string {
+	t.Helper()
+	src := t.TempDir()
+	sh := exec.Command("bash", "-e", "-c", script)
+	sh.Dir = src
+	if out, err := sh.CombinedOutput(); err != nil {
+		t.Fatalf("making images: %v\n%s", err, out)
+	}
+	return src
 }
 
 // fixtureCopies returns a function that gives test case i two copies of

@@ -2,7 +2,6 @@ package main
 
 import (
 	"fmt"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -26,12 +25,7 @@ qemu-io -c "write -P 1 0 64k" pl.qcow2 >/dev/null
 
 func TestEncryptedVerbs(t *testing.T) {
 	requireQemuImg(t)
-	src := t.TempDir()
-	sh := exec.Command("bash", "-e", "-c", cryptImages)
-	sh.Dir = src
-	if out, err := sh.CombinedOutput(); err != nil {
-		t.Fatalf("making images: %v\n%s", err, out)
-	}
+	src := makeImages(t, cryptImages)
 	const (
 		obj   = "secret,id=s0,file=pw"
 		enc   = "driver=qcow2,file.filename=enc.qcow2,encrypt.key-secret=s0"

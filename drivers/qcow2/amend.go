@@ -6,6 +6,7 @@ import (
 	"math/bits"
 
 	"ublkimg/coroutine"
+	"ublkimg/internal/luks"
 )
 
 // AmendOptions are the qcow2 options qemu-img amend can change in place
@@ -32,6 +33,9 @@ type AmendOptions struct {
 	// the lazy refcounts change, before a downgrade. It is called without
 	// the metadata lock (it resizes through the node).
 	Resize func(co *coroutine.Co) error
+	// Encrypt, if not nil, changes LUKS key slots (encrypt.* options);
+	// it is applied after an upgrade, before a refcount width change.
+	Encrypt *luks.AmendOptions
 	// Status, if not nil, receives progress as QEMU's amend status
 	// callback: offset done of total work, in arbitrary units.
 	Status func(offset, total int64)
@@ -55,6 +59,7 @@ var (
 // Operations of an amend, for progress (QEMU's Qcow2AmendOperation).
 const (
 	amendUpgrade = 1 + iota
+	amendEncryption
 	amendRefcountOrder
 	amendDowngrade
 )
@@ -62,8 +67,8 @@ const (
 // Amend changes the image's options in QEMU's order (qcow2_amend_options),
 // so that a combination fails at the same step, with the same changes
 // already made: the option values are checked first (data_file,
-// data_file_raw, refcount width); then come the upgrade, the refcount
-// width (changeRefcountOrderLocked), the data file name and raw bit, the
+// data_file_raw, refcount width); then come the upgrade, the LUKS key
+// slot change (encrypt.*), the refcount width (changeRefcountOrderLocked), the data file name and raw bit, the
 // backing file check, lazy refcounts, the resize and last the downgrade
 // (downgradeLocked), which turns lazy refcounts off. An upgrade from
 // version 2 rewrites the snapshot table (version 3 requires the disk size
@@ -86,6 +91,9 @@ func (img *Image) Amend(co *coroutine.Co, o AmendOptions) error {
 		st.total++
 	}
 	if o.RefcountBits != 0 && o.RefcountBits != h.RefcountBits() {
+		st.total++
+	}
+	if o.Encrypt != nil {
 		st.total++
 	}
 	err := img.amendLocked(co, o, newVersion, st)
@@ -117,6 +125,11 @@ func (img *Image) amendLocked(co *coroutine.Co, o AmendOptions, newVersion uint3
 		return err
 	}
 	h := img.Header()
+	if o.Encrypt != nil {
+		if err := img.checkAmendCrypto(); err != nil {
+			return err
+		}
+	}
 	if o.DataFile != nil && !h.HasDataFile() {
 		return ErrAmendDataFile
 	}
@@ -130,6 +143,12 @@ func (img *Image) amendLocked(co *coroutine.Co, o AmendOptions, newVersion uint3
 	if newVersion > h.Version {
 		st.start(amendUpgrade)
 		if err := img.upgradeLocked(co, st); err != nil {
+			return err
+		}
+	}
+	if o.Encrypt != nil {
+		st.start(amendEncryption)
+		if err := img.amendCryptoLocked(co, *o.Encrypt); err != nil {
 			return err
 		}
 	}

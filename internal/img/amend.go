@@ -11,6 +11,7 @@ import (
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
 	"ublkimg/drivers/qcow2"
+	"ublkimg/internal/luks"
 )
 
 // AmendOptions are qemu-img amend's arguments.
@@ -18,6 +19,9 @@ type AmendOptions struct {
 	Filename string
 	Format   string // -f; "" probes
 	Options  string // -o, "key=value,..."
+	// Force (--force) allows what QEMU calls unsafe: overwriting an
+	// active key slot, erasing the last ones.
+	Force bool
 	// Progress, if not nil, receives -p's progress line.
 	Progress io.Writer
 }
@@ -35,6 +39,10 @@ var amendKinds = map[string]bdrv.OptionType{
 	"backing_file": bdrv.OptString, "backing_fmt": bdrv.OptString,
 	"data_file": bdrv.OptString, "data_file_raw": bdrv.OptBool,
 	"lazy_refcounts": bdrv.OptBool, "refcount_bits": bdrv.OptNumber,
+	// LUKS key slots (QEMU's BLOCK_CRYPTO_OPT_DEF_QCOW2_LUKS_* amend options).
+	"encrypt.state": bdrv.OptString, "encrypt.keyslot": bdrv.OptNumber,
+	"encrypt.new-secret": bdrv.OptString, "encrypt.old-secret": bdrv.OptString,
+	"encrypt.iter-time": bdrv.OptNumber,
 }
 
 // Amend changes format options of an existing qcow2 image as qemu-img
@@ -62,6 +70,14 @@ func Amend(co *coroutine.Co, opts AmendOptions) error {
 		return fmt.Errorf("Format driver '%s' does not support option amendment", node.Format.Name)
 	}
 	o, compat, size, err := parseAmendOptions(opts.Options)
+	if err == nil && o.Encrypt != nil {
+		o.Encrypt.Force = opts.Force
+		_, _, iopts, rerr := ResolveImageName(opts.Filename)
+		if rerr != nil {
+			return rerr
+		}
+		o.Encrypt.Secret = iopts[qcow2.OptKeySecret]
+	}
 	if err == nil {
 		if size != 0 {
 			o.Resize = func(co *coroutine.Co) error {
@@ -147,7 +163,38 @@ func parseAmendOptions(s string) (o qcow2.AmendOptions, compat *string, size int
 			o.RefcountBits = uint32(n)
 		}
 	}
+	o.Encrypt = amendCryptOptions(vals)
 	return o, str("compat"), size, nil
+}
+
+// amendCryptOptions gathers the encrypt.* options, nil if none is given.
+func amendCryptOptions(vals map[string]string) *luks.AmendOptions {
+	var e luks.AmendOptions
+	given := false
+	for k, v := range vals {
+		name, ok := strings.CutPrefix(k, "encrypt.")
+		if !ok {
+			continue
+		}
+		given = true
+		n, _ := parseAmendNumber(v)
+		switch name {
+		case "state":
+			e.State = &v
+		case "new-secret":
+			e.NewSecret = &v
+		case "old-secret":
+			e.OldSecret = &v
+		case "keyslot":
+			e.Keyslot = new(int64(n))
+		case "iter-time":
+			e.IterTime = new(int64(n))
+		}
+	}
+	if !given {
+		return nil
+	}
+	return &e
 }
 
 // amendVersion checks the compat value as QEMU's qcow2_amend_options does

@@ -74,22 +74,34 @@ type ReadAtFunc func(p []byte, off int64) error
 // passphrase that opens no slot gives ErrInvalidPassword; I/O errors are
 // returned as they are.
 func (h *Header) Unlock(passphrase []byte, read ReadAtFunc) (*Volume, error) {
-	mk := make([]byte, h.KeyBytes)
+	mk, err := h.masterKey(passphrase, read)
+	if err != nil {
+		return nil, err
+	}
 	defer clear(mk)
+	c, err := h.suite.newCipher(mk)
+	if err != nil {
+		return nil, err
+	}
+	return &Volume{Header: h, Cipher: c}, nil
+}
+
+// masterKey returns the master key that the first active slot opened by
+// passphrase holds (QEMU's qcrypto_block_luks_find_key), or
+// ErrInvalidPassword. The caller clears it after use.
+func (h *Header) masterKey(passphrase []byte, read ReadAtFunc) ([]byte, error) {
+	mk := make([]byte, h.KeyBytes)
 	for i := range h.Slots {
 		ok, err := h.tryslot(i, passphrase, read, mk)
 		if err != nil {
+			clear(mk)
 			return nil, err
 		}
-		if !ok {
-			continue
+		if ok {
+			return mk, nil
 		}
-		c, err := h.suite.newCipher(mk)
-		if err != nil {
-			return nil, err
-		}
-		return &Volume{Header: h, Cipher: c}, nil
 	}
+	clear(mk)
 	return nil, ErrInvalidPassword
 }
 
