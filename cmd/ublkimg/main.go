@@ -21,6 +21,7 @@ import (
 
 	// The drivers register their formats with bdrv.
 	_ "ublkimg/drivers/file"
+	_ "ublkimg/drivers/luks"
 	_ "ublkimg/drivers/null"
 	_ "ublkimg/drivers/qcow2"
 	_ "ublkimg/drivers/raw"

@@ -255,7 +255,7 @@ func HeaderAreaSize(o bdrv.Options) (int64, error) {
 func create(co *coroutine.Co, req *bdrv.CreateRequest) error {
 	prealloc, err := bdrv.ParsePrealloc(req.Options.String("preallocation", "off"))
 	if err != nil {
-		return err
+		return fmt.Errorf("invalid parameter value: %s", req.Options.String("preallocation", "off"))
 	}
 	if prealloc == bdrv.PreallocMetadata {
 		prealloc = bdrv.PreallocOff

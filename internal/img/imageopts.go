@@ -80,8 +80,10 @@ func resolveImageOpts(s *openSpec) (string, error) {
 // encryption secret of create options (convert -o encrypt.key-secret=ID:
 // qemu-img opens the new image with the key it was created with).
 func keySecretOption(create bdrv.Options) bdrv.Options {
-	if id, ok := create["encrypt.key-secret"]; ok {
-		return bdrv.Options{"encrypt.key-secret": id}
+	for _, k := range []string{"encrypt.key-secret", "key-secret"} { // qcow2, luks
+		if id, ok := create[k]; ok {
+			return bdrv.Options{k: id}
+		}
 	}
 	return nil
 }

@@ -10,6 +10,7 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
+	luksdrv "ublkimg/drivers/luks"
 	"ublkimg/drivers/qcow2"
 )
 
@@ -87,6 +88,8 @@ func Measure(co *coroutine.Co, opts MeasureOptions) (*MeasureInfo, error) {
 		return &MeasureInfo{Required: req, FullyAllocated: req}, nil
 	case "qcow2":
 		return measureQcow2(co, o, in)
+	case "luks":
+		return measureLUKS(o, in)
 	}
 	return nil, fmt.Errorf("Format driver '%s' does not support size measurement", outFmt)
 }
@@ -293,4 +296,20 @@ func WriteMeasure(w io.Writer, info *MeasureInfo, json bool) error {
 	}
 	_, err := io.WriteString(w, b.String())
 	return err
+}
+
+// measureLUKS is QEMU's block_crypto_measure: the header area, then the
+// payload, all of it written.
+func measureLUKS(o bdrv.Options, in *bdrv.Node) (*MeasureInfo, error) {
+	hdr, err := luksdrv.HeaderAreaSize(o)
+	if err != nil {
+		return nil, err
+	}
+	size := int64(0)
+	if in != nil {
+		size = qemuLength(in)
+	} else if size, err = o.Size(optSize, 0); err != nil {
+		return nil, err
+	}
+	return &MeasureInfo{Required: hdr + size, FullyAllocated: hdr + size}, nil
 }

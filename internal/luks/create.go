@@ -31,6 +31,11 @@ func (o CreateOptions) suite() (suite, int, error) {
 	alg := cmp(o.CipherAlg, "aes-256")
 	mode := cmp(o.CipherMode, "xts")
 	ivgen := cmp(o.IVGenAlg, "plain64")
+	switch ivgen {
+	case "plain", "plain64", "essiv":
+	default: // not a QAPI QCryptoIVGenAlgorithm
+		return suite{}, 0, fmt.Errorf("Parameter 'ivgen-alg' does not accept value '%s'", ivgen)
+	}
 	var aesBytes int
 	switch alg {
 	case "aes-128":

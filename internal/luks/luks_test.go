@@ -209,7 +209,7 @@ func TestCreateRefuses(t *testing.T) {
 		{CreateOptions{CipherAlg: "sm4"}, "Parameter 'cipher-alg' does not accept value 'sm4'"},
 		{CreateOptions{CipherMode: "ctr"}, "Cipher mode 'ctr-plain64' is not supported"},
 		{CreateOptions{HashAlg: "md5"}, "Hash algorithm 'md5' is not supported"},
-		{CreateOptions{IVGenAlg: "benbi"}, "IV generator 'benbi' is not supported"},
+		{CreateOptions{IVGenAlg: "benbi"}, "Parameter 'ivgen-alg' does not accept value 'benbi'"},
 		{CreateOptions{IVGenAlg: "essiv"}, "Cipher mode 'xts-essiv:sha256' is not supported"},
 	}
 	for _, tc := range cases {
