@@ -9,7 +9,8 @@ import (
 )
 
 // Raw LUKS volumes (-f luks) from the command line, against qemu-img 7.2
-// run the same way (as TestEncryptedVerbs).
+// run the same way (as TestEncryptedVerbs). info names an image opened
+// with a key secret "json:{...}", as qemu-img does.
 
 const luksImages = `
 printf 'correct horse' > pw
@@ -18,6 +19,7 @@ for try in 1 2 3 4; do qemu-img create -q -f luks --object secret,id=s0,file=pw 
 for try in 1 2 3 4; do qemu-img create -q -f luks --object secret,id=s0,file=pw -o key-secret=s0,iter-time=10,cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv,hash-alg=sha1 cbc.luks 1M && break; done
 qemu-img convert -n --object secret,id=s0,file=pw -f raw plain.raw --target-image-opts driver=luks,file.filename=v.luks,key-secret=s0
 qemu-io --object secret,id=s0,file=pw --image-opts driver=luks,file.filename=cbc.luks,key-secret=s0 -c "write -P 9 4k 100k" >/dev/null
+for try in 1 2 3 4; do qemu-img create -q -f qcow2 --object secret,id=s0,file=pw -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 enc.qcow2 1M && break; done
 `
 
 func TestLUKSVerbs(t *testing.T) {
@@ -40,6 +42,9 @@ func TestLUKSVerbs(t *testing.T) {
 		{"info", "v.luks"},
 		{"info", "--output=json", "cbc.luks"},
 		{"info", "-f", "luks", "--object", obj, "--output=json", "v.luks"},
+		{"info", "--object", obj, "--image-opts", v},
+		{"info", "--object", obj, "--output=json", "--image-opts", "driver=luks,file.filename=cbc.luks"},
+		{"info", "--object", obj, "--output=json", "--image-opts", "driver=qcow2,file.filename=enc.qcow2,encrypt.key-secret=s0"},
 		{"check", "--object", obj, "--image-opts", v},
 		{"check", "--object", obj, "--output=json", "--image-opts", cbc},
 		{"check", "v.luks"},

@@ -93,10 +93,9 @@ func Info(co *coroutine.Co, opts InfoOptions) ([]*ImageInfo, error) {
 		if err != nil {
 			return nil, err
 		}
-		// An --image-opts name shows as the file it opens, as in qemu-img.
 		shown := filename
 		if strings.HasPrefix(filename, imageOptsMark) {
-			shown = n.Filename
+			shown = imageOptsShown(s, n)
 		}
 		info, err := queryInfo(co, n, shown)
 		n.Close(co)
@@ -110,6 +109,43 @@ func Info(co *coroutine.Co, opts InfoOptions) ([]*ImageInfo, error) {
 		filename, format = info.FullBackingFilename, info.BackingFormat
 	}
 	return infos, nil
+}
+
+// strongOptions are, per format, the open options that change what an
+// image reads as (QEMU's strong_runtime_opts): an image opened with any of
+// them is named by its options.
+var strongOptions = map[string][]string{
+	"luks":  {"key-secret"},
+	"qcow2": {"encrypt.key-secret"},
+}
+
+// imageOptsShown is the name qemu-img gives an image opened by an
+// --image-opts string (bdrv_refresh_filename): the file it opens, or, when
+// a strong option was given, "json:" and the options that matter.
+func imageOptsShown(s openSpec, n *bdrv.Node) string {
+	if _, err := resolveImageOpts(&s); err != nil {
+		return n.Filename
+	}
+	var d *Dict
+	for _, k := range strongOptions[n.Format.Name] {
+		v, ok := s.options[k]
+		if !ok {
+			continue
+		}
+		if d == nil {
+			file := NewDict()
+			file.Set("driver", "file")
+			file.Set("filename", n.Filename)
+			d = NewDict()
+			d.Set("driver", n.Format.Name)
+			d.Set("file", file)
+		}
+		d.Set(k, v)
+	}
+	if d == nil {
+		return n.Filename
+	}
+	return "json:" + jsonCompact(d)
 }
 
 // queryInfo is QEMU's bdrv_query_image_info for an open node.

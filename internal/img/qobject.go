@@ -99,36 +99,58 @@ func writeIndent(b *strings.Builder, n int) {
 	}
 }
 
+// jsonCompact returns v as qobject_to_json does: on one line,
+// members separated by ", " (the form of "json:{...}" file names).
+func jsonCompact(v any) string {
+	var b strings.Builder
+	writeJSON(&b, v, -1)
+	return b.String()
+}
+
+// writeJSON writes v at indent level indent; a negative indent writes it
+// compactly on one line.
 func writeJSON(b *strings.Builder, v any, indent int) {
+	next := func(i int) {
+		if i > 0 {
+			b.WriteString(",")
+		}
+		if indent < 0 {
+			if i > 0 {
+				b.WriteString(" ")
+			}
+			return
+		}
+		b.WriteString("\n")
+		writeIndent(b, indent+1)
+	}
+	end := func(c string) {
+		if indent >= 0 {
+			b.WriteString("\n")
+			writeIndent(b, indent)
+		}
+		b.WriteString(c)
+	}
+	sub := indent + 1
+	if indent < 0 {
+		sub = -1
+	}
 	switch x := v.(type) {
 	case *Dict:
 		b.WriteString("{")
 		for i, k := range x.Keys() {
-			if i > 0 {
-				b.WriteString(",")
-			}
-			b.WriteString("\n")
-			writeIndent(b, indent+1)
+			next(i)
 			writeJSONString(b, k)
 			b.WriteString(": ")
-			writeJSON(b, x.vals[k], indent+1)
+			writeJSON(b, x.vals[k], sub)
 		}
-		b.WriteString("\n")
-		writeIndent(b, indent)
-		b.WriteString("}")
+		end("}")
 	case []any:
 		b.WriteString("[")
 		for i, e := range x {
-			if i > 0 {
-				b.WriteString(",")
-			}
-			b.WriteString("\n")
-			writeIndent(b, indent+1)
-			writeJSON(b, e, indent+1)
+			next(i)
+			writeJSON(b, e, sub)
 		}
-		b.WriteString("\n")
-		writeIndent(b, indent)
-		b.WriteString("]")
+		end("]")
 	case string:
 		writeJSONString(b, x)
 	default:
