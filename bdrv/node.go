@@ -3,7 +3,9 @@ package bdrv
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -72,6 +74,14 @@ type Format struct {
 	CreateOptions []OptionSpec
 	// SupportsBacking is true for formats that can have a backing file.
 	SupportsBacking bool
+}
+
+// OptionLister is implemented by drivers that say which open options they
+// honour, so that Spec.CheckOptions can refuse the others: names, and
+// "prefix." entries standing for every option under them. Drivers without
+// it accept anything.
+type OptionLister interface {
+	OpenOptions() []string
 }
 
 // CreateRequest is what [Create] passes to a format's Create.
@@ -243,6 +253,14 @@ type Spec struct {
 	// (QEMU's BDRV_O_NO_IO, which qemu-img info uses): drivers may then skip
 	// what only guest I/O needs, such as unlocking encryption.
 	NoIO bool
+	// CheckOptions refuses options that no node opened uses, as QEMU
+	// refuses the options of --image-opts or -o left over after the open
+	// ("Block format 'qcow2' does not support the option 'foo'").
+	CheckOptions bool
+	// OwnBacking, with NoBacking, says that the caller opens the backing
+	// chain itself with the "backing." options, so CheckOptions leaves
+	// them to it.
+	OwnBacking bool
 }
 
 // ErrNoFile wraps the error of an image that does not exist.
@@ -305,6 +323,8 @@ func Open(co *coroutine.Co, spec Spec) (*Node, error) {
 			ReadOnly: true,
 			NoIO:     spec.NoIO,
 			Options:  spec.Options.ChainOptions(),
+			// Only what the user addressed to the backing file.
+			CheckOptions: spec.CheckOptions,
 		}
 		b, err := Open(co, bspec)
 		if err != nil {
@@ -313,7 +333,69 @@ func Open(co *coroutine.Co, spec Spec) (*Node, error) {
 		}
 		n.Backing = b
 	}
+	if spec.CheckOptions {
+		var err error
+		if n.BackingFile == "" && (!spec.NoBacking || spec.OwnBacking) && spec.Options.BackingOverridden() {
+			// QEMU opens a backing file from the options alone, which
+			// name no file.
+			err = &OptionError{"could not open backing file: Must specify either driver or file"}
+		} else {
+			err = checkOptions(n, proto, spec.Options, n.Backing != nil || spec.OwnBacking)
+		}
+		if err != nil {
+			n.Close(co)
+			return nil, &FormatOpenError{Filename: spec.Filename, Err: err}
+		}
+	}
 	return n, nil
+}
+
+// OptionError is the refusal of options that no node uses
+// (Spec.CheckOptions).
+type OptionError struct{ Msg string }
+
+func (e *OptionError) Error() string { return e.Msg }
+
+// commonOptions are the options of every node (QEMU's bdrv_runtime_opts
+// and the ones this layer adds), which no driver lists.
+var commonOptions = []string{"node-name", "driver", "read-only", "auto-read-only", "cache.", "discard",
+	"detect-zeroes", OptForceShare, OptLocking}
+
+// checkOptions refuses the options in opts that neither the format node
+// n, nor its protocol node proto ("file.*"), nor an opened backing file
+// ("backing.*", when backing) uses, in QEMU's words.
+func checkOptions(n, proto *Node, opts Options, backing bool) error {
+	fl, ok := n.drv.(OptionLister)
+	if !ok {
+		return nil
+	}
+	pl, _ := proto.drv.(OptionLister)
+	for _, k := range slices.Sorted(maps.Keys(opts)) {
+		if sub, ok := strings.CutPrefix(k, "file."); ok {
+			if pl != nil && !hasOption(pl.OpenOptions(), sub) && !hasOption(commonOptions, sub) {
+				return &OptionError{fmt.Sprintf("Block protocol '%s' doesn't support the option '%s'", proto.Format.Name, sub)}
+			}
+			continue
+		}
+		if strings.HasPrefix(k, "backing.") && backing {
+			continue // checked by the backing file's open
+		}
+		if !hasOption(fl.OpenOptions(), k) && !hasOption(commonOptions, k) {
+			return &OptionError{fmt.Sprintf("Block format '%s' does not support the option '%s'", n.Format.Name, k)}
+		}
+	}
+	return nil
+}
+
+// hasOption reports whether name is in list, or under one of its
+// "prefix." entries.
+func hasOption(list []string, name string) bool {
+	for _, o := range list {
+		if o == name || strings.HasSuffix(o, ".") && strings.HasPrefix(name, o) {
+			return true
+		}
+	}
+	return false
 }
 
 // FormatOpenError is a format driver's refusal to open an image (bad

@@ -182,6 +182,12 @@ func (d *driver) RefreshLimits() bdrv.Limits {
 // generic layer follows the write with a flush.
 func (d *driver) SupportedWriteFlags() bdrv.ReqFlags { return 0 }
 
+// OpenOptions are file-posix's runtime options: the ones this driver
+// honours and the ones it accepts without effect (aio, pr-manager, ...).
+func (d *driver) OpenOptions() []string {
+	return []string{"filename", "aio", "aio-max-batch", bdrv.OptLocking, "pr-manager", "drop-cache", "x-check-cache-dropped"}
+}
+
 func (d *driver) Close(co *coroutine.Co) error {
 	if d.fd < 0 {
 		return nil

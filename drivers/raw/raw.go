@@ -64,6 +64,9 @@ func open(co *coroutine.Co, n *bdrv.Node, opts bdrv.Options) (bdrv.Driver, error
 	return d, nil
 }
 
+// OpenOptions are raw's runtime options (QEMU's raw_runtime_opts).
+func (d *driver) OpenOptions() []string { return []string{OptOffset, OptSize} }
+
 func create(co *coroutine.Co, req *bdrv.CreateRequest) error {
 	return bdrv.Create(co, "file", req)
 }

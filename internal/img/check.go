@@ -114,13 +114,17 @@ func Check(co *coroutine.Co, opts CheckOptions, stdout, stderr io.Writer) (int, 
 	// Open the image as qemu-img does before checking, with its backing
 	// chain. A qcow2 image is opened read-only even for a repair: a
 	// read-write open would repair a dirty image before the check sees it.
+	// Options given to the backing file (--image-opts backing.*) need it
+	// opened with the image.
 	format := opts.Format
+	withBacking := named.options.BackingOverridden()
 	n, err := openImage(co, openSpec{filename: marked, format: format, cache: opts.Cache,
-		readOnly: true, noBacking: true, options: fopts})
+		readOnly: true, noBacking: !withBacking, options: fopts})
 	if err != nil {
 		var oe *OpenError
 		var ke *qcow2.KeyError
-		if !errors.As(err, &oe) || (format != "" && format != "qcow2") || errors.As(err, &ke) {
+		var be *bdrv.OptionError
+		if !errors.As(err, &oe) || (format != "" && format != "qcow2") || errors.As(err, &ke) || errors.As(err, &be) || withBacking {
 			return fail(err)
 		}
 		// The driver may refuse images that its checker handles;
@@ -134,7 +138,7 @@ func Check(co *coroutine.Co, opts CheckOptions, stdout, stderr io.Writer) (int, 
 		format = n.Format.Name
 		backing, backingFormat := n.BackingFile, n.BackingFormat
 		n.Close(co)
-		if backing != "" {
+		if backing != "" && !withBacking {
 			b, err := openImage(co, openSpec{filename: bdrv.ResolveBacking(opts.Filename, backing),
 				format: backingFormat, cache: opts.Cache, readOnly: true, options: fopts})
 			if err != nil {

@@ -92,7 +92,7 @@ func Commit(co *coroutine.Co, opts CommitOptions, out io.Writer) error {
 // read-write with its own backing chain (read-only) below it. It returns
 // the image, linked to the chain, and the base.
 func openCommitChain(co *coroutine.Co, opts CommitOptions) (top, base *bdrv.Node, err error) {
-	top, err = openImage(co, openSpec{filename: opts.Filename, format: opts.Format, cache: opts.Cache, noBacking: true})
+	top, err = openImage(co, openSpec{filename: opts.Filename, format: opts.Format, cache: opts.Cache, noBacking: true, ownBacking: true})
 	if err != nil {
 		return nil, nil, err
 	}

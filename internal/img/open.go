@@ -21,6 +21,9 @@ type openSpec struct {
 	// noBacking leaves the backing chain closed: info walks it itself, and
 	// nothing else needs it for metadata-only work.
 	noBacking bool
+	// ownBacking: the caller opens the backing chain itself, with the
+	// image's "backing." options (commit).
+	ownBacking bool
 	// noIO opens for metadata only: an encrypted image needs no key.
 	noIO    bool
 	options bdrv.Options
@@ -46,6 +49,10 @@ func openImage(co *coroutine.Co, s openSpec) (*bdrv.Node, error) {
 		ReadOnly:  s.readOnly,
 		NoBacking: s.noBacking,
 		NoIO:      s.noIO,
+		// The options of an --image-opts string are the user's: QEMU
+		// refuses those no node uses.
+		CheckOptions: display != s.filename,
+		OwnBacking:   s.ownBacking,
 	})
 	if err != nil {
 		if display != s.filename {
