@@ -104,6 +104,7 @@ var suites = []string{
 	"cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv,ivgen-hash-alg=sha256,hash-alg=sha1",
 	"cipher-alg=aes-256,cipher-mode=cbc,ivgen-alg=plain",
 	"cipher-alg=aes-128,ivgen-alg=plain64,hash-alg=sha512",
+	"cipher-alg=aes-128,cipher-mode=ctr,ivgen-alg=plain64,hash-alg=md5",
 }
 
 // TestQemuVolumes: volumes qemu-img created and qemu-io wrote read the same

@@ -3,6 +3,7 @@ package luks
 import (
 	"crypto/aes"
 	"crypto/cipher"
+	"crypto/md5"
 	"crypto/sha1"
 	"crypto/sha256"
 	"crypto/sha512"
@@ -12,12 +13,12 @@ import (
 	"strings"
 )
 
-// suite is a parsed cipher specification: AES in XTS or CBC mode with a
+// suite is a parsed cipher specification: AES in XTS, CBC or CTR mode with a
 // plain, plain64 or essiv IV generator, and the hash used by PBKDF2 and the
 // AF splitter.
 type suite struct {
 	aesKeyBytes int    // 16, 24 or 32: one AES key
-	mode        string // "xts" or "cbc"
+	mode        string // "xts", "cbc" or "ctr"
 	ivgen       string // "plain", "plain64" or "essiv"
 	ivgenHash   string // essiv's hash name
 	hash        string // PBKDF2 / AF hash name
@@ -27,6 +28,7 @@ type suite struct {
 
 // hashes are the LUKS hash_spec names this package supports.
 var hashes = map[string]func() hash.Hash{
+	"md5":    md5.New,
 	"sha1":   sha1.New,
 	"sha224": sha256.New224,
 	"sha256": sha256.New,
@@ -53,7 +55,7 @@ func parseSuite(name, mode, hashSpec string, keyBytes int) (suite, error) {
 		if keyBytes%2 != 0 {
 			s.aesKeyBytes = 0
 		}
-	case "cbc":
+	case "cbc", "ctr":
 		s.aesKeyBytes = keyBytes
 	default:
 		return s, fmt.Errorf("Cipher mode '%s' is not supported", mode)
@@ -102,7 +104,8 @@ func (s suite) modeString() string {
 // concurrent use: it holds only expanded keys.
 type Cipher struct {
 	xts   *xtsCipher   // xts mode
-	block cipher.Block // cbc mode
+	block cipher.Block // cbc and ctr modes
+	ctr   bool         // ctr mode: the IV is the initial counter block
 	essiv cipher.Block // essiv IV generator: AES keyed with hash(key)
 	plain bool         // 32-bit sector numbers (plain) instead of 64-bit
 }
@@ -112,7 +115,7 @@ func (s suite) newCipher(key []byte) (*Cipher, error) {
 	if len(key) != s.keyBytes() {
 		return nil, fmt.Errorf("cipher key is %d bytes, want %d", len(key), s.keyBytes())
 	}
-	c := &Cipher{plain: s.ivgen == "plain"}
+	c := &Cipher{plain: s.ivgen == "plain", ctr: s.mode == "ctr"}
 	var err error
 	switch s.mode {
 	case "xts":
@@ -211,6 +214,10 @@ func (c *Cipher) crypt(buf []byte, sector uint64, encrypt bool) {
 			continue
 		}
 		c.iv(&iv, sector)
+		if c.ctr {
+			cipher.NewCTR(c.block, iv[:]).XORKeyStream(s, s)
+			continue
+		}
 		switch {
 		case cbc != nil:
 			cbc.(ivSetter).SetIV(iv[:])

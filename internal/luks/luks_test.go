@@ -207,8 +207,8 @@ func TestCreateRefuses(t *testing.T) {
 		{CreateOptions{CipherAlg: "twofish-256"}, "Cipher algorithm 'twofish-256' is not supported"},
 		{CreateOptions{CipherAlg: "des"}, "Algorithm 'des' not supported"},
 		{CreateOptions{CipherAlg: "sm4"}, "Parameter 'cipher-alg' does not accept value 'sm4'"},
-		{CreateOptions{CipherMode: "ctr"}, "Cipher mode 'ctr-plain64' is not supported"},
-		{CreateOptions{HashAlg: "md5"}, "Hash algorithm 'md5' is not supported"},
+		{CreateOptions{CipherMode: "ecb"}, "Cipher mode 'ecb-plain64' is not supported"},
+		{CreateOptions{HashAlg: "whirlpool"}, "Hash algorithm 'whirlpool' is not supported"},
 		{CreateOptions{IVGenAlg: "benbi"}, "Parameter 'ivgen-alg' does not accept value 'benbi'"},
 		{CreateOptions{IVGenAlg: "essiv"}, "Cipher mode 'xts-essiv:sha256' is not supported"},
 	}
