@@ -43,6 +43,7 @@ func TestLUKSVerbs(t *testing.T) {
 		{"info", "--output=json", "cbc.luks"},
 		{"info", "-f", "luks", "--object", obj, "--output=json", "v.luks"},
 		{"info", "--object", obj, "--image-opts", v},
+		{"info", "--object", obj, "--image-opts", v + ",foo=1"},
 		{"info", "--object", obj, "--output=json", "--image-opts", "driver=luks,file.filename=cbc.luks"},
 		{"info", "--object", obj, "--output=json", "--image-opts", "driver=qcow2,file.filename=enc.qcow2,encrypt.key-secret=s0"},
 		{"check", "--object", obj, "--image-opts", v},

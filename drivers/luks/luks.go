@@ -104,6 +104,10 @@ func open(co *coroutine.Co, n *bdrv.Node, opts bdrv.Options) (bdrv.Driver, error
 	return d, nil
 }
 
+// OpenOptions implements bdrv.OptionLister: key-secret alone (QEMU's
+// block_crypto_runtime_opts_luks).
+func (d *driver) OpenOptions() []string { return []string{OptKeySecret} }
+
 // readFile reads n bytes of the file at off, which must lie within it.
 func (d *driver) readFile(co *coroutine.Co, off int64, n int) ([]byte, error) {
 	if off+int64(n) > d.file.Length() {
