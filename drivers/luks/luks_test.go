@@ -42,8 +42,8 @@ func needQemu(t testing.TB) {
 }
 
 // qemu runs a qemu tool with the secret object "k" holding pass; qemu-img
-// create is retried when QEMU cannot time its PBKDF2 benchmark on a
-// loaded machine.
+// create is retried, with a growing pause, when QEMU cannot time its PBKDF2
+// benchmark on a loaded machine.
 func qemu(t testing.TB, tool string, args ...string) string {
 	t.Helper()
 	obj := []string{"--object", "secret,id=k,data=" + pass}
@@ -57,9 +57,11 @@ func qemu(t testing.TB, tool string, args ...string) string {
 		if err == nil && !strings.Contains(string(out), "error") && !strings.Contains(string(out), "failed") {
 			return string(out)
 		}
-		if try == 3 || !strings.Contains(string(out), "Unable to get accurate CPU usage") {
+		if try == 8 || !strings.Contains(string(out), "Unable to get accurate CPU usage") {
 			t.Fatalf("%s %s: %v\n%s", tool, strings.Join(args, " "), err, out)
 		}
+		// A loaded machine starves QEMU's PBKDF2 benchmark for a while.
+		time.Sleep(time.Duration(try+1) * 50 * time.Millisecond)
 	}
 }
 
