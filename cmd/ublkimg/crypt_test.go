@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // Encrypted images and secret objects from the command line, against
@@ -116,9 +117,10 @@ func sameAsQemu(t *testing.T, ours, theirs string, args []string) {
 	t.Helper()
 	got := runIn(t, ours, binary, args...)
 	want := runIn(t, theirs, "qemu-img", args...)
-	for try := 0; try < 3 && strings.Contains(want.stderr, "Unable to get accurate CPU usage"); try++ {
+	for try := 0; try < 8 && strings.Contains(want.stderr, "Unable to get accurate CPU usage"); try++ {
 		// qemu-img times its PBKDF2 benchmark with the process's CPU
 		// time, which a loaded machine sometimes fails to provide.
+		time.Sleep(time.Duration(try+1) * 50 * time.Millisecond)
 		want = runIn(t, theirs, "qemu-img", args...)
 	}
 	if got.stdout != want.stdout || got.code != want.code {
