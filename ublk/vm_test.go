@@ -166,7 +166,8 @@ func requireFormat(t *testing.T, format string) {
 }
 
 // qcow2FeaturesScript: an encrypted (LUKS) qcow2 image served with its key
-// from a secret object, refused with a wrong key, and a qcow2 image with a
+// from a secret object, refused with a wrong key, a raw LUKS volume
+// (format luks), and a qcow2 image with a
 // persistent dirty bitmap that records the device's writes; both pass
 // qemu-img check, and qemu-img sees the bitmap consistent after detach.
 const qcow2FeaturesScript = `
@@ -186,6 +187,13 @@ dev=$(ublkimg attach $SEC --image-opts "$OPTS")
 check enc-fsck e2fsck -fn "$dev"
 check enc-detach2 ublkimg detach "$dev"
 check enc-qemu-check qemu-img check $SEC --image-opts "$OPTS"
+
+check luks-create ublkimg create -f luks $SEC -o key-secret=sec0,iter-time=10 /tmp/vol.luks 32M
+dev=$(ublkimg attach $SEC --image-opts driver=luks,file.filename=/tmp/vol.luks,key-secret=sec0)
+check luks-attach test -b "$dev" || exit 1
+fio_verify luks-fio "$dev" --rw=randwrite --bs=4k --iodepth=16 --size=8M
+check luks-detach ublkimg detach "$dev"
+check luks-qemu-read qemu-img convert $SEC --image-opts driver=luks,file.filename=/tmp/vol.luks,key-secret=sec0 -O raw /tmp/vol.raw
 
 check bm-create ublkimg create -f qcow2 /tmp/bm.qcow2 64M
 check bm-add qemu-img bitmap --add /tmp/bm.qcow2 b0
