@@ -350,6 +350,20 @@ func Open(co *coroutine.Co, spec Spec) (*Node, error) {
 	return n, nil
 }
 
+// CheckNodeOptions refuses the options in opts that no node of the open
+// image n uses, as Spec.CheckOptions does at the open, for callers that
+// open with further options of their own.
+func CheckNodeOptions(n *Node, opts Options) error {
+	proto := n.File
+	if proto == nil {
+		proto = n
+	}
+	if err := checkOptions(n, proto, opts, n.Backing != nil); err != nil {
+		return &FormatOpenError{Filename: n.Filename, Err: err}
+	}
+	return nil
+}
+
 // OptionError is the refusal of options that no node uses
 // (Spec.CheckOptions).
 type OptionError struct{ Msg string }

@@ -39,6 +39,11 @@ type Record struct {
 	// Recovery is set for a device attached with recovery: when its
 	// server dies, `ublkimg recover` serves it again from this record.
 	Recovery bool `json:"recovery,omitempty"`
+	// ImageOpts is the --image-opts string the image was attached with
+	// ("driver=qcow2,file.filename=X,encrypt.key-secret=sec0"), which
+	// recover reopens it with. It names secrets by ID only: their data
+	// comes from --object and is never recorded.
+	ImageOpts string `json:"image-opts,omitempty"`
 	// PID is the server process; PIDStart its start time in clock ticks
 	// since boot (/proc/PID/stat field 22), which tells it apart from a
 	// later process that reuses the pid.

@@ -410,6 +410,25 @@ sleep 1
 check detach-quiesced ublkimg detach 0
 check quiesced-gone sh -c '! test -e /dev/ublkb0 && ! test -e /dev/ublkc0 && ! test -e /run/ublkimg/ublkb0.json'
 
+# An encrypted qcow2 image attached with --image-opts: its record keeps the
+# option string (the secret's ID, not its data), and recover reopens the
+# image with it once given the secret again with --object.
+printf 'correct horse' >/tmp/key
+SEC="--object secret,id=sec0,file=/tmp/key"
+OPTS="driver=qcow2,file.filename=/tmp/enc.qcow2,encrypt.key-secret=sec0"
+ublkimg create -f qcow2 $SEC -o encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10 /tmp/enc.qcow2 64M >/dev/null
+dev=$(ublkimg attach --recovery $SEC --image-opts "$OPTS")
+id=${dev#/dev/ublkb}
+check enc-record grep -qF "\"image-opts\": \"$OPTS\"" /run/ublkimg/ublkb$id.json
+check enc-write-unflushed dd if=/tmp/q.data of="$dev" bs=64k seek=16 oflag=direct
+kill -KILL $(pidof $id)
+expect_fail enc-recover-no-secret "No secret with id 'sec0'" ublkimg recover $id
+check enc-recover ublkimg recover $SEC $id
+check enc-kept sh -c "dd if=$dev bs=64k skip=16 count=128 iflag=direct 2>/dev/null | cmp - /tmp/q.data"
+check enc-no-key-recorded sh -c "! grep -q 'correct horse' /run/ublkimg/ublkb$id.json /run/ublkimg/ublkb$id.log"
+check enc-detach ublkimg detach "$dev"
+check enc-qemu-check qemu-img check $SEC --image-opts "$OPTS"
+
 # Without --recovery: a kill fails the I/O and deletes the disk; attaching
 # the image again at once succeeds; recover refuses the old device.
 truncate -s 64M /tmp/n.img
@@ -432,7 +451,8 @@ func TestVMRecovery(t *testing.T) {
 		t.Fatal(err)
 	}
 	res := run(t, recoveryScript, vm.RunOptions{Files: []vm.File{qemuImg}})
-	for _, name := range []string{"raw-fio-verified", "qcow2-fio-verified", "recover-at-once", "acknowledged-kept", "attach-at-once"} {
+	for _, name := range []string{"raw-fio-verified", "qcow2-fio-verified", "recover-at-once", "acknowledged-kept", "attach-at-once",
+		"enc-recover-no-secret", "enc-recover", "enc-kept", "enc-qemu-check"} {
 		if !strings.Contains(res.Log, "RESULT "+name+" PASS") {
 			t.Errorf("%s did not pass", name)
 		}

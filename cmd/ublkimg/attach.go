@@ -67,6 +67,7 @@ type attachOptions struct {
 	image     string
 	format    string
 	options   bdrv.Options // from --image-opts
+	imageOpts string       // the --image-opts string, for the record
 	cache     bdrv.CacheMode
 	cacheSet  bool
 	cfg       ublk.Config
@@ -88,6 +89,12 @@ func parseAttach(c *cli.Context) (*attachOptions, error) {
 			return nil, fmt.Errorf("--image-opts driver '%s' conflicts with format '%s'", format, o.format)
 		}
 		o.image, o.options = name, opts
+		// The record keeps the string for recover. It names secrets
+		// by ID only (their data comes from --object), and openImage
+		// refuses options no driver takes, so that no value that is
+		// not an open option, such as a passphrase put in by mistake,
+		// ever reaches the record.
+		o.imageOpts = strings.TrimPrefix(c.Args().First(), img.ImageOptsName(""))
 		if format != "" {
 			o.format = format
 		}
@@ -270,9 +277,6 @@ func serveImage(o *attachOptions) (err error) {
 	defer stop()
 
 	setMaxProcs(o.cfg.Queues)
-	if o.cfg.Recovery {
-		o.options = recoveryOptions(o.options)
-	}
 	node, cache, err := openImage(o)
 	if err != nil {
 		return err
@@ -288,7 +292,7 @@ func serveImage(o *attachOptions) (err error) {
 	cfg := dev.Config()
 	abs, _ := filepath.Abs(o.image)
 	rec := ublk.Record{
-		ID: dev.ID(), Device: dev.Path(), Image: abs, Format: node.Format.Name,
+		ID: dev.ID(), Device: dev.Path(), Image: abs, Format: node.Format.Name, ImageOpts: o.imageOpts,
 		Queues: dev.Info().Queues, Depth: dev.Info().Depth, BlockSize: cfg.BlockSize,
 		ReadOnly: cfg.ReadOnly, Cache: cache.String(), Discard: cfg.Discard.String(),
 		UserCopy: cfg.UserCopy, PollMax: cfg.PollMax, Recovery: dev.Info().Flags.Has(ublk.FeatureUserRecovery),
@@ -363,13 +367,25 @@ func setMaxProcs(queues int) {
 
 // openImage opens the image with the requested cache mode. Without -t it
 // tries cache=none (O_DIRECT: the device's own page cache is the only one)
-// and falls back to writeback where the file system refuses O_DIRECT.
+// and falls back to writeback where the file system refuses O_DIRECT. The
+// options of an --image-opts string must all be used, as qemu-img wants.
 func openImage(o *attachOptions) (*bdrv.Node, bdrv.CacheMode, error) {
+	opts := o.options
+	if o.cfg.Recovery {
+		opts = recoveryOptions(opts)
+	}
 	open := func(cache bdrv.CacheMode) (*bdrv.Node, error) {
 		var node *bdrv.Node
 		err := coroutine.Run(func(co *coroutine.Co) error {
 			var err error
-			node, err = bdrv.Open(co, bdrv.Spec{Filename: o.image, Format: o.format, Options: o.options, Cache: cache, ReadOnly: o.cfg.ReadOnly})
+			node, err = bdrv.Open(co, bdrv.Spec{Filename: o.image, Format: o.format, Options: opts, Cache: cache, ReadOnly: o.cfg.ReadOnly})
+			if err == nil && o.imageOpts != "" {
+				// The recovery option is ours: only the user's are checked.
+				if err = bdrv.CheckNodeOptions(node, o.options); err != nil {
+					node.Close(co)
+					node = nil
+				}
+			}
 			return err
 		})
 		return node, err

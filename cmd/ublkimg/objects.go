@@ -19,11 +19,11 @@ import (
 // objectVerbs are the verbs that accept --object (every qemu-img verb that
 // opens or creates an image, and attach).
 var objectVerbs = []string{"amend", "attach", "bench", "check", "commit", "compare", "convert", "create",
-	"dd", "info", "map", "measure", "rebase", "resize", "snapshot"}
+	"dd", "info", "map", "measure", "rebase", "recover", "resize", "snapshot"}
 
 // imageOptsVerbs are the verbs whose image operands may be --image-opts
 // strings.
-var imageOptsVerbs = []string{"amend", "attach", "bench", "check", "commit", "compare", "convert", "dd", "info", "map", "measure", "rebase", "resize", "snapshot"}
+var imageOptsVerbs = []string{"amend", "attach", "bench", "check", "commit", "compare", "convert", "dd", "info", "map", "measure", "rebase", "recover", "resize", "snapshot"}
 
 // addObjectFlags gives c the --object flag (and --image-opts where it
 // applies). The secrets exist while c runs, and are forgotten and zeroed
@@ -74,6 +74,11 @@ func markImageOpts(verb string, args []string) ([]string, error) {
 		case verb == "dd":
 			if v, ok := strings.CutPrefix(a, "if="); ok && imageOpts {
 				ops[i] = "if=" + img.ImageOptsName(v)
+			}
+		case verb == "recover":
+			// recover DEV [IMG]: the device is no image.
+			if i == 1 && imageOpts {
+				ops[i] = img.ImageOptsName(a)
 			}
 		case verb == "convert" && last:
 			if targetOpts {

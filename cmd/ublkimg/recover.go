@@ -3,12 +3,16 @@ package main
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 
 	"github.com/urfave/cli/v2"
 
 	"ublkimg/bdrv"
+	"ublkimg/internal/img"
 	"ublkimg/ublk"
 )
 
@@ -16,12 +20,15 @@ func recoverCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "recover",
 		Usage:     "serve again a device whose server died (attached with --recovery)",
-		ArgsUsage: "DEV|ID [IMG]",
+		ArgsUsage: "DEV|ID [IMG|OPTIONS]",
 		Description: "Attaches a new server to /dev/ublkbN (or device number N), whose server died while\n" +
 			"the kernel kept the device and held its I/O (attach --recovery; list shows it\n" +
 			"\"quiesced\"). The image, its format, cache mode and discard mode come from the\n" +
 			"device's record; IMG, if given, must be that image. Prints the device once it is\n" +
-			"live again and serves it in the background, as attach does.",
+			"live again and serves it in the background, as attach does. An image attached\n" +
+			"with --image-opts is reopened with its recorded option string, or with the\n" +
+			"--image-opts string given, which must name the same file and format; the\n" +
+			"secrets it names must be given again with --object.",
 		Flags: []cli.Flag{
 			&cli.BoolFlag{Name: "foreground", Usage: "serve in this process until SIGTERM or SIGINT"},
 		},
@@ -37,19 +44,22 @@ func recoverAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	o, err := recoverOptions(id, c.Args().Get(1))
+	image := c.Args().Get(1)
+	o, err := recoverOptions(id, image)
 	if err != nil {
 		return err
 	}
 	// What the kernel says about the device comes first: the image may
 	// well be locked by whoever replaced a device that cannot recover.
-	return runServer(c, o, c.Args().Get(1), func(ctrl *ublk.Ctrl) error {
+	return runServer(c, o, image, func(ctrl *ublk.Ctrl) error {
 		return ublk.WaitRecoverable(ctrl, id)
 	})
 }
 
 // recoverOptions rebuilds the options of device id's server from its
-// record, refusing an image other than the recorded one.
+// record, refusing an image other than the recorded one. image is "", a
+// file name, or an --image-opts string (img.ImageOptsName) that replaces
+// the recorded one.
 func recoverOptions(id int, image string) (*attachOptions, error) {
 	dev := fmt.Sprintf("/dev/ublkb%d", id)
 	rec, err := ublk.ReadRecord(id)
@@ -62,13 +72,35 @@ func recoverOptions(id int, image string) (*attachOptions, error) {
 	if rec.ServerAlive() {
 		return nil, fmt.Errorf("cannot recover %s: its server (process %d) is running", dev, rec.PID)
 	}
+	imageOpts := rec.ImageOpts
 	if image != "" {
+		format := ""
+		if s, ok := strings.CutPrefix(image, img.ImageOptsName("")); ok {
+			var err error
+			if image, format, _, err = img.ParseImageOpts(s); err != nil {
+				return nil, err
+			}
+			imageOpts = s
+		}
 		abs, err := filepath.Abs(image)
 		if err != nil {
 			return nil, err
 		}
 		if abs != rec.Image {
 			return nil, fmt.Errorf("cannot recover %s: it served %s, not %s", dev, rec.Image, abs)
+		}
+		if format != "" && format != rec.Format {
+			return nil, fmt.Errorf("cannot recover %s: it served %s as %s, not %s", dev, rec.Image, rec.Format, format)
+		}
+	}
+	var options bdrv.Options
+	if imageOpts != "" {
+		var err error
+		if _, _, options, err = img.ParseImageOpts(imageOpts); err != nil {
+			return nil, fmt.Errorf("record of %s: %w", dev, err)
+		}
+		if err := checkSecrets(options); err != nil {
+			return nil, err
 		}
 	}
 	cache, err := bdrv.ParseCacheMode(rec.Cache)
@@ -80,10 +112,29 @@ func recoverOptions(id int, image string) (*attachOptions, error) {
 		return nil, fmt.Errorf("record of %s: %w", dev, err)
 	}
 	return &attachOptions{
-		image: rec.Image, format: rec.Format, cache: cache, cacheSet: true, recover: true,
+		image: rec.Image, format: rec.Format, options: options, imageOpts: imageOpts,
+		cache: cache, cacheSet: true, recover: true,
 		cfg: ublk.Config{
 			ID: id, Queues: rec.Queues, Depth: rec.Depth, BlockSize: rec.BlockSize,
 			ReadOnly: rec.ReadOnly, Discard: discard, UserCopy: rec.UserCopy, PollMax: rec.PollMax, Recovery: true,
 		},
 	}, nil
+}
+
+// checkSecrets fails, with QEMU's "No secret with id 'ID'", when a secret
+// that opts name (encrypt.key-secret=ID, key-secret=ID, and the same for
+// backing files) was not given with --object: before a server starts, so
+// that the device stays quiesced for a recover that gives it.
+func checkSecrets(opts bdrv.Options) error {
+	for _, k := range slices.Sorted(maps.Keys(opts)) {
+		if k != "key-secret" && !strings.HasSuffix(k, ".key-secret") {
+			continue
+		}
+		b, err := bdrv.LookupSecret(opts[k])
+		if err != nil {
+			return err
+		}
+		clear(b)
+	}
+	return nil
 }
