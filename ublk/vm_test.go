@@ -413,6 +413,7 @@ check quiesced-gone sh -c '! test -e /dev/ublkb0 && ! test -e /dev/ublkc0 && ! t
 # An encrypted qcow2 image attached with --image-opts: its record keeps the
 # option string (the secret's ID, not its data), and recover reopens the
 # image with it once given the secret again with --object.
+t0=$(date +%s)
 printf 'correct horse' >/tmp/key
 SEC="--object secret,id=sec0,file=/tmp/key"
 OPTS="driver=qcow2,file.filename=/tmp/enc.qcow2,encrypt.key-secret=sec0"
@@ -428,6 +429,7 @@ check enc-kept sh -c "dd if=$dev bs=64k skip=16 count=128 iflag=direct 2>/dev/nu
 check enc-no-key-recorded sh -c "! grep -q 'correct horse' /run/ublkimg/ublkb$id.json /run/ublkimg/ublkb$id.log"
 check enc-detach ublkimg detach "$dev"
 check enc-qemu-check qemu-img check $SEC --image-opts "$OPTS"
+metric encrypted_recovery_s $(($(date +%s) - t0))
 
 # Without --recovery: a kill fails the I/O and deletes the disk; attaching
 # the image again at once succeeds; recover refuses the old device.

@@ -17,7 +17,7 @@ import (
 // encrypt.key-secret=ID") instead of a file name.
 
 // objectVerbs are the verbs that accept --object (every qemu-img verb that
-// opens or creates an image, and attach).
+// opens or creates an image, attach and recover).
 var objectVerbs = []string{"amend", "attach", "bench", "check", "commit", "compare", "convert", "create",
 	"dd", "info", "map", "measure", "rebase", "recover", "resize", "snapshot"}
 

@@ -100,6 +100,35 @@ func TestRecoverImageOpts(t *testing.T) {
 	}
 }
 
+// TestRecoverCommandLine: recover's --image-opts applies to the image
+// operand only, and --object is taken, through the whole command line
+// (refusals that come before any server starts).
+func TestRecoverCommandLine(t *testing.T) {
+	dir := tempRecordDir(t)
+	enc, pl := filepath.Join(dir, "enc.qcow2"), filepath.Join(dir, "pl.qcow2")
+	rec := ublk.Record{ID: 1, Device: "/dev/ublkb1", Image: enc, Format: "qcow2", Cache: "writeback", Discard: "unmap",
+		ImageOpts: "driver=qcow2,file.filename=" + enc + ",encrypt.key-secret=sec0", Recovery: true, PID: 1, PIDStart: 1}
+	if err := ublk.WriteRecord(rec); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"ublkimg", "recover", "1"}, "ublkimg: No secret with id 'sec0'\n"},
+		{[]string{"ublkimg", "recover", "--object", "secret,id=sec1,data=x", "/dev/ublkb1"}, "ublkimg: No secret with id 'sec0'\n"},
+		{[]string{"ublkimg", "recover", "--image-opts", "1", "driver=qcow2,file.filename=" + pl},
+			"ublkimg: cannot recover /dev/ublkb1: it served " + enc + ", not " + pl + "\n"},
+		{[]string{"ublkimg", "recover", "--image-opts", "ublkb1", "driver=qcow2,file.filename=" + enc + ",encrypt.key-secret=sec1"},
+			"ublkimg: No secret with id 'sec1'\n"},
+	} {
+		var out, errOut strings.Builder
+		if code := run(tc.args, &out, &errOut); code != 1 || errOut.String() != tc.want {
+			t.Errorf("%q: exit %d, stderr %q, want %q", tc.args, code, errOut.String(), tc.want)
+		}
+	}
+}
+
 // recoverRead opens the image as recover's server would and reads it whole.
 func recoverRead(id int, image string) ([]byte, error) {
 	o, err := recoverOptions(id, image)
