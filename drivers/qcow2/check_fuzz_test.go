@@ -18,51 +18,16 @@ import (
 	"ublkimg/coroutine"
 )
 
-// TestCheckHuman pins the layout of Human and Summary: the repairing pass's
-// lines, the repair report, the final pass's lines, the summary.
-func TestCheckHuman(t *testing.T) {
-	r := &CheckResult{
-		Corruptions: 2, Leaks: 3, CheckErrors: 1, CorruptionsFixed: 4, LeaksFixed: 5,
-		ImageEndOffset: 1441792, TotalClusters: 1024, AllocatedClusters: 20,
-		FragmentedClusters: 4, CompressedClusters: 4,
-		Messages:       []string{"ERROR cluster 6 refcount=0 reference=1"},
-		Repaired:       true,
-		RepairMessages: []string{"Leaked cluster 4 refcount=2 reference=1", "Repairing cluster 4 refcount=2 reference=1"},
-	}
-	want := `Leaked cluster 4 refcount=2 reference=1
-Repairing cluster 4 refcount=2 reference=1
-The following inconsistencies were found and repaired:
-
-    5 leaked clusters
-    4 corruptions
-
-Double checking the fixed image now...
-ERROR cluster 6 refcount=0 reference=1
-
-2 errors were found on the image.
-Data may be corrupted, or further writes to the image may corrupt it.
-
-3 leaked clusters were found on the image.
-This means waste of disk space, but no harm to data.
-
-1 internal errors have occurred during the check.
-20/1024 = 1.95% allocated, 20.00% fragmented, 20.00% compressed clusters
-Image end offset: 1441792
-`
-	if got := r.Human("x.qcow2"); got != want {
-		t.Errorf("Human:\n%s\nwant:\n%s", got, want)
-	}
-	if got := r.ExitCode(); got != 1 {
-		t.Errorf("ExitCode = %d, want 1", got)
-	}
-	clean := &CheckResult{}
-	if got := clean.Human(""); got != "No errors were found on the image.\n" {
-		t.Errorf("empty result: %q", got)
-	}
+// TestCheckExitCode checks qemu-img check's exit statuses and the wording of
+// a failed check.
+func TestCheckExitCode(t *testing.T) {
 	for _, c := range []struct {
 		r    CheckResult
 		code int
-	}{{CheckResult{}, 0}, {CheckResult{Leaks: 1}, 3}, {CheckResult{Leaks: 1, Corruptions: 1}, 2}, {CheckResult{CheckErrors: 1}, 1}} {
+	}{
+		{CheckResult{}, 0}, {CheckResult{Leaks: 1}, 3}, {CheckResult{Leaks: 1, Corruptions: 1}, 2},
+		{CheckResult{CheckErrors: 1}, 1}, {CheckResult{Corruptions: 2, Leaks: 3, CheckErrors: 1}, 1},
+	} {
 		if got := c.r.ExitCode(); got != c.code {
 			t.Errorf("%+v: exit code %d, want %d", c.r, got, c.code)
 		}
@@ -70,26 +35,6 @@ Image end offset: 1441792
 	fe := &CheckFailedError{Errno: unix.EFBIG}
 	if fe.Error() != "Check failed: File too large" || !errors.Is(fe, unix.EFBIG) {
 		t.Errorf("CheckFailedError: %q", fe.Error())
-	}
-}
-
-// TestCheckJSONFilename compares the JSON string escaping with qemu-img's on
-// file names with quotes, control characters, non-ASCII and invalid UTF-8.
-func TestCheckJSONFilename(t *testing.T) {
-	requireQemuImg(t)
-	dir := t.TempDir()
-	src := qemuCreate(t, dir, "src.qcow2", "1M")
-	for _, name := range []string{"wé\"ird\t\\x.qcow2", "b\xffc\x01😀\x7f.qcow2"} {
-		p := filepath.Join(dir, name)
-		ckCopy(t, src, p)
-		qo := ckQemu(t, "--output=json", p)
-		r, err := ckCheck(t, p, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got := r.JSON(p); got != qo.stdout {
-			t.Errorf("%q:\n%s\nqemu-img:\n%s", name, got, qo.stdout)
-		}
 	}
 }
 
@@ -103,7 +48,7 @@ func TestCheckHugeFile(t *testing.T) {
 	}
 	qo := ckQemu(t, p)
 	r, err := ckCheck(t, p, 0)
-	if oo := ckOurs(r, err, false, p); !ckSame(qo, oo) {
+	if oo := ckOurs(r, err, p); !ckSame(qo, oo) {
 		t.Errorf("qemu-img: %v\n\nours: %v", qo, oo)
 	}
 	var fe *CheckFailedError
@@ -164,7 +109,7 @@ func TestCheckRepairDirty(t *testing.T) {
 	}
 	r, err := ckCheck(t, im.path, FixAll)
 	if err != nil || r.Corruptions != 0 || r.CheckErrors != 0 || !r.Repaired || r.CorruptionsFixed == 0 {
-		t.Fatalf("repair: %v\n%s", err, r.Human(im.path))
+		t.Fatalf("repair: %v\n%+v", err, r)
 	}
 	if ckFeatures(t, im.path)[0]&IncompatDirty != 0 {
 		t.Error("dirty bit still set after the repair")
@@ -266,10 +211,6 @@ func FuzzCheck(f *testing.F) {
 		after, _ := os.ReadFile(p)
 		if !bytes.Equal(after, img) {
 			t.Fatal("check without repair changed the file")
-		}
-		if r != nil {
-			_ = r.Human(p)
-			_ = r.JSON(p)
 		}
 
 		_, err = ckCheck(t, p, FixAll)

@@ -2,6 +2,7 @@ package qcow2
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -18,9 +19,11 @@ import (
 
 // The checker is tested against qemu-img check 7.2 as the oracle: images of
 // every shape are made by qemu-img and qemu-io, damaged in the ways real
-// images get damaged, then checked and repaired by both; messages, summary,
-// JSON and exit status must be the same, and the repaired images must check
-// clean and read the same as the ones qemu-img repaired.
+// images get damaged, then checked and repaired by both; messages, every
+// count of qemu-img's report (its --output=json document, parsed) and exit
+// status must be the same, and the repaired images must check clean and read
+// the same as the ones qemu-img repaired. internal/img renders the report
+// and compares the rendering with qemu-img's, byte for byte.
 
 // ckShape is an image made by qemu-img create and qemu-io.
 type ckShape struct {
@@ -230,15 +233,47 @@ func ckCheck(t testing.TB, path string, fix FixMode) (*CheckResult, error) {
 	return r, cerr
 }
 
-// ckOutput is what a qemu-img check run printed.
+// ckOutput is what a qemu-img check --output=json run printed: the report
+// (nil when it printed none), the stderr lines and the exit status.
 type ckOutput struct {
-	stdout string
+	rep    *ckReport
 	stderr []string // without the "qemu-img: " prefix
 	rc     int
 }
 
+// ckReport is qemu-img check's JSON document (QAPI ImageCheck) parsed;
+// members qemu-img leaves out, as it does those that are zero, are zero.
+// How the document is written is internal/img's business and tested there.
+type ckReport struct {
+	Filename           string `json:"filename"`
+	Format             string `json:"format"`
+	CheckErrors        int    `json:"check-errors"`
+	ImageEndOffset     int64  `json:"image-end-offset"`
+	Corruptions        int    `json:"corruptions"`
+	Leaks              int    `json:"leaks"`
+	CorruptionsFixed   int    `json:"corruptions-fixed"`
+	LeaksFixed         int    `json:"leaks-fixed"`
+	TotalClusters      int64  `json:"total-clusters"`
+	AllocatedClusters  int64  `json:"allocated-clusters"`
+	FragmentedClusters int64  `json:"fragmented-clusters"`
+	CompressedClusters int64  `json:"compressed-clusters"`
+}
+
+// ckReportOf is the report qemu-img would print for r.
+func ckReportOf(r *CheckResult, filename string) *ckReport {
+	return &ckReport{Filename: filename, Format: "qcow2", CheckErrors: r.CheckErrors,
+		ImageEndOffset: r.ImageEndOffset, Corruptions: r.Corruptions, Leaks: r.Leaks,
+		CorruptionsFixed: r.CorruptionsFixed, LeaksFixed: r.LeaksFixed,
+		TotalClusters: r.TotalClusters, AllocatedClusters: r.AllocatedClusters,
+		FragmentedClusters: r.FragmentedClusters, CompressedClusters: r.CompressedClusters}
+}
+
 func (o ckOutput) String() string {
-	return fmt.Sprintf("exit %d\n--- stderr:\n%s\n--- stdout:\n%s", o.rc, strings.Join(o.stderr, "\n"), o.stdout)
+	rep := "(none)"
+	if o.rep != nil {
+		rep = fmt.Sprintf("%+v", *o.rep)
+	}
+	return fmt.Sprintf("exit %d\n--- stderr:\n%s\n--- report: %s", o.rc, strings.Join(o.stderr, "\n"), rep)
 }
 
 func ckLines(s string) []string {
@@ -253,11 +288,11 @@ func ckLines(s string) []string {
 	return lines
 }
 
-// ckQemu runs qemu-img check with args.
+// ckQemu runs qemu-img check --output=json with args and parses its report.
 func ckQemu(t testing.TB, args ...string) ckOutput {
 	t.Helper()
 	for try := 0; ; try++ {
-		cmd := exec.Command("qemu-img", append([]string{"check"}, args...)...)
+		cmd := exec.Command("qemu-img", append([]string{"check", "--output=json"}, args...)...)
 		var so, se bytes.Buffer
 		cmd.Stdout, cmd.Stderr = &so, &se
 		err := cmd.Run()
@@ -273,12 +308,22 @@ func ckQemu(t testing.TB, args ...string) ckOutput {
 			time.Sleep(10 * time.Millisecond)
 			continue
 		}
-		return ckOutput{so.String(), ckLines(se.String()), rc}
+		o := ckOutput{stderr: ckLines(se.String()), rc: rc}
+		if so.Len() > 0 {
+			o.rep = new(ckReport)
+			dec := json.NewDecoder(&so)
+			dec.DisallowUnknownFields()
+			if err := dec.Decode(o.rep); err != nil {
+				t.Fatalf("qemu-img check %v: %v\n%s", args, err, so.String())
+			}
+		}
+		return o
 	}
 }
 
-// ckOurs renders Check's outcome as qemu-img check would print it.
-func ckOurs(r *CheckResult, err error, json bool, filename string) ckOutput {
+// ckOurs is what qemu-img check --output=json would print for Check's
+// outcome.
+func ckOurs(r *CheckResult, err error, filename string) ckOutput {
 	var o ckOutput
 	var fe *CheckFailedError
 	if err != nil && !errors.As(err, &fe) {
@@ -288,16 +333,7 @@ func ckOurs(r *CheckResult, err error, json bool, filename string) ckOutput {
 		o.stderr = append(append(o.stderr, r.RepairMessages...), r.Messages...)
 	}
 	if err == nil {
-		if json {
-			o.stdout = r.JSON(filename)
-		} else {
-			if r.Repaired {
-				o.stdout = fmt.Sprintf("The following inconsistencies were found and repaired:\n\n"+
-					"    %d leaked clusters\n    %d corruptions\n\nDouble checking the fixed image now...\n",
-					r.LeaksFixed, r.CorruptionsFixed)
-			}
-			o.stdout += r.Summary()
-		}
+		o.rep = ckReportOf(r, filename)
 		o.rc = r.ExitCode()
 		if r.CheckErrors != 0 {
 			o.stderr = append(o.stderr, "Check failed")
@@ -333,23 +369,20 @@ func ckFixName(fix FixMode) string {
 // qemu-img and with Check, and compares everything qemu-img prints. After a
 // repair both images must check the same, and they must read the same.
 // It returns the image Check repaired if qemu-img finds no corruption in it.
-func ckCompare(t *testing.T, im ckImage, src string, fix FixMode, json bool) (repaired string) {
+func ckCompare(t *testing.T, im ckImage, src string, fix FixMode) (repaired string) {
 	t.Helper()
 	dir := t.TempDir()
 	qp, op := filepath.Join(dir, "qemu.qcow2"), filepath.Join(dir, "ours.qcow2")
 	ckCopy(t, src, qp)
 	ckCopy(t, src, op)
 	args := ckFixArgs(fix)
-	if json {
-		args = append(args, "--output=json")
-	}
 	qo := ckQemu(t, append(args, im.qemuArgs(qp)...)...)
 	name := qp
 	if im.shape.luks {
 		name = im.qemuArgs(qp)[3]
 	}
 	r, err := ckCheck(t, op, fix)
-	oo := ckOurs(r, err, json, name)
+	oo := ckOurs(r, err, name)
 	if im.shape.bitmaps && qo.rc == 1 {
 		// QEMU stores the bitmaps when it closes the image, allocating
 		// with whatever refcounts the failed repair left: what it prints
@@ -384,14 +417,25 @@ func ckCompare(t *testing.T, im ckImage, src string, fix FixMode, json bool) (re
 	o2 := ckQemu(t, im.qemuArgs(op)...)
 	want := ckOutput{}
 	if r != nil && r.Repaired {
-		want = ckOutput{stdout: r.Summary(), stderr: r.Messages, rc: r.ExitCode()}
+		want = ckOutput{rep: ckReportOf(r, ""), stderr: r.Messages, rc: r.ExitCode()}
+		want.rep.LeaksFixed, want.rep.CorruptionsFixed = 0, 0
 		if want.rc == 1 {
 			want.stderr = append(want.stderr, "Check failed")
 		}
 	} else {
 		want = ckQemu(t, im.qemuArgs(qp)...)
 	}
-	if want.rc != o2.rc || !slicesEqual(want.stderr, o2.stderr) || (r != nil && r.Repaired && want.stdout != o2.stdout) {
+	// Our second pass's report must be qemu-img's; otherwise the images
+	// were repaired by different programs, and qemu-img's may hold more
+	// (QEMU stores bitmaps when it closes the image).
+	same := want.rc == o2.rc && slicesEqual(want.stderr, o2.stderr)
+	if r != nil && r.Repaired {
+		if o2.rep != nil {
+			want.rep.Filename = o2.rep.Filename // named after the file checked
+		}
+		same = ckSame(want, o2)
+	}
+	if !same {
 		t.Errorf("%s: after repair, qemu-img check finds\n%v\n\nwant\n%v", ckFixName(fix), o2, want)
 	}
 	if o2.rc == 0 || o2.rc == 3 {
@@ -423,9 +467,10 @@ func ckFeatures(t *testing.T, path string) [2]uint64 {
 	return [2]uint64{be.Uint64(b[72:]), be.Uint64(b[88:])}
 }
 
-// ckSame compares outputs, with the file name in JSON output normalised.
+// ckSame compares outputs.
 func ckSame(a, b ckOutput) bool {
-	return a.rc == b.rc && a.stdout == b.stdout && slicesEqual(a.stderr, b.stderr)
+	return a.rc == b.rc && (a.rep == nil) == (b.rep == nil) && (a.rep == nil || *a.rep == *b.rep) &&
+		slicesEqual(a.stderr, b.stderr)
 }
 
 func slicesEqual(a, b []string) bool {
@@ -1001,7 +1046,7 @@ func ckRun(t *testing.T, pristine ckImage, d ckDamage) {
 		t.Skipf("no %s in %s", d.name, im.shape.name)
 	}
 	l.save()
-	ckCompare(t, im, im.path, 0, false)
+	ckCompare(t, im, im.path, 0)
 	if d.name == "unknown autoclear bit" && l.h.NbSnapshots > 0 {
 		// qemu-img check -r clears the bit by rewriting the header at open,
 		// before it has read the snapshot table, and so writes 0 snapshots:
@@ -1009,7 +1054,7 @@ func ckRun(t *testing.T, pristine ckImage, d ckDamage) {
 		return
 	}
 	for _, fix := range d.modes {
-		if p := ckCompare(t, im, im.path, fix, false); p != "" && ckKeepsData[d.name] {
+		if p := ckCompare(t, im, im.path, fix); p != "" && ckKeepsData[d.name] {
 			ckSameContent(t, im, pristine.path, p)
 		}
 	}
@@ -1041,23 +1086,6 @@ func TestCheckMatrix(t *testing.T) {
 				}
 				t.Run(d.name, func(t *testing.T) { ckRun(t, im, d) })
 			}
-		})
-	}
-}
-
-// TestCheckJSON compares the JSON output.
-func TestCheckJSON(t *testing.T) {
-	requireQemuImg(t)
-	pristine := ckBuild(t, ckShapes()[0])
-	for _, d := range ckDamages()[:4] {
-		t.Run(d.name, func(t *testing.T) {
-			t.Parallel()
-			im := ckFresh(t, pristine)
-			l := ckLoad(t, im.path)
-			d.apply(l)
-			l.save()
-			ckCompare(t, im, im.path, 0, true)
-			ckCompare(t, im, im.path, FixAll, true)
 		})
 	}
 }

@@ -191,23 +191,90 @@ func Check(co *coroutine.Co, opts CheckOptions, stdout, stderr io.Writer) (int, 
 	}
 	lines(r.RepairMessages)
 	if r.Repaired && !opts.JSON {
-		fmt.Fprintf(stdout, "The following inconsistencies were found and repaired:\n\n"+
-			"    %d leaked clusters\n    %d corruptions\n\nDouble checking the fixed image now...\n",
-			r.LeaksFixed, r.CorruptionsFixed)
+		writeCheckRepaired(stdout, r)
 	}
 	lines(r.Messages)
 	if err != nil {
 		return fail(err)
 	}
 	if opts.JSON {
-		io.WriteString(stdout, r.JSON(display))
+		_ = WriteJSONPretty(stdout, checkDict(r, display))
+		io.WriteString(stdout, "\n")
 	} else {
-		io.WriteString(stdout, r.Summary())
+		writeCheckHuman(stdout, r)
 	}
 	if r.CheckErrors != 0 {
 		return fail(errors.New("Check failed"))
 	}
 	return r.ExitCode(), nil
+}
+
+// writeCheckRepaired writes the report qemu-img check prints between the
+// repairing pass and the second one.
+func writeCheckRepaired(w io.Writer, r *qcow2.CheckResult) {
+	fmt.Fprintf(w, "The following inconsistencies were found and repaired:\n\n"+
+		"    %d leaked clusters\n    %d corruptions\n\nDouble checking the fixed image now...\n",
+		r.LeaksFixed, r.CorruptionsFixed)
+}
+
+// writeCheckHuman writes the summary qemu-img check prints after checking
+// (its dump_human_image_check).
+func writeCheckHuman(w io.Writer, r *qcow2.CheckResult) {
+	if r.Corruptions == 0 && r.Leaks == 0 && r.CheckErrors == 0 {
+		io.WriteString(w, "No errors were found on the image.\n")
+	} else {
+		if r.Corruptions != 0 {
+			fmt.Fprintf(w, "\n%d errors were found on the image.\n"+
+				"Data may be corrupted, or further writes to the image may corrupt it.\n", r.Corruptions)
+		}
+		if r.Leaks != 0 {
+			fmt.Fprintf(w, "\n%d leaked clusters were found on the image.\n"+
+				"This means waste of disk space, but no harm to data.\n", r.Leaks)
+		}
+		if r.CheckErrors != 0 {
+			fmt.Fprintf(w, "\n%d internal errors have occurred during the check.\n", r.CheckErrors)
+		}
+	}
+	if r.TotalClusters != 0 && r.AllocatedClusters != 0 {
+		fmt.Fprintf(w, "%d/%d = %0.2f%% allocated, %0.2f%% fragmented, %0.2f%% compressed clusters\n",
+			r.AllocatedClusters, r.TotalClusters,
+			float64(r.AllocatedClusters)*100/float64(r.TotalClusters),
+			float64(r.FragmentedClusters)*100/float64(r.AllocatedClusters),
+			float64(r.CompressedClusters)*100/float64(r.AllocatedClusters))
+	}
+	if r.ImageEndOffset != 0 {
+		fmt.Fprintf(w, "Image end offset: %d\n", r.ImageEndOffset)
+	}
+}
+
+// checkDict returns qemu-img check --output=json's document for a qcow2
+// result: QAPI ImageCheck, its members set in the schema's order (which,
+// through Dict's hash order, gives qemu-img's order), the optional ones
+// only when not zero, as collect_image_check sets them.
+func checkDict(r *qcow2.CheckResult, filename string) *Dict {
+	d := NewDict()
+	d.Set("filename", filename)
+	d.Set("format", "qcow2")
+	d.Set("check-errors", r.CheckErrors)
+	for _, m := range []struct {
+		key string
+		v   int64
+	}{
+		{"image-end-offset", r.ImageEndOffset},
+		{"corruptions", int64(r.Corruptions)},
+		{"leaks", int64(r.Leaks)},
+		{"corruptions-fixed", int64(r.CorruptionsFixed)},
+		{"leaks-fixed", int64(r.LeaksFixed)},
+		{"total-clusters", r.TotalClusters},
+		{"allocated-clusters", r.AllocatedClusters},
+		{"fragmented-clusters", r.FragmentedClusters},
+		{"compressed-clusters", r.CompressedClusters},
+	} {
+		if m.v != 0 {
+			d.Set(m.key, m.v)
+		}
+	}
+	return d
 }
 
 // probeFile finds the format of an image the format driver would not open,
