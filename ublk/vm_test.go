@@ -418,9 +418,10 @@ printf 'correct horse' >/tmp/key
 SEC="--object secret,id=sec0,file=/tmp/key"
 OPTS="driver=qcow2,file.filename=/tmp/enc.qcow2,encrypt.key-secret=sec0"
 ublkimg create -f qcow2 $SEC -o encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10 /tmp/enc.qcow2 64M >/dev/null
-dev=$(ublkimg attach --recovery $SEC --image-opts "$OPTS")
+# A relative file name reaches the server (and the record) made absolute.
+dev=$(cd /tmp && ublkimg attach --recovery $SEC --image-opts driver=qcow2,file.filename=enc.qcow2,encrypt.key-secret=sec0)
 id=${dev#/dev/ublkb}
-check enc-record grep -qF "\"image-opts\": \"$OPTS\"" /run/ublkimg/ublkb$id.json
+check enc-record grep -qF '"image-opts": "driver=qcow2,encrypt.key-secret=sec0,file.filename=/tmp/enc.qcow2"' /run/ublkimg/ublkb$id.json
 check enc-write-unflushed dd if=/tmp/q.data of="$dev" bs=64k seek=16 oflag=direct
 kill -KILL $(pidof $id)
 expect_fail enc-recover-no-secret "No secret with id 'sec0'" ublkimg recover $id

@@ -7,12 +7,14 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"maps"
 	"net"
 	"os"
 	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -143,7 +145,7 @@ func attachAction(c *cli.Context) error {
 	}
 	// Check what the caller can fix before starting a server, so each
 	// mistake gets its own line from here.
-	return runServer(c, o, o.image, func(*ublk.Ctrl) error {
+	return runServer(c, o, c.Args().First(), func(*ublk.Ctrl) error {
 		if _, err := os.Stat(o.image); err != nil && !strings.Contains(o.image, "://") {
 			return fmt.Errorf("Could not open '%s': %w", o.image, errnoText(err))
 		}
@@ -153,7 +155,8 @@ func attachAction(c *cli.Context) error {
 
 // runServer runs the server of attach or recover: in this process with
 // --foreground, else in the background once check (given the control
-// device, which must open) passed. image is the image argument, "" if none.
+// device, which must open) passed. image is the image argument, "" if none
+// (an --image-opts string is marked, img.ImageOptsName).
 func runServer(c *cli.Context, o *attachOptions, image string, check func(*ublk.Ctrl) error) error {
 	if c.Bool("foreground") {
 		return serveForeground(o)
@@ -194,17 +197,7 @@ func startBackground(c *cli.Context, image string) error {
 	if err != nil {
 		return fmt.Errorf("attach: finding ublkimg itself: %w", err)
 	}
-	args := foregroundArgs(os.Args[1:], c.Command.Name)
-	// The server runs from /, so that it keeps no directory busy: give
-	// it the image by its absolute name.
-	if abs, err := filepath.Abs(image); err == nil && image != "" && !strings.Contains(image, "://") {
-		for i := len(args) - 1; i >= 0; i-- {
-			if args[i] == image {
-				args[i] = abs
-				break
-			}
-		}
-	}
+	args := absImageArg(foregroundArgs(os.Args[1:], c.Command.Name), image)
 	r, w, err := os.Pipe()
 	if err != nil {
 		return fmt.Errorf("attach: %w", err)
@@ -234,6 +227,53 @@ func startBackground(c *cli.Context, image string) error {
 	}
 	err = cmd.Wait()
 	return fmt.Errorf("%s: the server exited before the device was ready (%v)", c.Command.Name, err)
+}
+
+// absImageArg returns args with the image argument image (as
+// startBackground takes it) naming its file by its absolute name: the
+// server runs from /, so that it keeps no directory busy. In an
+// --image-opts string, the file name is made absolute and the string
+// rewritten.
+func absImageArg(args []string, image string) []string {
+	from, to := image, image
+	if s, ok := strings.CutPrefix(image, img.ImageOptsName("")); ok {
+		from, to = s, absImageOpts(s)
+	} else if abs, err := filepath.Abs(image); err == nil && image != "" && !strings.Contains(image, "://") {
+		to = abs
+	}
+	for i := len(args) - 1; i >= 0 && from != to; i-- {
+		if args[i] == from {
+			args[i] = to
+			break
+		}
+	}
+	return args
+}
+
+// absImageOpts returns the --image-opts string s with a relative file name
+// made absolute, or s as it is when it names none or cannot be parsed (the
+// server then reports the error).
+func absImageOpts(s string) string {
+	o, err := bdrv.ParseOptionString(s)
+	if err != nil {
+		return s
+	}
+	changed := false
+	for _, k := range []string{"file.filename", "file", "filename"} {
+		if v, ok := o[k]; ok && v != "" && !filepath.IsAbs(v) && !strings.Contains(v, "://") {
+			if abs, err := filepath.Abs(v); err == nil {
+				o[k], changed = abs, true
+			}
+		}
+	}
+	if !changed {
+		return s
+	}
+	parts := make([]string, 0, len(o))
+	for _, k := range slices.Sorted(maps.Keys(o)) {
+		parts = append(parts, k+"="+strings.ReplaceAll(o[k], ",", ",,"))
+	}
+	return strings.Join(parts, ",")
 }
 
 // foregroundArgs returns the arguments of the background server: the

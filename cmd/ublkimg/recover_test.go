@@ -180,3 +180,32 @@ func TestAttachImageOptsChecked(t *testing.T) {
 		}
 	}
 }
+
+// TestAbsImageArg: the background server, which runs from /, gets the image
+// by its absolute name, in an --image-opts string too (its other options
+// kept, commas in the name escaped).
+func TestAbsImageArg(t *testing.T) {
+	dir := t.TempDir()
+	t.Chdir(dir)
+	opts := "driver=qcow2,file.filename=a,,b.qcow2,encrypt.key-secret=s0"
+	for _, tc := range []struct {
+		image, want string
+	}{
+		{"a.img", filepath.Join(dir, "a.img")},
+		{"/x/a.img", "/x/a.img"},
+		{"null-co://", "null-co://"},
+		{img.ImageOptsName(opts), "driver=qcow2,encrypt.key-secret=s0,file.filename=" + dir + "/a,,b.qcow2"},
+		{img.ImageOptsName("driver=file,filename=r.raw"), "driver=file,filename=" + dir + "/r.raw"},
+		{img.ImageOptsName("driver=raw,file.filename=/r.raw"), "driver=raw,file.filename=/r.raw"},
+	} {
+		arg := strings.TrimPrefix(tc.image, img.ImageOptsName(""))
+		got := absImageArg([]string{"attach", "--foreground", "-f", "qcow2", arg}, tc.image)
+		if got[len(got)-1] != tc.want || got[3] != "qcow2" {
+			t.Errorf("%q: %q, want %q last", arg, got, tc.want)
+		}
+	}
+	name, format, o, err := img.ResolveImageName(img.ImageOptsName(absImageOpts(opts)))
+	if err != nil || name != filepath.Join(dir, "a,b.qcow2") || format != "qcow2" || len(o) != 1 || o["encrypt.key-secret"] != "s0" {
+		t.Errorf("rewritten string opens %q %q %v (%v)", name, format, o, err)
+	}
+}
