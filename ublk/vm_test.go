@@ -187,6 +187,11 @@ dev=$(ublkimg attach $SEC --image-opts "$OPTS")
 check enc-fsck e2fsck -fn "$dev"
 check enc-detach2 ublkimg detach "$dev"
 check enc-qemu-check qemu-img check $SEC --image-opts "$OPTS"
+dev=$(ublkimg attach --object secret,id=sec0,data='correct horse' --image-opts "$OPTS")
+check enc-attach-data test -b "$dev" || exit 1
+pid=$(sed -n 's/.*"pid": \([0-9]*\),.*/\1/p' /run/ublkimg/ublkb${dev#/dev/ublkb}.json)
+check enc-no-secret-in-cmdline sh -c "test -n '$pid' && ! tr '\\0' ' ' </proc/$pid/cmdline | grep -q 'correct horse'"
+check enc-detach3 ublkimg detach "$dev"
 
 check luks-create ublkimg create -f luks $SEC -o key-secret=sec0,iter-time=10 /tmp/vol.luks 32M
 dev=$(ublkimg attach $SEC --image-opts driver=luks,file.filename=/tmp/vol.luks,key-secret=sec0)

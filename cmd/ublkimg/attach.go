@@ -35,6 +35,12 @@ import (
 // that started it: one line, "ready DEVICE" or "error MESSAGE".
 const readyFDEnv = "UBLKIMG_READY_FD"
 
+// objectsFDEnv names the file descriptor from which a background server
+// reads the --object definitions of the command that started it (NUL
+// separated): they hold passphrases, which must not sit in the server's
+// command line for as long as it runs, where any user can read them.
+const objectsFDEnv = "UBLKIMG_OBJECTS_FD"
+
 func init() { registerCommands(attachCommand, detachCommand, listCommand, recoverCommand) }
 
 func attachCommand() *cli.Command {
@@ -197,22 +203,34 @@ func startBackground(c *cli.Context, image string) error {
 	if err != nil {
 		return fmt.Errorf("attach: finding ublkimg itself: %w", err)
 	}
-	args := absImageArg(foregroundArgs(os.Args[1:], c.Command.Name), image)
+	args := absImageArg(foregroundArgs(withoutObjects(os.Args[1:]), c.Command.Name), image)
 	r, w, err := os.Pipe()
 	if err != nil {
 		return fmt.Errorf("attach: %w", err)
 	}
-	cmd := exec.Command(exe, args...)
-	cmd.Env = append(os.Environ(), readyFDEnv+"=3")
-	cmd.ExtraFiles = []*os.File{w}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	cmd.Dir = "/"
-	if err := cmd.Start(); err != nil {
+	objR, objW, err := os.Pipe()
+	if err != nil {
 		r.Close()
 		w.Close()
+		return fmt.Errorf("attach: %w", err)
+	}
+	cmd := exec.Command(exe, args...)
+	cmd.Env = append(os.Environ(), readyFDEnv+"=3", objectsFDEnv+"=4")
+	cmd.ExtraFiles = []*os.File{w, objR}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	cmd.Dir = "/"
+	err = cmd.Start()
+	w.Close()
+	objR.Close()
+	if err != nil {
+		r.Close()
+		objW.Close()
 		return fmt.Errorf("%s: starting the server: %w", c.Command.Name, err)
 	}
-	w.Close()
+	// A write error means the server died at once; its report (or its
+	// exit) below says why.
+	objW.WriteString(strings.Join(c.StringSlice("object"), "\x00"))
+	objW.Close()
 	line, _ := bufio.NewReader(r).ReadString('\n')
 	r.Close()
 	kind, msg, _ := strings.Cut(strings.TrimSpace(line), " ")
@@ -274,6 +292,26 @@ func absImageOpts(s string) string {
 		parts = append(parts, k+"="+strings.ReplaceAll(o[k], ",", ",,"))
 	}
 	return strings.Join(parts, ",")
+}
+
+// withoutObjects returns args without its --object options (both the
+// "--object DEF" and the "--object=DEF" forms): startBackground hands
+// their definitions to the server through a pipe.
+func withoutObjects(args []string) []string {
+	out := make([]string, 0, len(args))
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		switch {
+		case a == "--":
+			return append(out, args[i:]...)
+		case a == "--object" || a == "-object":
+			i++ // and its value
+		case strings.HasPrefix(a, "--object=") || strings.HasPrefix(a, "-object="):
+		default:
+			out = append(out, a)
+		}
+	}
+	return out
 }
 
 // foregroundArgs returns the arguments of the background server: the

@@ -254,3 +254,16 @@ func TestRecoveryOptions(t *testing.T) {
 		t.Error("the acknowledged write is not in the image file")
 	}
 }
+
+func TestWithoutObjects(t *testing.T) {
+	for _, tc := range []struct{ in, want []string }{
+		{[]string{"attach", "--object", "secret,id=s,data=pw", "img"}, []string{"attach", "img"}},
+		{[]string{"attach", "--object=secret,id=s,data=pw", "-f", "qcow2", "img"}, []string{"attach", "-f", "qcow2", "img"}},
+		{[]string{"attach", "img", "--object", "a", "--object", "b"}, []string{"attach", "img"}},
+		{[]string{"attach", "--", "--object"}, []string{"attach", "--", "--object"}},
+	} {
+		if got := withoutObjects(tc.in); !slices.Equal(got, tc.want) {
+			t.Errorf("withoutObjects(%q) = %q, want %q", tc.in, got, tc.want)
+		}
+	}
+}

@@ -2,7 +2,11 @@ package main
 
 import (
 	"errors"
+	"fmt"
+	"io"
+	"os"
 	"slices"
+	"strconv"
 	"strings"
 
 	"github.com/urfave/cli/v2"
@@ -34,7 +38,11 @@ func addObjectFlags(c *cli.Command) {
 			Usage: "`OBJECTDEF` secret,id=ID,data=STRING|file=PATH[,format=raw|base64]: a passphrase for encrypt.key-secret=ID; repeatable"})
 		action := c.Action
 		c.Action = func(ctx *cli.Context) error {
-			for _, o := range ctx.StringSlice("object") {
+			defs, err := inheritedObjects()
+			if err != nil {
+				return err
+			}
+			for _, o := range append(defs, ctx.StringSlice("object")...) {
 				id, err := bdrv.AddSecretObject(o)
 				if err != nil {
 					return err
@@ -52,6 +60,31 @@ func addObjectFlags(c *cli.Command) {
 		c.Flags = append(c.Flags, &cli.BoolFlag{Name: "target-image-opts",
 			Usage: "the target operand is an option string (with -n)"})
 	}
+}
+
+// inheritedObjects reads the --object definitions a background server gets
+// from the command that started it (attach.go, objectsFDEnv), or returns
+// none.
+func inheritedObjects() ([]string, error) {
+	fd := os.Getenv(objectsFDEnv)
+	if fd == "" {
+		return nil, nil
+	}
+	os.Unsetenv(objectsFDEnv)
+	n, err := strconv.Atoi(fd)
+	if err != nil {
+		return nil, fmt.Errorf("%s=%q: %w", objectsFDEnv, fd, err)
+	}
+	f := os.NewFile(uintptr(n), "objects")
+	defer f.Close()
+	data, err := io.ReadAll(f)
+	if err != nil {
+		return nil, fmt.Errorf("reading the --object definitions: %w", err)
+	}
+	if len(data) == 0 {
+		return nil, nil
+	}
+	return strings.Split(string(data), "\x00"), nil
 }
 
 // markImageOpts rewrites the image operands of a normalized argument list
