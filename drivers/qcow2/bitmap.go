@@ -51,6 +51,20 @@ func (b *Bitmap) Usable() bool {
 	return len(b.ExtraData) == 0 || b.Flags&BitmapFlagExtraDataCompatible != 0
 }
 
+// decodeBitmapEntry decodes the fixed part of the directory entry at the
+// start of e (at least bitmapEntryFixed bytes): the bitmap's fields, and the
+// sizes of the name and of the extra data that follow them.
+func decodeBitmapEntry(e []byte) (b Bitmap, nameSize, extraSize uint64) {
+	b = Bitmap{
+		TableOffset:     be.Uint64(e[0:]),
+		TableSize:       be.Uint32(e[8:]),
+		Flags:           be.Uint32(e[12:]),
+		Type:            e[16],
+		GranularityBits: e[17],
+	}
+	return b, uint64(be.Uint16(e[18:])), uint64(be.Uint32(e[20:]))
+}
+
 // ParseBitmapDirectory parses the bitmap directory held in dir (read from
 // ext.DirectoryOffset, ext.DirectorySize bytes), checking every entry as
 // QEMU's check_dir_entry does: table offset and size, reserved flags, type,
@@ -82,19 +96,11 @@ func ParseBitmapDirectory(dir []byte, ext BitmapsExt, clusterBits uint32, diskSi
 		if len(e) < bitmapEntryFixed {
 			return nil, bad(i, "entry truncated")
 		}
-		b := Bitmap{
-			TableOffset:     be.Uint64(e[0:]),
-			TableSize:       be.Uint32(e[8:]),
-			Flags:           be.Uint32(e[12:]),
-			Type:            e[16],
-			GranularityBits: e[17],
-		}
-		nameSize := int(be.Uint16(e[18:]))
-		extraSize := uint64(be.Uint32(e[20:]))
+		b, nameSize, extraSize := decodeBitmapEntry(e)
 		if nameSize == 0 || nameSize > MaxBitmapNameSize {
 			return nil, bad(i, "name size %d out of range 1..%d", nameSize, MaxBitmapNameSize)
 		}
-		body := uint64(bitmapEntryFixed) + extraSize + uint64(nameSize)
+		body := bitmapEntryFixed + extraSize + nameSize
 		size := roundUp8(body)
 		if size > uint64(len(e)) {
 			return nil, bad(i, "entry of %d bytes exceeds the directory", size)

@@ -1019,15 +1019,7 @@ func (c *chkState) loadBitmapList() ([]Bitmap, error) {
 			return nil, unix.EINVAL
 		}
 		e := dir[off:]
-		b := Bitmap{
-			TableOffset:     be.Uint64(e[0:]),
-			TableSize:       be.Uint32(e[8:]),
-			Flags:           be.Uint32(e[12:]),
-			Type:            e[16],
-			GranularityBits: e[17],
-		}
-		nameSize := uint64(be.Uint16(e[18:]))
-		extra := uint64(be.Uint32(e[20:]))
+		b, nameSize, extra := decodeBitmapEntry(e)
 		entSize := roundUp8(bitmapEntryFixed + nameSize + extra)
 		if entSize > size-off || extra != 0 {
 			return nil, unix.EINVAL
