@@ -55,12 +55,8 @@ func checkAction(c *cli.Context) error {
 		return err
 	}
 	opts.JSON = json
-	if s := c.String("T"); s != "" {
-		mode, err := bdrv.ParseCacheMode(s)
-		if err != nil {
-			return errors.New("Invalid source cache option: " + s)
-		}
-		opts.Cache = mode
+	if err := cacheOption(c, "T", &opts.Cache); err != nil {
+		return err
 	}
 	var code int
 	err = runCo(func(co *coroutine.Co) error {

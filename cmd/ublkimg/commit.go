@@ -49,12 +49,8 @@ func commitAction(c *cli.Context) error {
 		return errors.New("Expecting one image file name")
 	}
 	opts.Filename = c.Args().First()
-	if s := c.String("t"); s != "" {
-		mode, err := bdrv.ParseCacheMode(s)
-		if err != nil {
-			return errors.New("Invalid cache option: " + s)
-		}
-		opts.Cache = mode
+	if err := cacheOption(c, "t", &opts.Cache); err != nil {
+		return err
 	}
 	if c.Bool("p") && !quiet {
 		opts.Progress = c.App.Writer

@@ -50,12 +50,8 @@ func compareAction(c *cli.Context) error {
 	if c.Bool("p") && !quiet {
 		opts.Progress = c.App.Writer
 	}
-	if s := c.String("T"); s != "" {
-		mode, err := bdrv.ParseCacheMode(s)
-		if err != nil {
-			return &exitError{img.CompareOpenError, errors.New("Invalid source cache option: " + s)}
-		}
-		opts.Cache = mode
+	if err := cacheOption(c, "T", &opts.Cache); err != nil {
+		return &exitError{img.CompareOpenError, err}
 	}
 	var code int
 	err := runCo(func(co *coroutine.Co) error {

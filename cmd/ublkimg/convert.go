@@ -102,15 +102,11 @@ func convertAction(c *cli.Context) error {
 		return errors.New("Must specify image file name")
 	}
 	opts.Sources, opts.Target = args[:len(args)-1], args[len(args)-1]
-	if s := c.String("T"); s != "" {
-		if opts.SourceCache, err = bdrv.ParseCacheMode(s); err != nil {
-			return errors.New("Invalid source cache option: " + s)
-		}
+	if err := cacheOption(c, "T", &opts.SourceCache); err != nil {
+		return err
 	}
-	if s := c.String("t"); s != "" {
-		if opts.TargetCache, err = bdrv.ParseCacheMode(s); err != nil {
-			return errors.New("Invalid cache option: " + s)
-		}
+	if err := cacheOption(c, "t", &opts.TargetCache); err != nil {
+		return err
 	}
 	if c.Bool("p") && !c.Bool("q") {
 		opts.Progress = c.App.Writer

@@ -16,6 +16,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"ublkimg/bdrv"
 	"ublkimg/coroutine"
 	"ublkimg/internal/img"
 
@@ -171,8 +172,6 @@ func oneLine(s string) string {
 	return strings.TrimSpace(strings.ReplaceAll(s, "\n", " "))
 }
 
-// runCo runs an operation as a coroutine on a private loop, turning a panic
-// into an error so that even a bug ends in one line on stderr.
 // jsonOutput reads the --output flag the image verbs share, as qemu-img
 // does: human (also when the flag is absent) or json; anything else is an
 // error.
@@ -190,6 +189,27 @@ func jsonOutput(c *cli.Context) (bool, error) {
 	return false, errors.New("--output must be used with human or json as argument.")
 }
 
+// cacheOption sets *dst from the cache-mode flag (qemu-img's -t for the
+// image written, -T for the source read) when it was given, and fails with
+// qemu-img's message for that flag otherwise.
+func cacheOption(c *cli.Context, flag string, dst *bdrv.CacheMode) error {
+	s := c.String(flag)
+	if s == "" {
+		return nil
+	}
+	mode, err := bdrv.ParseCacheMode(s)
+	if err != nil {
+		if flag == "T" {
+			return errors.New("Invalid source cache option: " + s)
+		}
+		return errors.New("Invalid cache option: " + s)
+	}
+	*dst = mode
+	return nil
+}
+
+// runCo runs an operation as a coroutine on a private loop, turning a panic
+// into an error so that even a bug ends in one line on stderr.
 func runCo(fn func(co *coroutine.Co) error) error {
 	return coroutine.Run(func(co *coroutine.Co) error {
 		return img.Guard(func() error { return fn(co) })

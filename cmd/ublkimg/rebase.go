@@ -51,16 +51,11 @@ func rebaseAction(c *cli.Context) error {
 		return errors.New("Must specify backing file (-b) or use unsafe mode (-u)")
 	}
 	opts.Filename = c.Args().First()
-	var err error
-	if s := c.String("t"); s != "" {
-		if opts.Cache, err = bdrv.ParseCacheMode(s); err != nil {
-			return errors.New("Invalid cache option: " + s)
-		}
+	if err := cacheOption(c, "t", &opts.Cache); err != nil {
+		return err
 	}
-	if s := c.String("T"); s != "" {
-		if opts.SourceCache, err = bdrv.ParseCacheMode(s); err != nil {
-			return errors.New("Invalid source cache option: " + s)
-		}
+	if err := cacheOption(c, "T", &opts.SourceCache); err != nil {
+		return err
 	}
 	if c.Bool("p") && !c.Bool("q") {
 		opts.Progress = c.App.Writer
