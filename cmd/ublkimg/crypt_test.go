@@ -5,7 +5,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
+
+	"ublkimg/internal/qemutest"
 )
 
 // Encrypted images and secret objects from the command line, against
@@ -116,13 +117,11 @@ func TestEncryptedVerbs(t *testing.T) {
 func sameAsQemu(t *testing.T, ours, theirs string, args []string) {
 	t.Helper()
 	got := runIn(t, ours, binary, args...)
-	want := runIn(t, theirs, "qemu-img", args...)
-	for try := 0; try < 8 && strings.Contains(want.stderr, "Unable to get accurate CPU usage"); try++ {
-		// qemu-img times its PBKDF2 benchmark with the process's CPU
-		// time, which a loaded machine sometimes fails to provide.
-		time.Sleep(time.Duration(try+1) * 50 * time.Millisecond)
+	var want result
+	qemutest.RetryPBKDF2Timing(func() string {
 		want = runIn(t, theirs, "qemu-img", args...)
-	}
+		return want.stderr
+	})
 	if got.stdout != want.stdout || got.code != want.code {
 		t.Errorf("exit %d, stdout:\n%s\nqemu-img: exit %d, stdout:\n%s", got.code, got.stdout, want.code, want.stdout)
 	}

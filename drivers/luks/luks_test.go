@@ -17,6 +17,7 @@ import (
 	_ "ublkimg/drivers/file"
 	_ "ublkimg/drivers/luks"
 	"ublkimg/internal/luks"
+	"ublkimg/internal/qemutest"
 )
 
 const pass = "s3cret passphrase"
@@ -52,17 +53,16 @@ func qemu(t testing.TB, tool string, args ...string) string {
 	} else {
 		args = append(obj, args...)
 	}
-	for try := 0; ; try++ {
-		out, err := exec.Command(tool, args...).CombinedOutput()
-		if err == nil && !strings.Contains(string(out), "error") && !strings.Contains(string(out), "failed") {
-			return string(out)
-		}
-		if try == 8 || !strings.Contains(string(out), "Unable to get accurate CPU usage") {
-			t.Fatalf("%s %s: %v\n%s", tool, strings.Join(args, " "), err, out)
-		}
-		// A loaded machine starves QEMU's PBKDF2 benchmark for a while.
-		time.Sleep(time.Duration(try+1) * 50 * time.Millisecond)
+	var err error
+	out := qemutest.RetryPBKDF2Timing(func() string {
+		var b []byte
+		b, err = exec.Command(tool, args...).CombinedOutput()
+		return string(b)
+	})
+	if err != nil || strings.Contains(out, "error") || strings.Contains(out, "failed") {
+		t.Fatalf("%s %s: %v\n%s", tool, strings.Join(args, " "), err, out)
 	}
+	return out
 }
 
 func imageOpts(path string) string {

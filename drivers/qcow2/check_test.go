@@ -15,6 +15,7 @@ import (
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
 	_ "ublkimg/drivers/file"
+	"ublkimg/internal/qemutest"
 )
 
 // The checker is tested against qemu-img check 7.2 as the oracle: images of
@@ -118,16 +119,16 @@ func ckMake(dir string, sh ckShape) (string, error) {
 		opts += ",encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10"
 	}
 	run := func(name string, args ...string) error {
-		for i := 0; ; i++ {
-			out, err := exec.Command(name, args...).CombinedOutput()
-			if err == nil {
-				return nil
-			}
-			if i < 3 && strings.Contains(string(out), "accurate CPU usage") {
-				continue // LUKS PBKDF benchmark on a busy machine
-			}
+		var err error
+		out := qemutest.RetryPBKDF2Timing(func() string {
+			var b []byte
+			b, err = exec.Command(name, args...).CombinedOutput()
+			return string(b)
+		})
+		if err != nil {
 			return fmt.Errorf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
 		}
+		return nil
 	}
 	if err := run("qemu-img", append(append([]string{"create", "-q", "-f", "qcow2"}, create...), "-o", opts, p, sh.size)...); err != nil {
 		return "", err

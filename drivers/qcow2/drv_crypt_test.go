@@ -10,13 +10,13 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"golang.org/x/sys/unix"
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
 	"ublkimg/drivers/qcow2"
+	"ublkimg/internal/qemutest"
 )
 
 const cryptPass = "s3cret passphrase"
@@ -46,16 +46,14 @@ func qemuSecret(path string) (obj, opts string) {
 func qemuCrypt(t testing.TB, args ...string) {
 	t.Helper()
 	args = append([]string{"create", "-q", "-f", "qcow2", "--object", "secret,id=k,data=" + cryptPass}, args...)
-	for try := 0; ; try++ {
-		out, err := exec.Command("qemu-img", args...).CombinedOutput()
-		if err == nil {
-			return
-		}
-		if try == 8 || !strings.Contains(string(out), "Unable to get accurate CPU usage") {
-			t.Fatalf("qemu-img %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-		// A loaded machine starves QEMU's PBKDF2 benchmark for a while.
-		time.Sleep(time.Duration(try+1) * 50 * time.Millisecond)
+	var err error
+	out := qemutest.RetryPBKDF2Timing(func() string {
+		var b []byte
+		b, err = exec.Command("qemu-img", args...).CombinedOutput()
+		return string(b)
+	})
+	if err != nil {
+		t.Fatalf("qemu-img %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
 }
 

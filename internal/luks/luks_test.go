@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"golang.org/x/crypto/xts"
+
+	"ublkimg/internal/qemutest"
 )
 
 const testPass = "correct horse"
@@ -61,16 +63,14 @@ func qemuLUKS(t testing.TB, dir string, size int, extra string) (string, []byte)
 func qemuCreate(t testing.TB, args ...string) {
 	t.Helper()
 	args = append([]string{"create", "-q"}, args...)
-	for try := 0; ; try++ {
-		out, err := exec.Command("qemu-img", args...).CombinedOutput()
-		if err == nil {
-			return
-		}
-		if try == 8 || !bytes.Contains(out, []byte("Unable to get accurate CPU usage")) {
-			t.Fatalf("qemu-img %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-		// A loaded machine starves QEMU's PBKDF2 benchmark for a while.
-		time.Sleep(time.Duration(try+1) * 50 * time.Millisecond)
+	var err error
+	out := qemutest.RetryPBKDF2Timing(func() string {
+		var b []byte
+		b, err = exec.Command("qemu-img", args...).CombinedOutput()
+		return string(b)
+	})
+	if err != nil {
+		t.Fatalf("qemu-img %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
 }
 

@@ -1,0 +1,33 @@
+// Package qemutest holds what the tests of several packages share about
+// running QEMU's tools as their oracle.
+package qemutest
+
+import (
+	"strings"
+	"time"
+)
+
+// pbkdf2TimingFailure is what qemu-img prints when it cannot time its
+// PBKDF2 benchmark for a LUKS key slot: it measures the thread's CPU time,
+// which tick-based accounting on a loaded machine reports as zero for a
+// short burst of work, and then gives up.
+const pbkdf2TimingFailure = "Unable to get accurate CPU usage"
+
+// retryBudget bounds how long RetryPBKDF2Timing keeps trying: on a machine
+// busy with parallel test packages the failure can repeat for seconds.
+const retryBudget = 30 * time.Second
+
+// RetryPBKDF2Timing calls run, which runs a QEMU tool and returns its
+// output, again (with a growing pause) while that output is qemu-img's
+// PBKDF2 timing failure, for at most retryBudget. It returns the last
+// output; whatever else run records (exit status, error) is the last run's.
+func RetryPBKDF2Timing(run func() string) string {
+	deadline := time.Now().Add(retryBudget)
+	for pause := 50 * time.Millisecond; ; pause = min(2*pause, time.Second) {
+		out := run()
+		if !strings.Contains(out, pbkdf2TimingFailure) || time.Now().After(deadline) {
+			return out
+		}
+		time.Sleep(pause)
+	}
+}
