@@ -1,7 +1,7 @@
 # ublkimg: `make test` is the one test command (CI runs it through .ci/run).
 GO          ?= go
 STATICCHECK := $(CURDIR)/.cache/bin/staticcheck
-VM_PKGS     := ./internal/vm/ ./ublk/...
+VM_PKGS     := ./vmtest/ ./ublk/...
 
 .PHONY: all build test deps check unit vmtest fuzz bench demo clean
 

@@ -6,7 +6,7 @@
 #
 # It runs natively when this kernel has ublk (after trying modprobe
 # ublk_drv; needs root), otherwise inside the test VM booting Debian's 6.12
-# kernel (internal/vm), which only needs qemu and Go.
+# kernel (vmtest), which only needs qemu and Go.
 set -eu
 
 if [ -z "${UBLKIMG_DEMO_GUEST:-}" ]; then
@@ -15,7 +15,7 @@ if [ -z "${UBLKIMG_DEMO_GUEST:-}" ]; then
 	if [ ! -e /dev/ublk-control ]; then
 		echo "demo: this kernel ($(uname -r)) has no ublk: running the demo in a VM with Debian's 6.12 kernel"
 		scripts/deps.sh
-		exec go run ./ublk/internal/vmdemo scripts/demo.sh
+		exec go run ./cmd/vmdemo scripts/demo.sh
 	fi
 	if [ "$(id -u)" -ne 0 ]; then
 		echo "demo: serving a ublk device needs root: run 'sudo make demo'" >&2

@@ -16,7 +16,7 @@ have cpio               || need+=(cpio)
 have xz                 || need+=(xz-utils)
 have zstd               || need+=(zstd)
 have dpkg-deb           || need+=(dpkg)
-# internal/vm: the guest's /bin/sh is the host's dash, with ldd's libraries.
+# vmtest: the guest's /bin/sh is the host's dash, with ldd's libraries.
 have dash               || need+=(dash)
 have ldd                || need+=(libc-bin)
 

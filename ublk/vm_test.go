@@ -8,10 +8,10 @@ import (
 	"sync"
 	"testing"
 
-	"ublkimg/internal/vm"
+	"ublkimg/vmtest"
 )
 
-// The VM tests boot Debian's 6.12 kernel with ublk_drv (internal/vm) and run
+// The VM tests boot Debian's 6.12 kernel with ublk_drv (vmtest) and run
 // the ublkimg command in it. They are skipped unless UBLKIMG_VM=1.
 
 // cliPkg is the ublkimg command the scenarios run.
@@ -19,26 +19,26 @@ const cliPkg = "ublkimg/cmd/ublkimg"
 
 var guestTools = struct {
 	once  sync.Once
-	files []vm.File
+	files []vmtest.File
 	err   error
 }{}
 
 // tools returns the static ublkimg binary and the guest programs the
 // scenarios use (mke2fs, e2fsck, fio, fstrim).
-func tools(t *testing.T) []vm.File {
+func tools(t *testing.T) []vmtest.File {
 	t.Helper()
-	vm.RequireTools(t)
+	vmtest.RequireTools(t)
 	guestTools.once.Do(func() {
-		bin, err := vm.GoBinary(t.Context(), cliPkg)
+		bin, err := vmtest.GoBinary(t.Context(), cliPkg)
 		if err != nil {
 			guestTools.err = err
 			return
 		}
-		files := []vm.File{bin, vm.HostFile("/etc/mke2fs.conf"),
-			vm.DataFile("/etc/passwd", []byte("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n"), 0o644),
-			vm.DataFile("/etc/group", []byte("root:x:0:\nnogroup:x:65534:\n"), 0o644)}
+		files := []vmtest.File{bin, vmtest.HostFile("/etc/mke2fs.conf"),
+			vmtest.DataFile("/etc/passwd", []byte("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n"), 0o644),
+			vmtest.DataFile("/etc/group", []byte("root:x:0:\nnogroup:x:65534:\n"), 0o644)}
 		for _, name := range []string{"mke2fs", "e2fsck", "fio", "fstrim"} {
-			f, err := vm.Tool(name)
+			f, err := vmtest.Tool(name)
 			if err != nil {
 				guestTools.err = err
 				return
@@ -82,14 +82,14 @@ expect_fail() {
 sums() { (cd /mnt && find . -type f | sort | xargs sha256sum); }
 `
 
-func run(t *testing.T, script string, opts vm.RunOptions) *vm.Result {
+func run(t *testing.T, script string, opts vmtest.RunOptions) *vmtest.Result {
 	t.Helper()
 	opts.Files = append(tools(t), opts.Files...)
 	if opts.Modules == nil {
 		opts.Modules = []string{"ublk_drv", "ext4"}
 	}
 	opts.Script = prelude + script
-	return vm.RunTest(t, opts)
+	return vmtest.RunTest(t, opts)
 }
 
 // lifecycleScript is the main scenario on one image format ($FMT): attach,
@@ -136,28 +136,28 @@ func TestVMLifecycleRaw(t *testing.T) {
 	run(t, `FMT=raw
 mkimg() { truncate -s "$2" "$1"; }
 imgcheck() { true; }
-`+lifecycleScript, vm.RunOptions{})
+`+lifecycleScript, vmtest.RunOptions{})
 }
 
 // TestVMLifecycleQcow2 is the same scenario on a qcow2 image ublkimg
 // creates, checked with qemu-img check at the end.
 func TestVMLifecycleQcow2(t *testing.T) {
 	requireFormat(t, "qcow2")
-	qemuImg, err := vm.Tool("qemu-img")
+	qemuImg, err := vmtest.Tool("qemu-img")
 	if err != nil {
 		t.Fatal(err)
 	}
 	run(t, `FMT=qcow2
 mkimg() { ublkimg create -f qcow2 "$1" "$2"; }
 imgcheck() { qemu-img check "$1"; }
-`+lifecycleScript, vm.RunOptions{Files: []vm.File{qemuImg}})
+`+lifecycleScript, vmtest.RunOptions{Files: []vmtest.File{qemuImg}})
 }
 
 // requireFormat skips t unless the ublkimg command can create images of
 // format (the driver is registered in cmd/ublkimg).
 func requireFormat(t *testing.T, format string) {
 	t.Helper()
-	vm.RequireTools(t)
+	vmtest.RequireTools(t)
 	cmd := exec.CommandContext(t.Context(), "go", "run", cliPkg, "create", "-f", format,
 		filepath.Join(t.TempDir(), "probe"), "1M")
 	if out, err := cmd.CombinedOutput(); err != nil {
@@ -215,11 +215,11 @@ check bm-qemu-check qemu-img check /tmp/bm.qcow2
 // persistent bitmap through ublk.
 func TestVMQcow2Features(t *testing.T) {
 	requireFormat(t, "qcow2")
-	qemuImg, err := vm.Tool("qemu-img")
+	qemuImg, err := vmtest.Tool("qemu-img")
 	if err != nil {
 		t.Fatal(err)
 	}
-	run(t, qcow2FeaturesScript, vm.RunOptions{Files: []vm.File{qemuImg}})
+	run(t, qcow2FeaturesScript, vmtest.RunOptions{Files: []vmtest.File{qemuImg}})
 }
 
 // miscScript: read-only attach, two queues under concurrent fio jobs, 4 KiB
@@ -280,7 +280,7 @@ expect_fail err-no-driver "modprobe ublk_drv" ublkimg attach /tmp/a.img
 `
 
 func TestVMMisc(t *testing.T) {
-	run(t, miscScript, vm.RunOptions{})
+	run(t, miscScript, vmtest.RunOptions{})
 }
 
 // killScript: SIGKILL of the server under load leaves the VM usable.
@@ -312,7 +312,7 @@ check detach ublkimg detach "$dev"
 `
 
 func TestVMKill(t *testing.T) {
-	res := run(t, killScript, vm.RunOptions{})
+	res := run(t, killScript, vmtest.RunOptions{})
 	if !strings.Contains(res.Log, "RESULT disk-gone PASS") {
 		t.Error("the disk did not disappear after the server was killed")
 	}
@@ -323,7 +323,7 @@ func TestVMKill(t *testing.T) {
 // point after ADD_DEV, a device stopped from outside, I/O errors, each with
 // goroutine and file-descriptor leak checks.
 func TestVMGuestTests(t *testing.T) {
-	vm.RequireTools(t)
+	vmtest.RequireTools(t)
 	dir := t.TempDir()
 	bin := filepath.Join(dir, "ublk.test")
 	cmd := exec.CommandContext(t.Context(), "go", "test", "-c", "-trimpath", "-o", bin, ".")
@@ -332,7 +332,7 @@ func TestVMGuestTests(t *testing.T) {
 		t.Fatalf("go test -c: %v\n%s", err, out)
 	}
 	run(t, `check guest-tests /usr/local/bin/ublk.test -test.run '^TestGuest' -test.v -test.count=1 -test.timeout=4m`,
-		vm.RunOptions{Files: []vm.File{{Src: bin, Dst: "/usr/local/bin/ublk.test"}}})
+		vmtest.RunOptions{Files: []vmtest.File{{Src: bin, Dst: "/usr/local/bin/ublk.test"}}})
 }
 
 // recoveryScript: devices attached with --recovery survive a SIGKILL of
@@ -454,11 +454,11 @@ check list-empty sh -c 'test -z "$(ublkimg list)"'
 // TestVMRecovery runs recoveryScript; qemu-img checks the qcow2 image.
 func TestVMRecovery(t *testing.T) {
 	requireFormat(t, "qcow2")
-	qemuImg, err := vm.Tool("qemu-img")
+	qemuImg, err := vmtest.Tool("qemu-img")
 	if err != nil {
 		t.Fatal(err)
 	}
-	res := run(t, recoveryScript, vm.RunOptions{Files: []vm.File{qemuImg}})
+	res := run(t, recoveryScript, vmtest.RunOptions{Files: []vmtest.File{qemuImg}})
 	for _, name := range []string{"raw-fio-verified", "qcow2-fio-verified", "recover-at-once", "acknowledged-kept", "attach-at-once",
 		"enc-recover-no-secret", "enc-recover", "enc-kept", "enc-qemu-check"} {
 		if !strings.Contains(res.Log, "RESULT "+name+" PASS") {

@@ -1,4 +1,4 @@
-# Guest side of bench/vmbench: runs in the test VM (internal/vm) after
+# Guest side of bench/vmbench: runs in the test VM (vmtest) after
 # /init loaded ublk_drv, loop and nbd. The host sets DEVICES, RUNTIME, SIZE,
 # JOBS, PASSES and STORAGE (tmpfs, or disk: /dev/vda) before this script. Results are "@@ METRIC" lines:
 #   <device>.<job>.iops@<pass>  <device>.<job>.bw_kib@<pass>

@@ -1,5 +1,5 @@
 // Command vmbench compares ublkimg with the kernel's loop device and with
-// qemu-nbd over nbd, side by side in one VM (internal/vm: Debian's 6.12
+// qemu-nbd over nbd, side by side in one VM (vmtest: Debian's 6.12
 // kernel under qemu), with fio: 4 KiB random reads and writes at depth 1 and
 // 16, 128 KiB sequential reads and writes. It prints a table of IOPS,
 // bandwidth and ratios with the servers' peak RSS, and writes results.json,
@@ -28,7 +28,7 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"ublkimg/internal/vm"
+	"ublkimg/vmtest"
 )
 
 //go:embed guest.sh
@@ -117,19 +117,19 @@ func run(devices string, runtime, passes int, size, storage, out string, cpus in
 	ctx := context.Background()
 	devs := strings.Split(devices, ",")
 	start := time.Now()
-	bin, err := vm.GoBinary(ctx, cliPkg)
+	bin, err := vmtest.GoBinary(ctx, cliPkg)
 	if err != nil {
 		return err
 	}
-	files := []vm.File{bin}
+	files := []vmtest.File{bin}
 	for _, t := range []string{"fio", "losetup", "qemu-nbd", "qemu-img", "mke2fs"} {
-		f, err := vm.Tool(t)
+		f, err := vmtest.Tool(t)
 		if err != nil {
 			return err
 		}
 		files = append(files, f)
 	}
-	files = append(files, vm.HostFile("/etc/mke2fs.conf"))
+	files = append(files, vmtest.HostFile("/etc/mke2fs.conf"))
 	modules := []string{"ublk_drv", "loop", "nbd"}
 	var qemuArgs []string
 	if storage == "disk" {
@@ -149,7 +149,7 @@ func run(devices string, runtime, passes int, size, storage, out string, cpus in
 	script := fmt.Sprintf("DEVICES=%q RUNTIME=%d PASSES=%d SIZE=%s JOBS=%q STORAGE=%s\n%s",
 		strings.Join(devs, " "), runtime, passes, size, strings.Join(jobs, " "), storage, guestScript)
 	perRun := time.Duration(passes*len(devs)*len(jobs)*(runtime+4))*time.Second + 4*time.Minute
-	res, err := vm.Run(ctx, vm.RunOptions{
+	res, err := vmtest.Run(ctx, vmtest.RunOptions{
 		Script:   script,
 		Files:    files,
 		Modules:  modules,

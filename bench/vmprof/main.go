@@ -1,4 +1,4 @@
-// Command vmprof profiles the whole test VM (internal/vm) with perf while
+// Command vmprof profiles the whole test VM (vmtest) with perf while
 // fio runs against one device, to see where a request's time goes: the
 // ublkimg server, the kernel's ublk and io_uring paths, fio, virtio.
 //
@@ -15,7 +15,7 @@ import (
 	"os"
 	"time"
 
-	"ublkimg/internal/vm"
+	"ublkimg/vmtest"
 )
 
 const script = `
@@ -47,14 +47,14 @@ func main() {
 	attachArgs := flag.String("attach-args", "", "more ublkimg attach options, e.g. \"--poll-max 100us\"")
 	flag.Parse()
 	ctx := context.Background()
-	bin, err := vm.GoBinary(ctx, "ublkimg/cmd/ublkimg")
+	bin, err := vmtest.GoBinary(ctx, "ublkimg/cmd/ublkimg")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	files := []vm.File{bin, vm.HostFile("/etc/mke2fs.conf")}
+	files := []vmtest.File{bin, vmtest.HostFile("/etc/mke2fs.conf")}
 	for _, t := range []string{"fio", "losetup", "mke2fs", "perf"} {
-		f, err := vm.Tool(t)
+		f, err := vmtest.Tool(t)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(1)
@@ -72,7 +72,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	_, err = vm.Run(ctx, vm.RunOptions{
+	_, err = vmtest.Run(ctx, vmtest.RunOptions{
 		Script:   fmt.Sprintf("DEVICE=%s RW=%s DEPTH=%d RUNTIME=%d ATTACH_ARGS=%q\n%s", *device, *rw, *depth, *runtime, *attachArgs, script),
 		Files:    files,
 		Modules:  []string{"ublk_drv", "loop", "virtio_blk", "ext4"},

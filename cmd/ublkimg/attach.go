@@ -26,7 +26,7 @@ import (
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
 	"ublkimg/drivers/qcow2"
-	"ublkimg/internal/img"
+	"ublkimg/img"
 	"ublkimg/ublk"
 )
 

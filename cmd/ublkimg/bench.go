@@ -8,7 +8,7 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
-	"ublkimg/internal/img"
+	"ublkimg/img"
 )
 
 func benchCommand() *cli.Command {

@@ -4,7 +4,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"ublkimg/coroutine"
-	"ublkimg/internal/img"
+	"ublkimg/img"
 )
 
 func ddCommand() *cli.Command {

@@ -6,7 +6,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"ublkimg/coroutine"
-	"ublkimg/internal/img"
+	"ublkimg/img"
 )
 
 func infoCommand() *cli.Command {

@@ -18,7 +18,7 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
-	"ublkimg/internal/img"
+	"ublkimg/img"
 
 	// The drivers register their formats with bdrv.
 	_ "ublkimg/drivers/file"

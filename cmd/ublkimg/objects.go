@@ -12,7 +12,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"ublkimg/bdrv"
-	"ublkimg/internal/img"
+	"ublkimg/img"
 )
 
 // --object and --image-opts, as qemu-img takes them: secret objects hold

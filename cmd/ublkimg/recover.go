@@ -12,7 +12,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"ublkimg/bdrv"
-	"ublkimg/internal/img"
+	"ublkimg/img"
 	"ublkimg/ublk"
 )
 

@@ -10,7 +10,7 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
-	"ublkimg/internal/img"
+	"ublkimg/img"
 	"ublkimg/ublk"
 )
 

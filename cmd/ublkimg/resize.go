@@ -7,7 +7,7 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
-	"ublkimg/internal/img"
+	"ublkimg/img"
 )
 
 func resizeCommand() *cli.Command {

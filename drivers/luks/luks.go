@@ -2,7 +2,7 @@
 // encrypted payload, as QEMU's block/crypto.c serves it. The guest sees the
 // payload decrypted; guest sector s is encrypted with IV sector number s
 // (the payload sector, not the file sector), as qcrypto_block_encrypt is
-// called with the guest offset. The header and ciphers are internal/luks.
+// called with the guest offset. The header and ciphers are drivers/lukscrypto.
 package luks
 
 import (
@@ -15,7 +15,7 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
-	"ublkimg/internal/luks"
+	"ublkimg/drivers/lukscrypto"
 )
 
 func init() {
@@ -37,8 +37,8 @@ const OptKeySecret = "key-secret"
 const maxBounce = 1 << 20
 
 func probe(head []byte, _ string) int {
-	if len(head) >= luks.HeaderSize {
-		if _, err := luks.ParseHeader(head, 0); err == nil {
+	if len(head) >= lukscrypto.HeaderSize {
+		if _, err := lukscrypto.ParseHeader(head, 0); err == nil {
 			return 100
 		}
 	}
@@ -50,8 +50,8 @@ func probe(head []byte, _ string) int {
 type driver struct {
 	node   *bdrv.Node
 	file   *bdrv.Node
-	hdr    *luks.Header
-	cipher *luks.Cipher // nil when opened for metadata only
+	hdr    *lukscrypto.Header
+	cipher *lukscrypto.Cipher // nil when opened for metadata only
 	// payload is the byte offset of the guest's sector 0 in the file.
 	payload int64
 }
@@ -61,12 +61,12 @@ type driver struct {
 // block_crypto_open_generic).
 func open(co *coroutine.Co, n *bdrv.Node, opts bdrv.Options) (bdrv.Driver, error) {
 	d := &driver{node: n, file: n.File}
-	b, err := d.readFile(co, 0, luks.HeaderSize)
+	b, err := d.readFile(co, 0, lukscrypto.HeaderSize)
 	if err != nil {
 		return nil, fmt.Errorf("luks: reading the header: %w", err)
 	}
-	if d.hdr, err = luks.ParseHeader(b, 0); err != nil {
-		if errors.Is(err, luks.ErrNotLUKS) {
+	if d.hdr, err = lukscrypto.ParseHeader(b, 0); err != nil {
+		if errors.Is(err, lukscrypto.ErrNotLUKS) {
 			return nil, errors.New("Volume is not in LUKS format")
 		}
 		return nil, err
@@ -94,7 +94,7 @@ func open(co *coroutine.Co, n *bdrv.Node, opts bdrv.Options) (bdrv.Driver, error
 		clear(buf)
 		return err
 	})
-	if errors.Is(err, luks.ErrInvalidPassword) {
+	if errors.Is(err, lukscrypto.ErrInvalidPassword) {
 		return nil, &bdrv.KeyError{Err: err}
 	}
 	if err != nil {
@@ -128,7 +128,7 @@ func (d *driver) Preadv(co *coroutine.Co, off int64, iov bdrv.IOVec, flags bdrv.
 		if err := d.file.Preadv(co, d.payload+off+done, bdrv.IOVec{b}, 0); err != nil {
 			return err
 		}
-		d.cipher.Decrypt(b, uint64(off+done)/luks.SectorSize)
+		d.cipher.Decrypt(b, uint64(off+done)/lukscrypto.SectorSize)
 		iov.CopyFrom(b, done)
 		return nil
 	})
@@ -140,7 +140,7 @@ func (d *driver) Preadv(co *coroutine.Co, off int64, iov bdrv.IOVec, flags bdrv.
 func (d *driver) Pwritev(co *coroutine.Co, off int64, iov bdrv.IOVec, flags bdrv.ReqFlags) error {
 	return d.bounce(off, iov, func(b []byte, done int64) error {
 		iov.CopyTo(b, done)
-		d.cipher.Encrypt(b, uint64(off+done)/luks.SectorSize)
+		d.cipher.Encrypt(b, uint64(off+done)/lukscrypto.SectorSize)
 		return d.file.Pwritev(co, d.payload+off+done, bdrv.IOVec{b}, flags&bdrv.ReqFUA)
 	})
 }
@@ -179,7 +179,7 @@ func (d *driver) SupportedWriteFlags() bdrv.ReqFlags { return bdrv.ReqFUA }
 // encrypted zeros (bdrv's fallback), never an unmap, and block status is
 // the default, data everywhere.
 func (d *driver) RefreshLimits() bdrv.Limits {
-	return bdrv.Limits{RequestAlignment: luks.SectorSize}
+	return bdrv.Limits{RequestAlignment: lukscrypto.SectorSize}
 }
 
 // Truncate implements bdrv.Truncater: the file is resized to hold the
@@ -217,8 +217,8 @@ var createOptions = []bdrv.OptionSpec{
 
 // parseCreateOptions validates create options with qemu-img's wording
 // and returns the header's options and the secret's id.
-func parseCreateOptions(o bdrv.Options) (luks.CreateOptions, string, error) {
-	c := luks.CreateOptions{
+func parseCreateOptions(o bdrv.Options) (lukscrypto.CreateOptions, string, error) {
+	c := lukscrypto.CreateOptions{
 		CipherAlg:    o.String("cipher-alg", ""),
 		CipherMode:   o.String("cipher-mode", ""),
 		IVGenAlg:     o.String("ivgen-alg", ""),
@@ -248,7 +248,7 @@ func HeaderAreaSize(o bdrv.Options) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
-	return luks.AreaSize(c)
+	return lukscrypto.AreaSize(c)
 }
 
 // create makes a luks image as QEMU's block_crypto_co_create_luks: an
@@ -273,7 +273,7 @@ func create(co *coroutine.Co, req *bdrv.CreateRequest) error {
 		return err
 	}
 	defer clear(pass)
-	v, area, err := luks.Create(pass, c)
+	v, area, err := lukscrypto.Create(pass, c)
 	if err != nil {
 		return err
 	}
@@ -300,14 +300,14 @@ func create(co *coroutine.Co, req *bdrv.CreateRequest) error {
 
 // writeHeader grows the new file f and writes the header and the active
 // key slots' material of area into it.
-func writeHeader(co *coroutine.Co, f *bdrv.Node, h *luks.Header, area []byte, size int64, prealloc bdrv.Prealloc) error {
+func writeHeader(co *coroutine.Co, f *bdrv.Node, h *lukscrypto.Header, area []byte, size int64, prealloc bdrv.Prealloc) error {
 	if err := f.Truncate(co, int64(len(area))+size, true, prealloc); err != nil {
 		return fmt.Errorf("Could not resize image: %w", err)
 	}
-	parts := [][2]int64{{0, luks.HeaderSize}}
+	parts := [][2]int64{{0, lukscrypto.HeaderSize}}
 	for _, s := range h.Slots {
 		if s.Active {
-			off := int64(s.KeyOffset) * luks.SectorSize
+			off := int64(s.KeyOffset) * lukscrypto.SectorSize
 			parts = append(parts, [2]int64{off, off + h.SplitKeySize()})
 		}
 	}

@@ -16,7 +16,7 @@ import (
 	"ublkimg/coroutine"
 	_ "ublkimg/drivers/file"
 	_ "ublkimg/drivers/luks"
-	"ublkimg/internal/luks"
+	"ublkimg/drivers/lukscrypto"
 	"ublkimg/internal/qemutest"
 )
 
@@ -269,10 +269,10 @@ func TestOpenErrors(t *testing.T) {
 }
 
 // FuzzOpen opens hostile volumes for metadata (as qemu-img info does): an
-// error, never a panic. The seeds are volumes from luks.Create.
+// error, never a panic. The seeds are volumes from lukscrypto.Create.
 func FuzzOpen(f *testing.F) {
-	for _, o := range []luks.CreateOptions{{IterTime: time.Millisecond}, {IterTime: time.Millisecond, CipherMode: "cbc", IVGenAlg: "essiv"}} {
-		_, area, err := luks.Create([]byte("x"), o)
+	for _, o := range []lukscrypto.CreateOptions{{IterTime: time.Millisecond}, {IterTime: time.Millisecond, CipherMode: "cbc", IVGenAlg: "essiv"}} {
+		_, area, err := lukscrypto.Create([]byte("x"), o)
 		if err != nil {
 			f.Fatal(err)
 		}
@@ -297,13 +297,13 @@ func FuzzOpen(f *testing.F) {
 	})
 }
 
-func header(t testing.TB, path string) *luks.Header {
+func header(t testing.TB, path string) *lukscrypto.Header {
 	t.Helper()
 	b, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	h, err := luks.ParseHeader(b, 0)
+	h, err := lukscrypto.ParseHeader(b, 0)
 	if err != nil {
 		t.Fatal(err)
 	}

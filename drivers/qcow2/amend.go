@@ -6,7 +6,7 @@ import (
 	"math/bits"
 
 	"ublkimg/coroutine"
-	"ublkimg/internal/luks"
+	"ublkimg/drivers/lukscrypto"
 )
 
 // AmendOptions are the qcow2 options qemu-img amend can change in place
@@ -35,7 +35,7 @@ type AmendOptions struct {
 	Resize func(co *coroutine.Co) error
 	// Encrypt, if not nil, changes LUKS key slots (encrypt.* options);
 	// it is applied after an upgrade, before a refcount width change.
-	Encrypt *luks.AmendOptions
+	Encrypt *lukscrypto.AmendOptions
 	// Status, if not nil, receives progress as QEMU's amend status
 	// callback: offset done of total work, in arbitrary units.
 	Status func(offset, total int64)

@@ -6,7 +6,7 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
-	"ublkimg/internal/luks"
+	"ublkimg/drivers/lukscrypto"
 )
 
 // Key slot changes of a LUKS-encrypted image (qemu-img amend -o
@@ -37,7 +37,7 @@ func (img *Image) checkAmendCrypto() error {
 
 // amendCryptoLocked applies o to the LUKS header. Called with img.meta
 // held.
-func (img *Image) amendCryptoLocked(co *coroutine.Co, o luks.AmendOptions) error {
+func (img *Image) amendCryptoLocked(co *coroutine.Co, o lukscrypto.AmendOptions) error {
 	area := img.hdr.Crypto
 	inArea := func(p []byte, off int64) error {
 		if off < 0 || uint64(off)+uint64(len(p)) > area.Length {
@@ -48,7 +48,7 @@ func (img *Image) amendCryptoLocked(co *coroutine.Co, o luks.AmendOptions) error
 	if o.Lookup == nil {
 		o.Lookup = bdrv.LookupSecret
 	}
-	return img.crypt.luks.Amend(o, luks.AmendIO{
+	return img.crypt.luks.Amend(o, lukscrypto.AmendIO{
 		Read: func(p []byte, off int64) error {
 			if err := inArea(p, off); err != nil {
 				return err

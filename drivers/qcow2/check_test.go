@@ -23,7 +23,7 @@ import (
 // images get damaged, then checked and repaired by both; messages, every
 // count of qemu-img's report (its --output=json document, parsed) and exit
 // status must be the same, and the repaired images must check clean and read
-// the same as the ones qemu-img repaired. internal/img renders the report
+// the same as the ones qemu-img repaired. img renders the report
 // and compares the rendering with qemu-img's, byte for byte.
 
 // ckShape is an image made by qemu-img create and qemu-io.
@@ -244,7 +244,7 @@ type ckOutput struct {
 
 // ckReport is qemu-img check's JSON document (QAPI ImageCheck) parsed;
 // members qemu-img leaves out, as it does those that are zero, are zero.
-// How the document is written is internal/img's business and tested there.
+// How the document is written is img's business and tested there.
 type ckReport struct {
 	Filename           string `json:"filename"`
 	Format             string `json:"format"`

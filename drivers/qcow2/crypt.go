@@ -10,7 +10,7 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
-	"ublkimg/internal/luks"
+	"ublkimg/drivers/lukscrypto"
 )
 
 // Encryption (QEMU's qcow2 crypto glue in block/qcow2.c and
@@ -33,11 +33,11 @@ const maxCryptChunk = 1 << 20
 type cryptState struct {
 	// cipher is nil for an unencrypted image and for one opened for
 	// metadata only (bdrv.Spec.NoIO).
-	cipher *luks.Cipher
+	cipher *lukscrypto.Cipher
 	// physical: the IV counts host sectors (LUKS), not guest sectors (AES).
 	physical bool
 	// luks is the parsed LUKS header, for info.
-	luks *luks.Header
+	luks *lukscrypto.Header
 }
 
 // errNoKey fails guest I/O of an encrypted image opened without its key.
@@ -54,14 +54,14 @@ func (img *Image) openCrypto(co *coroutine.Co, opts bdrv.Options) error {
 	img.crypt.physical = h.CryptMethod == CryptLUKS
 	if h.CryptMethod == CryptLUKS {
 		area := h.Crypto
-		if area.Length < luks.HeaderSize {
+		if area.Length < lukscrypto.HeaderSize {
 			return fmt.Errorf("qcow2: LUKS header area of %d bytes is too short", area.Length)
 		}
-		b, err := img.readFile(co, area.Offset, luks.HeaderSize)
+		b, err := img.readFile(co, area.Offset, lukscrypto.HeaderSize)
 		if err != nil {
 			return fmt.Errorf("qcow2: reading LUKS header at %#x: %w", area.Offset, err)
 		}
-		if img.crypt.luks, err = luks.ParseHeader(b, int64(area.Length)); err != nil {
+		if img.crypt.luks, err = lukscrypto.ParseHeader(b, int64(area.Length)); err != nil {
 			return err
 		}
 	}
@@ -78,7 +78,7 @@ func (img *Image) openCrypto(co *coroutine.Co, opts bdrv.Options) error {
 	}
 	defer clear(pass)
 	if h.CryptMethod == CryptAES {
-		img.crypt.cipher = luks.NewQCowCipher(pass)
+		img.crypt.cipher = lukscrypto.NewQCowCipher(pass)
 		return nil
 	}
 	base := h.Crypto.Offset
@@ -90,7 +90,7 @@ func (img *Image) openCrypto(co *coroutine.Co, opts bdrv.Options) error {
 		}
 		return err
 	})
-	if errors.Is(err, luks.ErrInvalidPassword) {
+	if errors.Is(err, lukscrypto.ErrInvalidPassword) {
 		return &KeyError{Err: err}
 	}
 	if err != nil {
@@ -111,9 +111,9 @@ func (img *Image) encrypted() bool { return img.hdr.CryptMethod != CryptNone }
 // holds guest offset guest.
 func (img *Image) cryptSector(host, guest uint64) uint64 {
 	if img.crypt.physical {
-		return host / luks.SectorSize
+		return host / lukscrypto.SectorSize
 	}
-	return guest / luks.SectorSize
+	return guest / lukscrypto.SectorSize
 }
 
 // readEncrypted reads len(part) bytes of encrypted data at host offset host
@@ -149,7 +149,7 @@ func (img *Image) encryptCopy(host, guest uint64, iov bdrv.IOVec) (bdrv.IOVec, e
 		return nil, errNoKey
 	}
 	n := iov.Len()
-	if n%luks.SectorSize != 0 || host%luks.SectorSize != 0 {
+	if n%lukscrypto.SectorSize != 0 || host%lukscrypto.SectorSize != 0 {
 		return nil, fmt.Errorf("qcow2: internal error: unaligned encrypted write %#x+%d: %w", host, n, unix.EIO)
 	}
 	b := bdrv.AlignedBuffer(int(n), 4096)
@@ -174,7 +174,7 @@ func (img *Image) encryptCow(m *l2Meta, startBuf, endBuf []byte) error {
 			continue
 		}
 		host := m.allocOffset + r.off
-		if len(r.buf)%luks.SectorSize != 0 || host%luks.SectorSize != 0 {
+		if len(r.buf)%lukscrypto.SectorSize != 0 || host%lukscrypto.SectorSize != 0 {
 			return fmt.Errorf("qcow2: internal error: unaligned copy-on-write %#x+%d in an encrypted image: %w", host, len(r.buf), unix.EIO)
 		}
 		c.Encrypt(r.buf, img.cryptSector(host, m.offset+r.off))
@@ -210,7 +210,7 @@ var encryptOptionSpecs = []bdrv.OptionSpec{
 type encryptParams struct {
 	method uint32 // CryptAES or CryptLUKS
 	secret string
-	luks   luks.CreateOptions
+	luks   lukscrypto.CreateOptions
 }
 
 // parseEncryptOptions validates the encryption options of a create request
@@ -246,7 +246,7 @@ func parseEncryptOptions(o bdrv.Options) (*encryptParams, error) {
 		}
 	case "luks":
 		e.method = CryptLUKS
-		e.luks = luks.CreateOptions{
+		e.luks = lukscrypto.CreateOptions{
 			CipherAlg:    o.String(CreateEncryptCipherAlg, ""),
 			CipherMode:   o.String(CreateEncryptCipherMode, ""),
 			IVGenAlg:     o.String(CreateEncryptIVGenAlg, ""),
@@ -287,7 +287,7 @@ func (img *Image) setUpEncryptionLocked(co *coroutine.Co, e *encryptParams) erro
 	h := *img.hdr
 	h.CryptMethod = e.method
 	if e.method == CryptLUKS {
-		v, area, err := luks.Create(pass, e.luks)
+		v, area, err := lukscrypto.Create(pass, e.luks)
 		if err != nil {
 			return err
 		}
@@ -309,7 +309,7 @@ func (img *Image) setUpEncryptionLocked(co *coroutine.Co, e *encryptParams) erro
 		h.Crypto = &CryptoHeaderExt{Offset: off, Length: uint64(len(area))}
 		img.crypt = cryptState{cipher: v.Cipher, physical: true, luks: v.Header}
 	} else {
-		img.crypt = cryptState{cipher: luks.NewQCowCipher(pass)}
+		img.crypt = cryptState{cipher: lukscrypto.NewQCowCipher(pass)}
 	}
 	if err := img.rewriteHeaderLocked(co, &h); err != nil {
 		return fmt.Errorf("Could not update qcow2 header: %w", err)
@@ -325,5 +325,5 @@ func EncryptionHeaderSize(o bdrv.Options) (int64, error) {
 	if err != nil || e == nil || e.method != CryptLUKS {
 		return 0, err
 	}
-	return luks.AreaSize(e.luks)
+	return lukscrypto.AreaSize(e.luks)
 }

@@ -4,12 +4,12 @@ import (
 	"fmt"
 
 	"ublkimg/coroutine"
-	"ublkimg/internal/luks"
+	"ublkimg/drivers/lukscrypto"
 )
 
 // What qemu-img info reports about a qcow2 image (QEMU's qcow2_get_info and
 // qcow2_get_specific_info). The methods satisfy the optional interfaces of
-// ublkimg/internal/img (ClusterSizer, DirtyReporter, EncryptionReporter,
+// ublkimg/img (ClusterSizer, DirtyReporter, EncryptionReporter,
 // InfoProvider), which use built-in types only so that this package need not
 // import the tool layer. They read the header as it is on disk and, for
 // bitmaps, the bitmap directory; they change nothing.
@@ -63,7 +63,7 @@ type EncryptInfo struct {
 }
 
 // SlotInfo is one LUKS key slot (QAPI QCryptoBlockInfoLUKSSlot).
-type SlotInfo = luks.SlotInfo
+type SlotInfo = lukscrypto.SlotInfo
 
 // encryptInfo describes the image's encryption, nil if it has none.
 func (img *Image) encryptInfo() *EncryptInfo {

@@ -14,7 +14,7 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
-	"ublkimg/internal/luks"
+	"ublkimg/drivers/lukscrypto"
 )
 
 // The driver (this file and cache.go, cluster.go, refcount.go, read.go,
@@ -671,7 +671,7 @@ func (img *Image) Close(co *coroutine.Co) error {
 func (img *Image) RefreshLimits() bdrv.Limits {
 	align := int64(1)
 	if img.encrypted() {
-		align = luks.SectorSize
+		align = lukscrypto.SectorSize
 	}
 	return bdrv.Limits{
 		RequestAlignment:      align,

@@ -1,4 +1,4 @@
-// Package vm runs end-to-end tests in a virtual machine booting a Debian
+// Package vmtest runs end-to-end tests in a virtual machine booting a Debian
 // 6.12 kernel, which builds ublk (the host's kernel need not).
 //
 // The pieces, each usable alone:
@@ -46,4 +46,4 @@
 //	UBLKIMG_VM_KERNEL_PKG=P  Debian kernel package (default DefaultKernelPackage)
 //	UBLKIMG_VM_ACCEL=tcg|kvm accelerator (default tcg)
 //	UBLKIMG_VM_TIMEOUT=D     per-run timeout (default DefaultTimeout)
-package vm
+package vmtest

@@ -1,4 +1,4 @@
-package vm
+package vmtest
 
 import (
 	"bytes"
@@ -12,7 +12,7 @@ import (
 )
 
 // vmFlag turns VM tests on for the test binaries of packages that import
-// this one: go test ./internal/vm -vm.
+// this one: go test ./vmtest -vm.
 var vmFlag = flag.Bool("vm", false, "run tests that boot the ublk test VM (same as UBLKIMG_VM=1)")
 
 // Enabled reports whether VM tests should run: the -vm flag or UBLKIMG_VM=1

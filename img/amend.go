@@ -10,8 +10,8 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
+	"ublkimg/drivers/lukscrypto"
 	"ublkimg/drivers/qcow2"
-	"ublkimg/internal/luks"
 )
 
 // AmendOptions are qemu-img amend's arguments.
@@ -168,8 +168,8 @@ func parseAmendOptions(s string) (o qcow2.AmendOptions, compat *string, size int
 }
 
 // amendCryptOptions gathers the encrypt.* options, nil if none is given.
-func amendCryptOptions(vals map[string]string) *luks.AmendOptions {
-	var e luks.AmendOptions
+func amendCryptOptions(vals map[string]string) *lukscrypto.AmendOptions {
+	var e lukscrypto.AmendOptions
 	given := false
 	for k, v := range vals {
 		name, ok := strings.CutPrefix(k, "encrypt.")

@@ -1,4 +1,4 @@
-// Package luks implements the LUKS version 1 on-disk format as QEMU uses it
+// Package lukscrypto implements the LUKS version 1 on-disk format as QEMU uses it
 // for encrypted qcow2 images (crypt_method 2) and raw LUKS volumes: header
 // parsing and validation, key slot unlock, header creation, and the sector
 // ciphers that encrypt and decrypt the payload. It also provides the legacy
@@ -22,4 +22,4 @@
 // this package can zero the copies they own; the hash and cipher states of
 // the standard library keep their own copies, which cannot be wiped. Nothing
 // here logs or formats a secret into an error.
-package luks
+package lukscrypto

@@ -1,4 +1,4 @@
-package luks
+package lukscrypto
 
 // Info is what qemu-img info reports about a LUKS header (QEMU's QAPI
 // QCryptoBlockInfoLUKS): the json tags are QEMU's member names in schema

@@ -1,4 +1,4 @@
-# Helpers for VM scenarios (internal/vm), sourced before /scenario.sh.
+# Helpers for VM scenarios (vmtest), sourced before /scenario.sh.
 # Protocol lines go to the console and to the results channel, a second
 # serial port that only this protocol writes to, so kernel messages on the
 # console cannot split them.

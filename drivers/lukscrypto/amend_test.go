@@ -1,4 +1,4 @@
-package luks
+package lukscrypto
 
 import (
 	"bytes"

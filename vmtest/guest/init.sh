@@ -1,5 +1,5 @@
 #!/bin/busybox sh
-# /init of the ublkimg test VM (internal/vm). As PID 1 it mounts the virtual
+# /init of the ublkimg test VM (vmtest). As PID 1 it mounts the virtual
 # file systems, loads the kernel modules listed in /etc/vmtest/modules, runs
 # /scenario.sh, sends the kernel log to the results channel and powers off.
 # Lines starting with "@@ " are the harness's protocol (see doc.go).

@@ -1,8 +1,8 @@
 // Command vmdemo runs the demo script (scripts/demo.sh) inside the test VM
-// (internal/vm: Debian's 6.12 kernel with ublk_drv under qemu) and streams
+// (vmtest: Debian's 6.12 kernel with ublk_drv under qemu) and streams
 // what it prints: `make demo` on a machine whose kernel has no ublk.
 //
-//	go run ./ublk/internal/vmdemo scripts/demo.sh
+//	go run ./cmd/vmdemo scripts/demo.sh
 package main
 
 import (
@@ -13,7 +13,7 @@ import (
 	"os/signal"
 	"strings"
 
-	"ublkimg/internal/vm"
+	"ublkimg/vmtest"
 )
 
 func main() {
@@ -35,18 +35,18 @@ func run(path string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
 	fmt.Println("demo: building ublkimg and the VM's initramfs (the first run downloads Debian's kernel package)")
-	bin, err := vm.GoBinary(ctx, "ublkimg/cmd/ublkimg")
+	bin, err := vmtest.GoBinary(ctx, "ublkimg/cmd/ublkimg")
 	if err != nil {
 		return err
 	}
-	files := []vm.File{bin, vm.HostFile("/etc/mke2fs.conf")}
+	files := []vmtest.File{bin, vmtest.HostFile("/etc/mke2fs.conf")}
 	for _, t := range []string{"mkfs.ext4", "qemu-img"} {
-		if f, err := vm.Tool(t); err == nil {
+		if f, err := vmtest.Tool(t); err == nil {
 			files = append(files, f)
 		}
 	}
 	out := &filter{}
-	_, err = vm.Run(ctx, vm.RunOptions{
+	_, err = vmtest.Run(ctx, vmtest.RunOptions{
 		Script:  "UBLKIMG_DEMO_GUEST=1\n" + string(script),
 		Files:   files,
 		Modules: []string{"ublk_drv", "ext4"},
