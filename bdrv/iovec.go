@@ -13,8 +13,12 @@ func (v IOVec) Len() int64 {
 	return n
 }
 
-// Slice returns the bytes [off, off+n) of v as a new IOVec sharing v's
+// Slice returns the bytes [off, off+n) of v as an IOVec sharing v's
 // memory. It panics if the range is outside v, like slicing does.
+//
+// A range made of whole elements of v (all of v, as in a request that
+// fits one cluster or one transfer) is returned as a subslice of v itself,
+// without allocating: callers must not assign to the result's elements.
 func (v IOVec) Slice(off, n int64) IOVec {
 	if off < 0 || n < 0 {
 		panic("bdrv: IOVec.Slice: negative range")
@@ -22,22 +26,28 @@ func (v IOVec) Slice(off, n int64) IOVec {
 	if n == 0 {
 		return IOVec{}
 	}
-	out := make(IOVec, 0, 1)
-	for _, b := range v {
-		bl := int64(len(b))
-		if off >= bl {
-			off -= bl
-			continue
-		}
-		take := min(bl-off, n)
-		out = append(out, b[off:off+take])
-		n -= take
-		off = 0
-		if n == 0 {
-			return out
-		}
+	// The range starts at first[off] and ends at last[end].
+	first := 0
+	for first < len(v) && off >= int64(len(v[first])) {
+		off -= int64(len(v[first]))
+		first++
 	}
-	panic("bdrv: IOVec.Slice: range past end")
+	last, end := first, off+n
+	for last < len(v) && end > int64(len(v[last])) {
+		end -= int64(len(v[last]))
+		last++
+	}
+	if last == len(v) {
+		panic("bdrv: IOVec.Slice: range past end")
+	}
+	if off == 0 && end == int64(len(v[last])) {
+		return v[first : last+1 : last+1]
+	}
+	out := make(IOVec, last+1-first)
+	copy(out, v[first:last+1])
+	out[len(out)-1] = out[len(out)-1][:end]
+	out[0] = out[0][off:]
+	return out
 }
 
 // CopyTo copies v's bytes, starting at off, into dst and returns how many

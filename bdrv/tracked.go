@@ -20,14 +20,25 @@ type trackedReq struct {
 type trackedList struct {
 	mu   coroutine.Mutex
 	head *trackedReq
+	// free holds ended requests (linked through next) for reuse, so a
+	// write allocates none (QEMU keeps its BdrvTrackedRequest on the
+	// coroutine's stack). It holds at most as many as were ever in
+	// flight at once.
+	free *trackedReq
 }
 
 // begin registers a request for [start, end) and waits until it may run.
 // A request never waits for itself.
 func (l *trackedList) begin(co *coroutine.Co, start, end int64, serialising bool) *trackedReq {
-	r := &trackedReq{start: start, end: end, serialising: serialising}
 	l.mu.Lock(co)
-	r.next = l.head
+	r := l.free
+	if r != nil {
+		l.free = r.next
+	} else {
+		r = new(trackedReq)
+	}
+	r.start, r.end, r.serialising = start, end, serialising
+	r.prev, r.next = nil, l.head
 	if l.head != nil {
 		l.head.prev = r
 	}
@@ -70,5 +81,9 @@ func (l *trackedList) end(co *coroutine.Co, r *trackedReq) {
 		r.next.prev = r.prev
 	}
 	r.waiters.RestartAll(co)
+	// A woken waiter may still point at r through waitingFor until it
+	// runs; it only tests that pointer against nil, so r can be reused.
+	r.prev, r.next = nil, l.free
+	l.free = r
 	l.mu.Unlock(co)
 }
