@@ -15,6 +15,10 @@ build:
 test: deps check unit vmtest
 	@echo "make test: all passed"
 
+# In the test targets a test whose oracle (qemu-img, qemu-io) is missing
+# fails instead of skipping (internal/qemutest).
+unit vmtest: export UBLKIMG_REQUIRE_ORACLES = 1
+
 deps:
 	@scripts/deps.sh
 

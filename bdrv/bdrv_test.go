@@ -1,6 +1,7 @@
 package bdrv_test
 
 import (
+	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
@@ -15,10 +16,12 @@ import (
 	"golang.org/x/sys/unix"
 
 	"ublkimg/bdrv"
+	"ublkimg/bdrv/bdrvtest"
 	"ublkimg/coroutine"
 	_ "ublkimg/drivers/file"
 	_ "ublkimg/drivers/null"
 	_ "ublkimg/drivers/raw"
+	"ublkimg/internal/qemutest"
 )
 
 // makeFile creates a file of size bytes with a deterministic pattern and
@@ -37,24 +40,6 @@ func makeFile(t *testing.T, size int) (string, []byte) {
 	return path, data
 }
 
-func withNode(t *testing.T, spec bdrv.Spec, fn func(co *coroutine.Co, n *bdrv.Node) error) {
-	t.Helper()
-	err := coroutine.Run(func(co *coroutine.Co) error {
-		n, err := bdrv.Open(co, spec)
-		if err != nil {
-			return err
-		}
-		ferr := fn(co, n)
-		if cerr := n.Close(co); ferr == nil {
-			ferr = cerr
-		}
-		return ferr
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-}
-
 var cacheModes = []bdrv.CacheMode{bdrv.CacheWriteback, bdrv.CacheNone}
 
 // TestUnalignedReadWrite writes and reads at odd offsets, lengths and buffer
@@ -67,7 +52,7 @@ func TestUnalignedReadWrite(t *testing.T) {
 	for _, cache := range cacheModes {
 		t.Run(cache.String(), func(t *testing.T) {
 			path, model := makeFile(t, 256<<10)
-			withNode(t, bdrv.Spec{Filename: path, Format: "raw", Cache: cache}, func(co *coroutine.Co, n *bdrv.Node) error {
+			bdrvtest.WithNode(t, bdrv.Spec{Filename: path, Format: "raw", Cache: cache}, func(co *coroutine.Co, n *bdrv.Node) error {
 				for i, c := range cases {
 					src := make([]byte, c.n+c.bufSkew)[c.bufSkew:]
 					for j := range src {
@@ -158,7 +143,7 @@ func TestConcurrentRMWAcrossLoops(t *testing.T) {
 func TestReadPastEndIsZero(t *testing.T) {
 	path, data := makeFile(t, 1000)
 	for _, cache := range cacheModes {
-		withNode(t, bdrv.Spec{Filename: path, Format: "file", Cache: cache}, func(co *coroutine.Co, n *bdrv.Node) error {
+		bdrvtest.WithNode(t, bdrv.Spec{Filename: path, Format: "file", Cache: cache}, func(co *coroutine.Co, n *bdrv.Node) error {
 			buf := bytes.Repeat([]byte{0xaa}, 8192)
 			if err := n.Preadv(co, 0, bdrv.IOVec{buf}, 0); err != nil {
 				return err
@@ -173,7 +158,7 @@ func TestReadPastEndIsZero(t *testing.T) {
 
 func TestWriteZeroesAndDiscard(t *testing.T) {
 	path, _ := makeFile(t, 1<<20)
-	withNode(t, bdrv.Spec{Filename: path, Format: "raw"}, func(co *coroutine.Co, n *bdrv.Node) error {
+	bdrvtest.WithNode(t, bdrv.Spec{Filename: path, Format: "raw"}, func(co *coroutine.Co, n *bdrv.Node) error {
 		before := n.AllocatedSize(co)
 		// Unaligned zeroes with unmap, zeroes without, and a discard.
 		if err := n.PwriteZeroes(co, 1000, 300000, bdrv.ReqMayUnmap); err != nil {
@@ -214,7 +199,7 @@ func TestWriteZeroesAndDiscard(t *testing.T) {
 // driver cannot zero must fail with ErrNotSupported rather than write.
 func TestZeroFallbackFlag(t *testing.T) {
 	path, _ := makeFile(t, 64<<10)
-	withNode(t, bdrv.Spec{Filename: path, Format: "raw", Cache: bdrv.CacheNone}, func(co *coroutine.Co, n *bdrv.Node) error {
+	bdrvtest.WithNode(t, bdrv.Spec{Filename: path, Format: "raw", Cache: bdrv.CacheNone}, func(co *coroutine.Co, n *bdrv.Node) error {
 		// Unaligned with NO_FALLBACK: the head and tail blocks need a
 		// read-modify-write, which is still done; the middle goes to
 		// the driver.
@@ -232,7 +217,7 @@ func TestBlockStatusHoles(t *testing.T) {
 	f.Truncate(4 << 20)
 	f.WriteAt(bytes.Repeat([]byte{1}, 64<<10), 1<<20)
 	f.Close()
-	withNode(t, bdrv.Spec{Filename: path, Format: "raw"}, func(co *coroutine.Co, n *bdrv.Node) error {
+	bdrvtest.WithNode(t, bdrv.Spec{Filename: path, Format: "raw"}, func(co *coroutine.Co, n *bdrv.Node) error {
 		type ext struct {
 			off, len int64
 			data     bool
@@ -274,7 +259,7 @@ func TestTruncatePrealloc(t *testing.T) {
 			if allocated != (p != bdrv.PreallocOff) {
 				t.Fatalf("preallocation %v: %d bytes allocated", p, st.Blocks*512)
 			}
-			withNode(t, bdrv.Spec{Filename: path, Format: "raw"}, func(co *coroutine.Co, n *bdrv.Node) error {
+			bdrvtest.WithNode(t, bdrv.Spec{Filename: path, Format: "raw"}, func(co *coroutine.Co, n *bdrv.Node) error {
 				if err := n.Truncate(co, 5<<20, true, p); err != nil {
 					return err
 				}
@@ -337,7 +322,7 @@ func TestOpenErrors(t *testing.T) {
 
 func TestReadOnlyNodeRefusesWrites(t *testing.T) {
 	path, _ := makeFile(t, 8192)
-	withNode(t, bdrv.Spec{Filename: path, Format: "raw", ReadOnly: true}, func(co *coroutine.Co, n *bdrv.Node) error {
+	bdrvtest.WithNode(t, bdrv.Spec{Filename: path, Format: "raw", ReadOnly: true}, func(co *coroutine.Co, n *bdrv.Node) error {
 		if err := n.Pwritev(co, 0, bdrv.IOVec{make([]byte, 512)}, 0); !errors.Is(err, unix.EROFS) {
 			return fmt.Errorf("write on read-only node: %v, want EROFS", err)
 		}
@@ -349,8 +334,9 @@ func TestReadOnlyNodeRefusesWrites(t *testing.T) {
 // second writer is refused, qemu-img cannot read an image we write, and we
 // cannot write an image qemu-io holds open.
 func TestImageLockingWithQEMU(t *testing.T) {
+	haveQemuIO := qemutest.Have(t, "qemu-io")
 	path, _ := makeFile(t, 1<<20)
-	withNode(t, bdrv.Spec{Filename: path, Format: "raw"}, func(co *coroutine.Co, n *bdrv.Node) error {
+	bdrvtest.WithNode(t, bdrv.Spec{Filename: path, Format: "raw"}, func(co *coroutine.Co, n *bdrv.Node) error {
 		_, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: "raw"})
 		if err == nil || !strings.Contains(err.Error(), `Failed to get "write" lock`) || !errors.Is(err, bdrv.ErrLocked) {
 			return fmt.Errorf("second writer: %v", err)
@@ -361,7 +347,7 @@ func TestImageLockingWithQEMU(t *testing.T) {
 			return fmt.Errorf("force-share reader refused: %v", err)
 		}
 		ro.Close(co)
-		if _, err := exec.LookPath("qemu-io"); err != nil {
+		if !haveQemuIO {
 			return nil
 		}
 		// QEMU's raw driver shares every permission, so only a QEMU
@@ -372,39 +358,37 @@ func TestImageLockingWithQEMU(t *testing.T) {
 		}
 		return nil
 	})
-	if _, err := exec.LookPath("qemu-io"); err != nil {
-		t.Skip("qemu-io not installed")
-	}
+	qemutest.Require(t, "qemu-io")
 	cmd := exec.Command("qemu-io", "-f", "raw", path)
 	stdin, _ := cmd.StdinPipe()
+	stdout, _ := cmd.StdoutPipe()
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	defer func() { stdin.Close(); cmd.Wait() }()
-	// qemu-io opened the image when it printed its prompt; give it a
-	// moment by asking it something first.
-	stdin.Write([]byte("help\n"))
-	var lastErr error
-	for range 50 {
-		lastErr = coroutine.Run(func(co *coroutine.Co) error {
-			n, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: "raw"})
-			if err == nil {
-				n.Close(co)
-			}
-			return err
-		})
-		if lastErr != nil {
-			break
+	// qemu-io reads commands once the image is open (and locked): the
+	// answer to a read means it holds the image.
+	stdin.Write([]byte("read 0 512\n"))
+	sc := bufio.NewScanner(stdout)
+	for !strings.Contains(sc.Text(), "bytes at offset 0") {
+		if !sc.Scan() {
+			t.Fatalf("qemu-io ended before reading: %v", sc.Err())
 		}
-		exec.Command("sleep", "0.1").Run()
 	}
-	if lastErr == nil || !strings.Contains(lastErr.Error(), "lock") {
-		t.Fatalf("opening an image qemu-io holds: %v", lastErr)
+	err := coroutine.Run(func(co *coroutine.Co) error {
+		n, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: "raw"})
+		if err == nil {
+			n.Close(co)
+		}
+		return err
+	})
+	if err == nil || !strings.Contains(err.Error(), "lock") {
+		t.Fatalf("opening an image qemu-io holds: %v", err)
 	}
 }
 
 func TestNullDriver(t *testing.T) {
-	withNode(t, bdrv.Spec{Filename: "null-co://", Format: "null-co", Options: bdrv.Options{"size": "1M"}},
+	bdrvtest.WithNode(t, bdrv.Spec{Filename: "null-co://", Format: "null-co", Options: bdrv.Options{"size": "1M"}},
 		func(co *coroutine.Co, n *bdrv.Node) error {
 			if n.Length() != 1<<20 {
 				return fmt.Errorf("length %d", n.Length())

@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"ublkimg/coroutine"
+	"ublkimg/internal/qemutest"
 )
 
 // TestAmendVerb compares amend's results, messages and -p progress with
@@ -18,7 +19,7 @@ import (
 // width changes use 4 KiB clusters: QEMU visits every entry of the refcount
 // table, 2^28 of them with 64 KiB clusters.
 func TestAmendVerb(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	dir := t.TempDir()
 	base := filepath.Join(dir, "base.raw")
 	if _, e, code := qemuImg(t, "create", "-q", "-f", "raw", base, "4M"); code != 0 {

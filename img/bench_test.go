@@ -9,6 +9,7 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
+	"ublkimg/internal/qemutest"
 )
 
 // benchTime is the variable part of bench's output.
@@ -36,7 +37,7 @@ func benchLines(t *testing.T, got, want string) {
 }
 
 func TestBenchMatchesQemuImg(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	dir := t.TempDir()
 	path, _ := image{size: 16 << 20, extents: [][2]int64{{0, 16 << 20}}}.make(t, dir, "a.raw")
 	for _, tc := range []struct {
@@ -111,7 +112,7 @@ func TestBenchWritesPattern(t *testing.T) {
 }
 
 func TestBenchErrors(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	dir := t.TempDir()
 	path, _ := image{size: 1 << 20}.make(t, dir, "a.raw")
 	for _, tc := range []struct {

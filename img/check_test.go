@@ -12,6 +12,7 @@ import (
 
 	"ublkimg/coroutine"
 	"ublkimg/drivers/qcow2"
+	"ublkimg/internal/qemutest"
 )
 
 // checkImages makes the images the check tests use in dir: clean qcow2
@@ -51,7 +52,7 @@ qemu-io -c "write -P 3 64k 64k" top.qcow2 >/dev/null
 }
 
 func TestCheckMatchesQemuImg(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	src := t.TempDir()
 	checkImages(t, src)
 	for _, name := range []string{"clean.qcow2", "v2.qcow2", "frag.qcow2", "leak.qcow2", "corrupt.qcow2", "both.qcow2", "raw.raw", "orphan.qcow2", "top.qcow2", "missing.qcow2"} {
@@ -108,7 +109,7 @@ func TestCheckMatchesQemuImg(t *testing.T) {
 // TestCheckFilenames compares the human and JSON output with qemu-img's on
 // file names with quotes, control characters, non-ASCII and invalid UTF-8.
 func TestCheckFilenames(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	dir := t.TempDir()
 	shell(t, dir, `qemu-img create -q -f qcow2 src.qcow2 1M
 qemu-io -c "write -P 1 0 64k" src.qcow2 >/dev/null`)
@@ -212,7 +213,7 @@ Image end offset: 1441792
 }
 
 func TestCheckQuiet(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	dir := t.TempDir()
 	checkImages(t, dir)
 	var stdout, stderr bytes.Buffer

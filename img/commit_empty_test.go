@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"ublkimg/coroutine"
+	"ublkimg/internal/qemutest"
 )
 
 // TestCommitEmptiesTop commits (without -d) overlays that take each of
@@ -15,7 +16,7 @@ import (
 // checks that the overlay then looks to qemu-img map, check and info as
 // it does after qemu-img commit of an identical copy.
 func TestCommitEmptiesTop(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	writes := `qemu-io -c "write -P 3 0 4k" -c "write -z 2M 64k" -c "write -c -P 4 3M 64k" -c "write -P 5 5M 8k" top.qcow2 >/dev/null`
 	for _, tc := range []struct {
 		name, setup string

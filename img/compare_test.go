@@ -7,10 +7,11 @@ import (
 	"testing"
 
 	"ublkimg/coroutine"
+	"ublkimg/internal/qemutest"
 )
 
 func TestCompareMatchesQemuImg(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	dir := t.TempDir()
 	base := image{size: 8 << 20, extents: [][2]int64{{1 << 20, 1 << 20}}}
 	a, content := base.make(t, dir, "a.raw")
@@ -103,7 +104,7 @@ func TestCompareOpenError(t *testing.T) {
 }
 
 func TestCompareProgress(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	dir := t.TempDir()
 	a, _ := image{size: 64 << 20, extents: [][2]int64{{0, 8 << 20}, {30 << 20, 1 << 20}}}.make(t, dir, "a.raw")
 	var out bytes.Buffer

@@ -13,6 +13,7 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
+	"ublkimg/internal/qemutest"
 )
 
 func defaultConvertOptions(src []string, dst string) ConvertOptions {
@@ -36,7 +37,7 @@ func withZeroRun(t *testing.T, dir, name string, size, zeroOff, zeroLen int64) s
 }
 
 func TestConvertMatchesQemuImg(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	dir := t.TempDir()
 	sparse, _ := image{size: 64 << 20}.make(t, dir, "sparse.raw")
 	full, _ := image{size: 8 << 20, extents: [][2]int64{{0, 8 << 20}}}.make(t, dir, "full.raw")

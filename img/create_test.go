@@ -9,10 +9,11 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
+	"ublkimg/internal/qemutest"
 )
 
 func TestCreateMatchesQemuImg(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	dir := t.TempDir()
 	for _, tc := range []struct {
 		args []string // qemu-img create arguments after the file name

@@ -9,6 +9,7 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
+	"ublkimg/internal/qemutest"
 )
 
 // TestEncryptedConvertInfoCompare converts a raw image into a new LUKS
@@ -18,7 +19,7 @@ import (
 // given the secret finds the source; our compare and convert read it back
 // through an --image-opts name.
 func TestEncryptedConvertInfoCompare(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	dir := t.TempDir()
 	const pass = "pass phrase"
 	id, err := bdrv.AddSecretObject("secret,id=imgtest,data=" + pass)

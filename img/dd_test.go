@@ -8,10 +8,11 @@ import (
 	"testing"
 
 	"ublkimg/coroutine"
+	"ublkimg/internal/qemutest"
 )
 
 func TestDDMatchesQemuImg(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	src := t.TempDir()
 	shell(t, src, `
 head -c 1000000 /dev/urandom > in.raw

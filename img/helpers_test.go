@@ -19,15 +19,6 @@ import (
 	_ "ublkimg/drivers/raw"
 )
 
-// requireQemuImg skips tests that use qemu-img as the oracle when it is
-// not installed (Debian package qemu-utils).
-func requireQemuImg(t *testing.T) {
-	t.Helper()
-	if _, err := exec.LookPath("qemu-img"); err != nil {
-		t.Skip("qemu-img not installed (apt-get install qemu-utils): it is the reference these tests compare with")
-	}
-}
-
 // qemuImg runs qemu-img and returns stdout, stderr and the exit status.
 func qemuImg(t *testing.T, args ...string) (string, string, int) {
 	t.Helper()

@@ -8,13 +8,14 @@ import (
 	"testing"
 
 	"ublkimg/coroutine"
+	"ublkimg/internal/qemutest"
 )
 
 // TestInfoQcow2MatchesQemuImg checks what the qcow2 driver reports to info
 // (cluster size, dirty bit, format-specific data with bitmaps) against
 // qemu-img info, human and JSON.
 func TestInfoQcow2MatchesQemuImg(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	dir := t.TempDir()
 	shell(t, dir, `
 qemu-img create -q -f qcow2 v3.qcow2 1G

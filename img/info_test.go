@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"ublkimg/coroutine"
+	"ublkimg/internal/qemutest"
 )
 
 func TestSizeToStr(t *testing.T) {
@@ -132,7 +133,7 @@ Format specific information:
 }
 
 func TestInfoMatchesQemuImg(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	dir := t.TempDir()
 	for _, tc := range []struct {
 		name string

@@ -8,10 +8,11 @@ import (
 	"testing"
 
 	"ublkimg/coroutine"
+	"ublkimg/internal/qemutest"
 )
 
 func TestMapMatchesQemuImg(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	dir := t.TempDir()
 	shell(t, dir, `
 truncate -s 4M sparse.raw
@@ -82,7 +83,7 @@ qemu-img create -q -f qcow2 -b ../mid.qcow2 -F qcow2 sub/rel.qcow2
 func TestMapChainNames(t *testing.T) {
 	// File names as qemu-img shows them: relative backing names are
 	// taken relative to their overlay's directory, without cleaning.
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	dir := t.TempDir()
 	shell(t, dir, `
 mkdir a b

@@ -9,10 +9,11 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
+	"ublkimg/internal/qemutest"
 )
 
 func TestMeasureMatchesQemuImg(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	dir := t.TempDir()
 	shell(t, dir, `
 qemu-img create -q -f qcow2 q.qcow2 64M

@@ -7,10 +7,11 @@ import (
 	"testing"
 
 	"ublkimg/coroutine"
+	"ublkimg/internal/qemutest"
 )
 
 func TestRebaseMatchesQemuImg(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	src := t.TempDir()
 	shell(t, src, `
 qemu-img create -q -f qcow2 base.qcow2 4M
@@ -99,7 +100,7 @@ func backingInfo(t *testing.T, dir, name string) string {
 func TestRebaseKeepsUnknownExtensions(t *testing.T) {
 	// iotest 031: header extensions qcow2 does not know survive a header
 	// rewrite, in place and byte for byte as qemu-img writes them.
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	src := t.TempDir()
 	shell(t, src, `
 qemu-img create -q -f qcow2 img.qcow2 1M

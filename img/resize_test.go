@@ -9,18 +9,11 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
-	"ublkimg/drivers/qcow2"
+	"ublkimg/internal/qemutest"
 )
 
-// qcow2CanResize reports whether the qcow2 driver implements Truncate; the
-// qcow2 cases of resize (and commit into a shorter qcow2 base) need it.
-func qcow2CanResize() bool {
-	_, ok := any(&qcow2.Image{}).(bdrv.Truncater)
-	return ok
-}
-
 func TestResizeMatchesQemuImg(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	for _, tc := range []struct {
 		create string // qemu-img create arguments for img, without name and size
 		opts   ResizeOptions
@@ -54,9 +47,6 @@ func TestResizeMatchesQemuImg(t *testing.T) {
 	} {
 		args := append(append([]string{"resize"}, tc.args...), "img", tc.opts.Size)
 		t.Run(tc.create+" "+strings.Join(args[1:], " "), func(t *testing.T) {
-			if strings.Contains(tc.create, "qcow2") && !qcow2CanResize() {
-				t.Skip("the qcow2 driver has no Truncate yet (drivers/qcow2/truncate.go)")
-			}
 			src := t.TempDir()
 			shell(t, src, "qemu-img create -q "+tc.create+" img 2M && qemu-io -f "+strings.Fields(tc.create)[1]+` -c "write -P 7 1M 1M" img >/dev/null`)
 			ours, theirs := twin(t, src)

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"ublkimg/coroutine"
+	"ublkimg/internal/qemutest"
 )
 
 // TestShortBackingFile reads overlays of raw backing files whose length is
@@ -18,7 +19,7 @@ import (
 // convert (raw bytes, and the allocation of a qcow2 target) must agree
 // with qemu-img's.
 func TestShortBackingFile(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	dir := t.TempDir()
 	shell(t, dir, `
 head -c 1000 /dev/zero | tr '\0' 'A' > b.raw

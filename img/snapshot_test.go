@@ -7,13 +7,14 @@ import (
 	"testing"
 
 	"ublkimg/coroutine"
+	"ublkimg/internal/qemutest"
 )
 
 // TestSnapshotVerb creates, lists, applies and deletes snapshots like
 // qemu-img snapshot, and compares the list (snapshot -l and info, human and
 // JSON) and the error messages with qemu-img's.
 func TestSnapshotVerb(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	dir := t.TempDir()
 	path := filepath.Join(dir, "a.qcow2")
 	if _, e, code := qemuImg(t, "create", "-q", "-f", "qcow2", path, "16M"); code != 0 {

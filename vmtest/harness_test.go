@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"ublkimg/internal/qemutest"
 )
 
 // cpioEntry is one entry read back by readCPIO.
@@ -142,7 +144,7 @@ func TestNewestKernel(t *testing.T) {
 func TestSharedLibraries(t *testing.T) {
 	sh, err := lookTool("dash")
 	if err != nil {
-		t.Skip("no dash on this host")
+		qemutest.Unavailable(t, "no dash on this host (scripts/deps.sh installs it)")
 	}
 	libs, err := sharedLibraries(t.Context(), sh)
 	if err != nil {

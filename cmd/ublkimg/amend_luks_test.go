@@ -6,6 +6,8 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+
+	"ublkimg/internal/qemutest"
 )
 
 // amend's LUKS key slot management (-o encrypt.state=active|inactive,...)
@@ -24,7 +26,7 @@ qemu-img create -q -f qcow2 $O -o encrypt.format=aes,encrypt.key-secret=s0 a.qco
 `
 
 func TestAmendLUKS(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	src := makeImages(t, luksAmendImages)
 	secrets := []string{"--object", "secret,id=s0,data=pw0", "--object", "secret,id=s1,data=pw1", "--object", "secret,id=s2,data=pw2"}
 	const (

@@ -13,6 +13,7 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
+	"ublkimg/internal/qemutest"
 	"ublkimg/ublk"
 )
 
@@ -212,7 +213,7 @@ func TestOpenUnlocked(t *testing.T) {
 // then would leave it, reads it back in qemu-img), even if the user's
 // options turned x-crash-safe-metadata off.
 func TestRecoveryOptions(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	dir := t.TempDir()
 	p := filepath.Join(dir, "a.qcow2")
 	if r := qemuImg(t, "create", "-q", "-f", "qcow2", p, "1M"); r.code != 0 {

@@ -13,6 +13,7 @@ import (
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
 	"ublkimg/drivers/qcow2"
+	"ublkimg/internal/qemutest"
 )
 
 // Images for the bitmap verb: bitmaps made by qemu-img, data written by
@@ -118,7 +119,7 @@ var nodeName = regexp.MustCompile(`#block[0-9]+`)
 // crossed over: what ublkimg wrote, qemu-img changes and the other way
 // round.
 func TestBitmapVerb(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	src := bitmapImageDir(t)
 	cases := []struct {
 		args []string
@@ -184,7 +185,7 @@ func TestBitmapVerb(t *testing.T) {
 // bitmaps, and info and measure of them with qemu-img's: exit status, output, errors, and the
 // resulting bitmaps.
 func TestBitmapTools(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	src := bitmapImageDir(t)
 	for _, args := range [][]string{
 		{"convert", "--bitmaps", "-O", "qcow2", "q.qcow2", "out.qcow2"},

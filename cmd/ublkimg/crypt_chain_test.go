@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"ublkimg/internal/qemutest"
 )
 
 // An encrypted overlay over an encrypted backing file, each with its own
@@ -24,7 +26,7 @@ qemu-io $O --image-opts driver=qcow2,file.filename=top.qcow2,encrypt.key-secret=
 `
 
 func TestEncryptedChainVerbs(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	src := makeImages(t, cryptChainImages)
 	const (
 		s0, s1 = "secret,id=s0,data=pw0", "secret,id=s1,data=pw1"

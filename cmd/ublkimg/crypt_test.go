@@ -26,7 +26,7 @@ qemu-io -c "write -P 1 0 64k" pl.qcow2 >/dev/null
 `
 
 func TestEncryptedVerbs(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	src := makeImages(t, cryptImages)
 	const (
 		obj   = "secret,id=s0,file=pw"

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+
+	"ublkimg/internal/qemutest"
 )
 
 const imageOptsImages = `
@@ -15,7 +17,7 @@ qemu-img create -q -f raw r.raw 1M
 // TestImageOptsUnknown: --image-opts refuses options no node uses, as
 // qemu-img 7.2 does, and takes the ones QEMU takes.
 func TestImageOptsUnknown(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	src := makeImages(t, imageOptsImages)
 	work := fixtureCopies(t, src)
 	const p, tp, r = "driver=qcow2,file.filename=p.qcow2", "driver=qcow2,file.filename=t.qcow2", "driver=raw,file.filename=r.raw"

@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"ublkimg/internal/qemutest"
 )
 
 // Raw LUKS volumes (-f luks) from the command line, against qemu-img 7.2
@@ -23,7 +25,7 @@ for try in 1 2 3 4; do qemu-img create -q -f qcow2 --object secret,id=s0,file=pw
 `
 
 func TestLUKSVerbs(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	src := t.TempDir()
 	sh := exec.Command("bash", "-e", "-c", luksImages)
 	sh.Dir = src

@@ -69,13 +69,6 @@ func qemuImg(t *testing.T, args ...string) result {
 	return runAs(t, nil, "qemu-img", args...)
 }
 
-func requireQemuImg(t *testing.T) {
-	t.Helper()
-	if _, err := exec.LookPath("qemu-img"); err != nil {
-		t.Skip("qemu-img not installed (apt-get install qemu-utils): it is the reference these tests compare with")
-	}
-}
-
 // oneErrorLine checks the error rule: exactly one line on stderr,
 // "ublkimg: ...", never a panic, and returns the message.
 func oneErrorLine(t *testing.T, r result) string {

@@ -11,6 +11,7 @@ import (
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
 	"ublkimg/img"
+	"ublkimg/internal/qemutest"
 	"ublkimg/ublk"
 )
 
@@ -30,7 +31,7 @@ qemu-img convert -O raw pl.qcow2 pl.raw
 // format; a missing secret is QEMU's one line. Each recovered image is read
 // whole and compared with qemu-img convert -O raw of it.
 func TestRecoverImageOpts(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	src := makeImages(t, recoverImages)
 	tempRecordDir(t)
 	enc, pl := filepath.Join(src, "enc.qcow2"), filepath.Join(src, "pl.qcow2")
@@ -152,7 +153,7 @@ func recoverRead(id int, image string) ([]byte, error) {
 // driver takes (a passphrase written into the string would otherwise reach
 // the device's record), in qemu-img's words and without the value.
 func TestAttachImageOptsChecked(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	src := makeImages(t, "qemu-img create -q -f qcow2 pl.qcow2 1M")
 	p := filepath.Join(src, "pl.qcow2")
 	for _, tc := range []struct {

@@ -5,6 +5,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"ublkimg/internal/qemutest"
 )
 
 // The image tools (check, map, resize, commit, rebase, measure, dd, amend)
@@ -34,7 +36,7 @@ head -c 100000 /dev/urandom > in.raw
 `
 
 func TestToolVerbs(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	src := t.TempDir()
 	sh := exec.Command("bash", "-e", "-c", toolImages)
 	sh.Dir = src

@@ -9,10 +9,12 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"ublkimg/internal/qemutest"
 )
 
 func TestInfo(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	dir := t.TempDir()
 	sparse := filepath.Join(dir, "sparse.raw")
 	writeImage(t, sparse, 1<<30)
@@ -36,7 +38,7 @@ func TestInfo(t *testing.T) {
 }
 
 func TestCreate(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	dir := t.TempDir()
 	img := filepath.Join(dir, "new.raw")
 	for _, args := range [][]string{
@@ -91,7 +93,7 @@ func TestCreateOptionHelp(t *testing.T) {
 }
 
 func TestConvert(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	dir := t.TempDir()
 	src := filepath.Join(dir, "src.raw")
 	writeImage(t, src, 32<<20, [2]int64{0, 1 << 20}, [2]int64{5 << 20, 64 << 10}, [2]int64{(32 << 20) - 4096, 4096})
@@ -144,7 +146,7 @@ func blocks(t *testing.T, path string) int64 {
 }
 
 func TestCompare(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	dir := t.TempDir()
 	a := filepath.Join(dir, "a.raw")
 	writeImage(t, a, 4<<20, [2]int64{1 << 20, 1 << 20})
@@ -189,7 +191,7 @@ func TestCompare(t *testing.T) {
 var runCompleted = regexp.MustCompile(`(?m)^Run completed in \d+\.\d{3} seconds\.$`)
 
 func TestBench(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	dir := t.TempDir()
 	img := filepath.Join(dir, "bench.raw")
 	writeImage(t, img, 16<<20, [2]int64{0, 16 << 20})
@@ -314,7 +316,7 @@ func TestPermissionErrors(t *testing.T) {
 			if msg := oneErrorLine(t, r); msg != tc.want {
 				t.Errorf("message %q\nwant    %q", msg, tc.want)
 			}
-			if _, err := exec.LookPath("qemu-img"); err == nil {
+			if qemutest.Have(t, "qemu-img") {
 				q := runAs(t, cred, "qemu-img", tc.args...)
 				if q.code != r.code || strings.ReplaceAll(qemuMessage(q.stderr), "Could not open '"+img+"': Could not open", "Could not open") != tc.want {
 					t.Errorf("qemu-img: %+v", q)

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"ublkimg/bdrv"
+	"ublkimg/bdrv/bdrvtest"
 	"ublkimg/coroutine"
 	_ "ublkimg/drivers/file"
 	_ "ublkimg/drivers/luks"
@@ -33,13 +34,6 @@ func secret(t testing.TB, data string) string {
 	}
 	t.Cleanup(func() { bdrv.RemoveSecret(id) })
 	return id
-}
-
-func needQemu(t testing.TB) {
-	t.Helper()
-	if _, err := exec.LookPath("qemu-img"); err != nil {
-		t.Skip("qemu-img not installed")
-	}
 }
 
 // qemu runs a qemu tool with the secret object "k" holding pass; qemu-img
@@ -81,24 +75,6 @@ func qemuRaw(t testing.TB, path string) []byte {
 	return b
 }
 
-func withNode(t testing.TB, spec bdrv.Spec, fn func(co *coroutine.Co, n *bdrv.Node) error) {
-	t.Helper()
-	err := coroutine.Run(func(co *coroutine.Co) error {
-		n, err := bdrv.Open(co, spec)
-		if err != nil {
-			return err
-		}
-		ferr := fn(co, n)
-		if cerr := n.Close(co); ferr == nil {
-			ferr = cerr
-		}
-		return ferr
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-}
-
 // suites are the cipher suites the tests run through, as qemu-img's
 // create options.
 var suites = []string{
@@ -114,7 +90,7 @@ var suites = []string{
 // unaligned writes and write-zeroes through the driver read back the same
 // through qemu-img, for each cipher suite.
 func TestQemuVolumes(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	for i, suite := range suites {
 		t.Run(fmt.Sprint(i), func(t *testing.T) {
 			path := filepath.Join(t.TempDir(), "v.luks")
@@ -125,7 +101,7 @@ func TestQemuVolumes(t *testing.T) {
 			id := secret(t, pass)
 			spec := bdrv.Spec{Filename: path, Format: "luks", Options: bdrv.Options{"key-secret": id}}
 			r := rand.New(rand.NewPCG(1, uint64(len(suite))))
-			withNode(t, spec, func(co *coroutine.Co, n *bdrv.Node) error {
+			bdrvtest.WithNode(t, spec, func(co *coroutine.Co, n *bdrv.Node) error {
 				if n.Length() != int64(len(want)) {
 					t.Fatalf("length %d, qemu-img reads %d bytes", n.Length(), len(want))
 				}
@@ -174,7 +150,7 @@ func TestQemuVolumes(t *testing.T) {
 // does: the file is the header area plus the new size, and data written
 // before reads back.
 func TestCreateResize(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	for i, suite := range suites[:2] {
 		t.Run(fmt.Sprint(i), func(t *testing.T) {
 			dir := t.TempDir()
@@ -200,7 +176,7 @@ func TestCreateResize(t *testing.T) {
 				t.Errorf("header %+v, qemu-img's %+v", a, b)
 			}
 			qemu(t, "qemu-io", "--image-opts", imageOpts(ours), "-c", "write -P 0x77 512 4096")
-			withNode(t, bdrv.Spec{Filename: ours, Format: "luks", Options: bdrv.Options{"key-secret": id}},
+			bdrvtest.WithNode(t, bdrv.Spec{Filename: ours, Format: "luks", Options: bdrv.Options{"key-secret": id}},
 				func(co *coroutine.Co, n *bdrv.Node) error { return n.Truncate(co, 3<<20, false, bdrv.PreallocOff) })
 			qemu(t, "qemu-img", "resize", "-q", "--image-opts", imageOpts(theirs), "3M")
 			if a, b := fileSize(t, ours), fileSize(t, theirs); a != b {

@@ -3,10 +3,11 @@ package lukscrypto
 import (
 	"bytes"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
+
+	"ublkimg/internal/qemutest"
 )
 
 // FuzzParseHeader feeds hostile headers to ParseHeader and, when one parses
@@ -15,7 +16,7 @@ import (
 // Marshal and ParseHeader unchanged. Seeds are a header qemu-img created and
 // one from Create.
 func FuzzParseHeader(f *testing.F) {
-	if _, err := exec.LookPath("qemu-img"); err == nil {
+	if qemutest.Have(f, "qemu-img") {
 		vol := filepath.Join(f.TempDir(), "seed.luks")
 		qemuCreate(f, "-f", "luks", "--object", "secret,id=s0,data=x", "-o", "key-secret=s0,iter-time=1", vol, "1M")
 		b, err := os.ReadFile(vol)

@@ -20,13 +20,6 @@ import (
 
 const testPass = "correct horse"
 
-func needQemuImg(t testing.TB) {
-	t.Helper()
-	if _, err := exec.LookPath("qemu-img"); err != nil {
-		t.Skip("qemu-img not installed")
-	}
-}
-
 func run(t testing.TB, name string, args ...string) []byte {
 	t.Helper()
 	out, err := exec.Command(name, args...).CombinedOutput()
@@ -88,7 +81,7 @@ func readerOf(b []byte) ReadAtFunc {
 // suite and checks the payload decrypts to what was written, and that a
 // wrong passphrase gives QEMU's message.
 func TestUnlockQemuVolumes(t *testing.T) {
-	needQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	cases := []struct {
 		opts  string
 		suite Suite
@@ -140,7 +133,7 @@ func TestUnlockQemuVolumes(t *testing.T) {
 // encrypted with the returned cipher and has qemu-img convert decrypt it
 // and qemu-img info describe it.
 func TestCreateQemuReads(t *testing.T) {
-	needQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	cases := []CreateOptions{
 		{},
 		{CipherAlg: "aes-128"},
@@ -273,7 +266,7 @@ func TestHostileHeader(t *testing.T) {
 // wrote with encrypt.format=aes: the first data cluster decrypts (IV of the
 // guest sector) to the pattern qemu-io wrote.
 func TestQCowCipher(t *testing.T) {
-	needQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	dir := t.TempDir()
 	img := filepath.Join(dir, "a.qcow2")
 	// A passphrase longer than 16 bytes: only the first 16 count.

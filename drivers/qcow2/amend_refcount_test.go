@@ -15,8 +15,10 @@ import (
 	"golang.org/x/sys/unix"
 
 	"ublkimg/bdrv"
+	"ublkimg/bdrv/bdrvtest"
 	"ublkimg/coroutine"
 	"ublkimg/drivers/qcow2"
+	"ublkimg/internal/qemutest"
 )
 
 // refcountImages are the images the refcount width tests amend: fresh,
@@ -105,7 +107,7 @@ func refcountBitsOf(t testing.TB, path string) int {
 // After a change the open image takes new allocations (its refcount cache
 // and table are the new ones).
 func TestAmendRefcountBits(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	for i, im := range refcountImages {
 		t.Run(im.name, func(t *testing.T) {
 			t.Parallel()
@@ -121,7 +123,7 @@ func TestAmendRefcountBits(t *testing.T) {
 				ours := copyFile(t, orig, filepath.Join(dir, fmt.Sprintf("ours%d.qcow2", bits)))
 				fits := uint64(1)<<bits-1 >= uint64(im.maxRefcount)
 				var amendErr error
-				withNode(t, bdrv.Spec{Filename: ours}, func(co *coroutine.Co, n *bdrv.Node) error {
+				bdrvtest.WithNode(t, bdrv.Spec{Filename: ours}, func(co *coroutine.Co, n *bdrv.Node) error {
 					amendErr = imageOf(t, n).Amend(co, qcow2.AmendOptions{RefcountBits: bits})
 					return nil
 				})
@@ -154,7 +156,7 @@ func TestAmendRefcountBits(t *testing.T) {
 					if !bytes.Equal(a, b) {
 						t.Errorf("%d bits: image differs from qemu-img's at %#x", bits, firstDiff(a, b))
 					}
-					withNode(t, bdrv.Spec{Filename: theirs, ReadOnly: true}, func(co *coroutine.Co, n *bdrv.Node) error {
+					bdrvtest.WithNode(t, bdrv.Spec{Filename: theirs, ReadOnly: true}, func(co *coroutine.Co, n *bdrv.Node) error {
 						got, err := readChunked(co, n, []int{1 << 20})
 						if err == nil && !bytes.Equal(got, want) {
 							err = fmt.Errorf("qemu-img's %d-bit image reads differently at %#x", bits, firstDiff(got, want))
@@ -165,7 +167,7 @@ func TestAmendRefcountBits(t *testing.T) {
 				if bits == 1 || bits == 64 {
 					// The amended image keeps working: back to
 					// 16 bits and new allocations in one open.
-					withNode(t, bdrv.Spec{Filename: ours}, func(co *coroutine.Co, n *bdrv.Node) error {
+					bdrvtest.WithNode(t, bdrv.Spec{Filename: ours}, func(co *coroutine.Co, n *bdrv.Node) error {
 						if err := imageOf(t, n).Amend(co, qcow2.AmendOptions{RefcountBits: 16}); err != nil {
 							return err
 						}
@@ -185,7 +187,7 @@ func TestAmendRefcountBits(t *testing.T) {
 // widths on one image (an Eulerian circuit of the complete graph on the 7
 // widths), checking the image and its content after each change.
 func TestAmendRefcountCircuit(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	t.Parallel()
 	p := makeRefcountImage(t, t.TempDir(), 1)
 	want := rawOf(t, p)
@@ -211,7 +213,7 @@ func TestAmendRefcountCircuit(t *testing.T) {
 	// structures), then qemu-img looks at the image.
 	for k := len(circuit) - 2; k >= 0; k -= 6 {
 		var b uint32
-		withNode(t, bdrv.Spec{Filename: p}, func(co *coroutine.Co, n *bdrv.Node) error {
+		bdrvtest.WithNode(t, bdrv.Spec{Filename: p}, func(co *coroutine.Co, n *bdrv.Node) error {
 			for j := k; j >= 0 && j > k-6; j-- {
 				b = widths[circuit[j]]
 				if err := imageOf(t, n).Amend(co, qcow2.AmendOptions{RefcountBits: b}); err != nil {
@@ -328,7 +330,7 @@ func (f *crashFile) Close(co *coroutine.Co) error { return f.inner.Close(co) }
 // carries on): what reached the file must check clean apart from leaks,
 // read the same, and use either width.
 func TestAmendRefcountCrash(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	for _, tc := range []struct {
 		img      int
 		bits     uint32
@@ -398,7 +400,7 @@ func TestAmendRefcountCrash(t *testing.T) {
 // table is refused as corruption before anything is allocated (the walk
 // would otherwise cost the table's size times the block's entries).
 func TestAmendRefcountHostile(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	p := qimg(t, filepath.Join(t.TempDir(), "dup.qcow2"), "4M")
 	b, err := os.ReadFile(p)
 	if err != nil {
@@ -407,7 +409,7 @@ func TestAmendRefcountHostile(t *testing.T) {
 	rt := headerOf(t, p).RefcountTableOffset
 	copy(b[rt+8:rt+16], b[rt:rt+8])
 	writeRaw(t, p, b)
-	withNode(t, bdrv.Spec{Filename: p}, func(co *coroutine.Co, n *bdrv.Node) error {
+	bdrvtest.WithNode(t, bdrv.Spec{Filename: p}, func(co *coroutine.Co, n *bdrv.Node) error {
 		err := imageOf(t, n).Amend(co, qcow2.AmendOptions{RefcountBits: 8})
 		var ce *qcow2.CorruptError
 		if !errors.As(err, &ce) || !strings.Contains(err.Error(), "listed twice") {

@@ -8,8 +8,10 @@ import (
 	"testing"
 
 	"ublkimg/bdrv"
+	"ublkimg/bdrv/bdrvtest"
 	"ublkimg/coroutine"
 	"ublkimg/drivers/qcow2"
+	"ublkimg/internal/qemutest"
 )
 
 // infoNoName is qemu-img info without the lines naming the file.
@@ -27,11 +29,11 @@ func infoNoName(t *testing.T, path string) string {
 // a snapshot upgraded to 1.1, and lazy refcounts turned on and (on a dirty
 // image) off again.
 func TestAmend(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	dir := t.TempDir()
 	amend := func(path string, o qcow2.AmendOptions, write bool) {
 		t.Helper()
-		withNode(t, bdrv.Spec{Filename: path}, func(co *coroutine.Co, n *bdrv.Node) error {
+		bdrvtest.WithNode(t, bdrv.Spec{Filename: path}, func(co *coroutine.Co, n *bdrv.Node) error {
 			if write {
 				if err := n.Pwritev(co, 1<<20, bdrv.IOVec{bytes.Repeat([]byte{5}, 200<<10)}, 0); err != nil {
 					return err
@@ -108,7 +110,7 @@ func TestAmend(t *testing.T) {
 		{v2, qcow2.AmendOptions{RefcountBits: 3}, qcow2.ErrAmendRefcountW},
 		{r8, qcow2.AmendOptions{Version: 2}, qcow2.ErrAmendDowngrade},
 	} {
-		withNode(t, bdrv.Spec{Filename: tc.path}, func(co *coroutine.Co, n *bdrv.Node) error {
+		bdrvtest.WithNode(t, bdrv.Spec{Filename: tc.path}, func(co *coroutine.Co, n *bdrv.Node) error {
 			if err := imageOf(t, n).Amend(co, tc.o); err != tc.want {
 				t.Errorf("Amend(%+v) = %v, want %v", tc.o, err, tc.want)
 			}

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
@@ -16,6 +15,7 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
+	"ublkimg/internal/qemutest"
 )
 
 // TestCheckExitCode checks qemu-img check's exit statuses and the wording of
@@ -41,7 +41,7 @@ func TestCheckExitCode(t *testing.T) {
 // TestCheckHugeFile checks an image file of more than 2^31 clusters (a
 // sparse file): QEMU refuses to count that many clusters, and so does Check.
 func TestCheckHugeFile(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	p := qemuCreate(t, t.TempDir(), "huge.qcow2", "1M", "-o", "cluster_size=512")
 	if err := os.Truncate(p, (1<<31+1)*512); err != nil {
 		t.Skipf("cannot make a 1 TiB sparse file: %v", err)
@@ -75,7 +75,7 @@ func TestCheckRefsLimit(t *testing.T) {
 
 // TestCheckReadOnlyRepair checks that a repair refuses a read-only node.
 func TestCheckReadOnlyRepair(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	p := qemuCreate(t, t.TempDir(), "ro.qcow2", "1M")
 	err := coroutine.Run(func(co *coroutine.Co) error {
 		n, err := bdrv.Open(co, bdrv.Spec{Filename: p, Format: "file", ReadOnly: true})
@@ -98,7 +98,7 @@ func TestCheckReadOnlyRepair(t *testing.T) {
 // corruptions and no check errors. The dirty bit must be gone afterwards,
 // and the data intact.
 func TestCheckRepairDirty(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	sh := ckShape{name: "dirty", size: "64M", opts: "lazy_refcounts=on", killed: true,
 		io: []string{"write -P 7 0 1M", "write -P 8 2M 128k", "write -z 4M 64k"}}
 	im := ckBuild(t, sh)
@@ -152,7 +152,7 @@ func ckSyntheticImage() []byte {
 // of several shapes.
 func ckFuzzSeeds(f *testing.F) [][]byte {
 	seeds := [][]byte{ckSyntheticImage()}
-	if _, err := exec.LookPath("qemu-io"); err != nil {
+	if !qemutest.Have(f, "qemu-img", "qemu-io") {
 		return seeds
 	}
 	dir := f.TempDir()

@@ -1076,7 +1076,7 @@ var ckKeepsData = map[string]bool{
 
 // TestCheckMatrix checks every shape with every damage against qemu-img.
 func TestCheckMatrix(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	for _, sh := range ckShapes() {
 		t.Run(sh.name, func(t *testing.T) {
 			t.Parallel()

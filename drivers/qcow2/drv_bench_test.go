@@ -7,6 +7,7 @@ import (
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
 	"ublkimg/drivers/qcow2"
+	"ublkimg/internal/qemutest"
 )
 
 // Benchmarks of the qcow2 driver through a bdrv node, page cache
@@ -62,7 +63,7 @@ func runDepth(b *testing.B, n *bdrv.Node, co *coroutine.Co, fn func(co *coroutin
 // benchImage creates an image with opts; with fill, every cluster is
 // written first.
 func benchImage(b *testing.B, opts string, fill bool) string {
-	needQemu(b)
+	qemutest.Require(b, "qemu-img", "qemu-io")
 	p := filepath.Join(b.TempDir(), "bench.qcow2")
 	args := []string{}
 	if opts != "" {
@@ -183,7 +184,7 @@ func BenchmarkAllocatingWriteCluster(b *testing.B) {
 // BenchmarkReadCompressed: sequential 4 KiB reads of a compressed image
 // (each cluster inflated once thanks to the cluster cache).
 func BenchmarkReadCompressed(b *testing.B) {
-	needQemu(b)
+	qemutest.Require(b, "qemu-img", "qemu-io")
 	dir := b.TempDir()
 	src := writeRaw(b, filepath.Join(dir, "src.raw"), pattern(1, 64<<20))
 	p := filepath.Join(dir, "c.qcow2")

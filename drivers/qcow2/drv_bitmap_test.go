@@ -13,8 +13,10 @@ import (
 	"testing"
 
 	"ublkimg/bdrv"
+	"ublkimg/bdrv/bdrvtest"
 	"ublkimg/coroutine"
 	"ublkimg/drivers/qcow2"
+	"ublkimg/internal/qemutest"
 )
 
 // storedBitmap is a bitmap as stored in an image, for comparing what
@@ -123,7 +125,7 @@ func (op bitmapOp) run(co *coroutine.Co, n *bdrv.Node) error {
 // (flags, granularity, table size, data, which entries are allocated), the
 // guest content and qemu-img check.
 func TestBitmapTracking(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	t.Parallel()
 	cases := []struct {
 		name, size, opts string
@@ -200,7 +202,7 @@ func TestBitmapTracking(t *testing.T) {
 				qio(t, theirs, cmds...)
 			}
 			before, _, _ := readStoredBitmaps(t, base)
-			withNode(t, bdrv.Spec{Filename: ours, Format: "qcow2"}, func(co *coroutine.Co, n *bdrv.Node) error {
+			bdrvtest.WithNode(t, bdrv.Spec{Filename: ours, Format: "qcow2"}, func(co *coroutine.Co, n *bdrv.Node) error {
 				// Before the first write, enabled bitmaps are
 				// marked in use on disk, with the autoclear bit set.
 				bms, _, ac := readStoredBitmaps(t, ours)
@@ -263,7 +265,7 @@ func TestBitmapTracking(t *testing.T) {
 // (small unaligned writes, so neighbouring requests share bitmap words) and
 // checks that every granule written, and only those, is set.
 func TestBitmapConcurrentWrites(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	t.Parallel()
 	dir := t.TempDir()
 	p := qimg(t, filepath.Join(dir, "img.qcow2"), "8M")
@@ -355,7 +357,7 @@ func onLoops(t *testing.T, loops, perLoop int, fn func(co *coroutine.Co, worker 
 // (storing the bitmap would free the L2 table's cluster) and extra data in
 // the directory (QEMU refuses it too).
 func TestBitmapHostile(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	cases := []struct {
 		name, want string
 		edit       func(f []byte, h *qcow2.Header, bms []qcow2.Bitmap) []byte

@@ -14,7 +14,9 @@ import (
 	"time"
 
 	"ublkimg/bdrv"
+	"ublkimg/bdrv/bdrvtest"
 	"ublkimg/coroutine"
+	"ublkimg/internal/qemutest"
 )
 
 // Crash consistency: a child process (this test binary, re-executed) writes
@@ -73,7 +75,7 @@ func TestCrashChild(t *testing.T) {
 // TestCrashConsistency kills writers at random points, several rounds on
 // the same image.
 func TestCrashConsistency(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	rounds := 4
 	if testing.Short() || raceEnabled {
 		rounds = 2
@@ -111,7 +113,7 @@ func TestCrashConsistency(t *testing.T) {
 					if !headerOf(t, p).Dirty() {
 						t.Fatal("lazy-refcount image not dirty after the kill")
 					}
-					withNode(t, bdrv.Spec{Filename: p}, func(co *coroutine.Co, n *bdrv.Node) error { return nil })
+					bdrvtest.WithNode(t, bdrv.Spec{Filename: p}, func(co *coroutine.Co, n *bdrv.Node) error { return nil })
 				}
 				qcheck(t, p, true)
 				ops := crashStream(seed, int64(len(model)), cs)

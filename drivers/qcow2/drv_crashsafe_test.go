@@ -12,8 +12,10 @@ import (
 	"testing"
 
 	"ublkimg/bdrv"
+	"ublkimg/bdrv/bdrvtest"
 	"ublkimg/coroutine"
 	"ublkimg/drivers/qcow2"
+	"ublkimg/internal/qemutest"
 )
 
 // TestCrashSafeMetadata runs a write stream (allocating writes, copy on
@@ -24,7 +26,7 @@ import (
 // check (leaks allowed) and read back every write; with it off the same
 // stream must lose something, or the test proves nothing.
 func TestCrashSafeMetadata(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	for _, cfg := range []struct{ name, opts string }{
 		{"v3_backed", ""},
 		{"extl2_backed", "extended_l2=on"},
@@ -68,7 +70,7 @@ func TestCrashSafeMetadata(t *testing.T) {
 				cuts := []int{40, 150, len(ops) - 1}
 				crash := func(k int) string { return filepath.Join(dir, fmt.Sprintf("crash%d.qcow2", k)) }
 				spec := bdrv.Spec{Filename: p, Options: bdrv.Options{qcow2.OptCrashSafeMetadata: opt}}
-				withNode(t, spec, func(co *coroutine.Co, n *bdrv.Node) error {
+				bdrvtest.WithNode(t, spec, func(co *coroutine.Co, n *bdrv.Node) error {
 					for i, o := range ops {
 						if err := o.apply(co, n); err != nil {
 							return err
@@ -116,7 +118,7 @@ func TestCrashSafeMetadata(t *testing.T) {
 				// (repairing a lazy-refcount image) and reads it all.
 				last := len(ops) - 1
 				applyModel(model, ops, cs, false)
-				withNode(t, bdrv.Spec{Filename: crash(last)}, func(co *coroutine.Co, n *bdrv.Node) error {
+				bdrvtest.WithNode(t, bdrv.Spec{Filename: crash(last)}, func(co *coroutine.Co, n *bdrv.Node) error {
 					got := make([]byte, size)
 					if err := n.Preadv(co, 0, bdrv.IOVec{got}, 0); err != nil {
 						return err

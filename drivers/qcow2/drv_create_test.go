@@ -10,6 +10,7 @@ import (
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
 	"ublkimg/drivers/qcow2"
+	"ublkimg/internal/qemutest"
 )
 
 // createOurs creates an image with bdrv.Create from a qemu-img style option
@@ -28,7 +29,7 @@ func createOurs(t testing.TB, path string, size int64, opts string) error {
 // TestCreateMatchesQemu creates images with every create option set and
 // compares them byte for byte with qemu-img create's.
 func TestCreateMatchesQemu(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	dir := t.TempDir()
 	qimg(t, filepath.Join(dir, "base.qcow2"), "64M")
 	type tc struct {
@@ -112,7 +113,7 @@ func TestCreateMatchesQemu(t *testing.T) {
 // TestCreatePreallocData checks the falloc and full modes: the image checks
 // clean, reads as zeros, and the data clusters are allocated in the file.
 func TestCreatePreallocData(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	for _, mode := range []string{"falloc", "full"} {
 		t.Run(mode, func(t *testing.T) {
 			o := filepath.Join(t.TempDir(), "o.qcow2")
@@ -164,7 +165,7 @@ func TestCreateErrors(t *testing.T) {
 
 // TestFormattingOptions checks the option list qemu-img prints.
 func TestFormattingOptions(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	for _, c := range []struct{ opts, size string }{
 		{"", "1073741824"},
 		{"cluster_size=4k,lazy_refcounts,compat=v3,extended_l2=yes", "1048576"},

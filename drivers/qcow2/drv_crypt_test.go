@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"ublkimg/bdrv"
+	"ublkimg/bdrv/bdrvtest"
 	"ublkimg/coroutine"
 	"ublkimg/drivers/qcow2"
 	"ublkimg/internal/qemutest"
@@ -91,7 +92,7 @@ func rawOfCrypt(t testing.TB, path string) []byte {
 // data) must read back identically through qemu-img, and qemu-img check
 // must stay clean.
 func TestEncryptedImages(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	cases := []struct {
 		name, opts string
 	}{
@@ -108,7 +109,7 @@ func TestEncryptedImages(t *testing.T) {
 			opts := bdrv.Options{"encrypt.key-secret": id}
 
 			want := rawOfCrypt(t, path)
-			withNode(t, bdrv.Spec{Filename: path, ReadOnly: true, Options: opts}, func(co *coroutine.Co, n *bdrv.Node) error {
+			bdrvtest.WithNode(t, bdrv.Spec{Filename: path, ReadOnly: true, Options: opts}, func(co *coroutine.Co, n *bdrv.Node) error {
 				for _, chunks := range [][]int{{1 << 20}, {4096}, {7777, 513, 65536 + 3}} {
 					got, err := readChunked(co, n, chunks)
 					if err != nil {
@@ -136,7 +137,7 @@ func TestEncryptedImages(t *testing.T) {
 				off int64
 				n   int
 			}{{100, 300}, {10000, 5000}, {20*1024 + 512, 512}, {500 * 1024, 70000}, {1<<20 - 1000, 1000}}
-			withNode(t, bdrv.Spec{Filename: path, Options: opts}, func(co *coroutine.Co, n *bdrv.Node) error {
+			bdrvtest.WithNode(t, bdrv.Spec{Filename: path, Options: opts}, func(co *coroutine.Co, n *bdrv.Node) error {
 				for i, w := range writes {
 					p := pattern(uint64(i), w.n)
 					if err := n.Pwritev(co, w.off, bdrv.IOVec{p}, 0); err != nil {
@@ -157,7 +158,7 @@ func TestEncryptedImages(t *testing.T) {
 // TestEncryptedOpenErrors checks the refusals with qemu-img's wording, and
 // that a metadata-only open (qemu-img info) needs no key but reads nothing.
 func TestEncryptedOpenErrors(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	t.Parallel()
 	path := filepath.Join(t.TempDir(), "e.qcow2")
 	qemuCrypt(t, "-o", "encrypt.format=luks,encrypt.key-secret=k,encrypt.iter-time=10", path, "1M")
@@ -177,7 +178,7 @@ func TestEncryptedOpenErrors(t *testing.T) {
 			t.Errorf("options %v: %v, want ...%q", tc.opts, err, tc.want)
 		}
 	}
-	withNode(t, bdrv.Spec{Filename: path, Options: bdrv.Options{"encrypt.key-secret": right}}, func(co *coroutine.Co, n *bdrv.Node) error {
+	bdrvtest.WithNode(t, bdrv.Spec{Filename: path, Options: bdrv.Options{"encrypt.key-secret": right}}, func(co *coroutine.Co, n *bdrv.Node) error {
 		err := n.Pwritev(co, 0, bdrv.IOVec{make([]byte, 65536)}, bdrv.ReqWriteCompressed)
 		if err == nil || !strings.Contains(err.Error(), "Compression and encryption not supported at the same time") {
 			return fmt.Errorf("compressed write: %v", err)
@@ -187,7 +188,7 @@ func TestEncryptedOpenErrors(t *testing.T) {
 		}
 		return nil
 	})
-	withNode(t, bdrv.Spec{Filename: path, ReadOnly: true, NoIO: true}, func(co *coroutine.Co, n *bdrv.Node) error {
+	bdrvtest.WithNode(t, bdrv.Spec{Filename: path, ReadOnly: true, NoIO: true}, func(co *coroutine.Co, n *bdrv.Node) error {
 		err := n.Preadv(co, 0, bdrv.IOVec{make([]byte, 512)}, 0)
 		if err == nil || !errors.Is(err, unix.EIO) {
 			return fmt.Errorf("reading encrypted data without the key: %v", err)
@@ -211,7 +212,7 @@ func qcheckCrypt(t testing.TB, path string) {
 // through our driver reads back identically through qemu-img given the
 // secret.
 func TestCreateEncrypted(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	t.Parallel()
 	dir := t.TempDir()
 	id := addSecret(t, cryptPass)
@@ -267,7 +268,7 @@ func TestCreateEncrypted(t *testing.T) {
 			// to noise, as in QEMU: what reads back is qemu-img's view.
 			want = rawOfCrypt(t, ours)
 		}
-		withNode(t, bdrv.Spec{Filename: ours, Options: bdrv.Options{"encrypt.key-secret": id}}, func(co *coroutine.Co, n *bdrv.Node) error {
+		bdrvtest.WithNode(t, bdrv.Spec{Filename: ours, Options: bdrv.Options{"encrypt.key-secret": id}}, func(co *coroutine.Co, n *bdrv.Node) error {
 			for i, w := range []struct{ off, n int }{{0, 4096}, {70000, 100000}, {1<<20 - 512, 512}} {
 				p := pattern(uint64(i), w.n)
 				copy(want[w.off:], p)
@@ -314,7 +315,7 @@ func TestCreateEncryptedRefusals(t *testing.T) {
 // with the overlay's); qemu-img, given both secrets, must read the chain as
 // we expect and find both images clean.
 func TestEncryptedBackingChain(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	t.Parallel()
 	dir := t.TempDir()
 	base, top := filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "top.qcow2")
@@ -323,14 +324,14 @@ func TestEncryptedBackingChain(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := pattern(1, 1<<20)
-	withNode(t, bdrv.Spec{Filename: base, Options: bdrv.Options{"encrypt.key-secret": kb}}, func(co *coroutine.Co, n *bdrv.Node) error {
+	bdrvtest.WithNode(t, bdrv.Spec{Filename: base, Options: bdrv.Options{"encrypt.key-secret": kb}}, func(co *coroutine.Co, n *bdrv.Node) error {
 		return n.Pwritev(co, 0, bdrv.IOVec{bytes.Clone(want)}, 0)
 	})
 	if err := createOurs(t, top, 1<<20, "encrypt.format=luks,encrypt.iter-time=0,cluster_size=4096,backing_file=base.qcow2,backing_fmt=qcow2,encrypt.key-secret="+kt); err != nil {
 		t.Fatal(err)
 	}
 	opts := bdrv.Options{"encrypt.key-secret": kt, "backing.encrypt.key-secret": kb}
-	withNode(t, bdrv.Spec{Filename: top, Options: opts}, func(co *coroutine.Co, n *bdrv.Node) error {
+	bdrvtest.WithNode(t, bdrv.Spec{Filename: top, Options: opts}, func(co *coroutine.Co, n *bdrv.Node) error {
 		for i, w := range []struct{ off, n int }{{100, 300}, {5000, 9000}, {1<<20 - 700, 700}} {
 			p := pattern(uint64(10+i), w.n)
 			copy(want[w.off:], p)

@@ -6,8 +6,10 @@ import (
 	"testing"
 
 	"ublkimg/bdrv"
+	"ublkimg/bdrv/bdrvtest"
 	"ublkimg/coroutine"
 	"ublkimg/drivers/qcow2"
+	"ublkimg/internal/qemutest"
 )
 
 // TestFreedClusterReuseWithDiscard frees metadata clusters whose discard
@@ -18,7 +20,7 @@ import (
 // data: qemu-img must read back every byte written, and check must find
 // the image clean.
 func TestFreedClusterReuseWithDiscard(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	cases := []struct {
 		name, size string
 		create     []string
@@ -49,7 +51,7 @@ func TestFreedClusterReuseWithDiscard(t *testing.T) {
 			}
 			want := rawOf(t, path)
 			spec := bdrv.Spec{Filename: path, Options: bdrv.Options{qcow2.OptPassDiscardOther: "on"}}
-			withNode(t, spec, func(co *coroutine.Co, n *bdrv.Node) error {
+			bdrvtest.WithNode(t, spec, func(co *coroutine.Co, n *bdrv.Node) error {
 				if c.grow != 0 {
 					if err := n.Truncate(co, c.grow, false, bdrv.PreallocOff); err != nil {
 						return err

@@ -15,20 +15,12 @@ import (
 	"testing"
 
 	"ublkimg/bdrv"
+	"ublkimg/bdrv/bdrvtest"
 	"ublkimg/coroutine"
 	_ "ublkimg/drivers/file"
 	"ublkimg/drivers/qcow2"
 	_ "ublkimg/drivers/raw"
 )
-
-func needQemu(t testing.TB) {
-	t.Helper()
-	for _, p := range []string{"qemu-img", "qemu-io"} {
-		if _, err := exec.LookPath(p); err != nil {
-			t.Skipf("%s not installed (Debian package qemu-utils)", p)
-		}
-	}
-}
 
 // sh runs a command and returns its combined output, failing the test on
 // error.
@@ -104,25 +96,6 @@ func checkCode(t testing.TB, path string) (int, string) {
 	return 0, string(out)
 }
 
-// withNode opens spec on a private loop and runs fn.
-func withNode(t testing.TB, spec bdrv.Spec, fn func(co *coroutine.Co, n *bdrv.Node) error) {
-	t.Helper()
-	err := coroutine.Run(func(co *coroutine.Co) error {
-		n, err := bdrv.Open(co, spec)
-		if err != nil {
-			return err
-		}
-		ferr := fn(co, n)
-		if cerr := n.Close(co); ferr == nil {
-			ferr = cerr
-		}
-		return ferr
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-}
-
 // openErr tries to open spec and returns the error.
 func openErr(spec bdrv.Spec) error {
 	return coroutine.Run(func(co *coroutine.Co) error {
@@ -153,7 +126,7 @@ func readChunked(co *coroutine.Co, n *bdrv.Node, chunks []int) ([]byte, error) {
 func checkReads(t *testing.T, path string, opts bdrv.Options) {
 	t.Helper()
 	want := rawOf(t, path)
-	withNode(t, bdrv.Spec{Filename: path, ReadOnly: true, Options: opts}, func(co *coroutine.Co, n *bdrv.Node) error {
+	bdrvtest.WithNode(t, bdrv.Spec{Filename: path, ReadOnly: true, Options: opts}, func(co *coroutine.Co, n *bdrv.Node) error {
 		if n.Length() != int64(len(want)) {
 			return fmt.Errorf("length %d, qemu-img says %d", n.Length(), len(want))
 		}

@@ -11,12 +11,15 @@ import (
 	"golang.org/x/sys/unix"
 
 	"ublkimg/bdrv"
+	"ublkimg/bdrv/bdrvtest"
 	"ublkimg/coroutine"
 	"ublkimg/drivers/qcow2"
+	"ublkimg/internal/qemutest"
 )
 
-// withNodeIgnoreClose is withNode for images expected to be found corrupt:
-// closing them reports the corruption again, which is not a failure here.
+// withNodeIgnoreClose is bdrvtest.WithNode for images expected to be found
+// corrupt: closing them reports the corruption again, which is not a
+// failure here.
 func withNodeIgnoreClose(t testing.TB, spec bdrv.Spec, fn func(co *coroutine.Co, n *bdrv.Node) error) {
 	t.Helper()
 	err := coroutine.Run(func(co *coroutine.Co) error {
@@ -62,7 +65,7 @@ func poke64(t testing.TB, path string, off uint64, v uint64) {
 // table: the write must be refused with EIO and a CorruptError, the corrupt
 // bit set, later requests refused, and the metadata left intact.
 func TestOverlapMarksCorrupt(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	p := qimg(t, filepath.Join(t.TempDir(), "o.qcow2"), "4M")
 	qio(t, p, "write -P 1 0 64k")
 	h := headerOf(t, p)
@@ -96,7 +99,7 @@ func TestOverlapMarksCorrupt(t *testing.T) {
 // TestHostileWrites feeds writes to images with broken metadata: errors,
 // never panics, never writes outside the image.
 func TestHostileWrites(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	base := qimg(t, filepath.Join(t.TempDir(), "b.qcow2"), "4M")
 	qio(t, base, "write -P 1 0 128k")
 	h := headerOf(t, base)
@@ -145,7 +148,7 @@ func TestHostileWrites(t *testing.T) {
 // (and the bitmaps bit, whose bitmaps it does not maintain), keeps unknown
 // header extensions, and a lazy-refcount image is clean after close.
 func TestHeaderBitsOnWrite(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	dir := t.TempDir()
 	p := qimg(t, filepath.Join(dir, "a.qcow2"), "4M", "-o", "lazy_refcounts=on")
 	b, _ := os.ReadFile(p)
@@ -161,7 +164,7 @@ func TestHeaderBitsOnWrite(t *testing.T) {
 	}
 	copy(b, hb)
 	os.WriteFile(p, b, 0o644)
-	withNode(t, bdrv.Spec{Filename: p}, func(co *coroutine.Co, n *bdrv.Node) error {
+	bdrvtest.WithNode(t, bdrv.Spec{Filename: p}, func(co *coroutine.Co, n *bdrv.Node) error {
 		if err := n.Pwritev(co, 0, bdrv.IOVec{make([]byte, 100000)}, 0); err != nil {
 			return err
 		}

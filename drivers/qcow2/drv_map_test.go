@@ -8,7 +8,9 @@ import (
 	"testing"
 
 	"ublkimg/bdrv"
+	"ublkimg/bdrv/bdrvtest"
 	"ublkimg/coroutine"
+	"ublkimg/internal/qemutest"
 )
 
 // mapEntry is one extent of qemu-img map --output=json.
@@ -74,7 +76,7 @@ func ourMap(co *coroutine.Co, n *bdrv.Node) ([]mapEntry, error) {
 // TestBlockStatusMatchesQemuMap compares the extents block status reports
 // with qemu-img map's for images with every kind of cluster.
 func TestBlockStatusMatchesQemuMap(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	dir := t.TempDir()
 	writeRaw(t, filepath.Join(dir, "base.raw"), pattern(9, 4<<20))
 	mixed := append([]string{"write -c -P 0x88 2m 128k"}, mixedWrites...)
@@ -103,7 +105,7 @@ func TestBlockStatusMatchesQemuMap(t *testing.T) {
 			if err := json.Unmarshal([]byte(sh(t, "qemu-img", "map", "--output=json", p)), &want); err != nil {
 				t.Fatal(err)
 			}
-			withNode(t, bdrv.Spec{Filename: p, ReadOnly: true}, func(co *coroutine.Co, n *bdrv.Node) error {
+			bdrvtest.WithNode(t, bdrv.Spec{Filename: p, ReadOnly: true}, func(co *coroutine.Co, n *bdrv.Node) error {
 				got, err := ourMap(co, n)
 				if err != nil {
 					return err

@@ -12,8 +12,10 @@ import (
 	"golang.org/x/sys/unix"
 
 	"ublkimg/bdrv"
+	"ublkimg/bdrv/bdrvtest"
 	"ublkimg/coroutine"
 	"ublkimg/drivers/qcow2"
+	"ublkimg/internal/qemutest"
 )
 
 // writeRaw writes a file with a data pattern (for convert sources and raw
@@ -41,7 +43,7 @@ var mixedWrites = []string{
 // TestReadQemuImages reads images qemu-img and qemu-io made, in every layout
 // QEMU writes, and compares them with qemu-img convert -O raw.
 func TestReadQemuImages(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	type tc struct {
 		name string
 		opts string
@@ -90,7 +92,7 @@ func TestReadQemuImages(t *testing.T) {
 // TestReadConvertCompressed reads qemu-img convert -c output, deflate and
 // zstd, including data that does not compress (stored uncompressed).
 func TestReadConvertCompressed(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	dir := t.TempDir()
 	data := pattern(1, 3<<20)
 	copy(data[1<<20:], randomBytes(2, 256<<10)) // incompressible clusters
@@ -121,7 +123,7 @@ func randomBytes(seed uint64, n int) []byte {
 // TestReadBackingChains reads chains of qcow2 and raw images, with backing
 // files shorter than their overlays, through several depths.
 func TestReadBackingChains(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	dir := t.TempDir()
 	writeRaw(t, filepath.Join(dir, "base.raw"), pattern(3, 1<<20+512))
 	mid := qimg(t, filepath.Join(dir, "mid.qcow2"), "2M", "-b", "base.raw", "-F", "raw")
@@ -143,7 +145,7 @@ func TestReadBackingChains(t *testing.T) {
 
 // TestReadDataFile reads images with an external data file, raw and not.
 func TestReadDataFile(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	for _, raw := range []string{"off", "on"} {
 		t.Run("raw_"+raw, func(t *testing.T) {
 			dir := t.TempDir()
@@ -152,7 +154,7 @@ func TestReadDataFile(t *testing.T) {
 			checkReads(t, p, nil)
 			// Without the name in the header the option is needed.
 			if raw == "off" {
-				withNode(t, bdrv.Spec{Filename: p, ReadOnly: true, Options: bdrv.Options{qcow2.OptDataFile: filepath.Join(dir, "d.data")}},
+				bdrvtest.WithNode(t, bdrv.Spec{Filename: p, ReadOnly: true, Options: bdrv.Options{qcow2.OptDataFile: filepath.Join(dir, "d.data")}},
 					func(co *coroutine.Co, n *bdrv.Node) error { return nil })
 			}
 		})
@@ -162,7 +164,7 @@ func TestReadDataFile(t *testing.T) {
 // TestReadSnapshots reads the active layer of an image with internal
 // snapshots taken between writes (L2 tables and clusters shared).
 func TestReadSnapshots(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	p := qimg(t, filepath.Join(t.TempDir(), "s.qcow2"), "4M")
 	qio(t, p, "write -P 1 0 2M")
 	sh(t, "qemu-img", "snapshot", "-c", "one", p)
@@ -170,7 +172,7 @@ func TestReadSnapshots(t *testing.T) {
 	sh(t, "qemu-img", "snapshot", "-c", "two", p)
 	qio(t, p, "write -P 3 100k 1")
 	checkReads(t, p, nil)
-	withNode(t, bdrv.Spec{Filename: p, ReadOnly: true}, func(co *coroutine.Co, n *bdrv.Node) error {
+	bdrvtest.WithNode(t, bdrv.Spec{Filename: p, ReadOnly: true}, func(co *coroutine.Co, n *bdrv.Node) error {
 		s := imageOf(t, n).Snapshots()
 		if len(s) != 2 || s[0].Name != "one" || s[1].Name != "two" {
 			t.Errorf("snapshots %+v", s)
@@ -200,7 +202,7 @@ func pokeHeader(t testing.TB, path string, off int64, set uint64) {
 // TestOpenFeatureBits covers the header bits that restrict opening: dirty
 // (lazy refcounts left unflushed), corrupt, unknown incompatible features.
 func TestOpenFeatureBits(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	dir := t.TempDir()
 
 	// A lazy-refcount image killed in the middle of writes stays dirty.
@@ -212,7 +214,7 @@ func TestOpenFeatureBits(t *testing.T) {
 	checkReads(t, dirty, nil)
 	want := rawOf(t, dirty)
 	// A read-write open repairs the refcounts first.
-	withNode(t, bdrv.Spec{Filename: dirty}, func(co *coroutine.Co, n *bdrv.Node) error {
+	bdrvtest.WithNode(t, bdrv.Spec{Filename: dirty}, func(co *coroutine.Co, n *bdrv.Node) error {
 		return n.Pwritev(co, 2<<20, bdrv.IOVec{make([]byte, 4096)}, 0)
 	})
 	if h := headerOf(t, dirty); h.Dirty() {
@@ -258,7 +260,7 @@ func headerOf(t testing.TB, path string) *qcow2.Header {
 // TestReadHostileL2 points an L2 entry at nonsense and expects an EIO error
 // that names the problem, never a panic.
 func TestReadHostileL2(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	p := qimg(t, filepath.Join(t.TempDir(), "h.qcow2"), "4M")
 	qio(t, p, "write -P 1 0 64k")
 	h := headerOf(t, p)
@@ -275,7 +277,7 @@ func TestReadHostileL2(t *testing.T) {
 		binary.BigEndian.PutUint64(c[l2:], bad)
 		q := filepath.Join(t.TempDir(), "bad.qcow2")
 		os.WriteFile(q, c, 0o644)
-		withNode(t, bdrv.Spec{Filename: q, ReadOnly: true}, func(co *coroutine.Co, n *bdrv.Node) error {
+		bdrvtest.WithNode(t, bdrv.Spec{Filename: q, ReadOnly: true}, func(co *coroutine.Co, n *bdrv.Node) error {
 			err := n.Preadv(co, 0, bdrv.IOVec{make([]byte, 4096)}, 0)
 			if err == nil {
 				if bad&qcow2.OflagCompressed == 0 && bad&qcow2.L2OffsetMask >= 1<<40 {

@@ -12,13 +12,15 @@ import (
 	"golang.org/x/sys/unix"
 
 	"ublkimg/bdrv"
+	"ublkimg/bdrv/bdrvtest"
 	"ublkimg/coroutine"
+	"ublkimg/internal/qemutest"
 )
 
 // TestTruncateMatchesQemu resizes copies of one image with Node.Truncate and
 // with qemu-img resize and compares the results byte for byte.
 func TestTruncateMatchesQemu(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	cases := []struct {
 		name, opts, size string
 		cmds             []string
@@ -56,7 +58,7 @@ func TestTruncateMatchesQemu(t *testing.T) {
 			}
 			sh(t, "qemu-img", append(ra, q, strconv.FormatInt(c.newSize, 10))...)
 			pa, _ := bdrv.ParsePrealloc(c.prealloc)
-			withNode(t, bdrv.Spec{Filename: o}, func(co *coroutine.Co, n *bdrv.Node) error {
+			bdrvtest.WithNode(t, bdrv.Spec{Filename: o}, func(co *coroutine.Co, n *bdrv.Node) error {
 				return n.Truncate(co, c.newSize, false, pa)
 			})
 			qcheck(t, o, false)
@@ -88,7 +90,7 @@ func TestTruncateMatchesQemu(t *testing.T) {
 // -a and compares what qemu-img check, info, map and compare see. A
 // version 2 image with snapshots cannot be resized.
 func TestTruncateWithSnapshots(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	cases := []struct {
 		name, size    string
 		create        []string // qemu-img create arguments
@@ -119,7 +121,7 @@ func TestTruncateWithSnapshots(t *testing.T) {
 			os.WriteFile(o, b, 0o644)
 
 			var err error
-			withNode(t, bdrv.Spec{Filename: o}, func(co *coroutine.Co, n *bdrv.Node) error {
+			bdrvtest.WithNode(t, bdrv.Spec{Filename: o}, func(co *coroutine.Co, n *bdrv.Node) error {
 				err = n.Truncate(co, c.newSize, false, bdrv.PreallocOff)
 				return nil
 			})
@@ -152,7 +154,7 @@ func TestTruncateWithSnapshots(t *testing.T) {
 				qio(t, o, c.resized...)
 			}
 			sh(t, "qemu-img", "snapshot", "-a", "s1", q)
-			withNode(t, bdrv.Spec{Filename: o}, func(co *coroutine.Co, n *bdrv.Node) error {
+			bdrvtest.WithNode(t, bdrv.Spec{Filename: o}, func(co *coroutine.Co, n *bdrv.Node) error {
 				return imageOf(t, n).SnapshotApply(co, "s1")
 			})
 			qcheck(t, o, false)

@@ -9,7 +9,9 @@ import (
 	"testing"
 
 	"ublkimg/bdrv"
+	"ublkimg/bdrv/bdrvtest"
 	"ublkimg/coroutine"
+	"ublkimg/internal/qemutest"
 )
 
 // op is one guest operation of a write stream.
@@ -200,7 +202,7 @@ func streamCases() []streamCase {
 // with ublkimg and to a copy with qemu-io; both must pass qemu-img check and
 // hold the same content, which must also match an in-memory model.
 func TestWriteStreams(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	for i, c := range streamCases() {
 		t.Run(c.name, func(t *testing.T) {
 			t.Parallel()
@@ -213,7 +215,7 @@ func TestWriteStreams(t *testing.T) {
 			}
 			ops := genOps(uint64(i)+1, c.size, count, c.kinds, c.cs)
 			model := rawOf(t, a)
-			withNode(t, bdrv.Spec{Filename: a, Options: c.opts}, func(co *coroutine.Co, n *bdrv.Node) error {
+			bdrvtest.WithNode(t, bdrv.Spec{Filename: a, Options: c.opts}, func(co *coroutine.Co, n *bdrv.Node) error {
 				for k, o := range ops {
 					if err := o.apply(co, n); err != nil {
 						return fmt.Errorf("op %d %s: %w", k, o.qemuCmd(), err)
@@ -299,7 +301,7 @@ func applyModel(m []byte, ops []op, cs int64, discardNoop bool) {
 // chunks from several loops at once, so that neighbouring requests share
 // clusters and in-flight allocations depend on each other.
 func TestConcurrentWrites(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	for _, opts := range []string{"", "extended_l2=on", "cluster_size=4k", "compat=0.10"} {
 		t.Run("opts="+opts, func(t *testing.T) {
 			dir := t.TempDir()

@@ -11,11 +11,12 @@ package qcow2
 
 import (
 	"bytes"
-	"os/exec"
 	"path/filepath"
 	"reflect"
 	"sync"
 	"testing"
+
+	"ublkimg/internal/qemutest"
 )
 
 // maxPad bounds how far fuzz inputs are padded with zeros to a full header
@@ -31,9 +32,10 @@ var (
 )
 
 // qemuSeedImages creates a few images for seeds; it returns nil when
-// qemu-img is missing, so fuzzing still works with the synthetic seeds.
+// qemu-img or qemu-io is missing (outside `make test`), so fuzzing still
+// works with the synthetic seeds.
 func qemuSeedImages(f *testing.F) []testImage {
-	if _, err := exec.LookPath("qemu-img"); err != nil {
+	if !qemutest.Have(f, "qemu-img", "qemu-io") {
 		return nil
 	}
 	seedOnce.Do(func() {

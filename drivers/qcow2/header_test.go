@@ -9,6 +9,8 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+
+	"ublkimg/internal/qemutest"
 )
 
 // goldenCase describes one `qemu-img create` invocation of the golden matrix.
@@ -117,7 +119,7 @@ func goldenCases() []goldenCase {
 // the project supports and checks ParseHeader against qemu-img info, and
 // Marshal against the bytes QEMU wrote.
 func TestGoldenHeaders(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	for _, gc := range goldenCases() {
 		t.Run(gc.name, func(t *testing.T) {
 			t.Parallel()
@@ -654,7 +656,7 @@ func TestMarshalErrors(t *testing.T) {
 // checks that qemu-img accepts it, reports the new values, and preserves the
 // unknown extension across its own header rewrite (qemu-img amend).
 func TestMarshalAcceptedByQemu(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	dir := t.TempDir()
 	baseImg := qemuCreate(t, dir, "base.qcow2", "64M")
 	p := qemuCreate(t, dir, "t.qcow2", "64M")
@@ -701,7 +703,7 @@ func TestMarshalAcceptedByQemu(t *testing.T) {
 // TestQemuRefusesWhatWeRefuse spot-checks that qemu-img refuses some
 // headers ParseHeader refuses, with the same unsupported-feature message.
 func TestQemuRefusesWhatWeRefuse(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	dir := t.TempDir()
 	p := qemuCreate(t, dir, "t.qcow2", "64M")
 	img := readTestImage(t, p)
@@ -725,7 +727,7 @@ func TestQemuRefusesWhatWeRefuse(t *testing.T) {
 // says. Where ParseHeader is deliberately stricter than QEMU the case says
 // so; every other case must agree.
 func TestQemuAgreement(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	cases := []struct {
 		name     string
 		mutate   func(b []byte)

@@ -9,16 +9,9 @@ import (
 	"strings"
 	"sync"
 	"testing"
-)
 
-// requireQemuImg skips the test when qemu-img (Debian package qemu-utils),
-// the reference implementation the golden tests compare against, is absent.
-func requireQemuImg(t testing.TB) {
-	t.Helper()
-	if _, err := exec.LookPath("qemu-img"); err != nil {
-		t.Skip("qemu-img not installed (Debian package qemu-utils); golden tests need it")
-	}
-}
+	"ublkimg/internal/qemutest"
+)
 
 // run runs a command and fails the test with its output on error.
 func mustRun(t testing.TB, name string, args ...string) []byte {
@@ -153,11 +146,12 @@ var zstdProbe = sync.OnceValue(func() string {
 	return ""
 })
 
-// requireZstd skips a test when qemu-img was built without zstd (the
-// compression_type=zstd option is then refused), giving qemu-img's reason.
+// requireZstd ends a test (qemutest.Unavailable) when qemu-img was built
+// without zstd (the compression_type=zstd option is then refused), giving
+// qemu-img's reason.
 func requireZstd(t testing.TB) {
 	t.Helper()
 	if why := zstdProbe(); why != "" {
-		t.Skipf("qemu-img cannot create zstd images: %s", why)
+		qemutest.Unavailable(t, "qemu-img cannot create zstd images: "+why)
 	}
 }

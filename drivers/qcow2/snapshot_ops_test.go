@@ -13,8 +13,10 @@ import (
 	"golang.org/x/sys/unix"
 
 	"ublkimg/bdrv"
+	"ublkimg/bdrv/bdrvtest"
 	"ublkimg/coroutine"
 	"ublkimg/drivers/qcow2"
+	"ublkimg/internal/qemutest"
 )
 
 // snapRaw converts snapshot name of path to raw with qemu-img.
@@ -40,7 +42,7 @@ func readAll(co *coroutine.Co, n *bdrv.Node) ([]byte, error) {
 // was when it was taken, and qemu-img applying/deleting the same snapshots
 // ends with the same image contents.
 func TestSnapshotOps(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	for _, tc := range []struct{ name, opts string }{
 		{"default", "cluster_size=65536"},
 		{"small-l2slices", "cluster_size=4096,refcount_bits=64"},
@@ -52,7 +54,7 @@ func TestSnapshotOps(t *testing.T) {
 			qio(t, path, "write -P 1 0 1M", "write -c -P 7 2M 128k")
 			want := map[string][]byte{}
 			spec := bdrv.Spec{Filename: path}
-			withNode(t, spec, func(co *coroutine.Co, n *bdrv.Node) error {
+			bdrvtest.WithNode(t, spec, func(co *coroutine.Co, n *bdrv.Node) error {
 				q := imageOf(t, n)
 				w := func(off int64, p byte, size int, flags bdrv.ReqFlags) {
 					if err := n.Pwritev(co, off, bdrv.IOVec{bytes.Repeat([]byte{p}, size)}, flags); err != nil {
@@ -114,7 +116,7 @@ func TestSnapshotOps(t *testing.T) {
 			sh(t, "cp", path, theirs)
 			sh(t, "qemu-img", "snapshot", "-a", "2", theirs)
 			sh(t, "qemu-img", "snapshot", "-d", "s1", theirs)
-			withNode(t, spec, func(co *coroutine.Co, n *bdrv.Node) error {
+			bdrvtest.WithNode(t, spec, func(co *coroutine.Co, n *bdrv.Node) error {
 				q := imageOf(t, n)
 				if err := q.SnapshotApply(co, "2"); err != nil {
 					return err
@@ -137,7 +139,7 @@ func TestSnapshotOps(t *testing.T) {
 			}
 			// Delete everything with ours; the image must stay clean and
 			// writable in place.
-			withNode(t, spec, func(co *coroutine.Co, n *bdrv.Node) error {
+			bdrvtest.WithNode(t, spec, func(co *coroutine.Co, n *bdrv.Node) error {
 				q := imageOf(t, n)
 				for _, s := range q.SnapshotList(co) {
 					if err := q.SnapshotDelete(co, s.ID, ""); err != nil {
@@ -156,7 +158,7 @@ func TestSnapshotOps(t *testing.T) {
 
 // TestSnapshotQemuMade applies and deletes snapshots qemu-img took.
 func TestSnapshotQemuMade(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	dir := t.TempDir()
 	path := qimg(t, filepath.Join(dir, "a.qcow2"), "4M")
 	qio(t, path, "write -P 1 0 2M")
@@ -168,7 +170,7 @@ func TestSnapshotQemuMade(t *testing.T) {
 	sh(t, "cp", path, theirs)
 	sh(t, "qemu-img", "snapshot", "-a", "a", theirs)
 	sh(t, "qemu-img", "snapshot", "-d", "b", theirs)
-	withNode(t, bdrv.Spec{Filename: path}, func(co *coroutine.Co, n *bdrv.Node) error {
+	bdrvtest.WithNode(t, bdrv.Spec{Filename: path}, func(co *coroutine.Co, n *bdrv.Node) error {
 		q := imageOf(t, n)
 		if err := q.SnapshotApply(co, "a"); err != nil {
 			return err
@@ -186,10 +188,10 @@ func TestSnapshotQemuMade(t *testing.T) {
 // TestSnapshotRefused: external data files, and refcount overflow with
 // refcount_bits=1 (the image stays clean).
 func TestSnapshotRefused(t *testing.T) {
-	needQemu(t)
+	qemutest.Require(t, "qemu-img", "qemu-io")
 	dir := t.TempDir()
 	path := qimg(t, filepath.Join(dir, "d.qcow2"), "1M", "-o", "data_file="+filepath.Join(dir, "d.raw"))
-	withNode(t, bdrv.Spec{Filename: path}, func(co *coroutine.Co, n *bdrv.Node) error {
+	bdrvtest.WithNode(t, bdrv.Spec{Filename: path}, func(co *coroutine.Co, n *bdrv.Node) error {
 		if err := imageOf(t, n).SnapshotCreate(co, "x"); !errors.Is(err, unix.ENOTSUP) {
 			panic(fmt.Sprintf("data file: %v", err))
 		}
@@ -197,7 +199,7 @@ func TestSnapshotRefused(t *testing.T) {
 	})
 	path = qimg(t, filepath.Join(dir, "r.qcow2"), "1M", "-o", "refcount_bits=1")
 	qio(t, path, "write -P 1 0 128k")
-	withNode(t, bdrv.Spec{Filename: path}, func(co *coroutine.Co, n *bdrv.Node) error {
+	bdrvtest.WithNode(t, bdrv.Spec{Filename: path}, func(co *coroutine.Co, n *bdrv.Node) error {
 		if err := imageOf(t, n).SnapshotCreate(co, "x"); !errors.Is(err, unix.ERANGE) {
 			panic(fmt.Sprintf("refcount_bits=1: %v", err))
 		}

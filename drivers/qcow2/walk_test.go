@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"ublkimg/internal/qemutest"
 )
 
 // l2Visit is one L2 entry reached from an L1 table.
@@ -129,7 +131,7 @@ func mapScenarios() []mapScenario {
 // (including decompressing deflate clusters at the ranges CompressedRange
 // returns) equals what `qemu-img convert -O raw` reads.
 func TestGoldenMapping(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	for _, sc := range mapScenarios() {
 		t.Run(sc.name, func(t *testing.T) {
 			t.Parallel()
@@ -406,7 +408,7 @@ func checkRefcounts(t *testing.T, img testImage) {
 // images with internal snapshots (refcounts of 2 and more), bitmaps and
 // LUKS.
 func TestGoldenRefcounts(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	type rc struct {
 		name  string
 		o     string

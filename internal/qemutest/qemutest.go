@@ -1,5 +1,6 @@
 // Package qemutest holds what the tests of several packages share about
-// running QEMU's tools as their oracle.
+// running QEMU's tools (and the other host tools they need) as their
+// oracle.
 package qemutest
 
 import (
