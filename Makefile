@@ -3,21 +3,22 @@ GO          ?= go
 STATICCHECK := $(CURDIR)/.cache/bin/staticcheck
 VM_PKGS     := ./vmtest/ ./ublk/...
 
-.PHONY: all build test deps check unit vmtest fuzz bench demo clean
+.PHONY: all build test deps check unit unit-norace vmtest fuzz bench demo clean
 
 all: build
 
 build:
 	$(GO) build -o ublkimg ./cmd/ublkimg
 
-# Everything: tools, static checks, unit tests with the race detector, then
-# the ublk end-to-end tests in a VM (the host kernel has no ublk).
-test: deps check unit vmtest
+# Everything: tools, static checks, unit tests with the race detector, the
+# tests the race detector shortens run in full without it, then the ublk
+# end-to-end tests in a VM (the host kernel has no ublk).
+test: deps check unit unit-norace vmtest
 	@echo "make test: all passed"
 
 # In the test targets a test whose oracle (qemu-img, qemu-io) is missing
 # fails instead of skipping (internal/qemutest).
-unit vmtest: export UBLKIMG_REQUIRE_ORACLES = 1
+unit unit-norace vmtest: export UBLKIMG_REQUIRE_ORACLES = 1
 
 deps:
 	@scripts/deps.sh
@@ -29,6 +30,13 @@ check:
 
 unit:
 	$(GO) test -race -count=1 -timeout 20m ./...
+
+# The tests that run fewer cases under the race detector (raceEnabled in
+# drivers/qcow2); TestRaceReducedRunWithoutRace keeps this list complete.
+NORACE_TESTS := TestAmendRefcountBits|TestAmendRefcountCrash|TestWriteStreams|TestCrashConsistency
+
+unit-norace:
+	$(GO) test -count=1 -timeout 10m -run '^($(NORACE_TESTS))$$' ./drivers/qcow2/
 
 vmtest:
 	UBLKIMG_VM=1 $(GO) test -count=1 -p 1 -timeout 40m $(VM_PKGS)
