@@ -138,16 +138,24 @@ func TestSleep(t *testing.T) {
 	}
 }
 
+// TestOffloadResumesOnLoop: the offloaded function runs on another thread
+// while the coroutine is parked (the loop runs its other coroutines
+// meanwhile), and the coroutine resumes on the loop's thread.
 func TestOffloadResumesOnLoop(t *testing.T) {
-	err := Run(func(co *Co) error {
+	l := startLoops(t, 1)[0]
+	err := l.Call(func(co *Co) error {
 		tid := unix.Gettid()
 		var worker int
-		co.Offload(func() { worker = unix.Gettid(); time.Sleep(time.Millisecond) })
+		// The new coroutine runs once this one yields, that is once it
+		// is parked in Offload: the offloaded function returns after.
+		parked := make(chan struct{})
+		l.Go(func(*Co) { close(parked) })
+		co.Offload(func() { <-parked; worker = unix.Gettid() })
 		if got := unix.Gettid(); got != tid {
 			t.Errorf("resumed on thread %d, want loop thread %d", got, tid)
 		}
-		if worker == 0 {
-			t.Error("offloaded function did not run")
+		if worker == 0 || worker == tid {
+			t.Errorf("offloaded function ran on thread %d, want one other than the loop's %d", worker, tid)
 		}
 		return nil
 	})
@@ -465,10 +473,17 @@ func TestAdaptivePolling(t *testing.T) {
 	if got := pollNow(); got < 16*pollGrowStart || got > pollMax {
 		t.Fatalf("after short sleeps the poll time is %v, want between %v and %v", got, 16*pollGrowStart, pollMax)
 	}
-	// Idle for longer than PollMax: polling stops. The Call above
-	// returned, so the loop sleeps (after polling) until this Call wakes it.
-	time.Sleep(3 * pollMax)
-	if got := pollNow(); got != 0 {
-		t.Fatalf("after an idle spell the poll time is %v, want 0", got)
+	// Idle for longer than PollMax: polling stops. The coroutine's timer
+	// is the loop's only event, so the loop polls, then sleeps in the
+	// kernel for more than PollMax; the coroutine resumes right after
+	// that sleep, before any other wake-up.
+	var idle time.Duration
+	l.Call(func(co *Co) error {
+		co.Sleep(3 * pollMax)
+		idle = l.pollNow
+		return nil
+	})
+	if idle != 0 {
+		t.Fatalf("after an idle spell the poll time is %v, want 0", idle)
 	}
 }

@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"os"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -409,11 +411,15 @@ func TestMsgRing(t *testing.T) {
 // MSG_RING.
 func TestMsgRingWakesWaiter(t *testing.T) {
 	dst := newRing(t, 4, SetupSingleIssuer|SetupDeferTaskrun)
+	waiter := unix.Gettid() // newRing locked the test to its thread
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
 		defer runtime.UnlockOSThread()
-		time.Sleep(20 * time.Millisecond) // let the target go to sleep
+		if err := waitBlockedInEnter(waiter, dst.Fd()); err != nil {
+			errc <- err
+			return
+		}
 		src, err := New(4, SetupSingleIssuer)
 		if err != nil {
 			errc <- err
@@ -444,6 +450,30 @@ func TestMsgRingWakesWaiter(t *testing.T) {
 	var c [1]CQE
 	dst.PeekCQEs(c[:])
 	mustRes(t, c[0], 99, 7)
+}
+
+// waitBlockedInEnter waits until thread tid of this process sleeps in
+// io_uring_enter on ring fd, as /proc/self/task/TID/syscall shows (the
+// syscall number and its arguments while the thread is blocked). Nothing
+// signals that a thread went to sleep in the kernel, so this polls, with a
+// deadline.
+func waitBlockedInEnter(tid, fd int) error {
+	path := fmt.Sprintf("/proc/self/task/%d/syscall", tid)
+	want := fmt.Sprintf("%d %#x ", unix.SYS_IO_URING_ENTER, fd)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		if strings.HasPrefix(string(b), want) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("thread %d not asleep in io_uring_enter on fd %d after 10s: %s", tid, fd, b)
+		}
+		time.Sleep(time.Millisecond)
+	}
 }
 
 // TestPollEventfd arms a multishot POLL_ADD on an eventfd, triggers it

@@ -155,14 +155,15 @@ func TestOpenUnlocked(t *testing.T) {
 	}
 	closeNode := func(n *bdrv.Node) { runCo(func(co *coroutine.Co) error { return n.Close(co) }) }
 	for _, tc := range []struct {
-		name    string
-		dead    bool          // a record of a dead server names the image
-		release time.Duration // the holder closes after this; 0: never
-		want    string        // error substring, "" for success
+		name     string
+		dead     bool   // a record of a dead server names the image
+		release  int    // the holder closes right after this many opens; 0: never
+		attempts int    // opens openUnlocked makes; -1: as many as lockWait allows
+		want     string // error substring, "" for success
 	}{
-		{"live holder", false, 300 * time.Millisecond, `Failed to get "write" lock`},
-		{"dead server, released", true, 300 * time.Millisecond, ""},
-		{"dead server, still held", true, 0, "still held 2s after its server of /dev/ublkb1, process 1, died"},
+		{"live holder", false, 0, 1, `Failed to get "write" lock`},
+		{"dead server, released", true, 2, 3, ""},
+		{"dead server, still held", true, 0, -1, "still held 2s after its server of /dev/ublkb1, process 1, died"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			os.RemoveAll(ublk.RecordDir)
@@ -176,20 +177,22 @@ func TestOpenUnlocked(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			done := make(chan struct{})
-			go func() {
-				defer close(done)
-				if tc.release == 0 {
-					time.Sleep(lockWait + 500*time.Millisecond)
-				} else {
-					time.Sleep(tc.release)
+			attempts := 0
+			open := func() (*bdrv.Node, error) {
+				n, err := openRaw()
+				attempts++
+				if attempts == tc.release {
+					closeNode(holder)
+					holder = nil
 				}
-				closeNode(holder)
-			}()
+				return n, err
+			}
 			start := time.Now()
-			n, err := openUnlocked(img, openRaw)
+			n, err := openUnlocked(img, open)
 			took := time.Since(start)
-			<-done
+			if holder != nil {
+				closeNode(holder)
+			}
 			if n != nil {
 				closeNode(n)
 			}
@@ -200,8 +203,10 @@ func TestOpenUnlocked(t *testing.T) {
 				t.Fatalf("%v, want %q", err, tc.want)
 			case tc.want != "" && !errors.Is(err, bdrv.ErrLocked):
 				t.Errorf("%v does not match bdrv.ErrLocked", err)
-			case !tc.dead && took > 100*time.Millisecond:
-				t.Errorf("a live holder's lock was waited for (%v)", took)
+			case tc.attempts > 0 && attempts != tc.attempts:
+				t.Errorf("%d opens, want %d", attempts, tc.attempts)
+			case tc.attempts < 0 && took < lockWait:
+				t.Errorf("gave up after %v, before lockWait (%v)", took, lockWait)
 			}
 		})
 	}
