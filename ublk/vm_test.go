@@ -139,30 +139,26 @@ imgcheck() { true; }
 `+lifecycleScript, vmtest.RunOptions{})
 }
 
-// TestVMLifecycleQcow2 is the same scenario on a qcow2 image ublkimg
-// creates, checked with qemu-img check at the end.
-func TestVMLifecycleQcow2(t *testing.T) {
-	requireFormat(t, "qcow2")
-	qemuImg, err := vmtest.Tool("qemu-img")
+// qemuImgTool is the host's qemu-img, for scenarios that check images
+// with it.
+func qemuImgTool(t *testing.T) vmtest.File {
+	t.Helper()
+	vmtest.RequireTools(t)
+	f, err := vmtest.Tool("qemu-img")
 	if err != nil {
 		t.Fatal(err)
 	}
+	return f
+}
+
+// TestVMLifecycleQcow2 is the same scenario on a qcow2 image ublkimg
+// creates, checked with qemu-img check at the end.
+func TestVMLifecycleQcow2(t *testing.T) {
+	qemuImg := qemuImgTool(t)
 	run(t, `FMT=qcow2
 mkimg() { ublkimg create -f qcow2 "$1" "$2"; }
 imgcheck() { qemu-img check "$1"; }
 `+lifecycleScript, vmtest.RunOptions{Files: []vmtest.File{qemuImg}})
-}
-
-// requireFormat skips t unless the ublkimg command can create images of
-// format (the driver is registered in cmd/ublkimg).
-func requireFormat(t *testing.T, format string) {
-	t.Helper()
-	vmtest.RequireTools(t)
-	cmd := exec.CommandContext(t.Context(), "go", "run", cliPkg, "create", "-f", format,
-		filepath.Join(t.TempDir(), "probe"), "1M")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Skipf("ublkimg cannot create %s images yet: %s", format, out)
-	}
 }
 
 // qcow2FeaturesScript: an encrypted (LUKS) qcow2 image served with its key
@@ -214,16 +210,13 @@ check bm-qemu-check qemu-img check /tmp/bm.qcow2
 // TestVMQcow2Features serves an encrypted qcow2 image and one with a
 // persistent bitmap through ublk.
 func TestVMQcow2Features(t *testing.T) {
-	requireFormat(t, "qcow2")
-	qemuImg, err := vmtest.Tool("qemu-img")
-	if err != nil {
-		t.Fatal(err)
-	}
+	qemuImg := qemuImgTool(t)
 	run(t, qcow2FeaturesScript, vmtest.RunOptions{Files: []vmtest.File{qemuImg}})
 }
 
 // miscScript: read-only attach, two queues under concurrent fio jobs, 4 KiB
-// blocks, detach refusing a mounted device, and every error line.
+// blocks, data moved with UBLK_F_USER_COPY, detach refusing a mounted
+// device, and every error line.
 const miscScript = `
 truncate -s 128M /tmp/a.img /tmp/b.img
 dev=$(ublkimg attach /tmp/a.img)
@@ -251,6 +244,12 @@ dev=$(ublkimg attach --block-size 4096 /tmp/b.img)
 check bs4k sh -c "test \$(blockdev --getss $dev) = 4096"
 fio_verify fio-bs4k "$dev" --rw=randwrite --bs=4k --iodepth=8 --size=8M
 check detach-bs4k ublkimg detach "$dev"
+
+dev=$(ublkimg attach --user-copy --queues 2 /tmp/b.img)
+check user-copy-record grep -q '"user-copy": true' /run/ublkimg/ublkb${dev#/dev/ublkb}.json
+fio_verify fio-user-copy "$dev" --rw=randrw --bsrange=4k-128k --iodepth=16 --size=32M --numjobs=2 --offset_increment=32M \
+	--group_reporting
+check detach-user-copy ublkimg detach "$dev"
 
 ublkimg attach --foreground /tmp/b.img >/tmp/fg.out 2>/tmp/fg.err &
 fg=$!
@@ -453,11 +452,7 @@ check list-empty sh -c 'test -z "$(ublkimg list)"'
 
 // TestVMRecovery runs recoveryScript; qemu-img checks the qcow2 image.
 func TestVMRecovery(t *testing.T) {
-	requireFormat(t, "qcow2")
-	qemuImg, err := vmtest.Tool("qemu-img")
-	if err != nil {
-		t.Fatal(err)
-	}
+	qemuImg := qemuImgTool(t)
 	res := run(t, recoveryScript, vmtest.RunOptions{Files: []vmtest.File{qemuImg}})
 	for _, name := range []string{"raw-fio-verified", "qcow2-fio-verified", "recover-at-once", "acknowledged-kept", "attach-at-once",
 		"enc-recover-no-secret", "enc-recover", "enc-kept", "enc-qemu-check"} {
