@@ -17,25 +17,6 @@ import (
 	"ublkimg/internal/qemutest"
 )
 
-// withNodeIgnoreClose is bdrvtest.WithNode for images expected to be found
-// corrupt: closing them reports the corruption again, which is not a
-// failure here.
-func withNodeIgnoreClose(t testing.TB, spec bdrv.Spec, fn func(co *coroutine.Co, n *bdrv.Node) error) {
-	t.Helper()
-	err := coroutine.Run(func(co *coroutine.Co) error {
-		n, err := bdrv.Open(co, spec)
-		if err != nil {
-			return err
-		}
-		ferr := fn(co, n)
-		n.Close(co)
-		return ferr
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-}
-
 // l2Of returns the offset of the first L2 table of an image.
 func l2Of(t testing.TB, path string) uint64 {
 	t.Helper()
@@ -71,7 +52,7 @@ func TestOverlapMarksCorrupt(t *testing.T) {
 	h := headerOf(t, p)
 	poke64(t, p, l2Of(t, p), qcow2.OflagCopied|h.L1TableOffset)
 	before, _ := os.ReadFile(p)
-	withNodeIgnoreClose(t, bdrv.Spec{Filename: p}, func(co *coroutine.Co, n *bdrv.Node) error {
+	bdrvtest.WithCorruptNode(t, bdrv.Spec{Filename: p}, func(co *coroutine.Co, n *bdrv.Node) error {
 		err := n.Pwritev(co, 0, bdrv.IOVec{make([]byte, 4096)}, 0)
 		var ce *qcow2.CorruptError
 		if !errors.Is(err, unix.EIO) || !errors.As(err, &ce) || !strings.Contains(err.Error(), "L1") {
@@ -125,7 +106,7 @@ func TestHostileWrites(t *testing.T) {
 			os.WriteFile(p, b, 0o644)
 			poke64(t, p, c.off, c.val)
 			size0 := int64(len(b))
-			withNodeIgnoreClose(t, bdrv.Spec{Filename: p}, func(co *coroutine.Co, n *bdrv.Node) error {
+			bdrvtest.WithCorruptNode(t, bdrv.Spec{Filename: p}, func(co *coroutine.Co, n *bdrv.Node) error {
 				for _, off := range []int64{0, 100, 1 << 20, 4<<20 - 4096} {
 					err := n.Pwritev(co, off, bdrv.IOVec{make([]byte, 70000)[:min(70000, 4<<20-off)]}, 0)
 					if err != nil && !errors.Is(err, unix.EIO) {
