@@ -379,7 +379,13 @@ func serveImage(o *attachOptions) (err error) {
 	if err := ublk.WriteRecord(rec); err != nil {
 		return errors.Join(err, dev.Close())
 	}
-	defer ublk.RemoveRecord(dev.ID(), os.Getpid())
+	// Last, the server says how it ended, for detach to report.
+	defer func() {
+		if serr := ublk.WriteExitStatus(dev.ID(), err); serr != nil {
+			logger.Printf("%s: %v", dev.Path(), serr)
+		}
+		ublk.RemoveRecord(dev.ID(), os.Getpid())
+	}()
 	if o.readyFile != nil {
 		logToFile(logger, dev.ID())
 		if !report("ready", dev.Path()) {
@@ -405,7 +411,7 @@ func serveImage(o *attachOptions) (err error) {
 	sdNotify("STOPPING=1")
 	err = errors.Join(dev.Err(), dev.Close())
 	if err == nil {
-		removeLog(dev.ID())
+		ublk.RemoveLog(dev.ID())
 	} else {
 		logger.Printf("%s: %v", dev.Path(), err)
 	}
@@ -505,14 +511,11 @@ func openUnlocked(image string, open func() (*bdrv.Node, error)) (*bdrv.Node, er
 	return node, err
 }
 
-// logDir is where background servers log; the log of a device that
-// detached cleanly is removed.
-func logPath(id int) string { return filepath.Join(ublk.RecordDir, fmt.Sprintf("ublkb%d.log", id)) }
-
 // logToFile sends a background server's stderr (and so its log) to
-// /run/ublkimg/ublkbN.log.
+// /run/ublkimg/ublkbN.log (ublk.OpenLog); the log of a device that
+// detached cleanly is removed.
 func logToFile(logger *log.Logger, id int) {
-	f, err := os.OpenFile(logPath(id), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	f, err := ublk.OpenLog(id)
 	if err != nil {
 		logger.SetOutput(io.Discard)
 		return
@@ -520,8 +523,6 @@ func logToFile(logger *log.Logger, id int) {
 	unix.Dup3(int(f.Fd()), 2, 0)
 	f.Close()
 }
-
-func removeLog(id int) { os.Remove(logPath(id)) }
 
 // sdNotify sends state to systemd's notification socket when the service
 // manager gave one (Type=notify units); otherwise it does nothing.
