@@ -53,8 +53,8 @@ func attachCommand() *cli.Command {
 			"stays attached to the caller (for systemd: it reports READY=1 to NOTIFY_SOCKET).",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "f", Usage: "image `FORMAT` (probed when omitted)"},
-			&cli.IntFlag{Name: "queues", Usage: "hardware queues, one thread each (default: CPUs, at most 4)"},
-			&cli.IntFlag{Name: "depth", Value: ublk.DefaultDepth, Usage: "requests in flight per queue"},
+			&cli.IntFlag{Name: "queues", Usage: "hardware queues, one thread each, 1..4096; the kernel gives at most one per CPU (default: CPUs, at most 4)"},
+			&cli.IntFlag{Name: "depth", Value: ublk.DefaultDepth, Usage: "requests in flight per queue, 1..4096"},
 			&cli.StringFlag{Name: "t", Usage: "`CACHE` mode: none, writeback, writethrough, directsync, unsafe (default: none, or writeback where O_DIRECT is refused)"},
 			&cli.BoolFlag{Name: "read-only", Aliases: []string{"r"}, Usage: "export the device read-only"},
 			&cli.StringFlag{Name: "discard", Value: "unmap", Usage: "discard requests: unmap (deallocate in the image) or ignore"},
@@ -138,8 +138,10 @@ func parseAttach(c *cli.Context) (*attachOptions, error) {
 	if o.cfg.Depth <= 0 {
 		return nil, fmt.Errorf("invalid queue depth %d", o.cfg.Depth)
 	}
-	if o.cfg.ID < -1 {
-		return nil, fmt.Errorf("invalid device id %d", o.cfg.ID)
+	// The kernel's limits (queue count, depth, block size, device id):
+	// the server must never act on a value ADD_DEV would refuse.
+	if err := o.cfg.Check(); err != nil {
+		return nil, err
 	}
 	return o, nil
 }
@@ -444,6 +446,8 @@ func setMaxProcs(queues int) {
 	if queues == 0 {
 		queues = ublk.DefaultQueues()
 	}
+	// The kernel clamps the queue count to the CPUs.
+	queues = min(queues, runtime.NumCPU())
 	if n := queues + 2; n > runtime.GOMAXPROCS(0) {
 		runtime.GOMAXPROCS(n)
 	}
