@@ -21,7 +21,7 @@ type Config struct {
 	SQE128 bool
 	// OnThread, if set, runs on the loop's locked OS thread before the ring
 	// is created; an error aborts Start. ublk queues use it for
-	// prctl(PR_SET_IO_FLUSHER) and CPU placement.
+	// prctl(PR_SET_IO_FLUSHER).
 	OnThread func() error
 	// PollMax enables adaptive polling, as QEMU's IOThread poll-max-ns:
 	// when the loop runs out of work it checks the ring for completions

@@ -27,6 +27,10 @@ const (
 	DefaultMaxIOBytes = 128 << 10
 	// MaxDefaultQueues bounds DefaultQueues.
 	MaxDefaultQueues = 4
+	// MaxQueues and MaxDepth are the kernel's limits on Config.Queues and
+	// Config.Depth (UBLK_MAX_NR_QUEUES, UBLK_MAX_QUEUE_DEPTH).
+	MaxQueues = uapi.MaxNrQueues
+	MaxDepth  = uapi.MaxQueueDepth
 )
 
 // DefaultQueues is the queue count used when Config.Queues is 0:
@@ -78,9 +82,11 @@ type Config struct {
 	// it is in use).
 	ID int
 	// Queues is the number of hardware queues, each served by one locked
-	// OS thread with its own io_uring. 0 means DefaultQueues().
+	// OS thread with its own io_uring, 1..4096 (UBLK_MAX_NR_QUEUES); the
+	// kernel clamps it to the CPU count. 0 means DefaultQueues().
 	Queues int
-	// Depth is the number of tags (requests in flight) per queue, 1..4096.
+	// Depth is the number of tags (requests in flight) per queue, 1..4096
+	// (UBLK_MAX_QUEUE_DEPTH).
 	// 0 means DefaultDepth (128).
 	Depth int
 	// BlockSize is the logical block size: 512, 1024, 2048 or 4096. 0
@@ -138,6 +144,15 @@ type Config struct {
 	Logf func(format string, args ...any)
 }
 
+// Check returns the error Start would give for an invalid field of cfg (id,
+// queue count, depth, block size, request size) without touching the
+// kernel, so that a command can refuse a bad option before it does
+// anything else. Zero fields stand for their defaults.
+func (cfg Config) Check() error {
+	_, err := cfg.withDefaults()
+	return err
+}
+
 // withDefaults returns cfg with zero fields defaulted, or an error naming
 // the first invalid field.
 func (cfg Config) withDefaults() (Config, error) {
@@ -160,10 +175,10 @@ func (cfg Config) withDefaults() (Config, error) {
 	switch {
 	case cfg.ID < -1 || cfg.ID >= 1<<20:
 		return cfg, fmt.Errorf("invalid device id %d (0..%d, or -1 for any)", cfg.ID, 1<<20-1)
-	case cfg.Queues < 1 || cfg.Queues > uapi.MaxNrQueues:
-		return cfg, fmt.Errorf("invalid queue count %d (1..%d)", cfg.Queues, uapi.MaxNrQueues)
-	case cfg.Depth < 1 || cfg.Depth > uapi.MaxQueueDepth:
-		return cfg, fmt.Errorf("invalid queue depth %d (1..%d)", cfg.Depth, uapi.MaxQueueDepth)
+	case cfg.Queues < 1 || cfg.Queues > MaxQueues:
+		return cfg, fmt.Errorf("invalid queue count %d (1..%d)", cfg.Queues, MaxQueues)
+	case cfg.Depth < 1 || cfg.Depth > MaxDepth:
+		return cfg, fmt.Errorf("invalid queue depth %d (1..%d)", cfg.Depth, MaxDepth)
 	case cfg.BlockSize < 512 || cfg.BlockSize > page || cfg.BlockSize&(cfg.BlockSize-1) != 0:
 		return cfg, fmt.Errorf("invalid block size %d (a power of two from 512 to %d)", cfg.BlockSize, page)
 	case cfg.MaxIOBytes < page || cfg.MaxIOBytes > 1<<uapi.IOBufBits || cfg.MaxIOBytes%page != 0:

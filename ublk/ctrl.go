@@ -100,7 +100,7 @@ type Ctrl struct {
 	fd   int
 	loop *coroutine.Loop
 	// legacy is set when GET_FEATURES failed: the kernel predates 6.5 and
-	// may only know the legacy opcodes (reference §1.1).
+	// may only know the legacy opcodes (docs/ublk-uapi.md §1.1).
 	legacy   bool
 	features Features
 

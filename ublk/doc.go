@@ -49,13 +49,21 @@
 // Each queue's loop is a locked OS thread that sleeps in io_uring_enter
 // between requests; when it wakes it needs a P (a GOMAXPROCS slot), and when
 // none is idle the Go runtime hands one over through another thread. A
-// server should therefore run with GOMAXPROCS of at least Queues+2 (ublkimg
+// server should therefore run with GOMAXPROCS of at least Queues+2, with
+// Queues no more than the CPUs, to which the kernel clamps it (ublkimg
 // attach sets that).
 //
 // # Records
 //
 // ublkimg attach runs a server per device; [WriteRecord] keeps a small JSON
 // record per device under [RecordDir] (/run/ublkimg) so that ublkimg list
-// and detach can find the image and the server of each device.
-// [ListDevices] merges the records with what the kernel reports.
+// and detach can find the image and the server of each device, and a
+// server leaves its exit status there ([WriteExitStatus]) for [Detach] to
+// report. [ListDevices] merges the records with what the kernel reports.
+// The directory is private to its owner (created 0700, refused when anyone
+// else may write to it) and its files are never opened through a symbolic
+// link: a record names a process that detach signals.
+//
+// The kernel interface this package relies on, with the kernel versions
+// that introduced each part, is described in docs/ublk-uapi.md.
 package ublk

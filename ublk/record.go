@@ -13,10 +13,12 @@ import (
 	"time"
 )
 
-// RecordDir holds one record per device served by ublkimg
-// (ublkbN.json), written once the device is live and removed when the
-// server stops it. It is a tmpfs on every systemd machine, so records do not
-// outlive a reboot, like the devices.
+// RecordDir is the run directory: it holds one record per device served by
+// ublkimg (ublkbN.json), written once the device is live and removed when
+// the server stops it, the logs of background servers (ublkbN.log) and the
+// exit status of servers that stopped (ublkbN.exit). It is a tmpfs on every
+// systemd machine, so nothing in it outlives a reboot, like the devices. It
+// is created 0700 and refused when it is not safe (rundir.go).
 var RecordDir = "/run/ublkimg"
 
 // Record describes a device ublkimg serves: what list shows and what
@@ -52,28 +54,29 @@ type Record struct {
 	Started  time.Time `json:"started"`
 }
 
-func recordPath(id int) string { return filepath.Join(RecordDir, fmt.Sprintf("ublkb%d.json", id)) }
+func recordName(id int) string { return fmt.Sprintf("ublkb%d.json", id) }
+func exitName(id int) string   { return fmt.Sprintf("ublkb%d.exit", id) }
 
 // WriteRecord stores r (atomically: a reader sees the old record or the
-// new one). PID and PIDStart default to the calling process.
+// new one), creating the run directory if needed. PID and PIDStart default
+// to the calling process. The exit status a previous server of the device
+// left is removed: it belongs to a server that is gone.
 func WriteRecord(r Record) error {
 	if r.PID == 0 {
 		r.PID = os.Getpid()
 		r.PIDStart = procStart(r.PID)
 	}
-	if err := os.MkdirAll(RecordDir, 0o755); err != nil {
-		return fmt.Errorf("device record: %w", err)
-	}
 	data, err := json.MarshalIndent(r, "", "  ")
 	if err != nil {
 		return fmt.Errorf("device record: %w", err)
 	}
-	tmp := recordPath(r.ID) + ".tmp"
-	if err := os.WriteFile(tmp, append(data, '\n'), 0o644); err != nil {
-		return fmt.Errorf("device record: %w", err)
-	}
-	if err := os.Rename(tmp, recordPath(r.ID)); err != nil {
-		os.Remove(tmp)
+	err = withRunDir(true, func(d *runDir) error {
+		if err := d.writeFile(recordName(r.ID), append(data, '\n')); err != nil {
+			return err
+		}
+		return d.remove(exitName(r.ID))
+	})
+	if err != nil {
 		return fmt.Errorf("device record: %w", err)
 	}
 	return nil
@@ -83,12 +86,17 @@ func WriteRecord(r Record) error {
 // os.ErrNotExist when there is none.
 func ReadRecord(id int) (Record, error) {
 	var r Record
-	data, err := os.ReadFile(recordPath(id))
+	var data []byte
+	err := withRunDir(false, func(d *runDir) error {
+		var err error
+		data, err = d.readFile(recordName(id))
+		return err
+	})
 	if err != nil {
 		return r, err
 	}
 	if err := json.Unmarshal(data, &r); err != nil {
-		return r, fmt.Errorf("device record %s: %w", recordPath(id), err)
+		return r, fmt.Errorf("device record %s: %w", filepath.Join(RecordDir, recordName(id)), err)
 	}
 	return r, nil
 }
@@ -101,10 +109,92 @@ func RemoveRecord(id, pid int) error {
 			return nil
 		}
 	}
-	if err := os.Remove(recordPath(id)); err != nil && !errors.Is(err, os.ErrNotExist) {
+	err := withRunDir(false, func(d *runDir) error { return d.remove(recordName(id)) })
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	return err
+}
+
+// recordIDs returns the ids of the devices the run directory has records
+// of (none when it does not exist).
+func recordIDs() ([]int, error) {
+	var names []string
+	err := withRunDir(false, func(d *runDir) error {
+		var err error
+		names, err = d.names()
 		return err
+	})
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var ids []int
+	for _, name := range names {
+		if m := recordFile.FindStringSubmatch(name); m != nil {
+			id, _ := strconv.Atoi(m[1])
+			ids = append(ids, id)
+		}
+	}
+	return ids, nil
+}
+
+// ExitStatus is what a server leaves in the run directory as it exits
+// (WriteExitStatus): how its final stop, flush and close went. detach
+// reads it to tell the truth about a server it stopped.
+type ExitStatus struct {
+	// PID and PIDStart identify the server, as in its Record.
+	PID      int    `json:"pid"`
+	PIDStart uint64 `json:"pid-start"`
+	// Error is the server's error, on one line; "" for a clean stop.
+	Error string `json:"error,omitempty"`
+}
+
+// WriteExitStatus records how the calling process, the server of device
+// id, ends: err is what stopping, flushing and closing returned, nil for
+// a clean stop. Call it last, before the record is removed.
+func WriteExitStatus(id int, err error) error {
+	st := ExitStatus{PID: os.Getpid(), PIDStart: procStart(os.Getpid())}
+	if err != nil {
+		st.Error = strings.TrimSpace(strings.ReplaceAll(err.Error(), "\n", " "))
+		if st.Error == "" {
+			st.Error = "failed"
+		}
+	}
+	data, jerr := json.Marshal(st)
+	if jerr != nil {
+		return fmt.Errorf("exit status: %w", jerr)
+	}
+	if werr := withRunDir(true, func(d *runDir) error { return d.writeFile(exitName(id), append(data, '\n')) }); werr != nil {
+		return fmt.Errorf("exit status: %w", werr)
 	}
 	return nil
+}
+
+// takeExitStatus returns the exit status the server of rec left, and
+// removes it; ok is false when there is none (another server's status is
+// neither returned nor removed).
+func takeExitStatus(rec Record) (st ExitStatus, ok bool, err error) {
+	err = withRunDir(false, func(d *runDir) error {
+		data, err := d.readFile(exitName(rec.ID))
+		if err != nil {
+			return err
+		}
+		if err := json.Unmarshal(data, &st); err != nil {
+			return fmt.Errorf("%s: %w", d.path(exitName(rec.ID)), err)
+		}
+		if st.PID != rec.PID || st.PIDStart != rec.PIDStart {
+			return nil
+		}
+		ok = true
+		return d.remove(exitName(rec.ID))
+	})
+	if errors.Is(err, os.ErrNotExist) {
+		err = nil
+	}
+	return st, ok, err
 }
 
 // DeadServerRecord returns the record of a device that served image
@@ -113,16 +203,8 @@ func RemoveRecord(id, pid int) error {
 // a dead process's io_uring down asynchronously, and the ring holds the
 // image file open until then.
 func DeadServerRecord(image string) (Record, bool) {
-	ents, err := os.ReadDir(RecordDir)
-	if err != nil {
-		return Record{}, false
-	}
-	for _, e := range ents {
-		m := recordName.FindStringSubmatch(e.Name())
-		if m == nil {
-			continue
-		}
-		id, _ := strconv.Atoi(m[1])
+	ids, _ := recordIDs()
+	for _, id := range ids {
 		if r, err := ReadRecord(id); err == nil && r.Image == image && !r.ServerAlive() {
 			return r, true
 		}
@@ -179,7 +261,7 @@ type Status struct {
 }
 
 var charDevName = regexp.MustCompile(`^ublkc(\d+)$`)
-var recordName = regexp.MustCompile(`^ublkb(\d+)\.json$`)
+var recordFile = regexp.MustCompile(`^ublkb(\d+)\.json$`)
 
 // ListDevices returns every ublk device the kernel has and every device
 // record, by id. It needs the control device (root) for the kernel's view.
@@ -193,13 +275,12 @@ func ListDevices(c *Ctrl) ([]Status, error) {
 			}
 		}
 	}
-	if ents, err := os.ReadDir(RecordDir); err == nil {
-		for _, e := range ents {
-			if m := recordName.FindStringSubmatch(e.Name()); m != nil {
-				id, _ := strconv.Atoi(m[1])
-				ids[id] = true
-			}
-		}
+	recIDs, err := recordIDs()
+	if err != nil {
+		return nil, err
+	}
+	for _, id := range recIDs {
+		ids[id] = true
 	}
 	var out []Status
 	for id := range ids {

@@ -53,8 +53,8 @@ func attachCommand() *cli.Command {
 			"stays attached to the caller (for systemd: it reports READY=1 to NOTIFY_SOCKET).",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "f", Usage: "image `FORMAT` (probed when omitted)"},
-			&cli.IntFlag{Name: "queues", Usage: "hardware queues, one thread each (default: CPUs, at most 4)"},
-			&cli.IntFlag{Name: "depth", Value: ublk.DefaultDepth, Usage: "requests in flight per queue"},
+			&cli.IntFlag{Name: "queues", Usage: "hardware queues, one thread each, 1..4096; the kernel gives at most one per CPU (default: CPUs, at most 4)"},
+			&cli.IntFlag{Name: "depth", Value: ublk.DefaultDepth, Usage: "requests in flight per queue, 1..4096"},
 			&cli.StringFlag{Name: "t", Usage: "`CACHE` mode: none, writeback, writethrough, directsync, unsafe (default: none, or writeback where O_DIRECT is refused)"},
 			&cli.BoolFlag{Name: "read-only", Aliases: []string{"r"}, Usage: "export the device read-only"},
 			&cli.StringFlag{Name: "discard", Value: "unmap", Usage: "discard requests: unmap (deallocate in the image) or ignore"},
@@ -138,8 +138,10 @@ func parseAttach(c *cli.Context) (*attachOptions, error) {
 	if o.cfg.Depth <= 0 {
 		return nil, fmt.Errorf("invalid queue depth %d", o.cfg.Depth)
 	}
-	if o.cfg.ID < -1 {
-		return nil, fmt.Errorf("invalid device id %d", o.cfg.ID)
+	// The kernel's limits (queue count, depth, block size, device id):
+	// the server must never act on a value ADD_DEV would refuse.
+	if err := o.cfg.Check(); err != nil {
+		return nil, err
 	}
 	return o, nil
 }
@@ -379,7 +381,13 @@ func serveImage(o *attachOptions) (err error) {
 	if err := ublk.WriteRecord(rec); err != nil {
 		return errors.Join(err, dev.Close())
 	}
-	defer ublk.RemoveRecord(dev.ID(), os.Getpid())
+	// Last, the server says how it ended, for detach to report.
+	defer func() {
+		if serr := ublk.WriteExitStatus(dev.ID(), err); serr != nil {
+			logger.Printf("%s: %v", dev.Path(), serr)
+		}
+		ublk.RemoveRecord(dev.ID(), os.Getpid())
+	}()
 	if o.readyFile != nil {
 		logToFile(logger, dev.ID())
 		if !report("ready", dev.Path()) {
@@ -405,7 +413,7 @@ func serveImage(o *attachOptions) (err error) {
 	sdNotify("STOPPING=1")
 	err = errors.Join(dev.Err(), dev.Close())
 	if err == nil {
-		removeLog(dev.ID())
+		ublk.RemoveLog(dev.ID())
 	} else {
 		logger.Printf("%s: %v", dev.Path(), err)
 	}
@@ -438,6 +446,8 @@ func setMaxProcs(queues int) {
 	if queues == 0 {
 		queues = ublk.DefaultQueues()
 	}
+	// The kernel clamps the queue count to the CPUs.
+	queues = min(queues, runtime.NumCPU())
 	if n := queues + 2; n > runtime.GOMAXPROCS(0) {
 		runtime.GOMAXPROCS(n)
 	}
@@ -505,14 +515,11 @@ func openUnlocked(image string, open func() (*bdrv.Node, error)) (*bdrv.Node, er
 	return node, err
 }
 
-// logDir is where background servers log; the log of a device that
-// detached cleanly is removed.
-func logPath(id int) string { return filepath.Join(ublk.RecordDir, fmt.Sprintf("ublkb%d.log", id)) }
-
 // logToFile sends a background server's stderr (and so its log) to
-// /run/ublkimg/ublkbN.log.
+// /run/ublkimg/ublkbN.log (ublk.OpenLog); the log of a device that
+// detached cleanly is removed.
 func logToFile(logger *log.Logger, id int) {
-	f, err := os.OpenFile(logPath(id), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	f, err := ublk.OpenLog(id)
 	if err != nil {
 		logger.SetOutput(io.Discard)
 		return
@@ -520,8 +527,6 @@ func logToFile(logger *log.Logger, id int) {
 	unix.Dup3(int(f.Fd()), 2, 0)
 	f.Close()
 }
-
-func removeLog(id int) { os.Remove(logPath(id)) }
 
 // sdNotify sends state to systemd's notification socket when the service
 // manager gave one (Type=notify units); otherwise it does nothing.

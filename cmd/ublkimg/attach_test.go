@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -73,6 +74,67 @@ func TestAttachUsageErrors(t *testing.T) {
 		if !strings.Contains(msg, tc.want) || strings.Count(msg, "\n") != 1 {
 			t.Errorf("%q: stderr %q, want one line with %q", tc.args, msg, tc.want)
 		}
+	}
+}
+
+// TestAttachOptionsCheckedFirst: every attach option the kernel would refuse,
+// and a passphrase a foreground server would keep in its command line, fails
+// at once with one line, before anything else happens: before the server
+// sizes its runtime for the queues (--queues 99999 once died of thread
+// exhaustion), before the image is looked at (none exists here), and
+// before the control device is opened (the host has none: a check that came
+// later would say the driver is missing).
+func TestAttachOptionsCheckedFirst(t *testing.T) {
+	img := filepath.Join(t.TempDir(), "missing.img")
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"attach", "--foreground", "--queues", "99999", img}, "invalid queue count 99999 (1..4096)"},
+		{[]string{"attach", "--queues", "99999", img}, "invalid queue count 99999 (1..4096)"},
+		{[]string{"attach", "--queues", "4097", img}, "invalid queue count 4097 (1..4096)"},
+		{[]string{"attach", "--foreground", "--depth", "4097", img}, "invalid queue depth 4097 (1..4096)"},
+		{[]string{"attach", "--block-size", "1000", img}, "invalid block size 1000"},
+		{[]string{"attach", "--foreground", "--block-size", "8192", img}, "invalid block size 8192"},
+		{[]string{"attach", "--id", "1048576", img}, "invalid device id 1048576"},
+		{[]string{"attach", "--poll-max", "2s", img}, "invalid poll time"},
+		{[]string{"attach", "--foreground", "--object", "secret,id=sec0,data=hunter2", img},
+			"--object secret,id=sec0,data=...: with --foreground the passphrase would stay readable in the server's command line (/proc/PID/cmdline) for as long as it runs; give it with file=PATH instead"},
+		{[]string{"attach", "--object=secret,id=sec0,format=raw,data=hunter2", img, "--foreground"}, "give it with file=PATH instead"},
+		{[]string{"recover", "--foreground", "--object", "secret,id=sec0,data=hunter2", "0"}, "give it with file=PATH instead"},
+	} {
+		start := time.Now()
+		r := ublkimg(t, tc.args...)
+		if r.code != 1 {
+			t.Errorf("%q: exit %d, want 1 (stderr %q)", tc.args, r.code, r.stderr)
+			continue
+		}
+		if msg := oneErrorLine(t, r); !strings.Contains(msg, tc.want) || strings.Contains(msg, "hunter2") {
+			t.Errorf("%q: %q, want %q", tc.args, msg, tc.want)
+		}
+		if d := time.Since(start); d > 5*time.Second {
+			t.Errorf("%q: took %v", tc.args, d)
+		}
+	}
+	// In the background the secret goes to the server through a pipe:
+	// data= is fine there (the host has no ublk, so the attach fails
+	// later, on the control device).
+	r := ublkimg(t, "attach", "--object", "secret,id=sec0,data=hunter2", img)
+	if msg := oneErrorLine(t, r); strings.Contains(msg, "file=PATH") {
+		t.Errorf("background attach with data=: %q", msg)
+	}
+}
+
+// TestSetMaxProcs: the runtime gets a P per queue thread plus two, but
+// never more than the CPUs plus two, since the kernel clamps the queue count
+// to the CPUs: a P per requested queue, up to 4096, would only make threads.
+func TestSetMaxProcs(t *testing.T) {
+	t.Setenv("GOMAXPROCS", "")
+	old := runtime.GOMAXPROCS(1)
+	defer runtime.GOMAXPROCS(old)
+	setMaxProcs(ublk.MaxQueues)
+	if got, want := runtime.GOMAXPROCS(0), runtime.NumCPU()+2; got != want {
+		t.Errorf("GOMAXPROCS %d for %d queues, want %d", got, ublk.MaxQueues, want)
 	}
 }
 

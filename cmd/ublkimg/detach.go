@@ -17,8 +17,13 @@ func detachCommand() *cli.Command {
 		Usage:     "stop serving a ublk device",
 		ArgsUsage: "DEV|ID",
 		Description: "Stops the server of /dev/ublkbN (or device number N) and returns once it has\n" +
-			"flushed and closed its image and the device is gone. A mounted device is refused\n" +
-			"unless --force is given.",
+			"flushed and closed its image and the device is gone. When the server failed to\n" +
+			"(its final flush or close failed, or it was killed meanwhile), detach prints its\n" +
+			"error and exits with status 1 (a background server's log stays, in\n" +
+			"/run/ublkimg/ublkbN.log).\n" +
+			"Only the process the device's record names, with the start time recorded, is\n" +
+			"ever signalled; a device without a live server is deleted through the kernel.\n" +
+			"A mounted device is refused unless --force is given.",
 		Flags: []cli.Flag{
 			&cli.BoolFlag{Name: "force", Usage: "detach even if the device is mounted or open exclusively"},
 		},

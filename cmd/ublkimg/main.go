@@ -32,8 +32,10 @@ func main() {
 	os.Exit(run(os.Args, os.Stdout, os.Stderr))
 }
 
-// imageCommands are the qemu-img verbs, in the order help lists them.
-// Verbs still to come here: snapshot, amend.
+// imageCommands are the qemu-img verbs defined in their own files without
+// an init function, in the order help lists them; the others (amend,
+// snapshot, bitmap and the device verbs) follow, as registerCommands added
+// them.
 func imageCommands() []*cli.Command {
 	return []*cli.Command{
 		createCommand(),
@@ -51,14 +53,12 @@ func imageCommands() []*cli.Command {
 	}
 }
 
-// registered are verbs defined in other files of this command (the ublk
-// device verbs: attach, detach, list, recover), which add their
-// constructors from an init function with registerCommands.
+// registered are verbs whose files add their constructors from an init
+// function with registerCommands (amend, bitmap, snapshot and the ublk
+// device verbs: attach, detach, list, recover).
 var registered []func() *cli.Command
 
 // registerCommands adds verbs to the application; call it from init.
-//
-//lint:ignore U1000 called from the init functions of the device verbs' files
 func registerCommands(fns ...func() *cli.Command) {
 	registered = append(registered, fns...)
 }

@@ -38,6 +38,9 @@ func addObjectFlags(c *cli.Command) {
 			Usage: "`OBJECTDEF` secret,id=ID,data=STRING|file=PATH[,format=raw|base64]: a passphrase for encrypt.key-secret=ID; repeatable"})
 		action := c.Action
 		c.Action = func(ctx *cli.Context) error {
+			if err := checkForegroundSecrets(ctx); err != nil {
+				return err
+			}
 			defs, err := inheritedObjects()
 			if err != nil {
 				return err
@@ -60,6 +63,39 @@ func addObjectFlags(c *cli.Command) {
 		c.Flags = append(c.Flags, &cli.BoolFlag{Name: "target-image-opts",
 			Usage: "the target operand is an option string (with -n)"})
 	}
+}
+
+// checkForegroundSecrets refuses a secret given with data= on the command
+// line of a server that runs in the foreground (attach or recover
+// --foreground): its command line, which any user can read in
+// /proc/PID/cmdline, lasts as long as the server does. A background server
+// gets its --object definitions through a pipe instead (objectsFDEnv).
+func checkForegroundSecrets(ctx *cli.Context) error {
+	if !ctx.Bool("foreground") {
+		return nil
+	}
+	for _, def := range ctx.StringSlice("object") {
+		_, rest, _ := strings.Cut(def, ",")
+		o, err := bdrv.ParseOptionString(rest)
+		if err != nil {
+			continue // AddSecretObject reports it
+		}
+		if _, ok := o["data"]; ok {
+			return fmt.Errorf("--object %s,data=...: with --foreground the passphrase would stay readable in the server's command line (/proc/PID/cmdline) for as long as it runs; give it with file=PATH instead", secretPrefix(def))
+		}
+	}
+	return nil
+}
+
+// secretPrefix is the object definition def up to its options that may
+// hold a passphrase, for messages: "secret,id=sec0".
+func secretPrefix(def string) string {
+	typ, rest, _ := strings.Cut(def, ",")
+	o, _ := bdrv.ParseOptionString(rest)
+	if id, ok := o["id"]; ok {
+		return typ + ",id=" + id
+	}
+	return typ
 }
 
 // inheritedObjects reads the --object definitions a background server gets

@@ -111,14 +111,18 @@ func recoverOptions(id int, image string) (*attachOptions, error) {
 	if err != nil {
 		return nil, fmt.Errorf("record of %s: %w", dev, err)
 	}
-	return &attachOptions{
+	o := &attachOptions{
 		image: rec.Image, format: rec.Format, options: options, imageOpts: imageOpts,
 		cache: cache, cacheSet: true, recover: true,
 		cfg: ublk.Config{
 			ID: id, Queues: rec.Queues, Depth: rec.Depth, BlockSize: rec.BlockSize,
 			ReadOnly: rec.ReadOnly, Discard: discard, UserCopy: rec.UserCopy, PollMax: rec.PollMax, Recovery: true,
 		},
-	}, nil
+	}
+	if err := o.cfg.Check(); err != nil {
+		return nil, fmt.Errorf("record of %s: %w", dev, err)
+	}
+	return o, nil
 }
 
 // checkSecrets fails, with QEMU's "No secret with id 'ID'", when a secret

@@ -9,7 +9,8 @@
 // kernel the project's VM tests boot). Later additions are included and each
 // one is marked with the release that introduced it, for example "(6.15)";
 // a "~" after a version means it was inferred, not read in that release's
-// tree. See shared/reference/ublk-uapi.md (§§1-9, §14) for the evidence.
+// tree. docs/ublk-uapi.md, in the repository, describes the interface
+// with the version of each part (§§1-9) and lists the inferred ones (§14).
 // Names introduced after 6.12 are only useful after a GET_FEATURES probe or a
 // look at the flags ADD_DEV negotiated; never infer them from uname.
 //
@@ -35,7 +36,7 @@
 //
 // Structs start with a structs.HostLayout field and spell out every padding
 // byte the C compiler inserts, so their Go layout is the C layout; the
-// offsets in the field comments come from the reference, which checked them
+// offsets in the field comments are those of docs/ublk-uapi.md, checked
 // with gcc against the real header, and sizes_test.go pins every one of them.
 // The ioctl-style opcodes use the asm-generic _IOC encoding. The package is
 // verified for linux/amd64 and linux/arm64 (64-bit, little-endian); powerpc,
@@ -49,8 +50,9 @@
 // is small and append-only, so the declarations here are written by hand
 // from it and kept honest by sizes_test.go, which checks every struct size,
 // every field offset and every encoded opcode against the literal values of
-// the reference. To add a kernel addition: copy its C definition into the
-// matching file with the version it appeared in, then extend sizes_test.go.
+// docs/ublk-uapi.md. To add a kernel addition: copy its C definition into
+// the matching file with the version it appeared in, describe it in
+// docs/ublk-uapi.md, then extend sizes_test.go.
 //
 // The package knows nothing about io_uring or devices: ublk builds on it, and
 // nothing outside ublk should import it.

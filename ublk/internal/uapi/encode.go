@@ -52,7 +52,7 @@ func (c IOCmd) Encode(b []byte) {
 
 // DescArea is one queue's descriptor area: the []byte returned by mmap of
 // /dev/ublkcN at [DescAreaOffset] with length [DescAreaLen], holding one
-// struct ublksrv_io_desc per tag (reference §4). It must be that mapping (or
+// struct ublksrv_io_desc per tag (docs/ublk-uapi.md §4). It must be that mapping (or
 // at least 8-byte aligned memory) and must stay mapped while in use.
 type DescArea []byte
 

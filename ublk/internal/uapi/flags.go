@@ -8,8 +8,8 @@ import (
 
 // Features is a set of UBLK_F_* flags: the flags field of struct
 // ublksrv_ctrl_dev_info (requested at ADD_DEV, negotiated by the kernel and
-// written back) and the u64 GET_FEATURES returns. Reference §6 gives each
-// flag's constraints.
+// written back) and the u64 GET_FEATURES returns. docs/ublk-uapi.md §6 gives
+// each flag's constraints.
 type Features uint64
 
 // Feature flags (UBLK_F_*), ublk_cmd.h.
@@ -302,7 +302,7 @@ const (
 
 // Results of FETCH_REQ / COMMIT_AND_FETCH_REQ / NEED_GET_DATA completions
 // (UBLK_IO_RES_*), ublk_cmd.h, as found in cqe.res. Any other negative value
-// is an immediate rejection of the command (reference §7.3).
+// is an immediate rejection of the command (docs/ublk-uapi.md §7.3).
 const (
 	// IOResOK is UBLK_IO_RES_OK: a new request for the tag is in its
 	// descriptor.

@@ -63,7 +63,7 @@ func IOWR(nr uint8, size uintptr) CmdOp {
 // CONFIG_BLKDEV_UBLK_LEGACY_OPCODES is set (the default, and Debian's);
 // without it only encoded numbers work. Use the encoded form whenever
 // GET_FEATURES succeeds and fall back with [CmdOp.Legacy] when it fails with
-// ENODEV or EOPNOTSUPP (reference §1.1).
+// ENODEV or EOPNOTSUPP (docs/ublk-uapi.md §1.1).
 type CmdOp uint32
 
 // Legacy control command numbers (UBLK_CMD_*), ublk_cmd.h. The header calls
@@ -85,7 +85,7 @@ const (
 
 // Encoded control commands (UBLK_U_CMD_*), ublk_cmd.h: _IOR or _IOWR('u', nr,
 // struct ublksrv_ctrl_cmd). Available since 6.4; commands added later carry
-// their version. The payload of each is described in reference §2.1.
+// their version. The payload of each is described in docs/ublk-uapi.md §2.1.
 const (
 	// UCmdGetQueueAffinity is UBLK_U_CMD_GET_QUEUE_AFFINITY (0x80207501):
 	// data[0] = queue id, addr/len = cpumask buffer.
@@ -116,7 +116,7 @@ const (
 	// data[0] = new server pid; blocks until every tag is fetched.
 	UCmdEndUserRecovery = iowrCtrl | CmdEndUserRecovery
 	// UCmdGetDevInfo2 is UBLK_U_CMD_GET_DEV_INFO2 (0x80207512): addr =
-	// device path followed by struct ublksrv_ctrl_dev_info (reference §2.3).
+	// device path followed by struct ublksrv_ctrl_dev_info (docs/ublk-uapi.md §2.3).
 	UCmdGetDevInfo2 = iorCtrl | CmdGetDevInfo2
 	// UCmdGetFeatures is UBLK_U_CMD_GET_FEATURES (0x80207513, 6.5): addr =
 	// u64, len = exactly [FeaturesLen]. It has no legacy number: the kernel
@@ -135,7 +135,7 @@ const (
 	// that fails with EBUSY while the disk is open; needs [FSafeStopDev].
 	UCmdTryStopDev = iowrCtrl | 0x17
 	// UCmdRegBuf is UBLK_U_CMD_REG_BUF (0xC0207518, 7.1~): registers a
-	// shared-memory buffer; needs [FShmemZC]. Payload not mirrored (§14).
+	// shared-memory buffer; needs [FShmemZC]. Payload not mirrored (docs/ublk-uapi.md §14).
 	UCmdRegBuf = iowrCtrl | 0x18
 	// UCmdUnregBuf is UBLK_U_CMD_UNREG_BUF (0xC0207519, 7.1~): data[0] =
 	// buffer index.
@@ -151,7 +151,7 @@ const (
 
 // Encoded I/O commands (UBLK_U_IO_*), ublk_cmd.h: _IOWR('u', nr, struct
 // ublksrv_io_cmd), since 6.4 unless stated otherwise. Validity rules per
-// command are in reference §7.2.
+// command are in docs/ublk-uapi.md §7.2.
 const (
 	// UIOFetchReq is UBLK_U_IO_FETCH_REQ (0xC0107520): arms a tag once,
 	// before START_DEV.

@@ -90,7 +90,7 @@ func AutoBufRegAddr(index uint16, flags uint8) uint64 {
 //
 // The caller guarantees qid < [MaxNrQueues] and off < 1<<[IOBufBits]
 // (32 MiB, and in practice below the request's length): an out-of-range off
-// would silently address the next tag. Reference §9.2.
+// would silently address the next tag. See docs/ublk-uapi.md §9.2.
 func UserCopyOffset(qid, tag uint16, off uint32) int64 {
 	return SrvIOBufOffset + int64(qid)<<QIDOff + int64(tag)<<TagOff + int64(off)
 }
@@ -99,7 +99,7 @@ func UserCopyOffset(qid, tag uint16, off uint32) int64 {
 // /dev/ublkcN. Queues are spaced by the area size of a maximal queue,
 // round_up(UBLK_MAX_QUEUE_DEPTH * 24, PAGE_SIZE) (98304 bytes with 4 KiB
 // pages), whatever the device's actual depth; the kernel derives the queue
-// from the offset that way (reference §4). It uses the running system's
+// from the offset that way (docs/ublk-uapi.md §4). It uses the running system's
 // page size.
 func DescAreaOffset(qid uint16) int64 {
 	return descAreaOffset(qid, os.Getpagesize())

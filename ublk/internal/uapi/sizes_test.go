@@ -6,10 +6,10 @@ import (
 	"unsafe"
 )
 
-// The expected values below are the literal numbers of
-// shared/reference/ublk-uapi.md (§2.1, §2.2, §2.4, §3, §4, §7.1, §7.2), which
-// were checked with gcc against the real ublk_cmd.h. Do not derive them from
-// the code under test.
+// The expected values below are the literal numbers of docs/ublk-uapi.md (the
+// repository's docs/; §2.1, §2.2, §2.4, §3, §4, §7.1, §7.2), which were
+// checked with gcc against the real ublk_cmd.h. Do not derive them from the
+// code under test.
 
 func TestSizes(t *testing.T) {
 	for _, tc := range []struct {

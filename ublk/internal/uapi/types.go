@@ -57,7 +57,7 @@ var (
 //
 // The 6.0/6.1 header declares data[2] where 6.2+ has data[1], dev_path_len,
 // pad and reserved; the size and the first 24 bytes are the same. Leave
-// bytes 24-31 zero unless sending a device path (reference §2.2, §2.3).
+// bytes 24-31 zero unless sending a device path (docs/ublk-uapi.md §2.2, §2.3).
 type CtrlCmd struct {
 	_ structs.HostLayout
 	// DevID (dev_id, @0) is the target device. For ADD_DEV it must equal
@@ -92,8 +92,9 @@ const (
 )
 
 // CtrlDevInfo mirrors struct ublksrv_ctrl_dev_info (ublk_cmd.h, 64 bytes),
-// the payload of ADD_DEV (in and out) and GET_DEV_INFO(2) (out). Reference
-// §2.4 says which fields the kernel sets and how ADD_DEV negotiates Flags.
+// the payload of ADD_DEV (in and out) and GET_DEV_INFO(2) (out).
+// docs/ublk-uapi.md §2.4 says which fields the kernel sets and how ADD_DEV negotiates
+// Flags.
 type CtrlDevInfo struct {
 	_ structs.HostLayout
 	// NrHWQueues (nr_hw_queues, @0): 1..4096, clamped to the CPU count.
@@ -174,8 +175,8 @@ type IOCmd struct {
 }
 
 // ParamBasic mirrors struct ublk_param_basic (ublk_cmd.h, 32 bytes), the
-// mandatory parameter block ([ParamTypeBasic]). Validation rules: reference
-// §3.
+// mandatory parameter block ([ParamTypeBasic]). Validation rules:
+// docs/ublk-uapi.md §3.
 type ParamBasic struct {
 	_ structs.HostLayout
 	// Attrs (attrs, @0): UBLK_ATTR_* bits ([AttrReadOnly] ...).

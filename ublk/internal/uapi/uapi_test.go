@@ -7,6 +7,8 @@ import (
 	"unsafe"
 )
 
+// Section numbers (§n) below are those of docs/ublk-uapi.md.
+
 // image returns the in-memory bytes of *p, the way the C side sees a struct.
 func image[T any](p *T) []byte {
 	return unsafe.Slice((*byte)(unsafe.Pointer(p)), unsafe.Sizeof(*p))
