@@ -63,7 +63,7 @@ kill "$imp"
 
 // TestVMDetach runs detachScript.
 func TestVMDetach(t *testing.T) {
-	requireFormat(t, "qcow2")
+	vmtest.RequireTools(t)
 	res := run(t, detachScript, vmtest.RunOptions{})
 	for _, name := range []string{"detach-reports-close-error", "full-gone", "reused-pid-not-signalled", "dead-gone"} {
 		if !strings.Contains(res.Log, "RESULT "+name+" PASS") {
