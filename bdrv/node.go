@@ -117,6 +117,11 @@ type Format struct {
 	CreateOptions []OptionSpec
 	// SupportsBacking is true for formats that can have a backing file.
 	SupportsBacking bool
+	// DataOnly formats keep nothing of their own in their file (raw): they
+	// write it only when their user writes, so a reader may open one
+	// read-write over a read-only file (QEMU's raw passes its parent's
+	// permissions through).
+	DataOnly bool
 }
 
 // OptionLister is implemented by drivers that say which open options they
@@ -399,11 +404,6 @@ func (o *opener) open(co *coroutine.Co, spec Spec) (*Node, error) {
 	if cfgErr == nil {
 		cfgErr = o.claimName(cfg.nodeName)
 	}
-	if cfgErr == nil && !cfg.readOnly && proto.ReadOnly {
-		// A format node writes its file (QEMU's write permission on
-		// the file child).
-		cfgErr = ErrReadOnlyNode
-	}
 	if cfgErr != nil {
 		proto.Close(co)
 		return nil, &FormatOpenError{Filename: spec.Filename, Err: cfgErr}
@@ -422,6 +422,13 @@ func (o *opener) open(co *coroutine.Co, spec Spec) (*Node, error) {
 	}
 	if f.Protocol {
 		return proto, nil
+	}
+	if !cfg.readOnly && proto.ReadOnly && (!f.DataOnly || !spec.ReadOnly) {
+		// A read-write format node writes its file (QEMU's write
+		// permission on the file child), except a data-only one whose
+		// user only reads.
+		proto.Close(co)
+		return nil, &FormatOpenError{Filename: spec.Filename, Err: ErrReadOnlyNode}
 	}
 	proto.child = true
 	n := &Node{Filename: spec.Filename, Format: f, File: proto, ReadOnly: cfg.readOnly, NoIO: spec.NoIO, Cache: cfg.cache,

@@ -42,6 +42,8 @@ func TestNodeOptions(t *testing.T) {
 		{spec: bdrv.Spec{}, opts: "read-only=on", top: node{readOnly: true, unmap: true}, file: node{readOnly: true, unmap: true}},
 		{spec: bdrv.Spec{}, opts: "read-only=on,file.read-only=off", top: node{readOnly: true, unmap: true}, file: node{unmap: true}},
 		{spec: bdrv.Spec{}, opts: "file.read-only=on", err: "Block node is read-only"},
+		// raw writes its file only for its user, who only reads here.
+		{spec: bdrv.Spec{ReadOnly: true}, opts: "read-only=off,file.read-only=on", top: node{unmap: true}, file: node{readOnly: true, unmap: true}},
 		{spec: bdrv.Spec{Cache: bdrv.CacheNone}, opts: "cache.direct=off", top: node{unmap: true}, file: node{unmap: true}},
 		{spec: bdrv.Spec{Cache: bdrv.CacheNone}, opts: "file.cache.direct=off",
 			top: node{cache: bdrv.CacheNone, unmap: true}, file: node{unmap: true}},

@@ -125,6 +125,8 @@ func TestImageOptsHonoured(t *testing.T) {
 		tc{args: []string{"info", "--image-opts", raw + ",detect-zeroes=unmap"}},
 		tc{args: []string{"info", "--image-opts", raw + ",force-share=on"}},
 		tc{args: []string{"info", "--image-opts", raw + ",read-only=off"}},
+		tc{args: []string{"info", "--image-opts", raw + ",read-only=off,file.read-only=on"}},
+		tc{args: []string{"info", "--image-opts", top + ",read-only=off,file.read-only=on"}},
 		tc{args: []string{"map", "--image-opts", top + ",cache.no-flush=on,backing.cache.direct=on"}},
 	)
 	// read-only=on: every verb that writes refuses the image, those that
