@@ -139,13 +139,19 @@ func (n *Node) Pwritev(co *coroutine.Co, off int64, iov IOVec, flags ReqFlags) e
 
 // PwriteZeroes makes bytes at off read as zeros: with the driver's
 // write-zeroes when it has one, else (unless ReqNoFallback) by writing
-// zeros. ReqMayUnmap allows deallocation.
+// zeros. ReqMayUnmap allows deallocation, except on a child node that
+// ignores discards (discard=ignore): as in QEMU, where
+// bdrv_co_pwrite_zeroes drops BDRV_REQ_MAY_UNMAP for the node a driver
+// writes to, while the graph's user (a BlockBackend) decides for the top.
 func (n *Node) PwriteZeroes(co *coroutine.Co, off, bytes int64, flags ReqFlags) error {
 	if err := n.checkWrite(off, bytes); err != nil {
 		return err
 	}
 	if bytes == 0 {
 		return nil
+	}
+	if n.child && !n.Unmap {
+		flags &^= ReqMayUnmap
 	}
 	return n.write(co, off, bytes, nil, flags|ReqZeroWrite)
 }
@@ -156,7 +162,7 @@ func (n *Node) PwriteZeroes(co *coroutine.Co, off, bytes int64, flags ReqFlags) 
 func (n *Node) write(co *coroutine.Co, off, bytes int64, iov IOVec, flags ReqFlags) error {
 	n.beginRequest()
 	defer n.endRequest(co)
-	if n.Cache == CacheWritethrough || n.Cache == CacheDirectsync {
+	if n.Cache.Writethrough() {
 		flags |= ReqFUA
 	}
 
@@ -230,8 +236,18 @@ func (n *Node) paddedWrite(co *coroutine.Co, off, bytes int64, iov IOVec, flags 
 }
 
 // alignedWrite sends an aligned write (or zero write, when iov is nil) to the
-// driver, split at its limits.
+// driver, split at its limits. With detect-zeroes, a write of zeros to a
+// driver that can write zeroes becomes a zero write, as in QEMU's
+// bdrv_aligned_pwritev.
 func (n *Node) alignedWrite(co *coroutine.Co, off, bytes int64, iov IOVec, flags ReqFlags) error {
+	if n.DetectZeroes != DetectZeroesOff && flags&ReqZeroWrite == 0 && iov.IsZero() {
+		if _, ok := n.drv.(ZeroWriter); ok {
+			flags |= ReqZeroWrite
+			if n.DetectZeroes == DetectZeroesUnmap {
+				flags |= ReqMayUnmap
+			}
+		}
+	}
 	if flags&ReqZeroWrite != 0 {
 		return n.alignedZeroes(co, off, bytes, flags)
 	}
@@ -323,13 +339,14 @@ func AlignedBuffer(n, align int) []byte {
 }
 
 // Pdiscard deallocates the aligned part of [off, off+bytes). Discard is
-// advisory: drivers that cannot do it make it a successful no-op.
+// advisory: drivers that cannot do it, and nodes that ignore discards
+// (discard=ignore), make it a successful no-op.
 func (n *Node) Pdiscard(co *coroutine.Co, off, bytes int64) error {
 	if err := n.checkWrite(off, bytes); err != nil {
 		return err
 	}
 	d, ok := n.drv.(Discarder)
-	if !ok || bytes == 0 {
+	if !ok || bytes == 0 || !n.Unmap {
 		return nil
 	}
 	n.beginRequest()
@@ -375,7 +392,7 @@ func (n *Node) Flush(co *coroutine.Co) error {
 	}
 	// cache=unsafe still writes a format's caches to its file (QEMU's
 	// flush_to_os); it only skips the sync of the protocol node.
-	if !(n.Format.Protocol && n.Cache == CacheUnsafe) {
+	if !(n.Format.Protocol && n.Cache.NoFlush()) {
 		if err := n.drv.Flush(co); err != nil {
 			return err
 		}

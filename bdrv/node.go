@@ -14,29 +14,72 @@ import (
 	"ublkimg/coroutine"
 )
 
-// CacheMode is qemu-img's -t cache mode.
+// CacheMode is a node's cache mode: qemu-img's -t, which sets all three of
+// its properties, and the cache.direct and cache.no-flush open options,
+// which set one each (QEMU's BDRV_O_NOCACHE and BDRV_O_NO_FLUSH; the
+// write-through property is the BlockBackend's enable_write_cache there).
 type CacheMode int
 
-// Cache modes, as in qemu-img: O_DIRECT or not, and what a flush does.
+// The properties a cache mode combines.
 const (
-	CacheWriteback    CacheMode = iota // page cache; flush syncs
-	CacheNone                          // O_DIRECT; flush syncs
-	CacheWritethrough                  // page cache; every write is FUA
-	CacheDirectsync                    // O_DIRECT; every write is FUA
-	CacheUnsafe                        // page cache; flushes are ignored
+	// cacheDirect bypasses the page cache (O_DIRECT).
+	cacheDirect CacheMode = 1 << iota
+	// cacheNoFlush ignores flushes: the protocol node never syncs.
+	cacheNoFlush
+	// cacheWritethrough makes every write FUA.
+	cacheWritethrough
 )
 
-var cacheNames = []string{"writeback", "none", "writethrough", "directsync", "unsafe"}
+// The cache modes -t names, as in qemu-img.
+const (
+	CacheWriteback    CacheMode = 0                               // page cache; flush syncs
+	CacheNone                   = cacheDirect                     // O_DIRECT; flush syncs
+	CacheWritethrough           = cacheWritethrough               // page cache; every write is FUA
+	CacheDirectsync             = cacheDirect | cacheWritethrough // O_DIRECT; every write is FUA
+	CacheUnsafe                 = cacheNoFlush                    // page cache; flushes are ignored
+)
 
+var cacheNames = []struct {
+	mode CacheMode
+	name string
+}{
+	{CacheWriteback, "writeback"}, {CacheNone, "none"}, {CacheWritethrough, "writethrough"},
+	{CacheDirectsync, "directsync"}, {CacheUnsafe, "unsafe"},
+}
+
+// String is the -t name of the mode. The three combinations no name
+// stands for (flushes ignored with O_DIRECT or write-through, which only
+// the options make) read as the nearest name and the option that adds
+// no-flush to it, "none,cache.no-flush=on".
 func (c CacheMode) String() string {
-	if int(c) < len(cacheNames) {
-		return cacheNames[c]
+	for _, n := range cacheNames {
+		if n.mode == c {
+			return n.name
+		}
 	}
-	return "invalid"
+	if c&^(cacheDirect|cacheNoFlush|cacheWritethrough) != 0 {
+		return "invalid"
+	}
+	return (c &^ cacheNoFlush).String() + ",cache.no-flush=on"
 }
 
 // Direct reports whether the mode bypasses the page cache (O_DIRECT).
-func (c CacheMode) Direct() bool { return c == CacheNone || c == CacheDirectsync }
+func (c CacheMode) Direct() bool { return c&cacheDirect != 0 }
+
+// NoFlush reports whether flushes are ignored (cache.no-flush=on, unsafe).
+func (c CacheMode) NoFlush() bool { return c&cacheNoFlush != 0 }
+
+// Writethrough reports whether every write is made durable before it
+// completes (writethrough, directsync).
+func (c CacheMode) Writethrough() bool { return c&cacheWritethrough != 0 }
+
+// with returns c with property p set or cleared.
+func (c CacheMode) with(p CacheMode, on bool) CacheMode {
+	if on {
+		return c | p
+	}
+	return c &^ p
+}
 
 // ParseCacheMode parses a -t argument ("off" is accepted as "none", as
 // qemu-img does).
@@ -44,9 +87,9 @@ func ParseCacheMode(s string) (CacheMode, error) {
 	if s == "off" {
 		return CacheNone, nil
 	}
-	for i, n := range cacheNames {
-		if s == n {
-			return CacheMode(i), nil
+	for _, n := range cacheNames {
+		if s == n.name {
+			return n.mode, nil
 		}
 	}
 	return 0, fmt.Errorf("invalid cache option: %s (writeback, none, writethrough, directsync, unsafe)", s)
@@ -74,6 +117,11 @@ type Format struct {
 	CreateOptions []OptionSpec
 	// SupportsBacking is true for formats that can have a backing file.
 	SupportsBacking bool
+	// DataOnly formats keep nothing of their own in their file (raw): they
+	// write it only when their user writes, so a reader may open one
+	// read-write over a read-only file (QEMU's raw passes its parent's
+	// permissions through).
+	DataOnly bool
 }
 
 // OptionLister is implemented by drivers that say which open options they
@@ -154,6 +202,18 @@ type Node struct {
 	NoIO bool
 	// Cache is the cache mode the node was opened with.
 	Cache CacheMode
+	// Unmap is QEMU's BDRV_O_UNMAP (discard=unmap): discard requests
+	// deallocate. Without it (discard=ignore), Pdiscard does nothing, and
+	// the node's parent cannot make its write-zeroes deallocate.
+	Unmap bool
+	// DetectZeroes says whether writes of zeros become write-zeroes.
+	DetectZeroes DetectZeroes
+	// NodeName is the node-name option, "" without one.
+	NodeName string
+
+	// child: the node is a format node's file or a backing file, which
+	// its parent's driver writes to.
+	child bool
 
 	drv    Driver
 	limits Limits
@@ -241,11 +301,24 @@ type Spec struct {
 	Filename string
 	// Format is the image format; "" probes it.
 	Format string
-	// Options are driver options (format and protocol), like -o / --image-opts.
+	// Options are the node's open options, like -o / --image-opts: the
+	// format's and the common ones of every node (read-only, cache.direct,
+	// cache.no-flush, discard, detect-zeroes, force-share, ...), "file."
+	// ones for the protocol node below a format, "backing." ones for the
+	// backing file. The common options override the fields below.
 	Options Options
 	Cache   CacheMode
-	// ReadOnly opens the image, and everything below it, read-only.
+	// ReadOnly opens the image, and everything below it, read-only,
+	// unless the read-only option says otherwise. A caller that must
+	// write checks the node's ReadOnly: the option may have made it
+	// read-only (QEMU's "Block node is read-only").
 	ReadOnly bool
+	// NoUnmap opens the image without QEMU's BDRV_O_UNMAP, as qemu-img's
+	// verbs other than commit and convert's target do: discards are
+	// ignored (and detect-zeroes=unmap is refused) unless the discard
+	// option says otherwise. Its protocol node and backing files still
+	// unmap (QEMU's children default to discard=unmap).
+	NoUnmap bool
 	// NoBacking leaves the backing file closed (qemu-img's -u, info without
 	// --backing-chain errors).
 	NoBacking bool
@@ -270,16 +343,34 @@ var ErrNoFile = errors.New("no such file")
 // lock forbids what this open needs (QEMU's "Failed to get \"write\" lock").
 var ErrLocked = errors.New("image is locked by another process")
 
+// ErrReadOnlyNode is the refusal to open a node read-write over a
+// read-only one, and, for callers that check Node.ReadOnly, to write a
+// node that its read-only option made read-only (QEMU's permission error).
+var ErrReadOnlyNode = errors.New("Block node is read-only")
+
 // Open opens the image described by spec: a protocol node for the file, the
 // format node over it (probed when spec.Format is empty), and the backing
 // chain the image names, each backing file read-only, resolved relative to
 // the directory of the image that names it, and opened with the format that
-// image records (probed only when it records none).
+// image records (probed only when it records none). Options apply per
+// node as in QEMU: the common ones at the top to the format node, "file."
+// ones to its protocol node, "backing." ones to the backing file; the
+// protocol node and the backing file inherit the format node's cache
+// properties and force-share, the protocol node its read-only too.
 func Open(co *coroutine.Co, spec Spec) (*Node, error) {
+	return (&opener{names: map[string]bool{}}).open(co, spec)
+}
+
+// opener is one Open of a graph: the node names it gave out, which QEMU
+// refuses to repeat.
+type opener struct{ names map[string]bool }
+
+func (o *opener) open(co *coroutine.Co, spec Spec) (*Node, error) {
 	protoName := "file"
+	topIsProto := false
 	if spec.Format != "" {
 		if f, err := LookupFormat(spec.Format); err == nil && f.Protocol {
-			protoName = f.Name
+			protoName, topIsProto = f.Name, true
 		}
 	}
 	if name, _, ok := strings.Cut(spec.Filename, "://"); ok {
@@ -288,9 +379,34 @@ func Open(co *coroutine.Co, spec Spec) (*Node, error) {
 			protoName = name
 		}
 	}
-	proto, err := openProtocol(co, protoName, spec)
+	flags := nodeFlags{readOnly: spec.ReadOnly, cache: spec.Cache, unmap: !spec.NoUnmap}
+	if topIsProto {
+		proto, err := o.openProtocol(co, protoName, spec.Filename, spec.Options, flags)
+		if err != nil {
+			return nil, err
+		}
+		if spec.CheckOptions {
+			if err := checkProtocolOptions(proto, spec.Options, ""); err != nil {
+				proto.Close(co)
+				return nil, &FormatOpenError{Filename: spec.Filename, Err: err}
+			}
+		}
+		return proto, nil
+	}
+	// The format node's own options are checked once its file is open, as
+	// QEMU's bdrv_open_common does; the file inherits some of them first,
+	// and those fail there, in the same words.
+	cfg, cfgErr := parseNodeOptions(spec.Options, flags)
+	proto, err := o.openProtocol(co, protoName, spec.Filename, spec.Options.FileOptions(), cfg.childFlags())
 	if err != nil {
 		return nil, err
+	}
+	if cfgErr == nil {
+		cfgErr = o.claimName(cfg.nodeName)
+	}
+	if cfgErr != nil {
+		proto.Close(co)
+		return nil, &FormatOpenError{Filename: spec.Filename, Err: cfgErr}
 	}
 	fmtName := spec.Format
 	if fmtName == "" {
@@ -307,7 +423,16 @@ func Open(co *coroutine.Co, spec Spec) (*Node, error) {
 	if f.Protocol {
 		return proto, nil
 	}
-	n := &Node{Filename: spec.Filename, Format: f, File: proto, ReadOnly: spec.ReadOnly, NoIO: spec.NoIO, Cache: spec.Cache}
+	if !cfg.readOnly && proto.ReadOnly && (!f.DataOnly || !spec.ReadOnly) {
+		// A read-write format node writes its file (QEMU's write
+		// permission on the file child), except a data-only one whose
+		// user only reads.
+		proto.Close(co)
+		return nil, &FormatOpenError{Filename: spec.Filename, Err: ErrReadOnlyNode}
+	}
+	proto.child = true
+	n := &Node{Filename: spec.Filename, Format: f, File: proto, ReadOnly: cfg.readOnly, NoIO: spec.NoIO, Cache: cfg.cache,
+		Unmap: cfg.unmap, DetectZeroes: cfg.detectZeroes, NodeName: cfg.nodeName}
 	drv, err := f.Open(co, n, spec.Options)
 	if err != nil {
 		proto.Close(co)
@@ -319,18 +444,19 @@ func Open(co *coroutine.Co, spec Spec) (*Node, error) {
 		bspec := Spec{
 			Filename: ResolveBacking(spec.Filename, n.BackingFile),
 			Format:   n.BackingFormat,
-			Cache:    spec.Cache,
+			Cache:    cfg.childFlags().cache,
 			ReadOnly: true,
 			NoIO:     spec.NoIO,
 			Options:  spec.Options.ChainOptions(),
 			// Only what the user addressed to the backing file.
 			CheckOptions: spec.CheckOptions,
 		}
-		b, err := Open(co, bspec)
+		b, err := o.open(co, bspec)
 		if err != nil {
 			n.Close(co)
 			return nil, fmt.Errorf("could not open backing file: %w", BackingOpenReason(err))
 		}
+		b.child = true
 		n.Backing = b
 	}
 	if spec.CheckOptions {
@@ -350,15 +476,30 @@ func Open(co *coroutine.Co, spec Spec) (*Node, error) {
 	return n, nil
 }
 
+// claimName records a node-name of the graph, refusing a second node of
+// the same name.
+func (o *opener) claimName(name string) error {
+	if name == "" {
+		return nil
+	}
+	if o.names[name] {
+		return fmt.Errorf("Duplicate nodes with node-name='%s'", name)
+	}
+	o.names[name] = true
+	return nil
+}
+
 // CheckNodeOptions refuses the options in opts that no node of the open
 // image n uses, as Spec.CheckOptions does at the open, for callers that
 // open with further options of their own.
 func CheckNodeOptions(n *Node, opts Options) error {
-	proto := n.File
-	if proto == nil {
-		proto = n
+	var err error
+	if n.File == nil {
+		err = checkProtocolOptions(n, opts, "")
+	} else {
+		err = checkOptions(n, n.File, opts, n.Backing != nil)
 	}
-	if err := checkOptions(n, proto, opts, n.Backing != nil); err != nil {
+	if err != nil {
 		return &FormatOpenError{Filename: n.Filename, Err: err}
 	}
 	return nil
@@ -370,11 +511,6 @@ type OptionError struct{ Msg string }
 
 func (e *OptionError) Error() string { return e.Msg }
 
-// commonOptions are the options of every node (QEMU's bdrv_runtime_opts
-// and the ones this layer adds), which no driver lists.
-var commonOptions = []string{"node-name", "driver", "read-only", "auto-read-only", "cache.", "discard",
-	"detect-zeroes", OptForceShare, OptLocking}
-
 // checkOptions refuses the options in opts that neither the format node
 // n, nor its protocol node proto ("file.*"), nor an opened backing file
 // ("backing.*", when backing) uses, in QEMU's words.
@@ -383,19 +519,31 @@ func checkOptions(n, proto *Node, opts Options, backing bool) error {
 	if !ok {
 		return nil
 	}
-	pl, _ := proto.drv.(OptionLister)
+	if err := checkProtocolOptions(proto, opts, "file."); err != nil {
+		return err
+	}
 	for _, k := range slices.Sorted(maps.Keys(opts)) {
-		if sub, ok := strings.CutPrefix(k, "file."); ok {
-			if pl != nil && !hasOption(pl.OpenOptions(), sub) && !hasOption(commonOptions, sub) {
-				return &OptionError{fmt.Sprintf("Block protocol '%s' doesn't support the option '%s'", proto.Format.Name, sub)}
-			}
-			continue
-		}
-		if strings.HasPrefix(k, "backing.") && backing {
-			continue // checked by the backing file's open
+		if strings.HasPrefix(k, "file.") || strings.HasPrefix(k, "backing.") && backing {
+			continue // the protocol node's, or checked by the backing file's open
 		}
 		if !hasOption(fl.OpenOptions(), k) && !hasOption(commonOptions, k) {
 			return &OptionError{fmt.Sprintf("Block format '%s' does not support the option '%s'", n.Format.Name, k)}
+		}
+	}
+	return nil
+}
+
+// checkProtocolOptions refuses the options in opts under prefix that the
+// protocol node proto does not use.
+func checkProtocolOptions(proto *Node, opts Options, prefix string) error {
+	pl, ok := proto.drv.(OptionLister)
+	if !ok {
+		return nil
+	}
+	for _, k := range slices.Sorted(maps.Keys(opts)) {
+		sub, ok := strings.CutPrefix(k, prefix)
+		if ok && !hasOption(pl.OpenOptions(), sub) && !hasOption(commonOptions, sub) {
+			return &OptionError{fmt.Sprintf("Block protocol '%s' doesn't support the option '%s'", proto.Format.Name, sub)}
 		}
 	}
 	return nil
@@ -446,13 +594,23 @@ func ResolveBacking(image, backing string) string {
 	return filepath.Join(filepath.Dir(image), backing)
 }
 
-func openProtocol(co *coroutine.Co, name string, spec Spec) (*Node, error) {
+// openProtocol opens the protocol node of filename with its options (the
+// ones addressed to it and those it inherited) over flags.
+func (o *opener) openProtocol(co *coroutine.Co, name, filename string, opts Options, flags nodeFlags) (*Node, error) {
 	f, err := LookupFormat(name)
 	if err != nil {
 		return nil, fmt.Errorf("bdrv: protocol driver %q is not registered: %w", name, err)
 	}
-	n := &Node{Filename: spec.Filename, Format: f, ReadOnly: spec.ReadOnly, Cache: spec.Cache}
-	drv, err := f.Open(co, n, spec.Options)
+	cfg, err := parseNodeOptions(opts, flags)
+	if err == nil {
+		err = o.claimName(cfg.nodeName)
+	}
+	if err != nil {
+		return nil, &FormatOpenError{Filename: filename, Err: err}
+	}
+	n := &Node{Filename: filename, Format: f, ReadOnly: cfg.readOnly, Cache: cfg.cache, Unmap: cfg.unmap,
+		DetectZeroes: cfg.detectZeroes, NodeName: cfg.nodeName}
+	drv, err := f.Open(co, n, opts)
 	if err != nil {
 		return nil, err
 	}

@@ -31,30 +31,31 @@ type OptionSpec struct {
 	Help    string
 }
 
-// Options every node honours, whatever its driver: the protocol driver
-// applies them and they follow the backing chain. Format drivers ignore them.
 const (
 	// OptForceShare opens read-only without claiming exclusive access, like
-	// qemu-img -U: works while another process writes the image.
+	// qemu-img -U: works while another process writes the image. It is a
+	// common option of every node, and children inherit it.
 	OptForceShare = "force-share"
-	// OptLocking turns QEMU-compatible image locking "on" (default) or
-	// "off".
+	// OptLocking is the file driver's option: QEMU-compatible image
+	// locking "on" (default), "auto" (the same here) or "off". Like any
+	// protocol option, it is given to a format node's file as
+	// "file.locking".
 	OptLocking = "locking"
 )
 
-// ChainOptions are the options a backing file inherits from its overlay,
-// plus those addressed to it with QEMU's "backing." prefix
-// (backing.encrypt.key-secret=ID).
+// ChainOptions are the options of a backing file: those addressed to it
+// with QEMU's "backing." prefix (backing.encrypt.key-secret=ID), then, where
+// it has none of its own, the options it inherits from its overlay (QEMU's
+// bdrv_backing_options): cache.direct, cache.no-flush and force-share.
+// Backing files are opened read-only unless backing.read-only says
+// otherwise.
 func (o Options) ChainOptions() Options {
-	out := Options{}
-	for _, k := range []string{OptForceShare, OptLocking} {
-		if v, ok := o[k]; ok {
-			out[k] = v
-		}
-	}
-	for k, v := range o {
-		if sub, ok := strings.CutPrefix(k, "backing."); ok {
-			out[sub] = v
+	out := o.childOptions("backing.")
+	for _, k := range inheritedOptions {
+		if _, ok := out[k]; !ok {
+			if v, ok := o[k]; ok {
+				out[k] = v
+			}
 		}
 	}
 	return out

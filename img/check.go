@@ -160,8 +160,14 @@ func Check(co *coroutine.Co, opts CheckOptions, stdout, stderr io.Writer) (int, 
 		return CheckUnsupported, &CheckError{CheckUnsupported, errNoCheck}
 	}
 
-	file, err := bdrv.Open(co, bdrv.Spec{Filename: opts.Filename, Format: "file", Options: fopts,
+	// The checker works on the file, opened with the options the image
+	// gives it (file.locking=off; read-only=on, which a repair refuses).
+	file, err := bdrv.Open(co, bdrv.Spec{Filename: opts.Filename, Format: "file", Options: fopts.Merge(named.options.FileOptions()),
 		Cache: opts.Cache, ReadOnly: opts.Repair == RepairNone})
+	if err == nil && file.ReadOnly && opts.Repair != RepairNone {
+		file.Close(co)
+		err = bdrv.ErrReadOnlyNode
+	}
 	if err != nil {
 		return fail(openError(display, err))
 	}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"path/filepath"
 	"strings"
 
@@ -92,7 +93,8 @@ func Commit(co *coroutine.Co, opts CommitOptions, out io.Writer) error {
 // read-write with its own backing chain (read-only) below it. It returns
 // the image, linked to the chain, and the base.
 func openCommitChain(co *coroutine.Co, opts CommitOptions) (top, base *bdrv.Node, err error) {
-	top, err = openImage(co, openSpec{filename: opts.Filename, format: opts.Format, cache: opts.Cache, noBacking: true, ownBacking: true})
+	top, err = openImage(co, openSpec{filename: opts.Filename, format: opts.Format, cache: opts.Cache, noBacking: true, ownBacking: true,
+		unmap: true})
 	if err != nil {
 		return nil, nil, err
 	}
@@ -124,8 +126,21 @@ func openCommitChain(co *coroutine.Co, opts CommitOptions) (top, base *bdrv.Node
 			isBase = sameBackingImage(curName, cur.BackingFile, opts.Base)
 		}
 		curOpts = curOpts.ChainOptions()
+		nextOpts := curOpts
+		if isBase {
+			// QEMU reopens the base read-write for the commit,
+			// whatever its read-only options say.
+			nextOpts = maps.Clone(curOpts)
+			delete(nextOpts, bdrv.OptReadOnly)
+			delete(nextOpts, bdrv.OptAutoReadOnly)
+		}
 		next, err := openImage(co, openSpec{filename: name, format: cur.BackingFormat, cache: opts.Cache,
-			readOnly: !isBase, noBacking: !isBase, options: curOpts})
+			readOnly: !isBase, noBacking: !isBase, unmap: true, options: nextOpts})
+		if isBase && errors.Is(err, bdrv.ErrReadOnlyNode) {
+			// The base's file is read-only: the reopen fails
+			// (backing.file.read-only=on).
+			return fail(bdrv.ErrReadOnlyNode)
+		}
 		if err != nil {
 			return fail(openError(display, fmt.Errorf("Could not open backing file: %s", backingReason(name, err))))
 		}

@@ -215,8 +215,9 @@ func Convert(co *coroutine.Co, opts ConvertOptions) (err error) {
 		}
 	}()
 
+	// With -S, qemu-img opens the target with BDRV_O_UNMAP.
 	target, err := openImage(co, openSpec{filename: opts.Target, format: opts.TargetFormat, cache: opts.TargetCache, noBacking: true,
-		options: keySecretOption(opts.Options)})
+		unmap: opts.SparseSize > 0, options: keySecretOption(opts.Options)})
 	if err != nil {
 		return err
 	}

@@ -90,7 +90,12 @@ func TestParseImageOpts(t *testing.T) {
 		{"driver=qcow2,file.filename=a.qcow2,encrypt.key-secret=s0", "a.qcow2", "qcow2", "encrypt.key-secret=s0", ""},
 		{"file.filename=a.img", "a.img", "", "", ""},
 		{"driver=file,filename=a.img", "a.img", "file", "", ""},
-		{"driver=raw,file=a.img,offset=512", "a.img", "raw", "offset=512", ""},
+		{"driver=raw,file.filename=a.img,offset=512", "a.img", "raw", "offset=512", ""},
+		// "file" names a node, as the implied first item does.
+		{"driver=raw,file=a.img,offset=512", "", "", "", "Cannot find device='a.img' nor node-name='a.img'"},
+		{"a.img,driver=raw", "", "", "", "Cannot find device='a.img' nor node-name='a.img'"},
+		{"driver=file", "", "", "", "The 'file' block driver requires a file name"},
+		{"file.locking=off", "", "", "", "Must specify either driver or file"},
 		{"driver=qcow2", "", "", "", `A block device must be specified for "file"`},
 		{"driver=qcow2,file.driver=nbd,file.filename=x", "", "", "", "Unknown protocol driver 'nbd'"},
 	} {

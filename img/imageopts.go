@@ -23,8 +23,14 @@ func ImageOptsName(opts string) string { return imageOptsMark + opts }
 
 // ParseImageOpts splits an --image-opts string into the file name
 // (file.filename, or filename with driver=file), the format (driver; ""
-// probes) and the remaining driver options.
+// probes) and the remaining driver options. As in qemu-img, a first item
+// without "=" is the "file" option, which names a node to use as the file
+// (a reference qemu-img can never resolve: it opens no other node), and
+// an image without a file is refused in QEMU's words.
 func ParseImageOpts(s string) (filename, format string, opts bdrv.Options, err error) {
+	if first, _, _ := strings.Cut(strings.ReplaceAll(s, ",,", "\x00"), ","); first != "" && !strings.Contains(first, "=") {
+		s = "file=" + s // qemu-img's implied option name
+	}
 	o, err := bdrv.ParseOptionString(s)
 	if err != nil {
 		return "", "", nil, err
@@ -33,25 +39,55 @@ func ParseImageOpts(s string) (filename, format string, opts bdrv.Options, err e
 	if d, ok := o["file.driver"]; ok && d != "file" {
 		return "", "", nil, fmt.Errorf("Unknown protocol driver '%s'", d)
 	}
+	if err := imageOptsFileError(o, format); err != nil {
+		return "", "", nil, err
+	}
 	filename = o["file.filename"]
-	if filename == "" {
-		filename = o["file"]
-	}
-	if filename == "" && format == "file" {
+	if format == "file" {
 		filename = o["filename"]
-	}
-	if filename == "" {
-		return "", "", nil, errors.New("A block device must be specified for \"file\"")
 	}
 	opts = bdrv.Options{}
 	for k, v := range o {
 		switch k {
-		case "driver", "file", "file.driver", "file.filename", "filename":
+		case "driver", "file.driver", "file.filename", "filename":
 		default:
 			opts[k] = v
 		}
 	}
 	return filename, format, opts, nil
+}
+
+// imageOptsFileError is QEMU's refusal of options o that give the image
+// (of format driver, "" to probe) no file to open.
+func imageOptsFileError(o bdrv.Options, driver string) error {
+	const noName = "The 'file' block driver requires a file name"
+	if driver == "file" {
+		if o["filename"] == "" {
+			return errors.New(noName)
+		}
+		return nil
+	}
+	fileOpts := false
+	for k := range o {
+		fileOpts = fileOpts || strings.HasPrefix(k, "file.")
+	}
+	_, named := o["file.filename"]
+	_, driven := o["file.driver"]
+	ref, isRef := o["file"]
+	switch {
+	case isRef && fileOpts:
+		return errors.New("Cannot reference an existing block device with additional options or a new filename")
+	case isRef:
+		return fmt.Errorf("Cannot find device='%s' nor node-name='%s'", ref, ref)
+	case named || driven:
+		if o["file.filename"] == "" {
+			return errors.New(noName)
+		}
+		return nil
+	case driver == "" || fileOpts:
+		return errors.New("Must specify either driver or file")
+	}
+	return errors.New("A block device must be specified for \"file\"")
 }
 
 // resolveImageOpts turns a marked name in s into its file name, format and

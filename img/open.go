@@ -25,12 +25,18 @@ type openSpec struct {
 	// image's "backing." options (commit).
 	ownBacking bool
 	// noIO opens for metadata only: an encrypted image needs no key.
-	noIO    bool
+	noIO bool
+	// unmap opens with QEMU's BDRV_O_UNMAP, as commit and convert's
+	// target do: discards and write-zeroes deallocate unless the discard
+	// option says otherwise.
+	unmap   bool
 	options bdrv.Options
 }
 
 // openImage opens an image and words failures as qemu-img's img_open does:
-// "Could not open 'x': <reason>".
+// "Could not open 'x': <reason>". An image opened for writing that its
+// read-only option made read-only is refused, as QEMU's permission check
+// refuses it.
 func openImage(co *coroutine.Co, s openSpec) (*bdrv.Node, error) {
 	display, err := resolveImageOpts(&s)
 	if err != nil {
@@ -47,6 +53,7 @@ func openImage(co *coroutine.Co, s openSpec) (*bdrv.Node, error) {
 		Options:   s.options,
 		Cache:     s.cache,
 		ReadOnly:  s.readOnly,
+		NoUnmap:   !s.unmap,
 		NoBacking: s.noBacking,
 		NoIO:      s.noIO,
 		// The options of an --image-opts string are the user's: QEMU
@@ -59,6 +66,10 @@ func openImage(co *coroutine.Co, s openSpec) (*bdrv.Node, error) {
 			err = &renamedError{err, "could not open '" + s.filename + "': "}
 		}
 		return nil, openError(display, err)
+	}
+	if n.ReadOnly && !s.readOnly {
+		n.Close(co)
+		return nil, openError(display, bdrv.ErrReadOnlyNode)
 	}
 	return n, nil
 }

@@ -11,6 +11,8 @@ have qemu-img           || need+=(qemu-utils)
 have qemu-system-x86_64 || need+=(qemu-system-x86)
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 have fio                || need+=(fio)
+# cmd/ublkimg's option tests compare the flags images are opened with.
+have strace             || need+=(strace)
 have mke2fs             || need+=(e2fsprogs)
 have cpio               || need+=(cpio)
 have xz                 || need+=(xz-utils)

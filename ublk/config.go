@@ -101,7 +101,8 @@ type Config struct {
 	// read-only image node forces it.
 	ReadOnly bool
 	// Discard is what discard requests do; the zero value is
-	// DiscardUnmap.
+	// DiscardUnmap. An image node that ignores discards (bdrv.Node.Unmap
+	// unset: discard=ignore) forces DiscardIgnore.
 	Discard DiscardMode
 	// UserCopy moves data with read/write on /dev/ublkcN
 	// (UBLK_F_USER_COPY, 6.4+) instead of the kernel copying into

@@ -26,10 +26,14 @@ func hook(point string) error {
 // Start exports node as a new ublk block device and returns once
 // /dev/ublkbN is live. The device owns node from then on: Close flushes and
 // closes it, and so does Start when it fails. Everything Start created in
-// the kernel is deleted again when it fails.
+// the kernel is deleted again when it fails. A read-only node makes the
+// device read-only, and one that ignores discards makes it refuse them.
 func Start(cfg Config, node *bdrv.Node) (*Device, error) {
 	if node.ReadOnly {
 		cfg.ReadOnly = true
+	}
+	if !node.Unmap {
+		cfg.Discard = DiscardIgnore // the image ignores discards
 	}
 	return launch(cfg, node, (*Device).start)
 }

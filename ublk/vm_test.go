@@ -214,9 +214,10 @@ func TestVMQcow2Features(t *testing.T) {
 	run(t, qcow2FeaturesScript, vmtest.RunOptions{Files: []vmtest.File{qemuImg}})
 }
 
-// miscScript: read-only attach, two queues under concurrent fio jobs, 4 KiB
-// blocks, data moved with UBLK_F_USER_COPY, detach refusing a mounted
-// device, and every error line.
+// miscScript: read-only attach (--read-only, and read-only=on in --image-opts),
+// discard and detect-zeroes options, two queues under concurrent fio jobs, 4 KiB
+// blocks, data moved with UBLK_F_USER_COPY, detach refusing a mounted device,
+// and every error line.
 const miscScript = `
 truncate -s 128M /tmp/a.img /tmp/b.img
 dev=$(ublkimg attach /tmp/a.img)
@@ -232,6 +233,29 @@ expect_fail ro-fs-write "Read-only file system" touch /mnt/x
 expect_fail detach-busy "in use" ublkimg detach "$dev"
 check ro-umount umount /mnt
 check ro-detach ublkimg detach "$dev"
+
+# --image-opts options reach the device: read-only=on makes it read-only
+# without --read-only, discard=ignore takes its discard away, and
+# detect-zeroes=unmap deallocates what is overwritten with zeros.
+dev=$(ublkimg attach --image-opts driver=raw,file.filename=/tmp/a.img,read-only=on)
+check ro-opts-flag sh -c "test \$(blockdev --getro $dev) = 1"
+expect_fail ro-opts-write "Operation not permitted|Read-only|Permission denied" \
+	sh -c 'dd if=/dev/zero of="$1" bs=4k count=1 oflag=direct 2>/tmp/dd.err; rc=$?; grep -v records /tmp/dd.err; exit $rc' _ "$dev"
+check ro-opts-record grep -q '"read-only": true' /run/ublkimg/$(basename $dev).json
+check ro-opts-detach ublkimg detach "$dev"
+dev=$(ublkimg attach /tmp/b.img)
+check discard-default sh -c "test \$(cat /sys/block/$(basename $dev)/queue/discard_max_bytes) -gt 0"
+check discard-default-detach ublkimg detach "$dev"
+dev=$(ublkimg attach --image-opts driver=raw,file.filename=/tmp/b.img,discard=ignore)
+check discard-ignore sh -c "test \$(cat /sys/block/$(basename $dev)/queue/discard_max_bytes) = 0"
+check discard-ignore-detach ublkimg detach "$dev"
+truncate -s 16M /tmp/z.img
+dev=$(ublkimg attach --image-opts driver=raw,file.filename=/tmp/z.img,detect-zeroes=unmap)
+check dz-data dd if=/dev/urandom of="$dev" bs=1M count=4 oflag=direct
+check dz-allocated sh -c "test \$(stat -c %b /tmp/z.img) -ge 8192"
+check dz-zeros dd if=/dev/zero of="$dev" bs=1M count=4 oflag=direct
+check dz-detach ublkimg detach "$dev"
+check dz-freed sh -c "test \$(stat -c %b /tmp/z.img) -lt 1024"
 
 dev=$(ublkimg attach --queues 2 --depth 64 /tmp/b.img)
 check two-queues sh -c "ublkimg list | grep '$dev' | awk '{print \$5}' | grep -qx 2"

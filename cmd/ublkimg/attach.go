@@ -279,7 +279,7 @@ func absImageOpts(s string) string {
 		return s
 	}
 	changed := false
-	for _, k := range []string{"file.filename", "file", "filename"} {
+	for _, k := range []string{"file.filename", "filename"} {
 		if v, ok := o[k]; ok && v != "" && !filepath.IsAbs(v) && !strings.Contains(v, "://") {
 			if abs, err := filepath.Abs(v); err == nil {
 				o[k], changed = abs, true
@@ -361,6 +361,7 @@ func serveImage(o *attachOptions) (err error) {
 	if err != nil {
 		return err
 	}
+	o.cfg = deviceConfig(o.cfg, node)
 	start := ublk.Start
 	if o.recover {
 		start = ublk.Recover
@@ -374,7 +375,7 @@ func serveImage(o *attachOptions) (err error) {
 	rec := ublk.Record{
 		ID: dev.ID(), Device: dev.Path(), Image: abs, Format: node.Format.Name, ImageOpts: o.imageOpts,
 		Queues: dev.Info().Queues, Depth: dev.Info().Depth, BlockSize: cfg.BlockSize,
-		ReadOnly: cfg.ReadOnly, Cache: cache.String(), Discard: cfg.Discard.String(),
+		ReadOnly: cfg.ReadOnly, Cache: recordedCache(cache, o.cache), Discard: cfg.Discard.String(),
 		UserCopy: cfg.UserCopy, PollMax: cfg.PollMax, Recovery: dev.Info().Flags.Has(ublk.FeatureUserRecovery),
 		Started: time.Now().UTC().Truncate(time.Second),
 	}
@@ -453,10 +454,14 @@ func setMaxProcs(queues int) {
 	}
 }
 
-// openImage opens the image with the requested cache mode. Without -t it
-// tries cache=none (O_DIRECT: the device's own page cache is the only one)
-// and falls back to writeback where the file system refuses O_DIRECT. The
-// options of an --image-opts string must all be used, as qemu-img wants.
+// openImage opens the image with the requested cache mode, and returns the
+// image's: the cache.direct and cache.no-flush options override -t's.
+// Without -t it tries cache=none (O_DIRECT: the device's own page cache is
+// the only one) and falls back to writeback where the file system refuses
+// O_DIRECT. The options of an --image-opts string must all be used, as
+// qemu-img wants; read-only=on opens the image read-only (deviceConfig
+// then makes the device read-only), and --discard is the default of the
+// discard option.
 func openImage(o *attachOptions) (*bdrv.Node, bdrv.CacheMode, error) {
 	opts := o.options
 	if o.cfg.Recovery {
@@ -466,7 +471,8 @@ func openImage(o *attachOptions) (*bdrv.Node, bdrv.CacheMode, error) {
 		var node *bdrv.Node
 		err := coroutine.Run(func(co *coroutine.Co) error {
 			var err error
-			node, err = bdrv.Open(co, bdrv.Spec{Filename: o.image, Format: o.format, Options: opts, Cache: cache, ReadOnly: o.cfg.ReadOnly})
+			node, err = bdrv.Open(co, bdrv.Spec{Filename: o.image, Format: o.format, Options: opts, Cache: cache,
+				ReadOnly: o.cfg.ReadOnly, NoUnmap: o.cfg.Discard == ublk.DiscardIgnore})
 			if err == nil && o.imageOpts != "" {
 				// The recovery option is ours: only the user's are checked.
 				if err = bdrv.CheckNodeOptions(node, o.options); err != nil {
@@ -483,7 +489,34 @@ func openImage(o *attachOptions) (*bdrv.Node, bdrv.CacheMode, error) {
 		o.cache = bdrv.CacheWriteback
 		node, err = open(o.cache)
 	}
-	return node, o.cache, err
+	if err != nil {
+		return nil, o.cache, err
+	}
+	return node, node.Cache, nil
+}
+
+// deviceConfig fits the device to the open image: a read-only image
+// (read-only=on) makes a read-only device, and the image's discard option
+// (discard=unmap or ignore, defaulting to --discard) decides whether the
+// device takes discards and lets write-zeroes deallocate.
+func deviceConfig(cfg ublk.Config, node *bdrv.Node) ublk.Config {
+	cfg.ReadOnly = cfg.ReadOnly || node.ReadOnly
+	cfg.Discard = ublk.DiscardIgnore
+	if node.Unmap {
+		cfg.Discard = ublk.DiscardUnmap
+	}
+	return cfg
+}
+
+// recordedCache is the cache mode the record names, which recover gives
+// as -t, the options of the record's --image-opts string on top: the
+// image's own, unless only options can make it (flushes ignored with
+// O_DIRECT or write-through), then the one asked for.
+func recordedCache(image, asked bdrv.CacheMode) string {
+	if _, err := bdrv.ParseCacheMode(image.String()); err == nil {
+		return image.String()
+	}
+	return asked.String()
 }
 
 // lockWait bounds how long openUnlocked waits for a dead server's lock.

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"errors"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -11,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/urfave/cli/v2"
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
@@ -334,4 +337,99 @@ func TestWithoutObjects(t *testing.T) {
 			t.Errorf("withoutObjects(%q) = %q, want %q", tc.in, got, tc.want)
 		}
 	}
+}
+
+// TestAttachImageOptions: the open options of an --image-opts string reach
+// the served image and the device, from the command line on (the server's
+// open, without the kernel): read-only=on makes a read-only device without
+// --read-only; discard decides the device's discard handling, --discard
+// being its default; cache.direct and cache.no-flush make the cache mode
+// with -t; detect-zeroes reaches the image; the record names a cache mode
+// recover can give back as -t.
+func TestAttachImageOptions(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "a.raw")
+	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	raw := "driver=raw,file.filename=" + img
+	type want struct {
+		readOnly     bool
+		discard      ublk.DiscardMode
+		cache        bdrv.CacheMode
+		fileCache    bdrv.CacheMode
+		record       string
+		detectZeroes bdrv.DetectZeroes
+		err          string
+	}
+	for _, tc := range []struct {
+		args []string
+		want want
+	}{
+		{[]string{img}, want{discard: ublk.DiscardUnmap, cache: bdrv.CacheNone, fileCache: bdrv.CacheNone, record: "none"}},
+		{[]string{"--image-opts", raw + ",read-only=on"}, want{readOnly: true, cache: bdrv.CacheNone, fileCache: bdrv.CacheNone, record: "none"}},
+		{[]string{"--image-opts", raw + ",file.read-only=on"}, want{err: "Block node is read-only"}},
+		{[]string{"--read-only", "--image-opts", raw + ",read-only=off"}, want{readOnly: true, cache: bdrv.CacheNone, fileCache: bdrv.CacheNone, record: "none"}},
+		{[]string{"--discard", "ignore", img}, want{discard: ublk.DiscardIgnore, cache: bdrv.CacheNone, fileCache: bdrv.CacheNone, record: "none"}},
+		{[]string{"--image-opts", raw + ",discard=ignore"}, want{discard: ublk.DiscardIgnore, cache: bdrv.CacheNone, fileCache: bdrv.CacheNone, record: "none"}},
+		{[]string{"--discard", "ignore", "--image-opts", raw + ",discard=on"}, want{cache: bdrv.CacheNone, fileCache: bdrv.CacheNone, record: "none"}},
+		{[]string{"--image-opts", raw + ",cache.direct=off"}, want{record: "writeback"}},
+		{[]string{"--image-opts", raw + ",file.cache.direct=off"}, want{cache: bdrv.CacheNone, record: "none"}},
+		{[]string{"-t", "writeback", "--image-opts", raw + ",cache.no-flush=on"}, want{cache: bdrv.CacheUnsafe, fileCache: bdrv.CacheUnsafe, record: "unsafe"}},
+		{[]string{"-t", "writethrough", "--image-opts", raw + ",cache.direct=on"}, want{cache: bdrv.CacheDirectsync, fileCache: bdrv.CacheNone, record: "directsync"}},
+		{[]string{"--image-opts", raw + ",cache.no-flush=on"}, want{cache: bdrv.CacheNone | bdrv.CacheUnsafe, fileCache: bdrv.CacheNone | bdrv.CacheUnsafe, record: "none"}},
+		{[]string{"--image-opts", raw + ",detect-zeroes=on"}, want{cache: bdrv.CacheNone, fileCache: bdrv.CacheNone, record: "none", detectZeroes: bdrv.DetectZeroesOn}},
+		{[]string{"--image-opts", raw + ",detect-zeroes=unmap"}, want{cache: bdrv.CacheNone, fileCache: bdrv.CacheNone, record: "none", detectZeroes: bdrv.DetectZeroesUnmap}},
+		{[]string{"--discard", "ignore", "--image-opts", raw + ",detect-zeroes=unmap"},
+			want{err: "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap"}},
+		{[]string{"--image-opts", raw + ",read-only=bad"}, want{err: "Parameter 'read-only' expects 'on' or 'off'"}},
+		{[]string{"--image-opts", raw + ",locking=off"}, want{err: "Block format 'raw' does not support the option 'locking'"}},
+	} {
+		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
+			o, node, cache, err := attachServed(t, tc.args...)
+			if err != nil || tc.want.err != "" {
+				if tc.want.err == "" || err == nil || !strings.HasSuffix(err.Error(), tc.want.err) {
+					t.Fatalf("error %v, want %q", err, tc.want.err)
+				}
+				return
+			}
+			got := want{readOnly: o.cfg.ReadOnly, discard: o.cfg.Discard, cache: cache, fileCache: node.File.Cache,
+				record: recordedCache(cache, o.cache), detectZeroes: node.DetectZeroes}
+			if got != tc.want {
+				t.Errorf("got %+v\nwant %+v", got, tc.want)
+			}
+			if node.ReadOnly != tc.want.readOnly && !slices.Contains(tc.args, "--read-only") {
+				t.Errorf("image read-only %v", node.ReadOnly)
+			}
+		})
+	}
+}
+
+// attachServed runs the attach command line args up to the server's open
+// of the image: the options, the image opened as the server opens it, and
+// the device configuration fitted to it.
+func attachServed(t *testing.T, args ...string) (o *attachOptions, node *bdrv.Node, cache bdrv.CacheMode, err error) {
+	t.Helper()
+	app := newApp(io.Discard, io.Discard)
+	app.Command("attach").Action = func(c *cli.Context) error {
+		if o, err = parseAttach(c); err != nil {
+			return err
+		}
+		if node, cache, err = openImage(o); err != nil {
+			return err
+		}
+		o.cfg = deviceConfig(o.cfg, node)
+		return nil
+	}
+	argv, nerr := normalize(app, append([]string{"ublkimg", "attach"}, args...))
+	if nerr != nil {
+		t.Fatal(nerr)
+	}
+	if rerr := app.Run(argv); rerr != nil && err == nil {
+		t.Fatal(rerr)
+	}
+	if node != nil {
+		t.Cleanup(func() { coroutine.Run(func(co *coroutine.Co) error { return node.Close(co) }) })
+	}
+	return o, node, cache, err
 }

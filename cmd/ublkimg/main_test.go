@@ -43,7 +43,14 @@ type result struct {
 // runAs runs a command, as the given user when cred is not nil.
 func runAs(t *testing.T, cred *syscall.Credential, name string, args ...string) result {
 	t.Helper()
+	return runAsIn(t, cred, "", name, args...)
+}
+
+// runAsIn runs a command in dir, as the given user when cred is not nil.
+func runAsIn(t *testing.T, cred *syscall.Credential, dir, name string, args ...string) result {
+	t.Helper()
 	cmd := exec.Command(name, args...)
+	cmd.Dir = dir
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	if cred != nil {

@@ -22,12 +22,13 @@ import (
 
 // objectVerbs are the verbs that accept --object (every qemu-img verb that
 // opens or creates an image, attach and recover).
-var objectVerbs = []string{"amend", "attach", "bench", "check", "commit", "compare", "convert", "create",
+var objectVerbs = []string{"amend", "attach", "bench", "bitmap", "check", "commit", "compare", "convert", "create",
 	"dd", "info", "map", "measure", "rebase", "recover", "resize", "snapshot"}
 
 // imageOptsVerbs are the verbs whose image operands may be --image-opts
 // strings.
-var imageOptsVerbs = []string{"amend", "attach", "bench", "check", "commit", "compare", "convert", "dd", "info", "map", "measure", "rebase", "recover", "resize", "snapshot"}
+var imageOptsVerbs = []string{"amend", "attach", "bench", "bitmap", "check", "commit", "compare", "convert", "dd", "info", "map",
+	"measure", "rebase", "recover", "resize", "snapshot"}
 
 // addObjectFlags gives c the --object flag (and --image-opts where it
 // applies). The secrets exist while c runs, and are forgotten and zeroed
@@ -147,6 +148,12 @@ func markImageOpts(verb string, args []string) ([]string, error) {
 		case verb == "recover":
 			// recover DEV [IMG]: the device is no image.
 			if i == 1 && imageOpts {
+				ops[i] = img.ImageOptsName(a)
+			}
+		case verb == "bitmap":
+			// bitmap FILE BITMAP: the bitmap is no image (and -b's
+			// source is a file name, as in qemu-img).
+			if i == 0 && imageOpts {
 				ops[i] = img.ImageOptsName(a)
 			}
 		case verb == "convert" && last:

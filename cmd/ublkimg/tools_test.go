@@ -154,19 +154,7 @@ func TestToolVerbs(t *testing.T) {
 // runIn runs a command in dir.
 func runIn(t *testing.T, dir, name string, args ...string) result {
 	t.Helper()
-	cmd := exec.Command(name, args...)
-	cmd.Dir = dir
-	var r result
-	var out, errb strings.Builder
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	err := cmd.Run()
-	if ee, ok := err.(*exec.ExitError); ok {
-		r.code = ee.ExitCode()
-	} else if err != nil {
-		t.Fatalf("%s %v: %v", name, args, err)
-	}
-	r.stdout, r.stderr = out.String(), errb.String()
-	return r
+	return runAsIn(t, nil, dir, name, args...)
 }
 
 // toolStderr returns ublkimg's stderr and qemu-img's in ublkimg's form: the

@@ -45,6 +45,9 @@ type driver struct {
 }
 
 func open(co *coroutine.Co, n *bdrv.Node, opts bdrv.Options) (bdrv.Driver, error) {
+	if err := checkOpenOptions(n, opts); err != nil {
+		return nil, err
+	}
 	flags := unix.O_CLOEXEC
 	if n.ReadOnly {
 		flags |= unix.O_RDONLY

@@ -19,6 +19,7 @@ func init() {
 		Open:          open,
 		Create:        create,
 		CreateOptions: bdrv.ProtocolCreateOptions,
+		DataOnly:      true,
 	})
 }
 
