@@ -3,13 +3,13 @@ package qcow2
 import (
 	"bytes"
 	"encoding/binary"
-	"math/rand/v2"
 	"runtime"
 	"testing"
 
 	"github.com/klauspost/compress/zstd"
 
 	"ublkimg/internal/fuzzlimit"
+	"ublkimg/internal/qemutest"
 )
 
 // zstdParts encodes data as one zstd frame (content checksum on) and
@@ -70,24 +70,6 @@ func zstdFrame(h zstdHdr, size int, blocks, crc []byte) []byte {
 	return f
 }
 
-// textCluster is n bytes of compressible text.
-func textCluster(seed uint64, n int) []byte {
-	r := rand.New(rand.NewPCG(seed, 7))
-	words := make([][]byte, 500)
-	for i := range words {
-		w := make([]byte, 3+r.IntN(7))
-		for j := range w {
-			w[j] = 'a' + byte(r.IntN(16))
-		}
-		words[i] = append(w, ' ')
-	}
-	var b []byte
-	for len(b) < n {
-		b = append(b, words[r.IntN(len(words))]...)
-	}
-	return b[:n]
-}
-
 // Window descriptors (RFC 8878 3.1.1.1.2): exponent<<3 | mantissa, window
 // 2^(10+exponent) * (1 + mantissa/8).
 const (
@@ -103,7 +85,7 @@ const (
 // exactly one cluster.
 func TestZstdDecompress(t *testing.T) {
 	const cs = 2 << 20
-	data := textCluster(1, cs)
+	data := qemutest.Text(1, cs)
 	blocks, crc := zstdParts(t, data)
 	half := func(i int) []byte {
 		b, c := zstdParts(t, data[i*cs/2:(i+1)*cs/2])
@@ -111,7 +93,7 @@ func TestZstdDecompress(t *testing.T) {
 	}
 	frame := func(h zstdHdr) []byte { return zstdFrame(h, cs, blocks, crc) }
 	skippable := append(binary.LittleEndian.AppendUint32(binary.LittleEndian.AppendUint32(nil, 0x184d2a53), 5), "hello"...)
-	long := textCluster(2, cs+1)
+	long := qemutest.Text(2, cs+1)
 	lb, lc := zstdParts(t, long)
 	short := half(0)
 	cat := func(parts ...[]byte) []byte { return bytes.Join(parts, nil) }
@@ -163,7 +145,7 @@ func TestZstdDecompress(t *testing.T) {
 // depend on the window the frame declares (the cluster is the bound).
 func TestZstdDecompressMemory(t *testing.T) {
 	const cs = 2 << 20
-	data := textCluster(3, cs)
+	data := qemutest.Text(3, cs)
 	blocks, crc := zstdParts(t, data)
 	dst := make([]byte, cs)
 	for _, wd := range []byte{wd64M, wd128M, wd1G, wdMax} {
@@ -194,7 +176,7 @@ func TestZstdDecompressMemory(t *testing.T) {
 // never allocating for the window its frame header declares.
 func FuzzZstdDecompress(f *testing.F) {
 	const cs = 64 << 10
-	data := textCluster(4, cs)
+	data := qemutest.Text(4, cs)
 	blocks, crc := zstdParts(f, data)
 	for _, h := range []zstdHdr{{single: true, fcs: 4}, {wd: wd64M}, {wd: wdMax, fcs: 8, crc: true}} {
 		f.Add(zstdFrame(h, cs, blocks, crc))
