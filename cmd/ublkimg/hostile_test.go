@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	bin "encoding/binary"
 	"fmt"
@@ -12,7 +13,9 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"ublkimg/bdrv"
 	"ublkimg/drivers/qcow2"
@@ -38,16 +41,7 @@ func runPeak(t *testing.T, name string, args ...string) peak {
 	t.Helper()
 	const gnuTime = "/usr/bin/time" // scripts/deps.sh installs it
 	rss := filepath.Join(t.TempDir(), "maxrss")
-	cmd := exec.Command(gnuTime, append([]string{"-f", "%M", "-o", rss, name}, args...)...)
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	err := cmd.Run()
-	code := 0
-	if ee, ok := err.(*exec.ExitError); ok {
-		code = ee.ExitCode()
-	} else if err != nil {
-		t.Fatalf("%s %s %v: %v", gnuTime, name, args, err)
-	}
+	r := runCmd(t, exec.Command(gnuTime, append([]string{"-f", "%M", "-o", rss, name}, args...)...))
 	// GNU time writes "Command exited with non-zero status N" first
 	// when the command fails; the peak is the last line.
 	b, err := os.ReadFile(rss)
@@ -59,7 +53,7 @@ func runPeak(t *testing.T, name string, args ...string) peak {
 	if err != nil {
 		t.Fatalf("%s: %q", gnuTime, b)
 	}
-	return peak{result{out.String(), errb.String(), code}, kib}
+	return peak{r, kib}
 }
 
 // declareZstdWindow rewrites, in place, the header of every zstd frame of
@@ -399,5 +393,103 @@ func TestBitmapResizeMemory(t *testing.T) {
 				t.Errorf("ublkimg's peak %d KiB is more than %.2f times qemu-img's %d KiB", got.maxRSS, tc.maxRatio, want.maxRSS)
 			}
 		})
+	}
+}
+
+// runTimeout runs a command in dir and fails the test if it does not end
+// within a minute (it hangs).
+func runTimeout(t *testing.T, dir, name string, args ...string) result {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Dir = dir
+	r := runCmd(t, cmd)
+	if ctx.Err() != nil {
+		t.Fatalf("%s %v hangs", name, args)
+	}
+	return r
+}
+
+// TestMetadataOnlyOpens: info, and create's look at its backing file,
+// never open the external data file an image names (QEMU's fix for
+// CVE-2024-4467), so that they are safe on untrusted images: a FIFO
+// (whose open would hang), a character device, a symlink to a secret, a
+// missing file. They print what qemu-img prints. The verbs that do open
+// the data file refuse anything but a regular file or a block device,
+// without hanging. An encrypted backing file needs no key for create.
+func TestMetadataOnlyOpens(t *testing.T) {
+	requireQemuImg(t)
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "fifo")
+	if err := syscall.Mkfifo(fifo, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	secret := filepath.Join(dir, "secret")
+	if err := os.Symlink(fifo, secret); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ name, data string }{
+		{"fifo", fifo},
+		{"symlink", secret},
+		{"char device", "/dev/zero"},
+		{"missing", filepath.Join(dir, "missing")},
+		{"shadow", "/etc/shadow"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			img := filepath.Join(dir, strings.ReplaceAll(tc.name, " ", "-")+".qcow2")
+			// Made with a regular data file, then pointed at
+			// tc.data (qemu-img create would open it).
+			raw := filepath.Join(dir, "data.raw")
+			if r := qemuImg(t, "create", "-q", "-f", "qcow2", "-o", "data_file="+raw, img, "1M"); r.code != 0 {
+				t.Fatal(r.stderr)
+			}
+			if r := qemuImg(t, "amend", "-f", "qcow2", "-o", "data_file="+tc.data, img); r.code != 0 {
+				t.Fatal(r.stderr)
+			}
+			for _, args := range [][]string{
+				{"info", img},
+				{"info", "--output=json", img},
+				{"info", "--backing-chain", img},
+				{"create", "-f", "qcow2", "-b", img, "-F", "qcow2", filepath.Join(dir, "top.qcow2")},
+			} {
+				got := runTimeout(t, dir, binary, args...)
+				want := runTimeout(t, dir, "qemu-img", args...)
+				if got.code != want.code || got.stdout != want.stdout {
+					t.Errorf("%v: ublkimg exit %d\n%s%s\nqemu-img exit %d\n%s%s", args, got.code, got.stdout, got.stderr,
+						want.code, want.stdout, want.stderr)
+				}
+			}
+			if tc.name == "missing" || tc.name == "shadow" {
+				return
+			}
+			// qemu-img hangs on these opening the FIFO; ublkimg
+			// refuses what is not a regular file or block device.
+			for _, args := range [][]string{{"map", img}, {"snapshot", "-l", img}, {"convert", "-O", "raw", img, filepath.Join(dir, "out.raw")}} {
+				r := runTimeout(t, dir, binary, args...)
+				if msg := oneErrorLine(t, r); !strings.Contains(msg, "to be a regular file or a block device") {
+					t.Errorf("%v: %s", args, msg)
+				}
+			}
+		})
+	}
+	// An encrypted backing file, opened by create for its size: no key
+	// is needed (qemu-img opens it for metadata only too).
+	enc := filepath.Join(dir, "enc.qcow2")
+	r := result{code: -1}
+	qemutest.RetryPBKDF2Timing(func() string {
+		r = qemuImg(t, "create", "-q", "--object", "secret,id=s,data=abc", "-f", "qcow2",
+			"-o", "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10", enc, "1M")
+		return r.stderr
+	})
+	if r.code != 0 {
+		t.Fatal(r.stderr)
+	}
+	for _, tool := range []string{binary, "qemu-img"} {
+		top := filepath.Join(dir, "enc-top.qcow2")
+		if r := runTimeout(t, dir, tool, "create", "-q", "-f", "qcow2", "-b", enc, "-F", "qcow2", top); r.code != 0 {
+			t.Errorf("%s create over an encrypted backing file: %s", tool, r.stderr)
+		}
+		os.Remove(top)
 	}
 }
