@@ -56,6 +56,10 @@ const (
 // ScaleEnv is the environment variable that multiplies every limit.
 const ScaleEnv = "FUZZ_LIMIT_SCALE"
 
+// ReportEnv, when set, has every input print the bytes it allocated on
+// stderr, for choosing a target's limits.
+const ReportEnv = "FUZZ_LIMIT_REPORT"
+
 func (l Limits) withDefaults() Limits {
 	if l.Alloc == 0 {
 		l.Alloc = defaultAlloc
@@ -102,6 +106,9 @@ func Guard(t testing.TB, l Limits) {
 	current.Store(in)
 	t.Cleanup(func() {
 		current.CompareAndSwap(in, nil)
+		if os.Getenv(ReportEnv) != "" {
+			fmt.Fprintf(os.Stderr, "fuzzlimit: %s allocated %d bytes\n", t.Name(), read(heapAllocs)-allocs)
+		}
 		if n := read(heapAllocs) - allocs; n > l.Alloc {
 			t.Errorf("fuzzlimit: the input allocated %d MiB, more than its %d MiB", n>>20, l.Alloc>>20)
 		}
