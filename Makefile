@@ -42,10 +42,18 @@ unit-norace:
 vmtest:
 	UBLKIMG_VM=1 $(GO) test -count=1 -p 1 -timeout 40m $(VM_PKGS)
 
-# Long fuzzing (not part of `make test`, which runs the seed corpora).
+# Long fuzzing (not part of `make test`, which runs the seed corpora):
+# every Fuzz target of every package for FUZZTIME, among them the parsers,
+# the qcow2 driver (FuzzImage) and the verbs (img FuzzVerbs: info, check,
+# map, convert on mutated images). Each input runs under the bounds of
+# internal/fuzzlimit (heap growth, bytes allocated, time), so a blow-up is
+# a failing input the fuzzer saves; ulimit -v (FUZZMEM KiB) caps every
+# process besides, for a blow-up that outruns the watchdog.
 FUZZTIME ?= 60s
+FUZZMEM  ?= 8388608
 fuzz:
-	@for pkg in $$($(GO) list ./...); do \
+	@ulimit -v $(FUZZMEM); \
+	for pkg in $$($(GO) list ./...); do \
 		for f in $$($(GO) test -list '^Fuzz' $$pkg 2>/dev/null | grep '^Fuzz'); do \
 			echo "fuzz $$pkg $$f"; \
 			$(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \

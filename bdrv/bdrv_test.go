@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -291,7 +292,7 @@ func TestOpenErrors(t *testing.T) {
 	}{
 		{"missing", bdrv.Spec{Filename: filepath.Join(dir, "nope")}, "Could not open", unix.ENOENT},
 		{"unknown format", bdrv.Spec{Filename: ro, Format: "vhdx9"}, "unknown file format 'vhdx9'", nil},
-		{"not a file", bdrv.Spec{Filename: dir, Format: "raw", ReadOnly: true}, "not a regular file", nil},
+		{"not a file", bdrv.Spec{Filename: dir, Format: "raw", ReadOnly: true}, "to be a regular file or a block device", nil},
 	}
 	if os.Geteuid() != 0 {
 		cases = append(cases, struct {
@@ -317,6 +318,49 @@ func TestOpenErrors(t *testing.T) {
 				t.Fatalf("error %v does not wrap %v", err, c.is)
 			}
 		})
+	}
+}
+
+// TestOpenSpecialFiles: only regular files and block devices are opened.
+// A FIFO (whose open for reading would wait for a writer), a character
+// device (/dev/zero reads forever) or a directory is refused before any
+// read, read-only or read-write, by its name or through a symlink, as
+// when a hostile image names one as its backing or data file.
+func TestOpenSpecialFiles(t *testing.T) {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "fifo")
+	if err := unix.Mkfifo(fifo, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(dir, "link")
+	if err := os.Symlink(fifo, link); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{fifo, link, "/dev/null", "/dev/zero", dir} {
+		for _, ro := range []bool{true, false} {
+			done := make(chan error, 1)
+			go func() {
+				done <- coroutine.Run(func(co *coroutine.Co) error {
+					n, err := bdrv.Open(co, bdrv.Spec{Filename: name, ReadOnly: ro})
+					if err == nil {
+						n.Close(co)
+					}
+					return err
+				})
+			}()
+			select {
+			case err := <-done:
+				want := "'file' driver requires '" + name + "' to be a regular file or a block device"
+				if !ro && name == dir {
+					want = "Is a directory" // refused by open(2)
+				}
+				if err == nil || !strings.Contains(err.Error(), want) {
+					t.Errorf("%s (read-only %v): %v, want %q", name, ro, err, want)
+				}
+			case <-time.After(20 * time.Second):
+				t.Fatalf("%s (read-only %v): the open hangs", name, ro)
+			}
+		}
 	}
 }
 

@@ -142,9 +142,11 @@ func create(co *coroutine.Co, opts CreateOptions, out io.Writer) error {
 }
 
 // backingSize opens a backing file to learn its size and format, as
-// bdrv_img_create does when no size is given (and to check that it opens).
+// bdrv_img_create does when no size is given (and to check that it opens),
+// for metadata only as QEMU does (BDRV_O_NO_IO): an encrypted backing file
+// needs no key, a data file is not opened.
 func backingSize(co *coroutine.Co, filename, format string) (int64, string, error) {
-	n, err := openImage(co, openSpec{filename: filename, format: format, readOnly: true, noBacking: true})
+	n, err := openImage(co, openSpec{filename: filename, format: format, readOnly: true, noBacking: true, noIO: true})
 	if err != nil {
 		return 0, "", fmt.Errorf("%w. Could not open backing image.", err)
 	}

@@ -11,6 +11,7 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
+	"ublkimg/drivers/qcow2"
 )
 
 // ResizeOptions are qemu-img resize's arguments.
@@ -24,6 +25,9 @@ type ResizeOptions struct {
 	Shrink bool
 	// Prealloc (--preallocation) is how the added part is allocated.
 	Prealloc bdrv.Prealloc
+	// Warn, if not nil, receives what qemu-img reports without failing:
+	// bitmaps that could not be stored at the new size.
+	Warn func(msg string)
 }
 
 // sizeMessage is what QEMU says about a size option it cannot parse
@@ -115,7 +119,16 @@ func Resize(co *coroutine.Co, opts ResizeOptions, out io.Writer) error {
 			err = errors.New(errText(err))
 		}
 	}
-	if cerr := node.Close(co); err == nil && cerr != nil {
+	cerr := node.Close(co)
+	if err == nil && errors.Is(cerr, qcow2.ErrBitmapsLost) && !hasOtherError(cerr, qcow2.ErrBitmapsLost) {
+		// qemu-img resizes and reports the bitmaps it could not
+		// store at close (they stay in use in the image).
+		if opts.Warn != nil {
+			opts.Warn(cerr.Error())
+		}
+		cerr = nil
+	}
+	if err == nil && cerr != nil {
 		err = fmt.Errorf("Failed to flush the resized image: %s", Strerror(cerr))
 	}
 	if err != nil {
@@ -123,6 +136,21 @@ func Resize(co *coroutine.Co, opts ResizeOptions, out io.Writer) error {
 	}
 	fmt.Fprintf(out, "Image resized.\n")
 	return nil
+}
+
+// hasOtherError reports whether err, possibly a join of several, holds an
+// error that is not target.
+func hasOtherError(err, target error) bool {
+	j, ok := err.(interface{ Unwrap() []error })
+	if !ok {
+		return !errors.Is(err, target)
+	}
+	for _, e := range j.Unwrap() {
+		if e != nil && hasOtherError(e, target) {
+			return true
+		}
+	}
+	return false
 }
 
 // errText is an error's message, or the C library's text for a bare errno.

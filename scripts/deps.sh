@@ -17,6 +17,8 @@ have mke2fs             || need+=(e2fsprogs)
 have cpio               || need+=(cpio)
 have xz                 || need+=(xz-utils)
 have zstd               || need+=(zstd)
+# Peak memory of qemu-img and ublkimg runs (GNU time -f %M).
+[ -x /usr/bin/time ]    || need+=(time)
 have dpkg-deb           || need+=(dpkg)
 # vmtest: the guest's /bin/sh is the host's dash, with ldd's libraries.
 have dash               || need+=(dash)

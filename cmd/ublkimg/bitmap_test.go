@@ -306,6 +306,7 @@ func normBitmapStderr(t *testing.T, r result, tool string) string {
 	s = regexp.MustCompile(`(Could not open '[^']*': )+`).ReplaceAllString(s, "$1")
 	s = nodeName.ReplaceAllString(s, "NODE")
 	s = regexp.MustCompile(`persistent in '[^']*'`).ReplaceAllString(s, "persistent in 'NODE'")
+	s = regexp.MustCompile(`inactivation of node '[^']*'`).ReplaceAllString(s, "inactivation of node 'NODE'")
 	s = regexp.MustCompile(`bitmaps to [^:]*:`).ReplaceAllString(s, "bitmaps to NODE:")
 	return s
 }

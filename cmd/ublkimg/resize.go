@@ -2,6 +2,7 @@ package main
 
 import (
 	"errors"
+	"fmt"
 
 	"github.com/urfave/cli/v2"
 
@@ -31,7 +32,8 @@ func resizeCommand() *cli.Command {
 }
 
 func resizeAction(c *cli.Context) error {
-	opts := img.ResizeOptions{Format: c.String("f"), Shrink: c.Bool("shrink")}
+	opts := img.ResizeOptions{Format: c.String("f"), Shrink: c.Bool("shrink"),
+		Warn: func(msg string) { fmt.Fprintf(c.App.ErrWriter, "ublkimg: %s\n", msg) }}
 	if c.IsSet("preallocation") {
 		p, err := bdrv.ParsePrealloc(c.String("preallocation"))
 		if err != nil {

@@ -48,7 +48,11 @@ func open(co *coroutine.Co, n *bdrv.Node, opts bdrv.Options) (bdrv.Driver, error
 	if err := checkOpenOptions(n, opts); err != nil {
 		return nil, err
 	}
-	flags := unix.O_CLOEXEC
+	// O_NONBLOCK until setup has seen a regular file or a block device:
+	// an image may name any file as its backing or data file, and
+	// opening a FIFO for reading would wait for a writer (O_NOCTTY: nor
+	// may a terminal become the controlling one).
+	flags := unix.O_CLOEXEC | unix.O_NONBLOCK | unix.O_NOCTTY
 	if n.ReadOnly {
 		flags |= unix.O_RDONLY
 	} else {
@@ -111,10 +115,24 @@ func (d *driver) setup(opts bdrv.Options) error {
 	if err := unix.Fstat(d.fd, &st); err != nil {
 		return fmt.Errorf("Could not stat '%s': %w", n.Filename, syscallErr(err))
 	}
-	switch st.Mode & unix.S_IFMT {
-	case unix.S_IFREG:
+	// Anything else (FIFO, socket, character device, directory) is
+	// refused before any read: /dev/zero or a FIFO named by a hostile
+	// image would read forever or block. QEMU's host_device driver takes
+	// character devices; this driver does not.
+	mode := st.Mode & unix.S_IFMT
+	if mode != unix.S_IFREG && mode != unix.S_IFBLK {
+		return fmt.Errorf("'file' driver requires '%s' to be a regular file or a block device", n.Filename)
+	}
+	fl, err := unix.FcntlInt(uintptr(d.fd), unix.F_GETFL, 0)
+	if err == nil {
+		_, err = unix.FcntlInt(uintptr(d.fd), unix.F_SETFL, fl&^unix.O_NONBLOCK)
+	}
+	if err != nil {
+		return fmt.Errorf("Could not open '%s': %w", n.Filename, syscallErr(err))
+	}
+	if mode == unix.S_IFREG {
 		n.SetLength(st.Size)
-	case unix.S_IFBLK:
+	} else {
 		d.blockDev = true
 		var size uint64
 		_, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(d.fd), unix.BLKGETSIZE64, uintptr(unsafe.Pointer(&size)))
@@ -123,8 +141,6 @@ func (d *driver) setup(opts bdrv.Options) error {
 			return fmt.Errorf("'%s': cannot get block device size: %w", n.Filename, syscallErr(err))
 		}
 		n.SetLength(int64(size))
-	default:
-		return fmt.Errorf("'%s' is not a regular file or block device", n.Filename)
 	}
 	if d.direct {
 		if err := d.probeAlignment(); err != nil {

@@ -18,6 +18,7 @@ import (
 	_ "ublkimg/drivers/file"
 	_ "ublkimg/drivers/luks"
 	"ublkimg/drivers/lukscrypto"
+	"ublkimg/internal/fuzzlimit"
 	"ublkimg/internal/qemutest"
 )
 
@@ -256,6 +257,7 @@ func FuzzOpen(f *testing.F) {
 	}
 	dir := f.TempDir()
 	f.Fuzz(func(t *testing.T, head []byte, size int64) {
+		fuzzlimit.Guard(t, fuzzlimit.Limits{})
 		p := filepath.Join(dir, "v.luks")
 		if err := os.WriteFile(p, head, 0o644); err != nil {
 			t.Fatal(err)

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"ublkimg/internal/fuzzlimit"
 	"ublkimg/internal/qemutest"
 )
 
@@ -31,6 +32,7 @@ func FuzzParseHeader(f *testing.F) {
 	}
 	f.Add(area[:4096], int64(0))
 	f.Fuzz(func(t *testing.T, b []byte, limit int64) {
+		fuzzlimit.Guard(t, fuzzlimit.Limits{Alloc: 64 << 20})
 		h, err := ParseHeader(b, limit)
 		if err != nil {
 			return

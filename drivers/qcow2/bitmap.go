@@ -87,6 +87,8 @@ func ParseBitmapDirectory(dir []byte, ext BitmapsExt, clusterBits uint32, diskSi
 	dir = dir[:ext.DirectorySize]
 	cs := uint64(1) << clusterBits
 	var out []Bitmap
+	// Up to 65535 names: a set, not a comparison of every pair.
+	names := make(map[string]struct{})
 	off := 0
 	for i := 0; off < len(dir); i++ {
 		if i >= int(ext.Count) {
@@ -132,11 +134,10 @@ func ParseBitmapDirectory(dir []byte, ext BitmapsExt, clusterBits uint32, diskSi
 		if covered := uint64(b.TableSize) * cs * 8 << b.GranularityBits; b.Flags&BitmapFlagInUse == 0 && covered < diskSize {
 			return nil, bad(i, "bitmap %q: table of %d entries covers %d bytes, disk is %d", b.Name, b.TableSize, covered, diskSize)
 		}
-		for _, p := range out {
-			if p.Name == b.Name {
-				return nil, bad(i, "bitmap name %q used twice", b.Name)
-			}
+		if _, dup := names[b.Name]; dup {
+			return nil, bad(i, "bitmap name %q used twice", b.Name)
 		}
+		names[b.Name] = struct{}{}
 		out = append(out, b)
 		off += int(size)
 	}

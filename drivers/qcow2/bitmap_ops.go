@@ -128,6 +128,9 @@ func (img *Image) AddBitmap(co *coroutine.Co, name string, granularity uint64, d
 	if err := img.canStoreBitmapLocked(name, gb); err != nil {
 		return fmt.Errorf("Can't make bitmap '%s' persistent in '%s': %w", name, img.node.Filename, err)
 	}
+	if img.bitmapMemoryLocked(img.hdr.Size, true, gb) > maxBitmapMemory {
+		return errBitmapMemory
+	}
 	if slices.ContainsFunc(img.bm.list, func(b *dirtyBitmap) bool { return b.Name == name }) {
 		return fmt.Errorf("Bitmap already exists: %s", name)
 	}
@@ -143,21 +146,31 @@ func (img *Image) AddBitmap(co *coroutine.Co, name string, granularity uint64, d
 	return nil
 }
 
+// bitmapConstraints is QEMU's check_constraints_on_bitmap: can a bitmap
+// of granularity 1<<gb named name be stored for a disk of size bytes.
+func (img *Image) bitmapConstraints(size uint64, gb uint8, name string) error {
+	switch {
+	case gb > MaxBitmapGranularity:
+		return fmt.Errorf("Granularity exceeds maximum (%d bytes)", uint64(1)<<MaxBitmapGranularity)
+	case gb < MinBitmapGranularity:
+		return fmt.Errorf("Granularity is under minimum (%d bytes)", uint64(1)<<MinBitmapGranularity)
+	case (bitmapBits(size, gb)+7)/8 > min(maxBitmapPhysSize, MaxBitmapTableEntries*img.cs):
+		return errors.New("Too much space will be occupied by the bitmap. Use larger granularity")
+	case len(name) > MaxBitmapNameSize:
+		return fmt.Errorf("Name length exceeds maximum (%d characters)", MaxBitmapNameSize)
+	}
+	return nil
+}
+
 // canStoreBitmapLocked is QEMU's qcow2_co_can_store_new_dirty_bitmap.
 func (img *Image) canStoreBitmapLocked(name string, gb uint8) error {
 	if img.hdr.Version < 3 {
 		return errors.New("Cannot store dirty bitmaps in qcow2 v2 files")
 	}
-	switch size := img.hdr.Size; {
-	case gb > MaxBitmapGranularity:
-		return fmt.Errorf("Granularity exceeds maximum (%d bytes)", uint64(1)<<MaxBitmapGranularity)
-	case gb < MinBitmapGranularity:
-		return fmt.Errorf("Granularity is under minimum (%d bytes)", uint64(1)<<MinBitmapGranularity)
-	case size > maxBitmapPhysSize<<gb || size > (MaxBitmapTableEntries*img.cs)<<gb:
-		return errors.New("Too much space will be occupied by the bitmap. Use larger granularity")
-	case len(name) > MaxBitmapNameSize:
-		return fmt.Errorf("Name length exceeds maximum (%d characters)", MaxBitmapNameSize)
-	case len(img.bm.list) >= MaxBitmaps:
+	if err := img.bitmapConstraints(img.hdr.Size, gb, name); err != nil {
+		return err
+	}
+	if len(img.bm.list) >= MaxBitmaps {
 		return errors.New("Maximum number of persistent bitmaps is already reached")
 	}
 	dirSize := uint64(0)
@@ -240,7 +253,9 @@ func (img *Image) changeBitmap(co *coroutine.Co, name string, fn func(b *dirtyBi
 	return nil
 }
 
-// ExportBitmap returns a copy of a usable bitmap's content.
+// ExportBitmap returns a usable bitmap's content: a view, not a copy (a
+// copy of a 512 MiB bitmap would double what the cap counts), valid
+// until the bitmap next changes; merge it right away.
 func (img *Image) ExportBitmap(co *coroutine.Co, name string) (*BitmapData, error) {
 	img.meta.Lock(co)
 	defer img.meta.Unlock(co)
@@ -248,7 +263,7 @@ func (img *Image) ExportBitmap(co *coroutine.Co, name string) (*BitmapData, erro
 	if err != nil {
 		return nil, err
 	}
-	return &BitmapData{size: img.hdr.Size, gran: b.GranularityBits, bits: b.bits.resized(b.bits.n)}, nil
+	return &BitmapData{size: img.hdr.Size, gran: b.GranularityBits, bits: b.bits}, nil
 }
 
 // MergeBitmap sets in bitmap dst every granule set in src (QEMU's

@@ -38,7 +38,26 @@ import (
 
 // maxBitmapMemory bounds the bytes of bitmap data an open may hold for all
 // bitmaps together (a hostile directory may list 65535 bitmaps of 512 MiB).
+// It counts what the bitmaps may come to hold, every chunk allocated
+// (bitVecBytes), which is checked whenever a bitmap is loaded, added or
+// resized; nothing copies a bitmap (a resize keeps its chunks, an export
+// is a view), so that count bounds what is allocated. QEMU loads the same
+// bitmaps whole (HBitmap), about as much.
 const maxBitmapMemory = 1 << 30
+
+// errBitmapMemory refuses bitmaps beyond maxBitmapMemory.
+var errBitmapMemory = fmt.Errorf("qcow2: bitmaps need more than %d bytes of memory", maxBitmapMemory)
+
+// ErrBitmapsLost is matched by the error Close returns when bitmaps could
+// not be stored (QEMU's "Lost persistent bitmaps" at close): they are left
+// in use on disk, the rest of the image is fine. qemu-img prints it as a
+// warning and succeeds.
+var ErrBitmapsLost = errors.New("persistent bitmaps lost")
+
+type bitmapsLostError struct{ msg string }
+
+func (e *bitmapsLostError) Error() string { return e.msg }
+func (e *bitmapsLostError) Unwrap() error { return ErrBitmapsLost }
 
 // dirtyBitmap is one entry of the bitmap directory and, when loaded, its
 // data. Guarded by Image.meta.
@@ -81,6 +100,25 @@ type bitmapState struct {
 	// tracking is the enabled bitmaps every write marks, replaced whole
 	// so that WriteDone reads it without a lock.
 	tracking atomic.Pointer[[]bitTrack]
+	// lost is why the bitmaps cannot be stored (a resize made one too
+	// large): their data was dropped, they stay in use on disk.
+	lost error
+}
+
+// bitmapMemoryLocked is what the loaded bitmaps may hold at disk size
+// size, plus a new bitmap of granularity 1<<gran when add is set
+// (maxBitmapMemory's measure).
+func (img *Image) bitmapMemoryLocked(size uint64, add bool, gran uint8) uint64 {
+	mem := uint64(0)
+	if add {
+		mem = bitVecBytes(bitmapBits(size, gran))
+	}
+	for _, b := range img.bm.list {
+		if b.bits != nil {
+			mem += bitVecBytes(bitmapBits(size, b.GranularityBits))
+		}
+	}
+	return mem
 }
 
 // bitmapBits is the number of granules of 1<<gran bytes covering size bytes.
@@ -156,8 +194,8 @@ func (img *Image) loadBitmapsLocked(co *coroutine.Co) error {
 			continue
 		}
 		nbits := bitmapBits(h.Size, e.GranularityBits)
-		if mem += (nbits + 7) / 8; mem > maxBitmapMemory {
-			return fmt.Errorf("qcow2: bitmaps need more than %d bytes of memory", maxBitmapMemory)
+		if mem += bitVecBytes(nbits); mem > maxBitmapMemory {
+			return errBitmapMemory
 		}
 		if err := img.loadBitmapDataLocked(co, b, nbits); err != nil {
 			return fmt.Errorf("qcow2: Could not read bitmap '%s' from image: %w", e.Name, err)
@@ -395,6 +433,12 @@ func (img *Image) storeBitmapsLocked(co *coroutine.Co) error {
 		// leaked, as QEMU leaves them.
 		return nil
 	}
+	if img.bm.lost != nil {
+		// As QEMU's store, which checks every bitmap before writing
+		// any: nothing is stored, the bitmaps stay in use on disk.
+		return &bitmapsLostError{fmt.Sprintf("Lost persistent bitmaps during inactivation of node '%s': %v",
+			img.node.Filename, img.bm.lost)}
+	}
 	type update struct {
 		b     *dirtyBitmap
 		entry Bitmap
@@ -480,10 +524,11 @@ func (img *Image) storeBitmapsLocked(co *coroutine.Co) error {
 }
 
 // prepareBitmapResizeLocked checks that every bitmap can follow a resize
-// (QEMU's qcow2_truncate_bitmaps_check: all loaded, none inconsistent) and
-// marks in use the loaded ones not marked yet, whose tables stop matching
-// the size on disk.
-func (img *Image) prepareBitmapResizeLocked(co *coroutine.Co) error {
+// to size bytes (QEMU's qcow2_truncate_bitmaps_check: all loaded, none
+// inconsistent; and within maxBitmapMemory unless they will be dropped)
+// and marks in use the loaded ones not marked yet, whose tables stop
+// matching the size on disk.
+func (img *Image) prepareBitmapResizeLocked(co *coroutine.Co, size uint64) error {
 	notLoaded := &refusal{"Cannot resize qcow2 with persistent bitmaps that were not loaded", unix.ENOTSUP}
 	if !img.bm.loaded {
 		if img.hdr.Bitmaps == nil {
@@ -499,20 +544,48 @@ func (img *Image) prepareBitmapResizeLocked(co *coroutine.Co) error {
 			return notLoaded
 		}
 	}
+	if img.unstorableBitmapLocked(size) == nil && img.bitmapMemoryLocked(size, false, 0) > maxBitmapMemory {
+		return errBitmapMemory
+	}
 	return img.markBitmapsInUseLocked(co, img.bm.list)
 }
 
-// resizeBitmapsLocked gives the loaded bitmaps the new disk size: bits past
-// the old end start clear (QEMU's bdrv_dirty_bitmap_truncate). Requests
-// must not run concurrently: a write marking a bitmap being replaced may
-// be lost.
-func (img *Image) resizeBitmapsLocked(size uint64) {
-	for _, b := range img.bm.list {
-		if b.bits != nil {
-			b.bits = b.bits.resized(bitmapBits(size, b.GranularityBits))
-			b.stale = true
-			img.bm.changed = true
+// unstorableBitmapLocked returns why the first bitmap, in the order QEMU
+// stores them (newest first), cannot be stored with disk size size, or
+// nil.
+func (img *Image) unstorableBitmapLocked(size uint64) error {
+	for _, b := range slices.Backward(img.bm.list) {
+		if b.bits == nil {
+			continue
 		}
+		if err := img.bitmapConstraints(size, b.GranularityBits, b.Name); err != nil {
+			return fmt.Errorf("Bitmap '%s' doesn't satisfy the constraints: %w", b.Name, err)
+		}
+	}
+	return nil
+}
+
+// resizeBitmapsLocked gives the loaded bitmaps the new disk size in place:
+// bits past the old end start clear (QEMU's bdrv_dirty_bitmap_truncate).
+// When one of them cannot be stored at that size, none will be (QEMU's
+// store fails at close, leaving them in use on disk): their data is
+// dropped now. Requests must not run concurrently.
+func (img *Image) resizeBitmapsLocked(size uint64) {
+	lost := img.unstorableBitmapLocked(size)
+	for _, b := range img.bm.list {
+		if b.bits == nil {
+			continue
+		}
+		if lost != nil {
+			b.bits = nil
+		} else {
+			b.bits.resize(bitmapBits(size, b.GranularityBits))
+		}
+		b.stale = true
+		img.bm.changed = true
+	}
+	if lost != nil {
+		img.bm.lost = lost
 	}
 	img.publishTrackingLocked()
 }

@@ -3,8 +3,10 @@ package qcow2
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
+	"time"
 )
 
 // rawBitmap encodes a bitmap directory entry.
@@ -114,5 +116,54 @@ func TestParseBitmapDirectory(t *testing.T) {
 	}
 	if _, err := ParseBitmapDirectory(d, ext, 8, 1<<30); err == nil {
 		t.Error("cluster_bits 8 accepted")
+	}
+}
+
+// TestParseBitmapDirectoryMax parses the largest directory QEMU allows,
+// 65535 entries, and finds a duplicate name at its very end: names are
+// checked with a set (comparing every pair took over a minute).
+func TestParseBitmapDirectoryMax(t *testing.T) {
+	bms := make([]Bitmap, MaxBitmaps)
+	for i := range bms {
+		bms[i] = Bitmap{TableOffset: 0x50000, TableSize: 1, Type: 1, GranularityBits: 16, Name: fmt.Sprintf("bitmap-%05d", i)}
+	}
+	d, ext := bitmapDirOf(bms)
+	start := time.Now()
+	got, err := ParseBitmapDirectory(d, ext, 16, 1<<30)
+	if err != nil || len(got) != MaxBitmaps {
+		t.Fatalf("%d bitmaps, %v", len(got), err)
+	}
+	bms[len(bms)-1].Name = bms[0].Name
+	d, ext = bitmapDirOf(bms)
+	if _, err := ParseBitmapDirectory(d, ext, 16, 1<<30); err == nil || !strings.Contains(err.Error(), "used twice") {
+		t.Fatalf("duplicate name: %v", err)
+	}
+	// Generous for the race detector on a loaded machine; the pairwise
+	// comparison took over 60 s.
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("parsing two directories of %d bitmaps took %v", MaxBitmaps, d)
+	}
+}
+
+// TestBitmapConstraints: QEMU 7.2's check_constraints_on_bitmap limits
+// the bitmap's bytes (512 MiB), not the disk size shifted by the
+// granularity: 512-byte granules cover up to 2 TiB.
+func TestBitmapConstraints(t *testing.T) {
+	img := &Image{cs: 64 << 10}
+	for _, tc := range []struct {
+		size uint64
+		gb   uint8
+		ok   bool
+	}{
+		{1 << 40, 9, true},
+		{2 << 40, 9, true},
+		{2<<40 + 1, 9, false},
+		{4 << 40, 10, true},
+		{4<<40 + 512, 10, false},
+		{1 << 50, 31, true},
+	} {
+		if err := img.bitmapConstraints(tc.size, tc.gb, "b"); (err == nil) != tc.ok {
+			t.Errorf("size %d, granularity bits %d: %v", tc.size, tc.gb, err)
+		}
 	}
 }

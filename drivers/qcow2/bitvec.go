@@ -8,7 +8,11 @@ import (
 
 // bitVec is the in-memory form of a dirty bitmap (QEMU's HBitmap, one
 // level): bit i stands for granule i. It is allocated in chunks on first
-// use, so a clean bitmap of a large disk costs only its chunk pointers.
+// use, so a clean bitmap of a large disk costs only its chunk pointers,
+// and a chunk whose bits are all set is the shared onesChunk, so a bitmap
+// whose image stores "all ones" clusters, or that a write over the whole
+// disk dirtied, costs no more. At most every chunk is allocated:
+// bitVecBytes, which the image's bitmap memory cap counts.
 //
 // setRange may run on any number of loops at once (atomic operations, no
 // lock: the write path only pays for it when a bit is still clear); every
@@ -25,9 +29,27 @@ const (
 
 type bitChunk [bitChunkWords]uint64
 
+// onesChunk stands for every chunk whose bits are all set. It is never
+// written: writers OR only into words that miss a bit, and the paths that
+// clear bits replace chunks rather than change them.
+var onesChunk = func() *bitChunk {
+	c := new(bitChunk)
+	for i := range c {
+		c[i] = ^uint64(0)
+	}
+	return c
+}()
+
 func newBitVec(n uint64) *bitVec {
-	return &bitVec{n: n, chunks: make([]atomic.Pointer[bitChunk], (n+bitChunkBits-1)/bitChunkBits)}
+	return &bitVec{n: n, chunks: make([]atomic.Pointer[bitChunk], bitChunksFor(n))}
 }
+
+// bitChunksFor is the number of chunks n bits take.
+func bitChunksFor(n uint64) uint64 { return (n + bitChunkBits - 1) / bitChunkBits }
+
+// bitVecBytes is the most memory a vector of n bits holds: every chunk
+// allocated (its chunk pointers, 1/4096 of that, aside).
+func bitVecBytes(n uint64) uint64 { return bitChunksFor(n) * bitChunkWords * 8 }
 
 // chunk returns chunk i, allocating it if needed.
 func (v *bitVec) chunk(i uint64) *bitChunk {
@@ -42,12 +64,20 @@ func (v *bitVec) chunk(i uint64) *bitChunk {
 }
 
 // setRange sets bits first..last (inclusive), clipped to the vector.
+// Whole chunks become onesChunk.
 func (v *bitVec) setRange(first, last uint64) {
 	if v.n == 0 {
 		return
 	}
 	last = min(last, v.n-1)
 	for first <= last {
+		if first%bitChunkBits == 0 && last-first >= bitChunkBits-1 {
+			// Bits set concurrently in the chunk replaced are set in
+			// onesChunk too: nothing is lost.
+			v.chunks[first/bitChunkBits].Store(onesChunk)
+			first += bitChunkBits
+			continue
+		}
 		c := v.chunk(first / bitChunkBits)
 		// Within one word: bits lo..hi of word w.
 		w, lo := (first%bitChunkBits)/64, first%64
@@ -71,8 +101,12 @@ func (v *bitVec) word(w uint64) uint64 {
 
 // orWord ORs x into word w.
 func (v *bitVec) orWord(w, x uint64) {
-	if x != 0 {
-		atomic.OrUint64(&v.chunk(w / bitChunkWords)[w%bitChunkWords], x)
+	if x == 0 {
+		return
+	}
+	p := &v.chunk(w / bitChunkWords)[w%bitChunkWords]
+	if atomic.LoadUint64(p)&x != x {
+		atomic.OrUint64(p, x)
 	}
 }
 
@@ -148,14 +182,33 @@ func (v *bitVec) reset() {
 	}
 }
 
-// resized returns a copy of the vector with n bits: bits past the old end
-// read as clear, bits past the new end are dropped (QEMU's hbitmap_truncate).
-func (v *bitVec) resized(n uint64) *bitVec {
-	nv := newBitVec(n)
-	for w := range min(v.words(), nv.words()) {
-		nv.orWord(w, v.word(w)&nv.tailMask(w))
+// resize gives the vector n bits in place, keeping its chunks: bits past
+// the old end read as clear, bits past the new end are dropped (QEMU's
+// hbitmap_truncate). No request may run concurrently.
+func (v *bitVec) resize(n uint64) {
+	chunks := make([]atomic.Pointer[bitChunk], bitChunksFor(n))
+	for i := range min(len(v.chunks), len(chunks)) {
+		chunks[i].Store(v.chunks[i].Load())
 	}
-	return nv
+	v.n, v.chunks = n, chunks
+	// Bits past the end are clear in a vector (growing finds them so);
+	// shrinking may cut a chunk, whose tail is cleared.
+	last := len(chunks) - 1
+	tail := n % bitChunkBits
+	if tail == 0 || last < 0 || chunks[last].Load() == nil {
+		return
+	}
+	c := chunks[last].Load()
+	if c == onesChunk {
+		c = new(bitChunk)
+		*c = *onesChunk
+		chunks[last].Store(c)
+	}
+	if tail%64 != 0 {
+		c[tail/64] &= uint64(1)<<(tail%64) - 1
+		tail += 64 - tail%64
+	}
+	clear(c[tail/64:])
 }
 
 // mergeFrom sets in v (granularity 1<<gv bytes) every granule that touches a

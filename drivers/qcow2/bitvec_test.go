@@ -40,9 +40,32 @@ func TestBitVec(t *testing.T) {
 	w.deserialize(4096, buf[4096:])
 	check("round trip", w, model)
 
-	check("shrunk", v.resized(100), model[:100])
-	grown := v.resized(2 * n)
-	check("grown", grown, append(append([]bool{}, model...), make([]bool, n)...))
+	// A whole chunk set is the shared onesChunk, which ORs leave alone;
+	// shrinking into it copies it before clearing the tail; growing
+	// after finds the dropped bits clear.
+	set(0, bitChunkBits-1)
+	if v.chunks[0].Load() != onesChunk {
+		t.Error("a whole chunk set is not onesChunk")
+	}
+	w.mergeFrom(9, v, 9)
+	check("merged into ones", w, model)
+	v.resize(100)
+	check("shrunk", v, model[:100])
+	v.resize(2 * n)
+	check("grown", v, append(model[:100:100], make([]bool, 2*n-100)...))
+	for i, x := range onesChunk {
+		if x != ^uint64(0) {
+			t.Fatalf("onesChunk word %d changed to %#x", i, x)
+		}
+	}
+	x := newBitVec(2 * bitChunkBits)
+	x.setRange(0, 2*bitChunkBits-1)
+	x.resize(bitChunkBits + 64)
+	all := make([]bool, bitChunkBits+64)
+	for i := range all {
+		all[i] = true
+	}
+	check("shrunk at a word", x, all)
 
 	// Merging a 4-bit-granule vector into a 1-bit one sets 4 bits per
 	// source bit, and back again one bit per touched group of 4.

@@ -2,6 +2,7 @@ package qcow2
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -23,6 +24,15 @@ import (
 // window. Zstd streams are ordinary frames. Decompression must produce
 // exactly one cluster and ignores whatever follows the stream in the sectors
 // the descriptor covers (the next compressed cluster may start there).
+//
+// A zstd frame header declares a window of up to 3.75 TiB, which a
+// streaming decoder would allocate. The output here is one cluster, so no
+// match can reach further back than the cluster's start: frames are
+// delimited (zstdFrameLen) and decoded whole into the cluster buffer
+// (DecodeAll, output capped at the cluster), whatever window they declare.
+// Memory is then the cluster plus the decoder's block buffers (~300 KiB),
+// where QEMU's ZSTD_decompressStream allocates the declared window (and
+// refuses windows above 128 MiB).
 
 // deflateWindow is the window QEMU's inflate accepts (windowBits -12).
 const deflateWindow = 4096
@@ -41,10 +51,11 @@ var (
 		return w
 	}}
 	zstdDecoders = sync.Pool{New: func() any {
-		d, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1),
-			zstd.WithDecoderMaxWindow(64<<20), zstd.WithDecoderMaxMemory(64<<20))
+		d, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true),
+			zstd.WithDecoderMaxWindow(zstdMaxWindow), zstd.WithDecoderMaxMemory(zstdMaxWindow),
+			zstd.WithDecodeAllCapLimit(true))
 		if err != nil {
-			panic(err)
+			panic(err) // constant arguments
 		}
 		return d
 	}}
@@ -70,16 +81,106 @@ func decompressCluster(ctype uint8, dst, src []byte) error {
 		_, err := io.ReadFull(r, dst)
 		return err
 	case CompressionZstd:
-		d := zstdDecoders.Get().(*zstd.Decoder)
-		defer zstdDecoders.Put(d)
-		if err := d.Reset(bytes.NewReader(src)); err != nil {
-			return err
-		}
-		_, err := io.ReadFull(d, dst)
-		d.Reset(nil)
-		return err
+		return zstdDecompress(dst, src)
 	}
 	return fmt.Errorf("qcow2: unknown compression type %d", ctype)
+}
+
+// zstdMaxWindow is the largest window a frame header can declare
+// (exponent 31, mantissa 7): every frame is accepted, since the window
+// costs no memory here.
+const zstdMaxWindow = 1<<41 + 7<<38
+
+// zstdDecompress fills dst from the zstd frames at the start of src, as
+// QEMU's qcow2_zstd_decompress: frames are decoded until dst is full, a
+// frame that would overflow it is an error, and whatever follows the frame
+// that fills it is ignored.
+func zstdDecompress(dst, src []byte) error {
+	d := zstdDecoders.Get().(*zstd.Decoder)
+	defer zstdDecoders.Put(d)
+	// The capacity caps DecodeAll's output at the cluster.
+	out := dst[:0:len(dst)]
+	for len(out) < len(dst) {
+		n, skip, err := zstdFrameLen(src)
+		if err != nil {
+			return err
+		}
+		frame := src[:n]
+		src = src[n:]
+		if skip {
+			continue
+		}
+		if out, err = d.DecodeAll(frame, out); err != nil {
+			return err
+		}
+	}
+	if &out[0] != &dst[0] {
+		copy(dst, out) // not reached: DecodeAll never outgrows the cap
+	}
+	return nil
+}
+
+// errZstdTruncated reports a frame that runs past the compressed data.
+var errZstdTruncated = errors.New("zstd: frame truncated")
+
+// zstdFrameLen returns the length of the zstd frame at the start of src
+// (RFC 8878 section 3.1) and whether it is a skippable frame, by walking
+// its header and block headers without decoding.
+func zstdFrameLen(src []byte) (n int, skip bool, err error) {
+	if len(src) < 8 {
+		return 0, false, errZstdTruncated
+	}
+	magic := binary.LittleEndian.Uint32(src)
+	if magic&^0xf == 0x184d2a50 {
+		n := 8 + uint64(binary.LittleEndian.Uint32(src[4:]))
+		if n > uint64(len(src)) {
+			return 0, false, errZstdTruncated
+		}
+		return int(n), true, nil
+	}
+	if magic != 0xfd2fb528 {
+		return 0, false, zstd.ErrMagicMismatch
+	}
+	fhd := src[4]
+	if fhd&0x08 != 0 {
+		return 0, false, errors.New("zstd: reserved bit set in the frame header")
+	}
+	single := fhd&0x20 != 0
+	n = 5 + [4]int{0, 1, 2, 4}[fhd&3] // descriptor, dictionary ID
+	if !single {
+		n++ // window descriptor
+	}
+	switch fcs := fhd >> 6; {
+	case fcs == 0 && single:
+		n++
+	case fcs > 0:
+		n += 1 << fcs
+	}
+	for {
+		if n+3 > len(src) {
+			return 0, false, errZstdTruncated
+		}
+		bh := uint32(src[n]) | uint32(src[n+1])<<8 | uint32(src[n+2])<<16
+		n += 3
+		switch bh >> 1 & 3 {
+		case 0, 2: // raw, compressed
+			n += int(bh >> 3)
+		case 1: // RLE: one byte repeated
+			n++
+		default:
+			return 0, false, zstd.ErrReservedBlockType
+		}
+		if bh&1 != 0 {
+			break
+		}
+	}
+	if fhd&0x04 != 0 {
+		n += 4 // content checksum
+	}
+	if n > len(src) {
+		return 0, false, errZstdTruncated
+	}
+	return n, false, nil
 }
 
 // compressCluster compresses src into a new buffer of at most maxLen bytes,

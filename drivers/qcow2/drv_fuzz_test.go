@@ -9,6 +9,7 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
+	"ublkimg/internal/fuzzlimit"
 )
 
 // fuzzBase is a small image with every kind of metadata in use (made by
@@ -82,6 +83,7 @@ func FuzzImage(f *testing.F) {
 	seed(0x1000/8, 0)                            // refblock gone
 	seed(0x2000/8, 0xffffffffffffffff)           // refcounts maxed
 	f.Fuzz(func(t *testing.T, patch []byte, ops uint8) {
+		fuzzlimit.Guard(t, fuzzlimit.Limits{})
 		img := append([]byte(nil), base...)
 		for len(patch) >= 10 {
 			w := int(binary.BigEndian.Uint16(patch)) * 8

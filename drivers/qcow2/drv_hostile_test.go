@@ -166,3 +166,37 @@ func TestHeaderBitsOnWrite(t *testing.T) {
 	}
 	qcheck(t, p, false)
 }
+
+// TestNoIODataFile: a metadata-only open (bdrv.Spec.NoIO, qemu-img info)
+// of an image with an external data file does not open the data file
+// (here a FIFO, whose open for reading would hang): guest I/O fails with
+// EIO, flush and close succeed.
+func TestNoIODataFile(t *testing.T) {
+	qemutest.Require(t, "qemu-img", "qemu-io")
+	dir := t.TempDir()
+	p := filepath.Join(dir, "d.qcow2")
+	data := filepath.Join(dir, "data.raw")
+	qimg(t, p, "1M", "-o", "data_file="+data)
+	os.Remove(data)
+	if err := unix.Mkfifo(data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	bdrvtest.WithNode(t, bdrv.Spec{Filename: p, ReadOnly: true, NoIO: true}, func(co *coroutine.Co, n *bdrv.Node) error {
+		if err := n.Preadv(co, 0, bdrv.IOVec{make([]byte, 4096)}, 0); !errors.Is(err, unix.EIO) {
+			t.Errorf("read: %v, want EIO", err)
+		}
+		if _, err := n.BlockStatus(co, true, 0, 4096); !errors.Is(err, unix.EIO) {
+			t.Errorf("block status: %v, want EIO", err)
+		}
+		return n.Flush(co)
+	})
+	bdrvtest.WithNode(t, bdrv.Spec{Filename: p, NoIO: true}, func(co *coroutine.Co, n *bdrv.Node) error {
+		if err := n.Pwritev(co, 0, bdrv.IOVec{make([]byte, 4096)}, 0); !errors.Is(err, unix.EIO) {
+			t.Errorf("write: %v, want EIO", err)
+		}
+		return n.Flush(co)
+	})
+	if err := openErr(bdrv.Spec{Filename: p, ReadOnly: true}); err == nil || !strings.Contains(err.Error(), "to be a regular file or a block device") {
+		t.Errorf("open for I/O: %v", err)
+	}
+}

@@ -16,6 +16,7 @@ import (
 	"sync"
 	"testing"
 
+	"ublkimg/internal/fuzzlimit"
 	"ublkimg/internal/qemutest"
 )
 
@@ -103,6 +104,7 @@ func FuzzParseHeader(f *testing.F) {
 	f.Add(trimZeros(mustMarshalHeader(f, h)), int64(-1))
 
 	f.Fuzz(func(t *testing.T, data []byte, fileSize int64) {
+		fuzzlimit.Guard(t, parseLimits)
 		b := padHeader(data)
 		h, err := ParseHeader(b, fileSize)
 		if err != nil {
@@ -155,6 +157,7 @@ func FuzzHeaderExtensions(f *testing.F) {
 	f.Add(bytes.Join([][]byte{rawExt(ExtBackingFormat, []byte("raw")), rawExt(0x77, []byte("?")),
 		rawExt(ExtFeatureTable, rawFeature(0, 7, "x"))}, nil), uint64(1<<7), uint64(0), uint32(0), uint16(0), uint16(0))
 	f.Fuzz(func(t *testing.T, area []byte, incompat, autoclear uint64, crypt uint32, bfo, bfs uint16) {
+		fuzzlimit.Guard(t, parseLimits)
 		h, size := baseHeader()
 		h.ClusterBits = 12
 		h.L1TableOffset, h.RefcountTableOffset, h.L1Size = 0x3000, 0x1000, 1024
@@ -244,6 +247,7 @@ func FuzzL2Entry(f *testing.F) {
 	f.Add(OflagCompressed|3<<54|0x50123, uint64(0), uint8(7), uint8(0))
 
 	f.Fuzz(func(t *testing.T, e, bm uint64, cb, flags uint8) {
+		fuzzlimit.Guard(t, parseLimits)
 		g := fuzzGeometry(cb, flags)
 		ct := g.ClusterType(e)
 		checkErr := g.CheckL2(e, bm, 0x10000, 1)
@@ -314,6 +318,7 @@ func FuzzCompressedDescriptor(f *testing.F) {
 	f.Add(OflagCompressed|0x1fff<<49|(1<<49-1), uint8(12))
 
 	f.Fuzz(func(t *testing.T, e uint64, cb uint8) {
+		fuzzlimit.Guard(t, parseLimits)
 		g := fuzzGeometry(cb, 0)
 		cs := g.ClusterSize()
 		x := 62 - (g.ClusterBits - 8)
@@ -352,6 +357,7 @@ func FuzzSnapshotTable(f *testing.F) {
 	f.Add(rawSnapshot(0x10000, 1, "1", "v2", 4096, nil), uint32(1), uint64(1<<20))
 
 	f.Fuzz(func(t *testing.T, data []byte, count uint32, diskSize uint64) {
+		fuzzlimit.Guard(t, parseLimits)
 		count %= MaxSnapshots + 2
 		snaps, n, err := ParseSnapshotTable(data, count, diskSize)
 		if err != nil {
@@ -388,6 +394,7 @@ func FuzzBitmapDirectory(f *testing.F) {
 	d, ext := bitmapDirOf(goodBitmaps())
 	f.Add(d, ext.Count, uint8(16), uint64(1<<30))
 	f.Fuzz(func(t *testing.T, dir []byte, count uint32, cb uint8, size uint64) {
+		fuzzlimit.Guard(t, parseLimits)
 		ext := BitmapsExt{Count: count, DirectorySize: uint64(len(dir)), DirectoryOffset: 0x10000}
 		bms, err := ParseBitmapDirectory(dir, ext, uint32(cb), size)
 		if err != nil {
@@ -410,6 +417,7 @@ func FuzzRefcount(f *testing.F) {
 	f.Add([]byte{0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0}, uint8(0), uint64(3), uint64(1))
 	f.Add([]byte{0xff}, uint8(6), uint64(0), uint64(1))
 	f.Fuzz(func(t *testing.T, block []byte, order uint8, i, v uint64) {
+		fuzzlimit.Guard(t, parseLimits)
 		g := Geometry{ClusterBits: 9, RefcountOrder: uint32(order % 8), Version: 3}
 		old := bytes.Clone(block)
 		if err := g.SetRefcount(block, i, v); err != nil {
@@ -431,3 +439,7 @@ func FuzzRefcount(f *testing.F) {
 		}
 	})
 }
+
+// parseLimits bound one input of the parser targets, which decode what the
+// input holds (its seeds allocate under 1 MiB).
+var parseLimits = fuzzlimit.Limits{Alloc: 64 << 20}

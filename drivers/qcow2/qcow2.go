@@ -346,9 +346,25 @@ func (img *Image) openLocked(co *coroutine.Co, opts bdrv.Options, repaired bool)
 	return nil
 }
 
+// errNoDataFile fails guest I/O of an image with an external data file
+// opened for metadata only.
+var errNoDataFile = &ioError{unix.EIO, errors.New("qcow2: image opened for metadata only: its data file is not open")}
+
+// openDataFile opens the external data file the image names (or the
+// data-file option), or takes the image file itself as the data file.
+// A metadata-only open (bdrv.Spec.NoIO: qemu-img info) never opens it, as
+// QEMU since its fix for CVE-2024-4467: info must be safe on an image
+// whose data file names any file at all, and needs none of its content.
+// img.data is then nil and guest I/O fails (checkIO).
 func (img *Image) openDataFile(co *coroutine.Co, opts bdrv.Options) error {
 	h := img.hdr
 	img.data = img.file
+	if img.node.NoIO {
+		if h.HasDataFile() {
+			img.data = nil
+		}
+		return nil
+	}
 	if !h.HasDataFile() {
 		if opts.Has(OptDataFile) {
 			return errors.New("'data-file' can only be set for images with an external data file")
@@ -594,7 +610,7 @@ func (img *Image) needAccurateRefcountsLocked() bool { return !img.dirtyOnDisk }
 // flushFilesLocked flushes the image file and the external data file, for a
 // cache that depends on a flush.
 func (img *Image) flushFilesLocked(co *coroutine.Co) error {
-	if img.data != img.file {
+	if img.data != nil && img.data != img.file {
 		if err := img.data.Flush(co); err != nil {
 			return err
 		}
@@ -624,7 +640,7 @@ func (img *Image) Flush(co *coroutine.Co) error {
 	if img.readOnly {
 		return nil
 	}
-	if img.data != img.file {
+	if img.data != nil && img.data != img.file {
 		if err := img.data.Flush(co); err != nil {
 			return err
 		}
@@ -688,7 +704,7 @@ func (img *Image) SupportedWriteFlags() bdrv.ReqFlags { return bdrv.ReqWriteComp
 // the guest data lives in a raw data file that already has content.
 func (img *Image) HasZeroInit() bool {
 	if img.hdr.DataFileRaw() {
-		return img.data.HasZeroInit()
+		return img.data != nil && img.data.HasZeroInit()
 	}
 	return true
 }
@@ -700,10 +716,14 @@ func (img *Image) AllocatedSize(co *coroutine.Co) (int64, error) {
 	return img.file.AllocatedSize(co), nil
 }
 
-// checkIO fails requests on an image found corrupt.
+// checkIO fails requests on an image found corrupt, or opened for metadata
+// only without its data file.
 func (img *Image) checkIO() error {
 	if img.corrupt.Load() {
 		return errImageCorrupt
+	}
+	if img.data == nil {
+		return errNoDataFile
 	}
 	return nil
 }

@@ -76,8 +76,16 @@ func (img *Image) readCompressed(co *coroutine.Co, ent, off uint64, part bdrv.IO
 			return nil
 		}
 	}
-	buf := bdrv.AlignedBuffer(int(clen+img.cs), 4096)
-	src, dst := buf[:clen], buf[clen:]
+	var src, dst []byte
+	inPlace := len(part) == 1 && uint64(len(part[0])) == img.cs
+	if inPlace {
+		// The whole cluster into one buffer (convert, big reads):
+		// decompressed in place, no copy.
+		src, dst = bdrv.AlignedBuffer(int(clen), 4096), part[0]
+	} else {
+		buf := bdrv.AlignedBuffer(int(clen+img.cs), 4096)
+		src, dst = buf[:clen], buf[clen:]
+	}
 	// Data past the end of the file reads as zeros, which then fails to
 	// decompress: a hostile descriptor costs a bounded read, no more.
 	err := img.file.Preadv(co, int64(host), bdrv.IOVec{src}, 0)
@@ -97,7 +105,9 @@ func (img *Image) readCompressed(co *coroutine.Co, ent, off uint64, part bdrv.IO
 	if err != nil {
 		return err
 	}
-	part.CopyFrom(dst[oic:oic+uint64(part.Len())], 0)
+	if !inPlace {
+		part.CopyFrom(dst[oic:oic+uint64(part.Len())], 0)
+	}
 	return nil
 }
 

@@ -42,7 +42,7 @@ func (img *Image) truncateLocked(co *coroutine.Co, size int64, exact bool, preal
 	if len(img.snapshots) > 0 && img.hdr.Version < 3 {
 		return &refusal{"Can't resize a v2 image which has snapshots", unix.ENOTSUP}
 	}
-	if err := img.prepareBitmapResizeLocked(co); err != nil {
+	if err := img.prepareBitmapResizeLocked(co, uint64(size)); err != nil {
 		return err
 	}
 	cs := img.cs

@@ -4,6 +4,7 @@
 package qemutest
 
 import (
+	"math/rand/v2"
 	"strings"
 	"time"
 )
@@ -31,4 +32,24 @@ func RetryPBKDF2Timing(run func() string) string {
 		}
 		time.Sleep(pause)
 	}
+}
+
+// Text is n bytes of compressible text, the same for the same seed: words
+// of 3 to 9 letters drawn from a vocabulary of 500, for images whose
+// clusters the tests compress.
+func Text(seed uint64, n int) []byte {
+	r := rand.New(rand.NewPCG(seed, 7))
+	words := make([][]byte, 500)
+	for i := range words {
+		w := make([]byte, 3+r.IntN(7))
+		for j := range w {
+			w[j] = 'a' + byte(r.IntN(16))
+		}
+		words[i] = append(w, ' ')
+	}
+	b := make([]byte, 0, n+10)
+	for len(b) < n {
+		b = append(b, words[r.IntN(len(words))]...)
+	}
+	return b[:n]
 }
