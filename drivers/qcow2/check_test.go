@@ -215,23 +215,37 @@ func ckCopy(t testing.TB, from, to string) {
 	}
 }
 
+// ckResult is Check's result with the lines it reported: Messages of the
+// last pass and, after a repair, RepairMessages of the repairing one.
+type ckResult struct {
+	*CheckResult
+	Messages, RepairMessages []string
+}
+
 // ckCheck runs Check on the image at path through a file node.
-func ckCheck(t testing.TB, path string, fix FixMode) (*CheckResult, error) {
+func ckCheck(t testing.TB, path string, fix FixMode) (*ckResult, error) {
 	t.Helper()
-	var r *CheckResult
+	var r ckResult
+	ev := CheckEvents{
+		Message: func(l string) { r.Messages = append(r.Messages, l) },
+		Recheck: func(*CheckResult) { r.RepairMessages, r.Messages = r.Messages, nil },
+	}
 	var cerr error
 	err := coroutine.Run(func(co *coroutine.Co) error {
 		n, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: "file", ReadOnly: fix == 0})
 		if err != nil {
 			return err
 		}
-		r, cerr = Check(co, n, fix)
+		r.CheckResult, cerr = Check(co, n, fix, ev)
 		return n.Close(co)
 	})
 	if err != nil {
 		t.Fatalf("check %s: %v", path, err)
 	}
-	return r, cerr
+	if r.CheckResult == nil {
+		return nil, cerr
+	}
+	return &r, cerr
 }
 
 // ckOutput is what a qemu-img check --output=json run printed: the report
@@ -324,7 +338,7 @@ func ckQemu(t testing.TB, args ...string) ckOutput {
 
 // ckOurs is what qemu-img check --output=json would print for Check's
 // outcome.
-func ckOurs(r *CheckResult, err error, filename string) ckOutput {
+func ckOurs(r *ckResult, err error, filename string) ckOutput {
 	var o ckOutput
 	var fe *CheckFailedError
 	if err != nil && !errors.As(err, &fe) {
@@ -334,7 +348,7 @@ func ckOurs(r *CheckResult, err error, filename string) ckOutput {
 		o.stderr = append(append(o.stderr, r.RepairMessages...), r.Messages...)
 	}
 	if err == nil {
-		o.rep = ckReportOf(r, filename)
+		o.rep = ckReportOf(r.CheckResult, filename)
 		o.rc = r.ExitCode()
 		if r.CheckErrors != 0 {
 			o.stderr = append(o.stderr, "Check failed")
@@ -418,7 +432,7 @@ func ckCompare(t *testing.T, im ckImage, src string, fix FixMode) (repaired stri
 	o2 := ckQemu(t, im.qemuArgs(op)...)
 	want := ckOutput{}
 	if r != nil && r.Repaired {
-		want = ckOutput{rep: ckReportOf(r, ""), stderr: r.Messages, rc: r.ExitCode()}
+		want = ckOutput{rep: ckReportOf(r.CheckResult, ""), stderr: r.Messages, rc: r.ExitCode()}
 		want.rep.LeaksFixed, want.rep.CorruptionsFixed = 0, 0
 		if want.rc == 1 {
 			want.stderr = append(want.stderr, "Check failed")
