@@ -1104,3 +1104,60 @@ func TestCheckMatrix(t *testing.T) {
 		})
 	}
 }
+
+// TestCheckRepairGrowsRefcountTable repairs an image whose refcount table
+// is full (every cluster it can describe is in use) and whose snapshot
+// table must be rewritten: the new table needs a cluster no refcount table
+// entry can describe, so the repair grows the refcount table, as qemu-img
+// check -r all does (it used to fail with ENOSPC).
+func TestCheckRepairGrowsRefcountTable(t *testing.T) {
+	requireQemuImg(t)
+	const cs = 512
+	// 64-bit refcounts: 64 per block, and a one-cluster table of 64
+	// blocks describes 4096 clusters. Layout: header, refcount table, 64
+	// refcount blocks, L1 table, snapshot table, then 62 L2 tables and
+	// 3966 data clusters, which fill the file to 4096 clusters.
+	const rt, rb, l1, snap, l2s, nL2, nData = 1, 2, 66, 67, 68, 62, 3966
+	h := &Header{Version: 3, ClusterBits: 9, Size: 64 * 64 * cs, L1Size: 64, L1TableOffset: l1 * cs,
+		RefcountTableOffset: rt * cs, RefcountTableClusters: 1, RefcountOrder: 6,
+		NbSnapshots: 1, SnapshotsOffset: snap * cs}
+	hdr, err := h.Marshal(cs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := make([]byte, 4096*cs)
+	copy(img, hdr)
+	g := h.Geometry()
+	for c := range uint64(4096) {
+		if c%64 == 0 {
+			be.PutUint64(img[rt*cs+c/64*8:], (rb+c/64)*cs)
+		}
+		if err := g.SetRefcount(img[(rb+c/64)*cs:][:cs], c%64, 1); err != nil {
+			t.Fatal(err)
+		}
+	}
+	data := uint64(l2s + nL2)
+	for i := range uint64(nData) {
+		l2 := l2s + i/64
+		if i%64 == 0 {
+			be.PutUint64(img[l1*cs+i/64*8:], l2*cs|OflagCopied)
+		}
+		be.PutUint64(img[l2*cs+i%64*8:], (data+i)*cs|OflagCopied)
+		img[(data+i)*cs] = byte(i)
+	}
+	// One snapshot without L1 table whose entry lacks the extra data a
+	// version 3 image requires: a repair rewrites the table.
+	e := img[snap*cs:]
+	be.PutUint16(e[12:], 1) // ID length
+	be.PutUint16(e[14:], 1) // name length
+	e[40], e[41] = '1', 's'
+	p := filepath.Join(t.TempDir(), "full.qcow2")
+	if err := os.WriteFile(p, img, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	im := ckImage{path: p}
+	ckCompare(t, im, p, 0)
+	if ckCompare(t, im, p, FixAll) == "" {
+		t.Error("the repaired image is not clean")
+	}
+}
