@@ -553,11 +553,16 @@ func (img *Image) allocClustersNorefLocked(co *coroutine.Co, n uint64, limit uin
 	return start * img.cs, nil
 }
 
+// allocTries bounds the searches for n clusters: each search that fails
+// made a refcount block (or a new refcount area), and a run of n clusters
+// needs at most n/E+1 blocks; beyond that, something is wrong.
+func (img *Image) allocTries(n uint64) uint64 { return 64 + n/img.g.RefblockEntries() }
+
 // allocClustersLocked allocates n contiguous clusters and returns the host
 // offset of the first (QEMU's qcow2_alloc_clusters).
 func (img *Image) allocClustersLocked(co *coroutine.Co, n uint64) (uint64, error) {
-	for try := 0; ; try++ {
-		if try > 64 {
+	for try := uint64(0); ; try++ {
+		if try > img.allocTries(n) {
 			return 0, fmt.Errorf("qcow2: cluster allocation does not converge: %w", unix.EIO)
 		}
 		off, err := img.allocClustersNorefLocked(co, n, maxHostCluster)
@@ -589,8 +594,8 @@ func (img *Image) allocClustersAtLocked(co *coroutine.Co, off, n uint64) (uint64
 	if off+n*img.cs > maxHostCluster {
 		return 0, nil
 	}
-	for try := 0; ; try++ {
-		if try > 64 {
+	for try := uint64(0); ; try++ {
+		if try > img.allocTries(n) {
 			return 0, fmt.Errorf("qcow2: cluster allocation does not converge: %w", unix.EIO)
 		}
 		var i uint64
