@@ -143,10 +143,10 @@ func errnoOf(err error) unix.Errno {
 // be writable when fix is not 0 (else EROFS). A driver that has the image
 // open drains its requests and writes its caches back before, and after a
 // repair forgets all cached metadata and opens the image anew. A read-write
-// open of an image with the dirty bit repairs it this way (FixAll) before
-// anything else, as QEMU's qcow2_do_open does; the open fails with "Could
-// not repair dirty image" when Check returns an error or the result has
-// CheckErrors.
+// open of an image with the dirty bit repairs it with one pass of the check
+// (FixAll) before anything else, as QEMU's qcow2_do_open does; the open
+// fails with "Could not repair dirty image" when the pass returns an error
+// or check errors.
 //
 // Check does not look at the bitmaps' data the way QEMU's open does
 // (qcow2_load_dirty_bitmaps refuses to open an image whose bitmap directory or

@@ -297,8 +297,9 @@ func (img *Image) openLocked(co *coroutine.Co, opts bdrv.Options, repaired bool)
 	if !img.readOnly && h.Dirty() && !repaired {
 		// Refcounts were left stale by lazy refcounts: rebuild them
 		// before trusting them, then read everything again (QEMU's
-		// qcow2_do_open repairs dirty images the same way).
-		res, err := Check(co, img.file, FixAll, CheckEvents{})
+		// qcow2_do_open repairs dirty images the same way, with one
+		// pass of the check and no second one to confirm).
+		res, err := checkPass(co, img.file, FixAll, CheckEvents{})
 		if err == nil && res.CheckErrors > 0 {
 			err = unix.EIO
 		}
