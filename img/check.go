@@ -1,6 +1,7 @@
 package img
 
 import (
+	"bufio"
 	"errors"
 	"fmt"
 	"io"
@@ -179,7 +180,23 @@ func Check(co *coroutine.Co, opts CheckOptions, stdout, stderr io.Writer) (int, 
 	case RepairAll:
 		fix = qcow2.FixAll
 	}
-	r, err := qcow2.Check(co, file, fix)
+	// The checker's lines go out as they are found (an image can make
+	// millions of them), buffered, and flushed before anything goes to
+	// stdout so that a terminal shows both in qemu-img's order.
+	errw := bufio.NewWriter(stderr)
+	r, err := qcow2.Check(co, file, fix, qcow2.CheckEvents{
+		Message: func(line string) {
+			errw.WriteString(line)
+			errw.WriteByte('\n')
+		},
+		Recheck: func(first *qcow2.CheckResult) {
+			errw.Flush()
+			if !opts.JSON {
+				writeCheckRepaired(stdout, first)
+			}
+		},
+	})
+	errw.Flush()
 	if r == nil {
 		if err == nil {
 			err = errors.New("check returned no result")
@@ -190,16 +207,6 @@ func Check(co *coroutine.Co, opts CheckOptions, stdout, stderr io.Writer) (int, 
 		}
 		return fail(openError(display, err))
 	}
-	lines := func(ls []string) {
-		for _, l := range ls {
-			fmt.Fprintln(stderr, l)
-		}
-	}
-	lines(r.RepairMessages)
-	if r.Repaired && !opts.JSON {
-		writeCheckRepaired(stdout, r)
-	}
-	lines(r.Messages)
 	if err != nil {
 		return fail(err)
 	}

@@ -300,7 +300,7 @@ func (img *Image) changeRefcountOrderLocked(co *coroutine.Co, order uint32, st *
 	img.reftable, img.rtOffset, img.rtCluster = newTable, tableOff, uint32(tableEntries*8/cs)
 	for _, off := range newTable {
 		if off != 0 {
-			img.metaClusters[off/cs] = mkRefBlock
+			img.addMeta(off/cs, mkRefBlock)
 		}
 	}
 	for i := range oldTable {

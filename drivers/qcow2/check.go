@@ -15,19 +15,25 @@ import (
 // This file is the consistency checker behind `check` (QEMU's
 // qcow2_co_check_locked and qcow2_check_refcounts, block/qcow2-refcount.c,
 // with the snapshot table checks of block/qcow2-snapshot.c and the bitmap
-// walk of block/qcow2-bitmap.c), kept apart from the driver core: it reads
-// and writes only the image's protocol node and keeps all its state in a
-// chkState that lives for one pass. check_repair.go holds what a repair
-// writes.
+// walk of block/qcow2-bitmap.c). It opens the image as QEMU does for a
+// check, as an Image whose chk is set, and repairs it with the driver's own
+// refcount cache, allocator and overlap check (refcount.go, cache.go,
+// qcow2.go); check_repair.go holds what only a repair does (the refcount
+// structure rebuild, growing the file for a refcount block past its end).
 //
 // The messages are QEMU 7.2's, word for word, because scripts grep them, and
 // the counting follows QEMU step by step (which problems count as
 // corruptions, which as leaks, when a repair needs the refcount structure
 // rebuilt), so that ublkimg check and qemu-img check agree on every image.
+//
+// Memory is bounded by the file, not by what it holds: the in-memory
+// refcounts take refcount_bits per host cluster of the file (saturating, as
+// QEMU's), the active L1 table is held once (as the driver holds it), other
+// tables are read a piece at a time, and messages are handed out as they
+// are found, never collected.
 
-// CheckResult is the outcome of Check: QEMU's BdrvCheckResult plus the lines
-// qemu-img prints while checking, and what it needs to print the summary
-// (its ImageCheck).
+// CheckResult is the outcome of Check: QEMU's BdrvCheckResult plus what
+// qemu-img needs to print its summary (its ImageCheck).
 type CheckResult struct {
 	// Corruptions are errors left in the image, Leaks clusters that are
 	// allocated but unused, CheckErrors problems that kept the check from
@@ -42,19 +48,25 @@ type CheckResult struct {
 	// contiguous with their predecessor in the file, compressed ones.
 	TotalClusters, AllocatedClusters, FragmentedClusters, CompressedClusters int64
 
-	// Messages are the lines qemu-img prints to stderr while checking, such
-	// as "Leaked cluster 5 refcount=1 reference=0", in order. Lines QEMU
-	// prints through error_report lack its "qemu-img: " prefix; a CLI adds
-	// its own program name.
-	Messages []string
-
 	// Repaired is set when the check repaired something and then checked the
 	// image again without repairing, as qemu-img check -r does ("Double
 	// checking the fixed image now..."). The counts above are then those of
-	// the second pass, except CorruptionsFixed and LeaksFixed, and
-	// RepairMessages holds the lines the repairing pass printed.
-	Repaired       bool
-	RepairMessages []string
+	// the second pass, except CorruptionsFixed and LeaksFixed.
+	Repaired bool
+}
+
+// CheckEvents receives what Check finds while it works. A zero CheckEvents
+// drops it all.
+type CheckEvents struct {
+	// Message receives each line qemu-img prints to stderr while checking,
+	// such as "Leaked cluster 5 refcount=1 reference=0", in order, as it
+	// is found. Lines QEMU prints through error_report lack its
+	// "qemu-img: " prefix; a CLI adds its own program name.
+	Message func(line string)
+	// Recheck is called when a repairing pass fixed something, before the
+	// image is checked again; first holds that pass's counts (qemu-img
+	// prints its repair report then).
+	Recheck func(first *CheckResult)
 }
 
 // FixMode selects what Check repairs (QEMU's BdrvCheckMode).
@@ -106,7 +118,8 @@ func errnoOf(err error) unix.Errno {
 }
 
 // Check checks the consistency of the qcow2 image in file and, depending on
-// fix, repairs it, the way `qemu-img check [-r leaks|all]` does.
+// fix, repairs it, the way `qemu-img check [-r leaks|all]` does. The lines
+// qemu-img prints while checking go to ev as they are found.
 //
 // It walks every structure of the image (header cluster, active L1 and L2
 // tables and the data clusters they map, including compressed ones, every
@@ -117,36 +130,23 @@ func errnoOf(err error) unix.Errno {
 // COPIED flags of the active tables and the snapshot table. With a fix mode
 // it repairs what it may (decreasing refcounts of leaked clusters,
 // increasing too-low ones, correcting COPIED flags, rebuilding an unusable
-// refcount structure, rewriting a broken snapshot table), and after a repair
-// without remaining errors clears the dirty and corrupt bits; opening for
-// repair also clears unknown autoclear bits, as QEMU's read-write open does.
-// When something was repaired, the image is checked once more without
-// repairing and that result is returned (see CheckResult.Repaired).
+// refcount structure, rewriting a broken snapshot table, which may grow the
+// refcount table), and after a repair without remaining errors clears the
+// dirty and corrupt bits; opening for repair also clears unknown autoclear
+// bits, as QEMU's read-write open does. When something was repaired, the
+// image is checked once more without repairing and that result is returned
+// (see CheckResult.Repaired).
 //
-// Check reads and writes only file, the image's protocol node (Preadv,
-// Pwritev, Flush, Length, and Truncate to grow the file for a refcount block
-// beyond its end), through a small cache of its own that it writes back
-// before returning. Nothing else may use the image meanwhile (QEMU holds
-// s->lock). file must be writable when fix is not 0 (else EROFS). A driver
-// that has the image open calls it like this:
-//
-//   - drain its requests and flush its L2 and refcount caches;
-//   - call Check on its protocol node;
-//   - with a fix mode, then forget all cached metadata and read the header
-//     again, because a repair may have changed refcount blocks, the refcount
-//     table and its place (header fields refcount_table_offset and
-//     refcount_table_clusters), the snapshot table (nb_snapshots,
-//     snapshots_offset), the feature bits (dirty, corrupt, autoclear), COPIED
-//     flags in the active L1 and L2 tables, and the file's length; restart its
-//     free-cluster search at 0.
-//
-// On a read-write open of an image with the dirty bit, QEMU (qcow2_do_open)
-// repairs it before anything else: Check(co, file, FixAll), and the open
-// fails with "Could not repair dirty image" when Check returns an error or
-// the result has CheckErrors (its errno, EIO when the result only has check
-// errors). Not when opened for `check` itself (QEMU's BDRV_O_CHECK), nor
-// read-only. Also on a read-write open, unknown autoclear bits must be
-// cleared (Check does that too when repairing).
+// Check reads and writes only file, the image's protocol node, with the
+// driver's own metadata code, and writes everything back before returning.
+// Nothing else may use the image meanwhile (QEMU holds s->lock). file must
+// be writable when fix is not 0 (else EROFS). A driver that has the image
+// open drains its requests and writes its caches back before, and after a
+// repair forgets all cached metadata and opens the image anew. A read-write
+// open of an image with the dirty bit repairs it with one pass of the check
+// (FixAll) before anything else, as QEMU's qcow2_do_open does; the open
+// fails with "Could not repair dirty image" when the pass returns an error
+// or check errors.
 //
 // Check does not look at the bitmaps' data the way QEMU's open does
 // (qcow2_load_dirty_bitmaps refuses to open an image whose bitmap directory or
@@ -160,23 +160,24 @@ func errnoOf(err error) unix.Errno {
 // Errors: a *HeaderError or *UnsupportedFeatureError (through
 // errors.Is ErrInvalid / ErrUnsupported) when the image cannot be opened at
 // all (qemu-img: "Could not open"), with a nil result; a *CheckFailedError
-// when the check could not complete, with the partial result, whose Messages
-// should be printed before the error.
-func Check(co *coroutine.Co, file *bdrv.Node, fix FixMode) (*CheckResult, error) {
+// when the check could not complete, with the partial result.
+func Check(co *coroutine.Co, file *bdrv.Node, fix FixMode, ev CheckEvents) (*CheckResult, error) {
 	if fix != 0 && file.ReadOnly {
 		return nil, fmt.Errorf("qcow2: repairing %s: %w", file.Filename, unix.EROFS)
 	}
-	r, err := checkPass(co, file, fix)
+	r, err := checkPass(co, file, fix, ev)
 	if err != nil || fix == 0 || (r.CorruptionsFixed == 0 && r.LeaksFixed == 0) {
 		return r, err
 	}
-	r2, err := checkPass(co, file, 0)
+	if ev.Recheck != nil {
+		ev.Recheck(r)
+	}
+	r2, err := checkPass(co, file, 0, ev)
 	if r2 == nil {
 		return r, err
 	}
 	r2.CorruptionsFixed, r2.LeaksFixed = r.CorruptionsFixed, r.LeaksFixed
 	r2.Repaired = true
-	r2.RepairMessages = r.Messages
 	return r2, err
 }
 
@@ -193,8 +194,6 @@ const (
 	// wherever it is); farther blocks make the refcount structure be
 	// rebuilt instead, as when QEMU cannot grow the file.
 	chkMaxGrow = 64 << 20
-	// chkReadChunk is the unit in which tables are read.
-	chkReadChunk = 1 << 20
 )
 
 // chkCounts is QEMU's BdrvCheckResult: the counts of one part of a check.
@@ -219,65 +218,42 @@ func (c *chkCounts) add(src *chkCounts, withAlloc bool) {
 	}
 }
 
-// chkState is one pass of the checker over an image: what QEMU keeps in
-// BDRVQcow2State while checking, read from the file at the start of the
-// pass.
+// chkState is one pass of the checker over an image: the image as QEMU
+// opens it for a check, and what the pass keeps besides.
 type chkState struct {
-	co   *coroutine.Co
+	co  *coroutine.Co
+	img *Image
+	// file, h, g and cs are img's.
 	file *bdrv.Node
+	h    *Header
+	g    Geometry
+	cs   uint64
 	fix  FixMode
+	ev   CheckEvents
 
-	h  *Header
-	g  Geometry
-	cs uint64 // cluster size
-	// rbBits is log2 of the entries in a refcount block.
-	rbBits   uint32
 	refMax   uint64
 	dataFile bool
 	// diskSize is the virtual size as QEMU sees it (whole sectors).
 	diskSize uint64
-	// incompat and autoclear are the feature bits as on disk now.
-	incompat, autoclear uint64
-
-	l1Offset uint64
-	l1Size   uint32
-	// l1 is the active L1 table as read when the pass started (QEMU's
-	// s->l1_table); entries past its end were past the end of the file and
-	// are zero.
-	l1 []uint64
-
-	reftableOffset uint64
-	// reftable is the refcount table (s->refcount_table); it has
-	// refcount_table_clusters * cluster_size / 8 entries.
-	reftable []uint64
-
-	nbSnapshots     uint32
-	snapshotsOffset uint64
-	snapshotsSize   uint64
-	snaps           []Snapshot
 
 	nbBitmaps                      uint32
 	bitmapDirOffset, bitmapDirSize uint64
 
-	// freeCluster is where the search for free clusters starts
-	// (s->free_cluster_index).
-	freeCluster uint64
-	// rbCache holds recently used refcount blocks read from the file.
-	rbCache []*chkCachedBlock
 	// signaled is set once a corruption was signalled; later ones are
 	// suppressed as in QEMU.
 	signaled bool
-	// dead is set when a repair write was refused as a fatal corruption:
-	// QEMU then stops using the image (bs->drv = NULL), so refcount blocks
-	// still cached are never written.
-	dead  bool
-	wrote bool
 
-	msgs []string
+	// l2 holds the last L2 table read (l2Off; valid unless l2Stale), which
+	// a walk reads again for every L1 entry naming it, as QEMU does.
+	l2      []byte
+	l2Off   uint64
+	l2Stale bool
 }
 
 func (c *chkState) msg(format string, args ...any) {
-	c.msgs = append(c.msgs, fmt.Sprintf(format, args...))
+	if c.ev.Message != nil {
+		c.ev.Message(fmt.Sprintf(format, args...))
+	}
 }
 
 // repairWord is QEMU's `fix & BDRV_FIX_ERRORS ? "Repairing" : "ERROR"`.
@@ -297,14 +273,14 @@ func chex(v uint64) string {
 }
 
 // checkPass runs one pass of qcow2_co_check_locked.
-func checkPass(co *coroutine.Co, file *bdrv.Node, fix FixMode) (*CheckResult, error) {
-	c := &chkState{co: co, file: file, fix: fix}
-	if err := c.open(); err != nil {
+func checkPass(co *coroutine.Co, file *bdrv.Node, fix FixMode, ev CheckEvents) (*CheckResult, error) {
+	c, err := openCheck(co, file, fix, ev)
+	if err != nil {
 		return nil, err
 	}
 	var total, snapRes, rcRes chkCounts
 	result := func(err error) (*CheckResult, error) {
-		if err == nil && c.wrote {
+		if err == nil && fix != 0 {
 			if ferr := c.file.Flush(c.co); ferr != nil {
 				total.checkErrors++
 				err = ferr
@@ -315,7 +291,7 @@ func checkPass(co *coroutine.Co, file *bdrv.Node, fix FixMode) (*CheckResult, er
 			CorruptionsFixed: total.corruptionsFixed, LeaksFixed: total.leaksFixed,
 			ImageEndOffset: total.imageEndOffset, TotalClusters: total.total,
 			AllocatedClusters: total.allocated, FragmentedClusters: total.fragmented,
-			CompressedClusters: total.compr, Messages: c.msgs,
+			CompressedClusters: total.compr,
 		}
 		if err != nil {
 			return r, &CheckFailedError{Errno: errnoOf(err)}
@@ -325,8 +301,8 @@ func checkPass(co *coroutine.Co, file *bdrv.Node, fix FixMode) (*CheckResult, er
 
 	// A read-write open clears autoclear bits this implementation does not
 	// know (qcow2_do_open), before anything else is looked at.
-	if fix != 0 && c.h.Version >= 3 && c.autoclear&^AutoclearKnown != 0 {
-		if err := c.writeFeatures(c.incompat, c.autoclear&AutoclearKnown); err != nil {
+	if ac := c.h.AutoclearFeatures; fix != 0 && c.h.Version >= 3 && ac&^AutoclearKnown != 0 {
+		if err := c.setFeatures(c.h.IncompatibleFeatures, ac&AutoclearKnown); err != nil {
 			return nil, err
 		}
 	}
@@ -335,7 +311,7 @@ func checkPass(co *coroutine.Co, file *bdrv.Node, fix FixMode) (*CheckResult, er
 		total.add(&snapRes, false)
 		return result(err)
 	}
-	err := c.checkRefcounts(&rcRes)
+	err = c.checkRefcounts(&rcRes)
 	total.add(&rcRes, true)
 	if err != nil {
 		total.add(&snapRes, false)
@@ -348,26 +324,80 @@ func checkPass(co *coroutine.Co, file *bdrv.Node, fix FixMode) (*CheckResult, er
 	}
 	if fix != 0 && total.checkErrors == 0 && total.corruptions == 0 {
 		// qcow2_mark_clean, then qcow2_mark_consistent.
-		if bits := c.incompat &^ (IncompatDirty | IncompatCorrupt); bits != c.incompat {
-			if err := c.flushRefblocks(); err != nil {
+		inc := c.h.IncompatibleFeatures
+		if bits := inc &^ (IncompatDirty | IncompatCorrupt); bits != inc {
+			if err := c.writeBack(); err != nil {
 				return result(err)
 			}
-			if err := c.writeFeatures(bits, c.autoclear); err != nil {
+			if err := c.setFeatures(bits, c.h.AutoclearFeatures); err != nil {
 				return result(err)
 			}
 		}
 	}
-	return result(c.flushRefblocks())
+	return result(c.writeBack())
 }
 
-// open reads what QEMU's qcow2_do_open reads in check mode: the header
-// (without trusting the snapshot table pointer, which the check reads
-// itself, and accepting a missing refcount table, which a repair rebuilds),
-// the active L1 table and the refcount table.
-func (c *chkState) open() error {
+// writeBack writes the refcount blocks the pass changed and flushes the file,
+// unless a fatal corruption made the image unusable (QEMU then drops the
+// driver, and with it what its caches hold). A check that only reads has
+// nothing to write.
+func (c *chkState) writeBack() error {
+	if c.fix == 0 || c.img.corrupt.Load() {
+		return nil
+	}
+	return c.img.syncAllLocked(c.co)
+}
+
+// setFeatures stores new incompatible and autoclear feature bits in the
+// header of a version 3 image.
+func (c *chkState) setFeatures(incompat, autoclear uint64) error {
+	img := c.img
+	if c.h.Version >= 3 {
+		if incompat != c.h.IncompatibleFeatures {
+			if err := img.writeHeaderU64(c.co, 72, incompat); err != nil {
+				return err
+			}
+		}
+		if autoclear != c.h.AutoclearFeatures {
+			if err := img.writeHeaderU64(c.co, 88, autoclear); err != nil {
+				return err
+			}
+		}
+	}
+	img.setFeaturesLocked(incompat, autoclear)
+	return nil
+}
+
+// signalCorruption reports corrupt metadata the way qcow2_signal_corruption
+// does: once, and when repairing (the image is writable) as a fatal event
+// that sets the corrupt bit and makes the image unusable. The driver's
+// signalCorruptionLocked calls it for an image open for Check.
+func (c *chkState) signalCorruption(what string) {
+	fatal := c.fix != 0
+	if c.signaled && (!fatal || c.h.IncompatibleFeatures&IncompatCorrupt != 0) {
+		return
+	}
+	c.signaled = true
+	if !fatal {
+		c.msg("qcow2: Image is corrupt: %s; further non-fatal corruption events will be suppressed", what)
+		return
+	}
+	c.msg("qcow2: Marking image as corrupt: %s; further corruption events will be suppressed", what)
+	// A version 2 header cannot store the bit; QEMU keeps it in memory.
+	_ = c.setFeatures(c.h.IncompatibleFeatures|IncompatCorrupt, c.h.AutoclearFeatures)
+	c.img.corrupt.Store(true)
+}
+
+// openCheck opens the image in file as QEMU's qcow2_do_open does for a check:
+// the header (without trusting the snapshot table pointer, which the check
+// reads itself, and accepting a missing refcount table, which a repair
+// rebuilds), the active L1 table and the refcount table, read as far as the
+// file goes (the rest reads as zeros).
+func openCheck(co *coroutine.Co, file *bdrv.Node, fix FixMode, ev CheckEvents) (*chkState, error) {
+	c := &chkState{co: co, file: file, fix: fix, ev: ev, l2Stale: true}
 	head := make([]byte, 512)
 	if err := c.pread(0, head); err != nil {
-		return err
+		return nil, err
 	}
 	cb := be.Uint32(head[20:])
 	n := uint64(512)
@@ -376,7 +406,7 @@ func (c *chkState) open() error {
 	}
 	b := make([]byte, n)
 	if err := c.pread(0, b); err != nil {
-		return err
+		return nil, err
 	}
 	raw := struct {
 		l1Size              uint32
@@ -401,46 +431,51 @@ func (c *chkState) open() error {
 	}
 	h, err := ParseHeader(sane, -1)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	c.h = h
-	c.g = h.Geometry()
-	c.cs = h.ClusterSize()
-	c.rbBits = h.ClusterBits + 3 - h.RefcountOrder
-	c.refMax = c.g.RefcountMax()
-	c.dataFile = h.HasDataFile()
-	c.diskSize = h.Size / 512 * 512
-	c.incompat, c.autoclear = h.IncompatibleFeatures, h.AutoclearFeatures
-	c.l1Offset, c.l1Size = raw.l1Offset, raw.l1Size
-	c.reftableOffset = raw.rtOffset
+	cs := h.ClusterSize()
 	// QEMU's qcow2_validate_table for the refcount table, which a check
 	// open still applies: the size limit and alignment (ParseHeader checked
 	// both unless the table was missing).
-	if uint64(raw.rtClusters) > MaxRefcountTableBytes/c.cs {
-		return invalid("refcount_table_clusters", "%d too large", raw.rtClusters)
+	if uint64(raw.rtClusters) > MaxRefcountTableBytes/cs {
+		return nil, invalid("refcount_table_clusters", "%d too large", raw.rtClusters)
 	}
-	if raw.rtOffset&(c.cs-1) != 0 || raw.rtOffset > math.MaxInt64-uint64(raw.rtClusters)*c.cs {
-		return invalid("refcount_table_offset", "%#x invalid", raw.rtOffset)
+	if raw.rtOffset&(cs-1) != 0 || raw.rtOffset > math.MaxInt64-uint64(raw.rtClusters)*cs {
+		return nil, invalid("refcount_table_offset", "%#x invalid", raw.rtOffset)
 	}
-	c.nbSnapshots, c.snapshotsOffset = raw.nbSnaps, raw.snapOffset
+	h.L1Size, h.L1TableOffset = raw.l1Size, raw.l1Offset
+	h.RefcountTableOffset, h.RefcountTableClusters = raw.rtOffset, raw.rtClusters
+	h.NbSnapshots, h.SnapshotsOffset = raw.nbSnaps, raw.snapOffset
+
+	img := &Image{file: file, data: file, readOnly: fix == 0, metaClusters: map[uint64]metaSet{}, chk: c}
+	img.hdr, img.g, img.cs = h, h.Geometry(), cs
+	c.img, c.h, c.g, c.cs = img, h, img.g, cs
+	c.refMax = c.g.RefcountMax()
+	c.dataFile = h.HasDataFile()
+	c.diskSize = h.Size / 512 * 512
 	if h.Bitmaps != nil {
 		c.nbBitmaps = h.Bitmaps.Count
 		c.bitmapDirOffset, c.bitmapDirSize = h.Bitmaps.DirectoryOffset, h.Bitmaps.DirectorySize
 	}
-
-	if c.l1, err = c.readTable(c.l1Offset, uint64(c.l1Size)); err != nil {
-		return err
+	img.l1Offset = raw.l1Offset
+	if img.l1, err = img.readTable(co, raw.l1Offset, uint64(raw.l1Size)); err != nil {
+		return nil, err
 	}
-	rtEntries := uint64(raw.rtClusters) * c.cs / 8
-	t, err := c.readTable(c.reftableOffset, rtEntries)
-	if err != nil {
-		return err
+	img.rtOffset, img.rtCluster = raw.rtOffset, raw.rtClusters
+	if img.reftable, err = img.readTable(co, raw.rtOffset, uint64(raw.rtClusters)*cs/8); err != nil {
+		return nil, err
 	}
-	// Entries past the end of the file read as zero: keep the full length,
-	// lookups depend on it.
-	c.reftable = make([]uint64, rtEntries)
-	copy(c.reftable, t)
-	return nil
+	img.buildMetadataMap()
+	// QEMU's defaults: freed clusters are discarded unless freed for
+	// "other" reasons.
+	img.passDiscard[discardAlways] = true
+	img.passDiscard[discardRequest] = true
+	img.passDiscard[discardSnapshot] = true
+	// The check reads L2 tables itself; the driver's L2 cache only takes
+	// part in the write ordering.
+	img.l2Cache = newCache(img, "L2 table", mkActiveL2, minL2CacheEntries, int(cs))
+	img.rcCache = newCache(img, "refcount block", mkRefBlock, minRefcountCacheSize, int(cs))
+	return c, nil
 }
 
 // pread reads len(b) bytes at off; the part beyond the end of the file reads
@@ -452,13 +487,17 @@ func (c *chkState) pread(off uint64, b []byte) error {
 	return c.file.Preadv(c.co, int64(off), bdrv.IOVec{b}, 0)
 }
 
-// pwrite writes b at off.
-func (c *chkState) pwrite(off uint64, b []byte) error {
+// pwriteSync writes a copy of b at off and flushes (bdrv_pwrite_sync).
+func (c *chkState) pwriteSync(off uint64, b []byte) error {
 	if off > math.MaxInt64/2 || uint64(len(b)) > math.MaxInt64/2-off {
 		return unix.EIO
 	}
-	c.wrote = true
-	return c.file.Pwritev(c.co, int64(off), bdrv.IOVec{b}, 0)
+	buf := bdrv.AlignedBuffer(len(b), 8)
+	copy(buf, b)
+	if err := c.file.Pwritev(c.co, int64(off), bdrv.IOVec{buf}, 0); err != nil {
+		return err
+	}
+	return c.file.Flush(c.co)
 }
 
 func (c *chkState) fileLen() uint64 { return uint64(max(c.file.Length(), 0)) }
@@ -474,27 +513,27 @@ func (c *chkState) inFile(off, n uint64) uint64 {
 	return min(n, l-off)
 }
 
-// readTable reads a table of n big-endian 64-bit entries at off, only as far
-// as the file goes: the returned slice may be shorter than n, missing
-// entries are zero.
-func (c *chkState) readTable(off, n uint64) ([]uint64, error) {
-	have := c.inFile(off, n*8) / 8
-	t := make([]uint64, have)
-	buf := make([]byte, min(have*8, chkReadChunk))
-	for i := uint64(0); i < have; {
-		k := min(have-i, uint64(len(buf))/8)
-		if err := c.pread(off+i*8, buf[:k*8]); err != nil {
-			return nil, err
-		}
-		for j := range k {
-			t[i+j] = be.Uint64(buf[j*8:])
-		}
-		i += k
+// l2Table reads the L2 table at off, as far as the file goes. The table
+// read last is kept and given again while no one but the walk that
+// changes it wrote to the file (l2Stale): an L1 table whose entries all
+// name one L2 table costs one read.
+func (c *chkState) l2Table(off uint64) ([]byte, error) {
+	n := c.inFile(off, c.cs) / c.g.L2EntrySize() * c.g.L2EntrySize()
+	if !c.l2Stale && c.l2Off == off && uint64(len(c.l2)) == n {
+		return c.l2, nil
 	}
-	return t, nil
+	if uint64(cap(c.l2)) < c.cs {
+		c.l2 = make([]byte, c.cs)
+	}
+	c.l2, c.l2Stale = c.l2[:n], true
+	if err := c.pread(off, c.l2); err != nil {
+		return nil, err
+	}
+	c.l2Off, c.l2Stale = off, false
+	return c.l2, nil
 }
 
-func (c *chkState) sizeToClusters(n uint64) uint64 { return (n + c.cs - 1) >> c.h.ClusterBits }
+func (c *chkState) sizeToClusters(n uint64) uint64 { return (n + c.cs - 1) >> c.g.ClusterBits }
 
 // ---------------------------------------------------------------------------
 // In-memory refcount table
@@ -545,29 +584,29 @@ func (r *chkRefs) set(i, v uint64) { _ = r.g.SetRefcount(r.buf, i, v) }
 // limits are dropped and oversized extra data is truncated.
 func (c *chkState) checkReadSnapshotTable(res *chkCounts) error {
 	nbReduced := 0
-	if c.nbSnapshots > MaxSnapshots && c.fix&FixErrors != 0 {
-		c.msg("Discarding %d overhanging snapshots", c.nbSnapshots-MaxSnapshots)
-		nbReduced += int(c.nbSnapshots - MaxSnapshots)
-		c.nbSnapshots = MaxSnapshots
+	if c.h.NbSnapshots > MaxSnapshots && c.fix&FixErrors != 0 {
+		c.msg("Discarding %d overhanging snapshots", c.h.NbSnapshots-MaxSnapshots)
+		nbReduced += int(c.h.NbSnapshots - MaxSnapshots)
+		c.h.NbSnapshots = MaxSnapshots
 	}
 	// qcow2_validate_table(snapshots_offset, nb_snapshots, 40, 40*65536).
 	var verr string
 	var errno unix.Errno
 	switch {
-	case c.nbSnapshots > MaxSnapshots:
+	case c.h.NbSnapshots > MaxSnapshots:
 		verr, errno = "snapshot table too large", unix.EFBIG
-	case c.snapshotsOffset > math.MaxInt64-uint64(c.nbSnapshots)*SnapshotHeaderSize ||
-		c.snapshotsOffset&(c.cs-1) != 0:
+	case c.h.SnapshotsOffset > math.MaxInt64-uint64(c.h.NbSnapshots)*SnapshotHeaderSize ||
+		c.h.SnapshotsOffset&(c.cs-1) != 0:
 		verr, errno = "snapshot table offset invalid", unix.EINVAL
 	}
 	if verr != "" {
 		res.checkErrors++
 		c.msg("ERROR %s", verr)
-		if c.nbSnapshots > MaxSnapshots {
+		if c.h.NbSnapshots > MaxSnapshots {
 			c.msg("You can force-remove all %d overhanging snapshots with qemu-img check -r all",
-				c.nbSnapshots-MaxSnapshots)
+				c.h.NbSnapshots-MaxSnapshots)
 		}
-		c.nbSnapshots, c.snapshotsOffset = 0, 0
+		c.h.NbSnapshots, c.h.SnapshotsOffset = 0, 0
 		return errno
 	}
 
@@ -584,25 +623,21 @@ func (c *chkState) checkReadSnapshotTable(res *chkCounts) error {
 		} else {
 			c.msg("ERROR failed to read the snapshot table: Failed to read snapshot table: %s", strerror(errnoOf(err)))
 		}
-		c.nbSnapshots, c.snapshotsOffset = 0, 0
+		c.h.NbSnapshots, c.h.SnapshotsOffset = 0, 0
 		return err
 	}
 	nbReduced += reduced
 	extraDropped += dropped
-	c.snaps, c.snapshotsSize = snaps, size
-	c.nbSnapshots = uint32(len(snaps))
+	c.img.snapshots, c.img.snapTableSize = snaps, size
+	c.h.NbSnapshots = uint32(len(snaps))
 	res.corruptions += nbReduced + extraDropped
 
 	if nbReduced > 0 {
 		// Updated now: the refcount check relies on nb_snapshots matching
 		// the header; the clusters leaked are repaired by it.
 		var b [4]byte
-		be.PutUint32(b[:], c.nbSnapshots)
-		err := c.pwrite(60, b[:])
-		if err == nil {
-			err = c.file.Flush(c.co)
-		}
-		if err != nil {
+		be.PutUint32(b[:], c.h.NbSnapshots)
+		if err := c.pwriteSync(60, b[:]); err != nil {
 			res.checkErrors++
 			c.msg("ERROR failed to update the snapshot count in the image header: %s", strerror(errnoOf(err)))
 			return err
@@ -612,7 +647,7 @@ func (c *chkState) checkReadSnapshotTable(res *chkCounts) error {
 	}
 
 	if c.h.Version >= 3 {
-		for i, s := range c.snaps {
+		for i, s := range c.img.snapshots {
 			if s.ExtraDataSize < snapshotExtraV3 {
 				res.corruptions++
 				c.msg("%s snapshot table entry %d is incomplete", c.repairWord(), i)
@@ -662,13 +697,13 @@ func (r *chkReader) read(off uint64, dst []byte) error {
 // and a table growing beyond QEMU's limits is cut short; it returns how many
 // snapshots were cut and how many entries lost extra data.
 func (c *chkState) readSnapshots(repair bool) (snaps []Snapshot, size uint64, reduced, dropped int, err error) {
-	if c.nbSnapshots == 0 {
+	if c.h.NbSnapshots == 0 {
 		return nil, 0, 0, 0, nil
 	}
 	r := &chkReader{c: c}
-	off := c.snapshotsOffset
+	off := c.h.SnapshotsOffset
 	tableLen := uint64(0)
-	for i := 0; i < int(c.nbSnapshots); i++ {
+	for i := 0; i < int(c.h.NbSnapshots); i++ {
 		truncate := false
 		pre := off
 		tableLen = (tableLen + 7) &^ 7
@@ -738,8 +773,8 @@ func (c *chkState) readSnapshots(repair bool) (snaps []Snapshot, size uint64, re
 		s.ID, s.Name = string(id[:idLen]), string(id[idLen:])
 
 		tableLen += SnapshotHeaderSize + uint64(s.ExtraDataSize) + idLen + nameLen
-		if tableLen > MaxSnapshotTableSize || off-c.snapshotsOffset > math.MaxInt32 {
-			left := int(c.nbSnapshots) - i
+		if tableLen > MaxSnapshotTableSize || off-c.h.SnapshotsOffset > math.MaxInt32 {
+			left := int(c.h.NbSnapshots) - i
 			if !repair {
 				return nil, 0, 0, 0, &chkSnapReadError{
 					msg:   "Snapshot table is too big",
@@ -754,7 +789,7 @@ func (c *chkState) readSnapshots(repair bool) (snaps []Snapshot, size uint64, re
 		}
 		snaps = append(snaps, s)
 	}
-	return snaps, off - c.snapshotsOffset, reduced, dropped, nil
+	return snaps, off - c.h.SnapshotsOffset, reduced, dropped, nil
 }
 
 // ---------------------------------------------------------------------------
@@ -773,7 +808,7 @@ func (c *chkState) incRefs(res *chkCounts, refs *chkRefs, off, size uint64) erro
 		res.corruptions++
 		return nil
 	}
-	first, last := off>>c.h.ClusterBits, (off+size-1)>>c.h.ClusterBits
+	first, last := off>>c.g.ClusterBits, (off+size-1)>>c.g.ClusterBits
 	for k := first; k <= last; k++ {
 		if k >= refs.n {
 			if err := refs.resize(k + 1); err != nil {
@@ -783,7 +818,7 @@ func (c *chkState) incRefs(res *chkCounts, refs *chkRefs, off, size uint64) erro
 		}
 		rc := refs.get(k)
 		if rc == c.refMax {
-			c.msg("ERROR: overflow cluster offset=%#x", k<<c.h.ClusterBits)
+			c.msg("ERROR: overflow cluster offset=%#x", k<<c.g.ClusterBits)
 			c.msg("Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing")
 			res.corruptions++
 			continue
@@ -802,13 +837,13 @@ const chkFragInfo = 2
 func (c *chkState) checkL2(res *chkCounts, refs *chkRefs, l2Offset uint64, flags int, active bool) error {
 	g := c.g
 	esz := g.L2EntrySize()
-	n := c.inFile(l2Offset, c.cs) / esz
-	table := make([]byte, n*esz)
-	if err := c.pread(l2Offset, table); err != nil {
+	table, err := c.l2Table(l2Offset)
+	if err != nil {
 		c.msg("ERROR: I/O error in check_refcounts_l2")
 		res.checkErrors++
 		return err
 	}
+	n := uint64(len(table)) / esz
 	nextContiguous := uint64(0)
 	offMask := uint64(1)<<g.csizeShift() - 1
 	for i := range int(n) {
@@ -912,15 +947,9 @@ func (c *chkState) checkL1(res *chkCounts, refs *chkRefs, l1Offset uint64, l1Siz
 	if err := c.incRefs(res, refs, l1Offset, uint64(l1Size)*8); err != nil {
 		return err
 	}
-	l1, err := c.readTable(l1Offset, uint64(l1Size))
-	if err != nil {
-		c.msg("ERROR: I/O error in check_refcounts_l1")
-		res.checkErrors++
-		return err
-	}
-	for _, e := range l1 {
+	entry := func(e uint64) error {
 		if e == 0 {
-			continue
+			return nil
 		}
 		if e&L1ReservedMask != 0 {
 			c.msg("ERROR found L1 entry with reserved bits set: %x", e)
@@ -934,9 +963,45 @@ func (c *chkState) checkL1(res *chkCounts, refs *chkRefs, l1Offset uint64, l1Siz
 			c.msg("ERROR l2_offset=%x: Table is not cluster aligned; L1 entry corrupted", l2)
 			res.corruptions++
 		}
-		if err := c.checkL2(res, refs, l2, flags, active); err != nil {
-			return err
+		return c.checkL2(res, refs, l2, flags, active)
+	}
+	if active {
+		// The active table is the image's, as read at open.
+		for _, e := range c.img.l1 {
+			if err := entry(e); err != nil {
+				return err
+			}
 		}
+		return nil
+	}
+	err := c.eachEntry(l1Offset, uint64(l1Size), entry)
+	if errors.Is(err, errChkRead) {
+		c.msg("ERROR: I/O error in check_refcounts_l1")
+		res.checkErrors++
+	}
+	return err
+}
+
+// errChkRead marks a failed read of a table in eachEntry.
+var errChkRead = errors.New("qcow2 check: reading table")
+
+// eachEntry calls fn for each of the n big-endian 64-bit entries of the
+// table at off that lie inside the file (the others read as zeros), reading
+// a piece at a time. A failed read returns an error matching errChkRead.
+func (c *chkState) eachEntry(off, n uint64, fn func(e uint64) error) error {
+	have := c.inFile(off, n*8) / 8
+	buf := make([]byte, min(have*8, tableChunk))
+	for i := uint64(0); i < have; {
+		k := min(have-i, uint64(len(buf))/8)
+		if err := c.pread(off+i*8, buf[:k*8]); err != nil {
+			return fmt.Errorf("%w: %w", errChkRead, err)
+		}
+		for j := range k {
+			if err := fn(be.Uint64(buf[j*8:])); err != nil {
+				return err
+			}
+		}
+		i += k
 	}
 	return nil
 }
@@ -960,25 +1025,24 @@ func (c *chkState) checkBitmaps(res *chkCounts, refs *chkRefs) error {
 			return err
 		}
 		// bitmap_table_load refuses the whole table if any entry is bad.
-		t, err := c.readTable(bm.TableOffset, uint64(bm.TableSize))
-		if err == nil {
-			for _, e := range t {
-				if chkBitmapEntryBad(e, c.cs) {
-					err = unix.EINVAL
-					break
-				}
+		err := c.eachEntry(bm.TableOffset, uint64(bm.TableSize), func(e uint64) error {
+			if chkBitmapEntryBad(e, c.cs) {
+				return unix.EINVAL
 			}
-		}
+			return nil
+		})
 		if err != nil {
 			res.corruptions++
 			return err
 		}
-		for _, e := range t {
+		err = c.eachEntry(bm.TableOffset, uint64(bm.TableSize), func(e uint64) error {
 			if off := e & L2OffsetMask; off != 0 {
-				if err := c.incRefs(res, refs, off, c.cs); err != nil {
-					return err
-				}
+				return c.incRefs(res, refs, off, c.cs)
 			}
+			return nil
+		})
+		if err != nil {
+			return err
 		}
 	}
 	return nil
@@ -1046,9 +1110,9 @@ func (c *chkState) loadBitmapList() ([]Bitmap, error) {
 // blocks (check_refblocks). A block outside the image is repaired by growing
 // the file to include it; entries it cannot use make rebuild true.
 func (c *chkState) checkRefblocks(res *chkCounts, refs *chkRefs, rebuild *bool) error {
-	for i, e := range c.reftable {
+	for i, e := range c.img.reftable {
 		off := e & RefTableOffsetMask
-		cluster := off >> c.h.ClusterBits
+		cluster := off >> c.g.ClusterBits
 		if e&RefTableReservedMask != 0 {
 			c.msg("ERROR refcount table entry %d has reserved bits set", i)
 			res.corruptions++
@@ -1106,17 +1170,18 @@ func (c *chkState) checkRefblocks(res *chkCounts, refs *chkRefs, rebuild *bool) 
 // calculateRefcounts fills refs with the references to every cluster
 // (calculate_refcounts).
 func (c *chkState) calculateRefcounts(res *chkCounts, refs *chkRefs, rebuild *bool) error {
+	c.l2Stale = true
 	if err := c.incRefs(res, refs, 0, c.cs); err != nil {
 		return err
 	}
-	if err := c.checkL1(res, refs, c.l1Offset, c.l1Size, chkFragInfo, true); err != nil {
+	if err := c.checkL1(res, refs, c.img.l1Offset, uint32(len(c.img.l1)), chkFragInfo, true); err != nil {
 		return err
 	}
-	if c.dataFile && c.nbSnapshots != 0 {
-		c.msg("ERROR %d snapshots in image with data file", c.nbSnapshots)
+	if c.dataFile && c.h.NbSnapshots != 0 {
+		c.msg("ERROR %d snapshots in image with data file", c.h.NbSnapshots)
 		res.corruptions++
 	}
-	for _, s := range c.snaps {
+	for _, s := range c.img.snapshots {
 		if s.L1TableOffset&(c.cs-1) != 0 {
 			c.msg("ERROR snapshot %s (%s) l1_offset=%s: L1 table is not cluster aligned; snapshot table entry corrupted",
 				s.ID, s.Name, chex(s.L1TableOffset))
@@ -1133,10 +1198,10 @@ func (c *chkState) calculateRefcounts(res *chkCounts, refs *chkRefs, rebuild *bo
 			return err
 		}
 	}
-	if err := c.incRefs(res, refs, c.snapshotsOffset, c.snapshotsSize); err != nil {
+	if err := c.incRefs(res, refs, c.h.SnapshotsOffset, c.img.snapTableSize); err != nil {
 		return err
 	}
-	if err := c.incRefs(res, refs, c.reftableOffset, uint64(len(c.reftable))*8); err != nil {
+	if err := c.incRefs(res, refs, c.img.rtOffset, uint64(len(c.img.reftable))*8); err != nil {
 		return err
 	}
 	if cr := c.h.Crypto; cr != nil && cr.Length != 0 {
@@ -1156,7 +1221,7 @@ func (c *chkState) calculateRefcounts(res *chkCounts, refs *chkRefs, rebuild *bo
 func (c *chkState) compareRefcounts(res *chkCounts, fix FixMode, rebuild *bool, highest *uint64, refs *chkRefs) {
 	*highest = 0
 	for i := uint64(0); i < refs.n; i++ {
-		stored, err := c.getRefcount(i)
+		stored, err := c.img.getRefcountLocked(c.co, i)
 		if err != nil {
 			c.msg("Can't get refcount for cluster %d: %s", i, strerror(errnoOf(err)))
 			res.checkErrors++
@@ -1191,7 +1256,7 @@ func (c *chkState) compareRefcounts(res *chkCounts, fix FixMode, rebuild *bool, 
 			if stored > want {
 				diff, dec = stored-want, true
 			}
-			if err := c.updateRefcount(i<<c.h.ClusterBits, 1, diff, dec); err == nil {
+			if err := c.img.updateRefcountLocked(c.co, i<<c.g.ClusterBits, 1, diff, dec, discardAlways); err == nil {
 				*fixed++
 				continue
 			}
@@ -1202,6 +1267,8 @@ func (c *chkState) compareRefcounts(res *chkCounts, fix FixMode, rebuild *bool, 
 			res.leaks++
 		}
 	}
+	// Clusters freed are discarded (QCOW2_DISCARD_ALWAYS).
+	c.img.processDiscardsLocked(c.co)
 }
 
 // checkRefcounts is qcow2_check_refcounts: count, compare, repair or
@@ -1298,15 +1365,16 @@ func (c *chkState) checkOflagCopied(res *chkCounts) error {
 	if repair {
 		word = "Repairing"
 	}
+	c.l2Stale = true
 	g := c.g
 	esz := g.L2EntrySize()
-	for i := range c.l1 {
-		e := c.l1[i]
+	for i := range c.img.l1 {
+		e := c.img.l1[i]
 		l2 := e & L1OffsetMask
 		if l2 == 0 {
 			continue
 		}
-		rc, err := c.getRefcount(l2 >> c.h.ClusterBits)
+		rc, err := c.img.getRefcountLocked(c.co, l2>>c.g.ClusterBits)
 		if err != nil {
 			continue // reported by the comparison already
 		}
@@ -1318,7 +1386,9 @@ func (c *chkState) checkOflagCopied(res *chkCounts) error {
 				if rc == 1 {
 					ne |= OflagCopied
 				}
-				if err := c.writeL1Entry(i, ne); err != nil {
+				c.img.l1[i] = ne
+				if err := c.img.writeL1EntryLocked(c.co, uint64(i)); err != nil {
+					c.img.l1[i] = e
 					res.checkErrors++
 					return err
 				}
@@ -1327,13 +1397,13 @@ func (c *chkState) checkOflagCopied(res *chkCounts) error {
 			}
 		}
 
-		n := c.inFile(l2, c.cs) / esz
-		table := make([]byte, n*esz)
-		if err := c.pread(l2, table); err != nil {
+		table, err := c.l2Table(l2)
+		if err != nil {
 			c.msg("ERROR: Could not read L2 table: %s", strerror(errnoOf(err)))
 			res.checkErrors++
 			return err
 		}
+		n := uint64(len(table)) / esz
 		dirty := 0
 		for j := range int(n) {
 			le := be.Uint64(table[uint64(j)*esz:])
@@ -1345,7 +1415,7 @@ func (c *chkState) checkOflagCopied(res *chkCounts) error {
 			}
 			rc := uint64(1)
 			if !c.dataFile {
-				if rc, err = c.getRefcount((le & L2OffsetMask) >> c.h.ClusterBits); err != nil {
+				if rc, err = c.img.getRefcountLocked(c.co, (le&L2OffsetMask)>>c.g.ClusterBits); err != nil {
 					continue
 				}
 			}
@@ -1363,17 +1433,18 @@ func (c *chkState) checkOflagCopied(res *chkCounts) error {
 			}
 		}
 		if dirty > 0 {
-			if ol := c.metadataOverlap(chkOLActiveL2, l2, c.cs); ol != 0 {
-				c.signalOverlap(ol)
+			c.l2Stale = true // until written
+			if err := c.img.checkOverlapLocked(c.co, l2, c.cs, mkActiveL2); err != nil {
 				c.msg("ERROR: Could not write L2 table; metadata overlap check failed: %s", strerror(unix.EIO))
 				res.checkErrors++
 				return unix.EIO
 			}
-			if err := c.pwrite(l2, table); err != nil {
+			if err := c.file.Pwritev(c.co, int64(l2), bdrv.IOVec{table}, 0); err != nil {
 				c.msg("ERROR: Could not write L2 table: %s", strerror(errnoOf(err)))
 				res.checkErrors++
 				return err
 			}
+			c.l2Stale = false
 			res.corruptions -= dirty
 			res.corruptionsFixed += dirty
 		}

@@ -83,7 +83,7 @@ func TestCheckReadOnlyRepair(t *testing.T) {
 			return err
 		}
 		defer n.Close(co)
-		if _, err := Check(co, n, FixLeaks); !errors.Is(err, unix.EROFS) {
+		if _, err := Check(co, n, FixLeaks, CheckEvents{}); !errors.Is(err, unix.EROFS) {
 			return fmt.Errorf("Check(FixLeaks) on a read-only node: %v, want EROFS", err)
 		}
 		return nil
@@ -248,8 +248,8 @@ func ckCheckWritesUsed(t *testing.T, p string, orig, after []byte) {
 			return err
 		}
 		defer n.Close(co)
-		c := &chkState{co: co, file: n}
-		if err := c.open(); err != nil {
+		c, err := openCheck(co, n, 0, CheckEvents{})
+		if err != nil {
 			return fmt.Errorf("repaired image does not open: %w", err)
 		}
 		var res chkCounts

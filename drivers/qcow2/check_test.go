@@ -215,23 +215,37 @@ func ckCopy(t testing.TB, from, to string) {
 	}
 }
 
+// ckResult is Check's result with the lines it reported: Messages of the
+// last pass and, after a repair, RepairMessages of the repairing one.
+type ckResult struct {
+	*CheckResult
+	Messages, RepairMessages []string
+}
+
 // ckCheck runs Check on the image at path through a file node.
-func ckCheck(t testing.TB, path string, fix FixMode) (*CheckResult, error) {
+func ckCheck(t testing.TB, path string, fix FixMode) (*ckResult, error) {
 	t.Helper()
-	var r *CheckResult
+	var r ckResult
+	ev := CheckEvents{
+		Message: func(l string) { r.Messages = append(r.Messages, l) },
+		Recheck: func(*CheckResult) { r.RepairMessages, r.Messages = r.Messages, nil },
+	}
 	var cerr error
 	err := coroutine.Run(func(co *coroutine.Co) error {
 		n, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: "file", ReadOnly: fix == 0})
 		if err != nil {
 			return err
 		}
-		r, cerr = Check(co, n, fix)
+		r.CheckResult, cerr = Check(co, n, fix, ev)
 		return n.Close(co)
 	})
 	if err != nil {
 		t.Fatalf("check %s: %v", path, err)
 	}
-	return r, cerr
+	if r.CheckResult == nil {
+		return nil, cerr
+	}
+	return &r, cerr
 }
 
 // ckOutput is what a qemu-img check --output=json run printed: the report
@@ -324,7 +338,7 @@ func ckQemu(t testing.TB, args ...string) ckOutput {
 
 // ckOurs is what qemu-img check --output=json would print for Check's
 // outcome.
-func ckOurs(r *CheckResult, err error, filename string) ckOutput {
+func ckOurs(r *ckResult, err error, filename string) ckOutput {
 	var o ckOutput
 	var fe *CheckFailedError
 	if err != nil && !errors.As(err, &fe) {
@@ -334,7 +348,7 @@ func ckOurs(r *CheckResult, err error, filename string) ckOutput {
 		o.stderr = append(append(o.stderr, r.RepairMessages...), r.Messages...)
 	}
 	if err == nil {
-		o.rep = ckReportOf(r, filename)
+		o.rep = ckReportOf(r.CheckResult, filename)
 		o.rc = r.ExitCode()
 		if r.CheckErrors != 0 {
 			o.stderr = append(o.stderr, "Check failed")
@@ -418,7 +432,7 @@ func ckCompare(t *testing.T, im ckImage, src string, fix FixMode) (repaired stri
 	o2 := ckQemu(t, im.qemuArgs(op)...)
 	want := ckOutput{}
 	if r != nil && r.Repaired {
-		want = ckOutput{rep: ckReportOf(r, ""), stderr: r.Messages, rc: r.ExitCode()}
+		want = ckOutput{rep: ckReportOf(r.CheckResult, ""), stderr: r.Messages, rc: r.ExitCode()}
 		want.rep.LeaksFixed, want.rep.CorruptionsFixed = 0, 0
 		if want.rc == 1 {
 			want.stderr = append(want.stderr, "Check failed")
@@ -1088,5 +1102,78 @@ func TestCheckMatrix(t *testing.T) {
 				t.Run(d.name, func(t *testing.T) { ckRun(t, im, d) })
 			}
 		})
+	}
+}
+
+// TestCheckRepairGrowsRefcountTable repairs an image whose refcount table
+// is full (every cluster it can describe is in use) and whose snapshot
+// table must be rewritten: the new table needs a cluster no refcount table
+// entry can describe, so the repair grows the refcount table, as qemu-img
+// check -r all does (it used to fail with ENOSPC).
+func TestCheckRepairGrowsRefcountTable(t *testing.T) {
+	requireQemuImg(t)
+	const cs = 512
+	// 64-bit refcounts: 64 per block, and a one-cluster table of 64
+	// blocks describes 4096 clusters. Layout: header, refcount table, 64
+	// refcount blocks, L1 table, snapshot table, then 62 L2 tables and
+	// 3966 data clusters, which fill the file to 4096 clusters.
+	const rt, rb, l1, snap, l2s, nL2, nData = 1, 2, 66, 67, 68, 62, 3966
+	h := &Header{Version: 3, ClusterBits: 9, Size: 64 * 64 * cs, L1Size: 64, L1TableOffset: l1 * cs,
+		RefcountTableOffset: rt * cs, RefcountTableClusters: 1, RefcountOrder: 6,
+		NbSnapshots: 1, SnapshotsOffset: snap * cs}
+	hdr, err := h.Marshal(cs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := make([]byte, 4096*cs)
+	copy(img, hdr)
+	g := h.Geometry()
+	for c := range uint64(4096) {
+		if c%64 == 0 {
+			be.PutUint64(img[rt*cs+c/64*8:], (rb+c/64)*cs)
+		}
+		if err := g.SetRefcount(img[(rb+c/64)*cs:][:cs], c%64, 1); err != nil {
+			t.Fatal(err)
+		}
+	}
+	data := uint64(l2s + nL2)
+	for i := range uint64(nData) {
+		l2 := l2s + i/64
+		if i%64 == 0 {
+			be.PutUint64(img[l1*cs+i/64*8:], l2*cs|OflagCopied)
+		}
+		be.PutUint64(img[l2*cs+i%64*8:], (data+i)*cs|OflagCopied)
+		img[(data+i)*cs] = byte(i)
+	}
+	// One snapshot without L1 table whose entry lacks the extra data a
+	// version 3 image requires: a repair rewrites the table.
+	e := img[snap*cs:]
+	be.PutUint16(e[12:], 1) // ID length
+	be.PutUint16(e[14:], 1) // name length
+	e[40], e[41] = '1', 's'
+	p := filepath.Join(t.TempDir(), "full.qcow2")
+	if err := os.WriteFile(p, img, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	im := ckImage{path: p}
+	ckCompare(t, im, p, 0)
+	if ckCompare(t, im, p, FixAll) == "" {
+		t.Error("the repaired image is not clean")
+	}
+}
+
+// TestCheckRefcountTableBeyondEOF checks and repairs an image whose
+// refcount table lies far past the end of the file: it reads as zeros, as
+// in QEMU, and -r all rebuilds the refcount structure.
+func TestCheckRefcountTableBeyondEOF(t *testing.T) {
+	requireQemuImg(t)
+	p := qemuCreate(t, t.TempDir(), "rt.qcow2", "1M")
+	mustRun(t, "qemu-io", "-f", "qcow2", "-c", "write -P 1 0 64k", p)
+	l := ckLoad(t, p)
+	l.put64(48, 1<<50)
+	l.save()
+	im := ckImage{path: p}
+	for _, fix := range []FixMode{0, FixLeaks, FixAll} {
+		ckCompare(t, im, p, fix)
 	}
 }

@@ -236,14 +236,14 @@ func (img *Image) l2AllocateLocked(co *coroutine.Co, i, oldOff uint64) (uint64, 
 	}
 	fail := func(err error) (uint64, error) {
 		img.l2Cache.discardLocked(newOff, img.cs)
-		delete(img.metaClusters, newOff/img.cs)
+		img.dropMeta(newOff/img.cs, mkActiveL2)
 		img.freeClustersLocked(co, newOff, img.cs, discardAlways)
 		return 0, err
 	}
 	if err := img.rcCache.flushLocked(co); err != nil {
 		return fail(err)
 	}
-	img.metaClusters[newOff/img.cs] = mkActiveL2
+	img.addMeta(newOff/img.cs, mkActiveL2)
 	for s := uint64(0); s < img.cs/img.l2SliceSize; s++ {
 		ne, err := img.l2Cache.getEmptyLocked(co, newOff+s*img.l2SliceSize)
 		if err != nil {
@@ -271,7 +271,7 @@ func (img *Image) l2AllocateLocked(co *coroutine.Co, i, oldOff uint64) (uint64, 
 		return fail(err)
 	}
 	if oldOff != 0 {
-		delete(img.metaClusters, oldOff/img.cs)
+		img.dropMeta(oldOff/img.cs, mkActiveL2)
 	}
 	return newOff, nil
 }

@@ -124,7 +124,7 @@ func (img *Image) resetToEmptyLocked(co *coroutine.Co, l1Clusters uint64) error 
 		return err
 	}
 	img.reftable[0] = 2 * cs
-	img.metaClusters[2] = mkRefBlock
+	img.addMeta(2, mkRefBlock)
 
 	// Now every structure is counted: the clusters from the header to
 	// the end of the L1 table, all described by the new block. (The

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"math/bits"
 	"os"
 	"path/filepath"
 	"slices"
@@ -70,6 +71,8 @@ func probe(head []byte, _ string) int {
 // QCOW2_OL_* bits).
 type metaKind uint8
 
+// Kinds of metadata in QEMU's order: when a write overlaps several, the
+// first one is named.
 const (
 	mkNone metaKind = iota
 	mkHeader
@@ -79,10 +82,14 @@ const (
 	mkRefBlock
 	mkSnapTable
 	mkInactiveL1
+	mkBitmapDir
 )
 
 var metaKindNames = [...]string{"", "qcow2_header", "active L1 table", "active L2 table",
-	"refcount table", "refcount block", "snapshot table", "inactive L1 table"}
+	"refcount table", "refcount block", "snapshot table", "inactive L1 table", "bitmap directory"}
+
+// metaSet is a set of metaKinds, one bit each.
+type metaSet uint16
 
 func (k metaKind) String() string { return metaKindNames[k] }
 
@@ -150,9 +157,9 @@ type Image struct {
 	snapshots     []Snapshot
 	snapTableSize uint64
 	// metaClusters maps the cluster index of every active L2 table and
-	// refcount block to its kind; the tables with ranges (header, L1,
+	// refcount block to its kinds; the tables with ranges (header, L1,
 	// refcount table, snapshot table and L1s) are checked separately.
-	metaClusters map[uint64]metaKind
+	metaClusters map[uint64]metaSet
 
 	// dirtyOnDisk is the dirty bit as written in the header.
 	dirtyOnDisk bool
@@ -170,6 +177,11 @@ type Image struct {
 
 	// crypt is the encryption of guest data (crypt.go); set at open.
 	crypt cryptState
+
+	// chk is set while the image is open for Check (check.go): the
+	// refcount primitives then read refcount structures as leniently as
+	// QEMU's do, and corruption is reported as QEMU's lines.
+	chk *chkState
 }
 
 // Header returns a copy of the image header as currently on disk.
@@ -206,7 +218,7 @@ func (e *ioError) Unwrap() []error { return []error{e.errno, e.cause} }
 var errImageCorrupt = &ioError{unix.EIO, errors.New("qcow2: image marked corrupt; further I/O refused")}
 
 func open(co *coroutine.Co, n *bdrv.Node, opts bdrv.Options) (bdrv.Driver, error) {
-	img := &Image{node: n, file: n.File, readOnly: n.ReadOnly, metaClusters: map[uint64]metaKind{}}
+	img := &Image{node: n, file: n.File, readOnly: n.ReadOnly, metaClusters: map[uint64]metaSet{}}
 	if err := img.openLocked(co, opts, false); err != nil {
 		if img.ownData && img.data != nil {
 			img.data.Close(co)
@@ -214,6 +226,33 @@ func open(co *coroutine.Co, n *bdrv.Node, opts bdrv.Options) (bdrv.Driver, error
 		return nil, err
 	}
 	return img, nil
+}
+
+// tableChunk is the unit in which tables are read: a table costs its own
+// size in memory, not twice that.
+const tableChunk = 1 << 20
+
+// readTable reads a table of n big-endian 64-bit entries at off. Entries
+// past the end of the file are zero, as the file reads there (only a check
+// opens an image whose tables reach that far).
+func (img *Image) readTable(co *coroutine.Co, off, n uint64) ([]uint64, error) {
+	t := make([]uint64, n)
+	have := uint64(0)
+	if flen := uint64(max(img.file.Length(), 0)); off < flen {
+		have = min(n, (flen-off)/8)
+	}
+	buf := bdrv.AlignedBuffer(int(min(have*8, tableChunk)), 4096)
+	for i := uint64(0); i < have; {
+		k := min(have-i, uint64(len(buf))/8)
+		if err := img.file.Preadv(co, int64(off+i*8), bdrv.IOVec{buf[:k*8]}, 0); err != nil {
+			return nil, err
+		}
+		for j := range k {
+			t[i+j] = be.Uint64(buf[j*8:])
+		}
+		i += k
+	}
+	return t, nil
 }
 
 // readFile reads n bytes at off from the image file into a new buffer.
@@ -258,8 +297,9 @@ func (img *Image) openLocked(co *coroutine.Co, opts bdrv.Options, repaired bool)
 	if !img.readOnly && h.Dirty() && !repaired {
 		// Refcounts were left stale by lazy refcounts: rebuild them
 		// before trusting them, then read everything again (QEMU's
-		// qcow2_do_open repairs dirty images the same way).
-		res, err := Check(co, img.file, FixAll)
+		// qcow2_do_open repairs dirty images the same way, with one
+		// pass of the check and no second one to confirm).
+		res, err := checkPass(co, img.file, FixAll, CheckEvents{})
 		if err == nil && res.CheckErrors > 0 {
 			err = unix.EIO
 		}
@@ -285,25 +325,13 @@ func (img *Image) openLocked(co *coroutine.Co, opts bdrv.Options, repaired bool)
 	// Active L1 table; ParseHeader bounded its size and checked that it
 	// lies inside the file.
 	img.l1Offset = h.L1TableOffset
-	if h.L1Size > 0 {
-		b, err := img.readFile(co, h.L1TableOffset, uint64(h.L1Size)*8)
-		if err != nil {
-			return fmt.Errorf("qcow2: reading L1 table at %#x: %w", h.L1TableOffset, err)
-		}
-		img.l1 = make([]uint64, h.L1Size)
-		for i := range img.l1 {
-			img.l1[i] = be.Uint64(b[i*8:])
-		}
+	if img.l1, err = img.readTable(co, h.L1TableOffset, uint64(h.L1Size)); err != nil {
+		return fmt.Errorf("qcow2: reading L1 table at %#x: %w", h.L1TableOffset, err)
 	}
 	// Refcount table (at most 8 MiB, inside the file).
 	img.rtOffset, img.rtCluster = h.RefcountTableOffset, h.RefcountTableClusters
-	b, err := img.readFile(co, h.RefcountTableOffset, uint64(h.RefcountTableClusters)*img.cs)
-	if err != nil {
+	if img.reftable, err = img.readTable(co, h.RefcountTableOffset, uint64(h.RefcountTableClusters)*img.cs/8); err != nil {
 		return fmt.Errorf("qcow2: reading refcount table at %#x: %w", h.RefcountTableOffset, err)
-	}
-	img.reftable = make([]uint64, len(b)/8)
-	for i := range img.reftable {
-		img.reftable[i] = be.Uint64(b[i*8:])
 	}
 	if err := img.readSnapshots(co); err != nil {
 		return err
@@ -463,18 +491,35 @@ func (img *Image) readSnapshots(co *coroutine.Co) error {
 }
 
 // buildMetadataMap records the clusters of active L2 tables and refcount
-// blocks for the overlap check. Entries that do not decode are skipped
-// here; using them reports the corruption.
+// blocks for the overlap check. Entries are taken as QEMU's overlap check
+// takes them, bad ones too: an unaligned table covers two clusters.
 func (img *Image) buildMetadataMap() {
-	for i, e := range img.l1 {
-		if off, _, err := img.g.DecodeL1(e, img.l1Offset, int64(i)); err == nil && off != 0 {
-			img.metaClusters[off/img.cs] = mkActiveL2
+	img.addMetaTables(img.l1, L1OffsetMask, mkActiveL2)
+	img.addMetaTables(img.reftable, RefTableOffsetMask, mkRefBlock)
+}
+
+// addMetaTables records the cluster-sized tables that the entries of an L1
+// or refcount table (offsets under mask) point to as metadata of kind k.
+func (img *Image) addMetaTables(entries []uint64, mask uint64, k metaKind) {
+	for _, e := range entries {
+		if off := e & mask; off != 0 {
+			img.addMeta(off/img.cs, k)
+			if off%img.cs != 0 {
+				img.addMeta(off/img.cs+1, k)
+			}
 		}
 	}
-	for i, e := range img.reftable {
-		if off, err := img.g.DecodeRefTable(e, img.rtOffset, int64(i)); err == nil && off != 0 {
-			img.metaClusters[off/img.cs] = mkRefBlock
-		}
+}
+
+// addMeta records that host cluster c holds metadata of kind k.
+func (img *Image) addMeta(c uint64, k metaKind) { img.metaClusters[c] |= 1 << k }
+
+// dropMeta records that host cluster c no longer holds metadata of kind k.
+func (img *Image) dropMeta(c uint64, k metaKind) {
+	if s := img.metaClusters[c] &^ (1 << k); s != 0 {
+		img.metaClusters[c] = s
+	} else {
+		delete(img.metaClusters, c)
 	}
 }
 
@@ -489,57 +534,65 @@ func (img *Image) checkOverlapLocked(co *coroutine.Co, off, size uint64, ignore 
 		return nil
 	}
 	return img.signalCorruptionLocked(co, &CorruptError{
-		What:  fmt.Sprintf("Preventing invalid write on metadata (overlaps with %s) at %#x+%#x", hit, off, size),
-		Index: -1,
+		What:  fmt.Sprintf("Preventing invalid write on metadata (overlaps with %s)", hit),
+		Table: "write", Offset: off, Index: -1,
 	})
 }
 
 // overlapLocked returns the kind of metadata other than ignore that host
-// range [off, off+size) overlaps, or mkNone.
+// range [off, off+size), widened to whole clusters, overlaps, or mkNone
+// (QEMU's qcow2_check_metadata_overlap); of several, the first in QEMU's
+// order.
 func (img *Image) overlapLocked(off, size uint64, ignore metaKind) metaKind {
 	if size == 0 {
 		return mkNone
 	}
-	end := off + size
-	hit := mkNone
-	overlaps := func(start, n uint64) bool { return n > 0 && start < end && off < start+n }
-	switch {
-	case ignore != mkHeader && overlaps(0, img.cs):
-		hit = mkHeader
-	case ignore != mkActiveL1 && overlaps(img.l1Offset, uint64(len(img.l1))*8):
-		hit = mkActiveL1
-	case ignore != mkRefTable && overlaps(img.rtOffset, uint64(img.rtCluster)*img.cs):
-		hit = mkRefTable
-	case ignore != mkSnapTable && overlaps(img.hdr.SnapshotsOffset, img.snapTableSize):
-		hit = mkSnapTable
+	cs := img.cs
+	end := satAdd(off, size)
+	off &^= cs - 1
+	end = satAdd(end, cs-1) &^ (cs - 1)
+	var hits metaSet
+	add := func(k metaKind, start, n uint64) {
+		if n > 0 && start < end && off < satAdd(start, n) {
+			hits |= 1 << k
+		}
 	}
-	if hit == mkNone {
-		for _, s := range img.snapshots {
-			if ignore != mkInactiveL1 && overlaps(s.L1TableOffset, uint64(s.L1Size)*8) {
-				hit = mkInactiveL1
-				break
+	add(mkHeader, 0, cs)
+	add(mkActiveL1, img.l1Offset, uint64(len(img.l1))*8)
+	add(mkRefTable, img.rtOffset, uint64(img.rtCluster)*cs)
+	add(mkSnapTable, img.hdr.SnapshotsOffset, img.snapTableSize)
+	for _, s := range img.snapshots {
+		add(mkInactiveL1, s.L1TableOffset, uint64(s.L1Size)*8)
+	}
+	if b := img.hdr.Bitmaps; img.chk != nil && b != nil && img.hdr.AutoclearFeatures&AutoclearBitmaps != 0 {
+		// Only for Check so far: the bitmap code rewrites the
+		// directory in place without telling the overlap check.
+		add(mkBitmapDir, b.DirectoryOffset, b.DirectorySize)
+	}
+	first, last := off/cs, (end-1)/cs
+	if last-first < uint64(len(img.metaClusters)) {
+		for c := first; c <= last; c++ {
+			hits |= img.metaClusters[c]
+		}
+	} else {
+		for c, k := range img.metaClusters {
+			if c >= first && c <= last {
+				hits |= k
 			}
 		}
 	}
-	if hit == mkNone {
-		first, last := off/img.cs, (end-1)/img.cs
-		if last-first < uint64(len(img.metaClusters)) {
-			for c := first; c <= last; c++ {
-				if k, ok := img.metaClusters[c]; ok && k != ignore {
-					hit = k
-					break
-				}
-			}
-		} else {
-			for c, k := range img.metaClusters {
-				if c >= first && c <= last && k != ignore {
-					hit = k
-					break
-				}
-			}
-		}
+	hits &^= 1<<ignore | 1<<mkNone
+	if hits == 0 {
+		return mkNone
 	}
-	return hit
+	return metaKind(bits.TrailingZeros16(uint16(hits)))
+}
+
+func satAdd(a, b uint64) uint64 {
+	if a > math.MaxUint64-b {
+		return math.MaxUint64
+	}
+	return a + b
 }
 
 // signalCorruptionLocked reports corrupt metadata (QEMU's
@@ -547,6 +600,10 @@ func (img *Image) overlapLocked(off, size uint64, ignore metaKind) metaKind {
 // and fails every later request; either way the request fails with EIO
 // and an error naming the problem. Called with meta held.
 func (img *Image) signalCorruptionLocked(co *coroutine.Co, ce *CorruptError) error {
+	if img.chk != nil {
+		img.chk.signalCorruption(ce.What)
+		return &ioError{unix.EIO, ce}
+	}
 	if !img.readOnly && !img.corrupt.Load() {
 		img.corrupt.Store(true)
 		if img.hdr.Version >= 3 {

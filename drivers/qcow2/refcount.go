@@ -43,9 +43,22 @@ func (img *Image) rbBits() uint32 { return img.g.ClusterBits + 3 - img.g.Refcoun
 
 // refblockOffsetLocked returns the refcount block for reftable index i, or
 // 0 when none is allocated (all its refcounts are 0).
+//
+// For Check it reads the table as QEMU's qcow2_get_refcount does: reserved
+// bits are ignored and a block past the end of the file reads as zeros
+// (the check reports both), only an unaligned block is a corruption.
 func (img *Image) refblockOffsetLocked(co *coroutine.Co, i uint64) (uint64, error) {
 	if i >= uint64(len(img.reftable)) {
 		return 0, nil
+	}
+	if img.chk != nil {
+		off := img.reftable[i] & RefTableOffsetMask
+		if off%img.cs != 0 {
+			return 0, img.signalCorruptionLocked(co, &CorruptError{
+				What:  fmt.Sprintf("Refblock offset %s unaligned (reftable index: %s)", chex(off), chex(i)),
+				Table: "refcount table", Offset: img.rtOffset, Index: int64(i)})
+		}
+		return off, nil
 	}
 	off, err := img.g.DecodeRefTable(img.reftable[i], img.rtOffset, int64(i))
 	if err != nil {
@@ -119,7 +132,7 @@ func (img *Image) allocRefblockLocked(co *coroutine.Co, c uint64) error {
 		return err
 	}
 	if nb == 0 {
-		return img.signalCorruptionLocked(co, &CorruptError{What: "preventing allocation of a refcount block at offset 0", Index: -1})
+		return img.signalCorruptionLocked(co, &CorruptError{What: "Preventing invalid allocation of refcount block at offset 0", Index: -1})
 	}
 	if err := img.checkOverlapLocked(co, nb, cs, mkNone); err != nil {
 		return err
@@ -151,7 +164,7 @@ func (img *Image) allocRefblockLocked(co *coroutine.Co, c uint64) error {
 		img.rcCache.markDirtyLocked(e)
 		img.rcCache.putLocked(e)
 	}
-	img.metaClusters[nb/cs] = mkRefBlock
+	img.addMeta(nb/cs, mkRefBlock)
 	if err := img.rcCache.flushLocked(co); err != nil {
 		return err
 	}
@@ -268,7 +281,7 @@ func (img *Image) refcountAreaLocked(co *coroutine.Co, start, additional uint64,
 			if err == nil {
 				img.rcCache.markDirtyLocked(e)
 				newTable[i] = blockOff
-				img.metaClusters[blockOff/cs] = mkRefBlock
+				img.addMeta(blockOff/cs, mkRefBlock)
 				blockOff += cs
 			}
 		}
@@ -382,6 +395,9 @@ func (img *Image) doUpdateRefcountLocked(co *coroutine.Co, first, last, addend u
 			return c, err
 		}
 		if rb == 0 {
+			if decrease && img.chk != nil {
+				return c, unix.EINVAL // as below
+			}
 			if decrease {
 				return c, img.signalCorruptionLocked(co, &CorruptError{
 					What:  fmt.Sprintf("refcount of cluster %#x underflows (no refcount block)", c*img.cs),
@@ -397,6 +413,12 @@ func (img *Image) doUpdateRefcountLocked(co *coroutine.Co, first, last, addend u
 			old, _ := img.g.Refcount(e.buf, c&(E-1))
 			var nw uint64
 			if decrease {
+				if addend > old && img.chk != nil {
+					// QEMU's update_refcount: an error, not a
+					// corruption (the check reports it).
+					img.rcCache.putLocked(e)
+					return c, unix.EINVAL
+				}
 				if addend > old {
 					img.rcCache.putLocked(e)
 					return c, img.signalCorruptionLocked(co, &CorruptError{
@@ -531,11 +553,16 @@ func (img *Image) allocClustersNorefLocked(co *coroutine.Co, n uint64, limit uin
 	return start * img.cs, nil
 }
 
+// allocTries bounds the searches for n clusters: each search that fails
+// made a refcount block (or a new refcount area), and a run of n clusters
+// needs at most n/E+1 blocks; beyond that, something is wrong.
+func (img *Image) allocTries(n uint64) uint64 { return 64 + n/img.g.RefblockEntries() }
+
 // allocClustersLocked allocates n contiguous clusters and returns the host
 // offset of the first (QEMU's qcow2_alloc_clusters).
 func (img *Image) allocClustersLocked(co *coroutine.Co, n uint64) (uint64, error) {
-	for try := 0; ; try++ {
-		if try > 64 {
+	for try := uint64(0); ; try++ {
+		if try > img.allocTries(n) {
 			return 0, fmt.Errorf("qcow2: cluster allocation does not converge: %w", unix.EIO)
 		}
 		off, err := img.allocClustersNorefLocked(co, n, maxHostCluster)
@@ -567,8 +594,8 @@ func (img *Image) allocClustersAtLocked(co *coroutine.Co, off, n uint64) (uint64
 	if off+n*img.cs > maxHostCluster {
 		return 0, nil
 	}
-	for try := 0; ; try++ {
-		if try > 64 {
+	for try := uint64(0); ; try++ {
+		if try > img.allocTries(n) {
 			return 0, fmt.Errorf("qcow2: cluster allocation does not converge: %w", unix.EIO)
 		}
 		var i uint64

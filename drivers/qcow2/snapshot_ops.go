@@ -466,16 +466,10 @@ func (img *Image) SnapshotApply(co *coroutine.Co, idOrName string) error {
 // rebuildActiveL2MapLocked records the active L2 tables anew in the
 // metadata map for the overlap check, after the active L1 table changed.
 func (img *Image) rebuildActiveL2MapLocked() {
-	for c, k := range img.metaClusters {
-		if k == mkActiveL2 {
-			delete(img.metaClusters, c)
-		}
+	for c := range img.metaClusters {
+		img.dropMeta(c, mkActiveL2)
 	}
-	for i, e := range img.l1 {
-		if off, _, err := img.g.DecodeL1(e, img.l1Offset, int64(i)); err == nil && off != 0 {
-			img.metaClusters[off/img.cs] = mkActiveL2
-		}
-	}
+	img.addMetaTables(img.l1, L1OffsetMask, mkActiveL2)
 }
 
 // SnapshotDelete deletes the first snapshot matching id and name ("" matches

@@ -200,7 +200,7 @@ func (img *Image) shrinkL1Locked(co *coroutine.Co, n uint64) error {
 		if err != nil || off == 0 {
 			continue
 		}
-		delete(img.metaClusters, off/img.cs)
+		img.dropMeta(off/img.cs, mkActiveL2)
 		img.l2Cache.discardLocked(off, img.cs)
 		if err := img.freeClustersLocked(co, off, img.cs, discardAlways); err != nil {
 			return err
@@ -260,7 +260,7 @@ func (img *Image) shrinkReftableLocked(co *coroutine.Co) error {
 				err = img.freeClustersLocked(co, img.reftable[i]&RefTableOffsetMask, cs, discardAlways)
 			}
 			img.rcCache.discardLocked(img.reftable[i]&RefTableOffsetMask, cs)
-			delete(img.metaClusters, (img.reftable[i]&RefTableOffsetMask)/cs)
+			img.dropMeta((img.reftable[i]&RefTableOffsetMask)/cs, mkRefBlock)
 			img.reftable[i] = 0
 		}
 	}
