@@ -15,6 +15,7 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
+	"ublkimg/internal/fuzzlimit"
 	"ublkimg/internal/qemutest"
 )
 
@@ -193,6 +194,7 @@ func FuzzCheck(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, img []byte) {
+		fuzzlimit.Guard(t, fuzzlimit.Limits{})
 		if len(img) < 512 || len(img) > 64<<10 {
 			return
 		}

@@ -13,6 +13,7 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
+	"ublkimg/internal/qemutest"
 )
 
 // Images whose active L1 entries all name one L2 table: every entry counts
@@ -89,7 +90,7 @@ func ckAliasedImage(t testing.TB, dir string, n uint64, order uint32, copied, di
 // TestCheckL1Aliasing compares check and repair of a small aliased image
 // with qemu-img's (refcount_bits=8 overflows after 255 references).
 func TestCheckL1Aliasing(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	for _, copied := range []bool{true, false} {
 		t.Run(fmt.Sprintf("COPIED=%v", copied), func(t *testing.T) {
 			im := ckImage{path: ckAliasedImage(t, t.TempDir(), 2048, 3, copied, false)}
@@ -112,7 +113,7 @@ func TestCheckL1AliasingMemory(t *testing.T) {
 		ckMemChild(t, p, os.Getenv("UBLKIMG_CKMEM_MODE"))
 		return
 	}
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	if testing.Short() || ckRace {
 		t.Skip("checks 4M L1 entries; memory bound without the race detector")
 	}

@@ -1111,7 +1111,7 @@ func TestCheckMatrix(t *testing.T) {
 // entry can describe, so the repair grows the refcount table, as qemu-img
 // check -r all does (it used to fail with ENOSPC).
 func TestCheckRepairGrowsRefcountTable(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	const cs = 512
 	// 64-bit refcounts: 64 per block, and a one-cluster table of 64
 	// blocks describes 4096 clusters. Layout: header, refcount table, 64
@@ -1166,7 +1166,7 @@ func TestCheckRepairGrowsRefcountTable(t *testing.T) {
 // refcount table lies far past the end of the file: it reads as zeros, as
 // in QEMU, and -r all rebuilds the refcount structure.
 func TestCheckRefcountTableBeyondEOF(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	p := qemuCreate(t, t.TempDir(), "rt.qcow2", "1M")
 	mustRun(t, "qemu-io", "-f", "qcow2", "-c", "write -P 1 0 64k", p)
 	l := ckLoad(t, p)

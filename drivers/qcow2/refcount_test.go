@@ -6,6 +6,7 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
+	"ublkimg/internal/qemutest"
 )
 
 // TestAllocManyRefblocks allocates a run of clusters that needs hundreds of
@@ -14,7 +15,7 @@ import (
 // search, as QEMU's -EAGAIN does; the allocation used to give up after 64
 // restarts.
 func TestAllocManyRefblocks(t *testing.T) {
-	requireQemuImg(t)
+	qemutest.Require(t, "qemu-img")
 	p := filepath.Join(t.TempDir(), "big.qcow2")
 	err := coroutine.Run(func(co *coroutine.Co) error {
 		return bdrv.Create(co, "qcow2", &bdrv.CreateRequest{Filename: p, Size: 128 << 30,
