@@ -19,6 +19,7 @@ import (
 	_ "ublkimg/drivers/file"
 	_ "ublkimg/drivers/null"
 	_ "ublkimg/drivers/raw"
+	"ublkimg/internal/qemutest"
 )
 
 // makeFile creates a file of size bytes with a deterministic pattern and
@@ -349,10 +350,11 @@ func TestReadOnlyNodeRefusesWrites(t *testing.T) {
 // second writer is refused, qemu-img cannot read an image we write, and we
 // cannot write an image qemu-io holds open.
 func TestImageLockingWithQEMU(t *testing.T) {
+	qemutest.Require(t, "qemu-io")
 	path, _ := makeFile(t, 1<<20)
 	withNode(t, bdrv.Spec{Filename: path, Format: "raw"}, func(co *coroutine.Co, n *bdrv.Node) error {
 		_, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: "raw"})
-		if err == nil || !strings.Contains(err.Error(), `Failed to get "write" lock`) || !errors.Is(err, bdrv.ErrLocked) {
+		if err == nil || err.Error() != `Failed to get "write" lock` || !errors.Is(err, bdrv.ErrLocked) {
 			return fmt.Errorf("second writer: %v", err)
 		}
 		ro, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: "raw", ReadOnly: true,
@@ -361,9 +363,6 @@ func TestImageLockingWithQEMU(t *testing.T) {
 			return fmt.Errorf("force-share reader refused: %v", err)
 		}
 		ro.Close(co)
-		if _, err := exec.LookPath("qemu-io"); err != nil {
-			return nil
-		}
 		// QEMU's raw driver shares every permission, so only a QEMU
 		// writer conflicts with us: we do not share "write".
 		out, _ := exec.Command("qemu-io", "-f", "raw", "-c", "write 0 512", path).CombinedOutput()
@@ -372,34 +371,18 @@ func TestImageLockingWithQEMU(t *testing.T) {
 		}
 		return nil
 	})
-	if _, err := exec.LookPath("qemu-io"); err != nil {
-		t.Skip("qemu-io not installed")
-	}
-	cmd := exec.Command("qemu-io", "-f", "raw", path)
-	stdin, _ := cmd.StdinPipe()
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { stdin.Close(); cmd.Wait() }()
-	// qemu-io opened the image when it printed its prompt; give it a
-	// moment by asking it something first.
-	stdin.Write([]byte("help\n"))
-	var lastErr error
-	for range 50 {
-		lastErr = coroutine.Run(func(co *coroutine.Co) error {
-			n, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: "raw"})
-			if err == nil {
-				n.Close(co)
-			}
-			return err
-		})
-		if lastErr != nil {
-			break
+	// qemu-io writing the raw image (sharing everything) holds byte 101
+	// only: we do not share writing, so we cannot open it.
+	qemutest.HoldWithQemuIO(t, path, []int{101}, "-f", "raw")
+	err := coroutine.Run(func(co *coroutine.Co) error {
+		n, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: "raw"})
+		if err == nil {
+			n.Close(co)
 		}
-		exec.Command("sleep", "0.1").Run()
-	}
-	if lastErr == nil || !strings.Contains(lastErr.Error(), "lock") {
-		t.Fatalf("opening an image qemu-io holds: %v", lastErr)
+		return err
+	})
+	if err == nil || err.Error() != `Failed to get shared "write" lock` || !errors.Is(err, bdrv.ErrLocked) {
+		t.Fatalf("opening an image qemu-io holds: %v", err)
 	}
 }
 
