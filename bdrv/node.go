@@ -74,6 +74,10 @@ type Format struct {
 	CreateOptions []OptionSpec
 	// SupportsBacking is true for formats that can have a backing file.
 	SupportsBacking bool
+	// CompressedWrites is true for formats whose images can take
+	// ReqWriteCompressed writes (QEMU's block_driver_can_compress), so
+	// that convert -c refuses the others before it creates the target.
+	CompressedWrites bool
 }
 
 // OptionLister is implemented by drivers that say which open options they

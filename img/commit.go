@@ -124,15 +124,31 @@ func openCommitChain(co *coroutine.Co, opts CommitOptions) (top, base *bdrv.Node
 			isBase = sameBackingImage(curName, cur.BackingFile, opts.Base)
 		}
 		curOpts = curOpts.ChainOptions()
-		next, err := openImage(co, openSpec{filename: name, format: cur.BackingFormat, cache: opts.Cache,
-			readOnly: !isBase, noBacking: !isBase, options: curOpts})
+		spec := openSpec{filename: name, format: cur.BackingFormat, cache: opts.Cache,
+			readOnly: true, noBacking: !isBase, options: curOpts}
+		next, err := openImage(co, spec)
 		if err != nil {
-			return fail(openError(display, fmt.Errorf("Could not open backing file: %s", backingReason(name, err))))
+			return fail(openError(display, newBackingOpenError(name, depth, err)))
 		}
-		cur.Backing = next
 		if isBase {
+			// QEMU opens the whole chain read-only, then reopens the
+			// base read-write for the commit job, taking the write lock
+			// only then: a process writing the base fails the first
+			// step ("shared" lock), one reading it the second, whose
+			// error names no image.
+			next.Close(co)
+			spec.readOnly = false
+			if next, err = openImage(co, spec); err != nil {
+				var oe *OpenError
+				if errors.Is(err, bdrv.ErrLocked) && errors.As(err, &oe) {
+					return fail(oe.Err)
+				}
+				return fail(openError(display, newBackingOpenError(name, depth, err)))
+			}
+			cur.Backing = next
 			return top, next, nil
 		}
+		cur.Backing = next
 		cur, curName = next, name
 	}
 }

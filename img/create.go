@@ -144,7 +144,10 @@ func create(co *coroutine.Co, opts CreateOptions, out io.Writer) error {
 // backingSize opens a backing file to learn its size and format, as
 // bdrv_img_create does when no size is given (and to check that it opens).
 func backingSize(co *coroutine.Co, filename, format string) (int64, string, error) {
-	n, err := openImage(co, openSpec{filename: filename, format: format, readOnly: true, noBacking: true})
+	// Like bdrv_img_create, with force-share: the backing file may be in
+	// use (a VM writing it while an overlay is made for a snapshot).
+	n, err := openImage(co, openSpec{filename: filename, format: format, readOnly: true, noBacking: true,
+		options: bdrv.Options{bdrv.OptForceShare: "on"}})
 	if err != nil {
 		return 0, "", fmt.Errorf("%w. Could not open backing image.", err)
 	}
