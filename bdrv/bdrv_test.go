@@ -1,7 +1,6 @@
 package bdrv_test
 
 import (
-	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
@@ -378,11 +377,11 @@ func TestReadOnlyNodeRefusesWrites(t *testing.T) {
 // second writer is refused, qemu-img cannot read an image we write, and we
 // cannot write an image qemu-io holds open.
 func TestImageLockingWithQEMU(t *testing.T) {
-	haveQemuIO := qemutest.Have(t, "qemu-io")
+	qemutest.Require(t, "qemu-io")
 	path, _ := makeFile(t, 1<<20)
 	bdrvtest.WithNode(t, bdrv.Spec{Filename: path, Format: "raw"}, func(co *coroutine.Co, n *bdrv.Node) error {
 		_, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: "raw"})
-		if err == nil || !strings.Contains(err.Error(), `Failed to get "write" lock`) || !errors.Is(err, bdrv.ErrLocked) {
+		if err == nil || err.Error() != `Failed to get "write" lock` || !errors.Is(err, bdrv.ErrLocked) {
 			return fmt.Errorf("second writer: %v", err)
 		}
 		ro, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: "raw", ReadOnly: true,
@@ -391,9 +390,6 @@ func TestImageLockingWithQEMU(t *testing.T) {
 			return fmt.Errorf("force-share reader refused: %v", err)
 		}
 		ro.Close(co)
-		if !haveQemuIO {
-			return nil
-		}
 		// QEMU's raw driver shares every permission, so only a QEMU
 		// writer conflicts with us: we do not share "write".
 		out, _ := exec.Command("qemu-io", "-f", "raw", "-c", "write 0 512", path).CombinedOutput()
@@ -402,23 +398,9 @@ func TestImageLockingWithQEMU(t *testing.T) {
 		}
 		return nil
 	})
-	qemutest.Require(t, "qemu-io")
-	cmd := exec.Command("qemu-io", "-f", "raw", path)
-	stdin, _ := cmd.StdinPipe()
-	stdout, _ := cmd.StdoutPipe()
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { stdin.Close(); cmd.Wait() }()
-	// qemu-io reads commands once the image is open (and locked): the
-	// answer to a read means it holds the image.
-	stdin.Write([]byte("read 0 512\n"))
-	sc := bufio.NewScanner(stdout)
-	for !strings.Contains(sc.Text(), "bytes at offset 0") {
-		if !sc.Scan() {
-			t.Fatalf("qemu-io ended before reading: %v", sc.Err())
-		}
-	}
+	// qemu-io writing the raw image (sharing everything) holds byte 101
+	// only: we do not share writing, so we cannot open it.
+	qemutest.HoldWithQemuIO(t, path, []int{101}, "-f", "raw")
 	err := coroutine.Run(func(co *coroutine.Co) error {
 		n, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: "raw"})
 		if err == nil {
@@ -426,7 +408,7 @@ func TestImageLockingWithQEMU(t *testing.T) {
 		}
 		return err
 	})
-	if err == nil || !strings.Contains(err.Error(), "lock") {
+	if err == nil || err.Error() != `Failed to get shared "write" lock` || !errors.Is(err, bdrv.ErrLocked) {
 		t.Fatalf("opening an image qemu-io holds: %v", err)
 	}
 }

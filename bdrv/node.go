@@ -122,6 +122,10 @@ type Format struct {
 	// read-write over a read-only file (QEMU's raw passes its parent's
 	// permissions through).
 	DataOnly bool
+	// CompressedWrites is true for formats whose images can take
+	// ReqWriteCompressed writes (QEMU's block_driver_can_compress), so
+	// that convert -c refuses the others before it creates the target.
+	CompressedWrites bool
 }
 
 // OptionLister is implemented by drivers that say which open options they

@@ -112,6 +112,20 @@ func Check(co *coroutine.Co, opts CheckOptions, stdout, stderr io.Writer) (int, 
 		fopts = bdrv.Options{bdrv.OptForceShare: "on"}
 	}
 
+	if opts.Repair != RepairNone {
+		// qemu-img opens the image read-write from the start: an image
+		// another process uses fails with its write lock's message,
+		// before the read-only open below could fail on a shared lock.
+		// The repair itself opens the file again, under the same lock.
+		file, err := bdrv.Open(co, bdrv.Spec{Filename: opts.Filename, Format: "file", Options: fopts, Cache: opts.Cache})
+		if errors.Is(err, bdrv.ErrLocked) {
+			return fail(openError(display, err))
+		}
+		if err == nil {
+			file.Close(co)
+		}
+	}
+
 	// Open the image as qemu-img does before checking, with its backing
 	// chain. A qcow2 image is opened read-only even for a repair: a
 	// read-write open would repair a dirty image before the check sees it.
@@ -143,7 +157,7 @@ func Check(co *coroutine.Co, opts CheckOptions, stdout, stderr io.Writer) (int, 
 			b, err := openImage(co, openSpec{filename: bdrv.ResolveBacking(opts.Filename, backing),
 				format: backingFormat, cache: opts.Cache, readOnly: true, options: fopts})
 			if err != nil {
-				return fail(openError(display, fmt.Errorf("Could not open backing file: %s", err.Error())))
+				return fail(openError(display, newBackingOpenError(bdrv.ResolveBacking(opts.Filename, backing), 0, err)))
 			}
 			b.Close(co)
 		}

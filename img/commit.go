@@ -126,28 +126,40 @@ func openCommitChain(co *coroutine.Co, opts CommitOptions) (top, base *bdrv.Node
 			isBase = sameBackingImage(curName, cur.BackingFile, opts.Base)
 		}
 		curOpts = curOpts.ChainOptions()
-		nextOpts := curOpts
-		if isBase {
-			// QEMU reopens the base read-write for the commit,
-			// whatever its read-only options say.
-			nextOpts = maps.Clone(curOpts)
-			delete(nextOpts, bdrv.OptReadOnly)
-			delete(nextOpts, bdrv.OptAutoReadOnly)
-		}
-		next, err := openImage(co, openSpec{filename: name, format: cur.BackingFormat, cache: opts.Cache,
-			readOnly: !isBase, noBacking: !isBase, unmap: true, options: nextOpts})
-		if isBase && errors.Is(err, bdrv.ErrReadOnlyNode) {
-			// The base's file is read-only: the reopen fails
-			// (backing.file.read-only=on).
-			return fail(bdrv.ErrReadOnlyNode)
-		}
+		spec := openSpec{filename: name, format: cur.BackingFormat, cache: opts.Cache,
+			readOnly: true, noBacking: !isBase, unmap: true, options: curOpts}
+		next, err := openImage(co, spec)
 		if err != nil {
-			return fail(openError(display, fmt.Errorf("Could not open backing file: %s", backingReason(name, err))))
+			return fail(openError(display, newBackingOpenError(name, depth, err)))
 		}
-		cur.Backing = next
 		if isBase {
+			// QEMU opens the whole chain read-only, then reopens the
+			// base read-write for the commit job, taking the write lock
+			// only then: a process writing the base fails the first
+			// step ("shared" lock), one reading it the second, whose
+			// error names no image.
+			next.Close(co)
+			spec.readOnly = false
+			// ... whatever the base's read-only options say.
+			spec.options = maps.Clone(curOpts)
+			delete(spec.options, bdrv.OptReadOnly)
+			delete(spec.options, bdrv.OptAutoReadOnly)
+			if next, err = openImage(co, spec); err != nil {
+				if errors.Is(err, bdrv.ErrReadOnlyNode) {
+					// The base's file is read-only
+					// (backing.file.read-only=on).
+					return fail(bdrv.ErrReadOnlyNode)
+				}
+				var oe *OpenError
+				if errors.Is(err, bdrv.ErrLocked) && errors.As(err, &oe) {
+					return fail(oe.Err)
+				}
+				return fail(openError(display, newBackingOpenError(name, depth, err)))
+			}
+			cur.Backing = next
 			return top, next, nil
 		}
+		cur.Backing = next
 		cur, curName = next, name
 	}
 }

@@ -143,8 +143,9 @@ type converter struct {
 // existing) target image, as qemu-img convert does: block status skips
 // ranges that read as zeros, SparseSize-long zero runs in data are not
 // written, Coroutines requests are in flight, and writes land in order
-// unless OutOfOrder. On any failure after Convert created the target, the
-// partial target is removed and the first error is returned.
+// unless OutOfOrder. On any failure after Convert created a target that
+// did not exist before, the partial target is removed; the first error is
+// returned.
 func Convert(co *coroutine.Co, opts ConvertOptions) (err error) {
 	if opts.SparseSize < 0 || opts.SparseSize%sectorSize != 0 || opts.SparseSize > MaxSparseSize {
 		return fmt.Errorf("Invalid buffer size for sparse output specified. Valid sizes are multiples of %d up to %d. Select 0 to disable sparse detection (fully allocates output).", sectorSize, MaxSparseSize)
@@ -202,13 +203,18 @@ func Convert(co *coroutine.Co, opts ConvertOptions) (err error) {
 
 	created, keep := false, false
 	if !opts.NoCreate {
+		// Only a target that did not exist is removed on failure: an
+		// existing one may be refused untouched (another process holds
+		// it, or it is a source) and must then stay as it was.
+		var statErr error
+		co.Offload(func() { _, statErr = os.Lstat(opts.Target) })
 		if err := c.createTarget(co); err != nil {
 			return err
 		}
-		created = true
+		created = errors.Is(statErr, os.ErrNotExist)
 	}
-	// From here on a failure leaves a partial image behind: remove it,
-	// so that no one mistakes it for a good copy.
+	// From here on a failure leaves a partial image behind: remove a new
+	// one, so that no one mistakes it for a good copy.
 	defer func() {
 		if err != nil && created && !keep {
 			co.Offload(func() { os.Remove(opts.Target) })
@@ -266,6 +272,10 @@ func (c *converter) createTarget(co *coroutine.Co) error {
 	if _, ok := o[optBackingFile]; ok {
 		// img_convert's -B path (target_has_backing) is not implemented.
 		return errors.New("convert: a backing file for the target is not supported")
+	}
+	if opts.Compress && !f.CompressedWrites {
+		// Before the target exists: an existing one stays as it was.
+		return errors.New("Compression not supported for this file format")
 	}
 	if opts.Compress {
 		if p, ok := o["preallocation"]; ok && p != "off" {

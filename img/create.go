@@ -146,7 +146,10 @@ func create(co *coroutine.Co, opts CreateOptions, out io.Writer) error {
 // for metadata only as QEMU does (BDRV_O_NO_IO): an encrypted backing file
 // needs no key, a data file is not opened.
 func backingSize(co *coroutine.Co, filename, format string) (int64, string, error) {
-	n, err := openImage(co, openSpec{filename: filename, format: format, readOnly: true, noBacking: true, noIO: true})
+	// Like bdrv_img_create, with force-share: the backing file may be in
+	// use (a VM writing it while an overlay is made for a snapshot).
+	n, err := openImage(co, openSpec{filename: filename, format: format, readOnly: true, noBacking: true, noIO: true,
+		options: bdrv.Options{bdrv.OptForceShare: "on"}})
 	if err != nil {
 		return 0, "", fmt.Errorf("%w. Could not open backing image.", err)
 	}

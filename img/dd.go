@@ -112,7 +112,7 @@ func DD(co *coroutine.Co, opts DDOptions) error {
 	}
 	if err := bdrv.Create(co, outFmt, &bdrv.CreateRequest{Filename: opts.Output, Size: outSize,
 		Options: createOptions(f, bdrv.Options{}, outSize)}); err != nil {
-		return fmt.Errorf("%s: error while creating output image: %s", opts.Output, createReason(opts.Output, err))
+		return fmt.Errorf("%s: error while creating output image: %w", opts.Output, createReason(opts.Output, err))
 	}
 	out, err := openImage(co, openSpec{filename: opts.Output, format: outFmt})
 	if err != nil {
@@ -147,15 +147,19 @@ func DD(co *coroutine.Co, opts DDOptions) error {
 }
 
 // createReason words a failure of bdrv.Create as QEMU's create functions
-// do for a file that cannot be made: "Could not create 'x': reason".
-func createReason(filename string, err error) string {
+// do for a file that cannot be made: "Could not create 'x': reason". The
+// refusal of an image another process uses keeps its own words (and hint).
+func createReason(filename string, err error) error {
+	if errors.Is(err, bdrv.ErrLocked) {
+		return err
+	}
 	msg := errText(err)
 	if strings.HasPrefix(msg, "Could not create") || strings.HasPrefix(msg, "could not create") {
-		return capitalize(msg)
+		return errors.New(capitalize(msg))
 	}
 	var oe *OpenError
 	if errors.As(err, &oe) {
-		return msg
+		return errors.New(msg)
 	}
-	return "Could not create '" + filename + "': " + Strerror(err)
+	return errors.New("Could not create '" + filename + "': " + Strerror(err))
 }

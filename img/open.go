@@ -126,17 +126,42 @@ func reason(filename string, err error) string {
 }
 
 // backingReason is openImage's failure to open the backing file name as
-// QEMU words it after "Could not open backing file: ": a format driver's
-// refusal ("Parameter 'encrypt.key-secret' is required for cipher") does
-// not name the file, a protocol error does ("Could not open 'b': No such
-// file or directory").
+// QEMU words it after "Could not open backing file: ": only the protocol's
+// own failure to open the file names it ("Could not open 'b': No such file
+// or directory"); a format driver's refusal ("Parameter
+// 'encrypt.key-secret' is required for cipher"), a lock held by another
+// process ("Failed to get \"write\" lock") and a failure further down the
+// chain ("Could not open backing file: ...") do not.
 func backingReason(name string, err error) string {
 	var oe *OpenError
-	if errors.As(err, &oe) && bdrv.BackingOpenReason(oe.Err) != oe.Err {
+	if errors.As(err, &oe) && (bdrv.BackingOpenReason(oe.Err) != oe.Err || !namesFile(oe.Err, name)) {
 		return reason(name, oe.Err)
 	}
 	return err.Error()
 }
+
+// namesFile reports whether err's message starts by naming the file.
+func namesFile(err error, name string) bool {
+	return strings.HasPrefix(strings.ToLower(err.Error()), strings.ToLower("Could not open '"+name+"': "))
+}
+
+// newBackingOpenError is QEMU's "Could not open backing file: <reason>" for
+// a failure of openImage to open a backing file, depth levels below the
+// first (QEMU opens a chain recursively, each level adding its prefix).
+func newBackingOpenError(name string, depth int, err error) error {
+	return &wordedError{strings.Repeat("Could not open backing file: ", depth+1) + backingReason(name, err), err}
+}
+
+// wordedError is err as qemu-img words it. It unwraps to err, so that
+// errors.Is still finds the cause, and a lock error its hint.
+type wordedError struct {
+	msg string
+	err error
+}
+
+func (e *wordedError) Error() string { return e.msg }
+
+func (e *wordedError) Unwrap() error { return e.err }
 
 // Strerror is the C library's text for the errno in err's chain ("No space
 // left on device"), or err's own message when it carries none. qemu-img

@@ -125,7 +125,7 @@ func rebaseCopy(co *coroutine.Co, n *bdrv.Node, opts RebaseOptions, progress *Pr
 			}
 			b, err := openImage(co, s)
 			if err != nil {
-				return fmt.Errorf("Could not open new backing file '%s': %s", opts.Backing, backingReason(path, err))
+				return &wordedError{fmt.Sprintf("Could not open new backing file '%s': %s", opts.Backing, backingReason(path, err)), err}
 			}
 			defer b.Close(co)
 			newB = b

@@ -291,7 +291,7 @@ func compareBitmapRun(t *testing.T, step, ours, theirs string, args []string, ou
 func normBitmapStderr(t *testing.T, r result, tool string) string {
 	t.Helper()
 	if tool == "ublkimg" && r.code != 0 {
-		l := strings.Split(strings.TrimSuffix(r.stderr, "\n"), "\n")
+		l := joinHint(strings.Split(strings.TrimSuffix(r.stderr, "\n"), "\n"))
 		oneErrorLine(t, result{stderr: l[len(l)-1] + "\n"})
 	}
 	var parts []string

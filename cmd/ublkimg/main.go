@@ -129,6 +129,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 	}
 	fmt.Fprintf(stderr, "ublkimg: %s\n", oneLine(err.Error()))
+	// qemu-img prints an error's hint (error_append_hint) on its own
+	// line: "Is another process using the image [x]?".
+	var h interface{ Hint() string }
+	if errors.As(err, &h) {
+		fmt.Fprintln(stderr, h.Hint())
+	}
 	return code
 }
 

@@ -82,14 +82,28 @@ func qemuImg(t *testing.T, args ...string) result {
 	return runAs(t, nil, "qemu-img", args...)
 }
 
+// isQemuHint reports whether l is a hint that qemu-img prints on the line
+// after an error (error_append_hint), and ublkimg after the same error.
+func isQemuHint(l string) bool { return strings.HasPrefix(l, "Is another process using the image [") }
+
+// joinHint joins a hint in lines to the line before it, with a space, as
+// qemuMessage joins qemu-img's lines.
+func joinHint(lines []string) []string {
+	if n := len(lines); n > 1 && isQemuHint(lines[n-1]) {
+		return append(lines[:n-2:n-2], lines[n-2]+" "+lines[n-1])
+	}
+	return lines
+}
+
 // oneErrorLine checks the error rule: exactly one line on stderr,
-// "ublkimg: ...", never a panic, and returns the message.
+// "ublkimg: ...", never a panic, and returns the message. qemu-img's hint
+// line may follow the error; it is returned joined to the message.
 func oneErrorLine(t *testing.T, r result) string {
 	t.Helper()
 	if strings.Contains(r.stderr, "goroutine ") || strings.Contains(r.stderr, "panic") {
 		t.Fatalf("stack trace on stderr:\n%s", r.stderr)
 	}
-	l := strings.Split(strings.TrimSuffix(r.stderr, "\n"), "\n")
+	l := joinHint(strings.Split(strings.TrimSuffix(r.stderr, "\n"), "\n"))
 	if len(l) != 1 || !strings.HasPrefix(l[0], "ublkimg: ") || !strings.HasSuffix(r.stderr, "\n") {
 		t.Fatalf("stderr is not one \"ublkimg: \" line:\n%s", r.stderr)
 	}

@@ -164,7 +164,7 @@ func toolStderr(t *testing.T, got, want result) (string, string) {
 	t.Helper()
 	var gotLines string
 	if got.stderr != "" {
-		l := strings.Split(strings.TrimSuffix(got.stderr, "\n"), "\n")
+		l := joinHint(strings.Split(strings.TrimSuffix(got.stderr, "\n"), "\n"))
 		last := l[len(l)-1]
 		if strings.HasPrefix(last, "ublkimg: ") {
 			oneErrorLine(t, result{stderr: last + "\n"})

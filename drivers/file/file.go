@@ -12,7 +12,6 @@ package file
 import (
 	"errors"
 	"fmt"
-	"os"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -42,6 +41,8 @@ type driver struct {
 	// noZeroRange and noPunch remember that the filesystem refused
 	// fallocate modes, so later requests fall back without a syscall.
 	noZeroRange, noPunch bool
+	// locked: fd holds image lock bytes, released before it is closed.
+	locked bool
 }
 
 func open(co *coroutine.Co, n *bdrv.Node, opts bdrv.Options) (bdrv.Driver, error) {
@@ -211,7 +212,14 @@ func (d *driver) Close(co *coroutine.Co) error {
 	if d.fd < 0 {
 		return nil
 	}
-	err := unix.Close(d.fd)
+	var err error
+	if d.locked {
+		err = unlockAll(d.fd)
+		d.locked = false
+	}
+	if cerr := unix.Close(d.fd); err == nil {
+		err = cerr
+	}
 	d.fd = -1
 	return err
 }
@@ -232,8 +240,11 @@ func (d *driver) AllocatedSize(co *coroutine.Co) (int64, error) {
 	return st.Blocks * 512, nil
 }
 
-// create makes (or truncates) a file of the requested size and
+// create makes (or empties) a file of the requested size and
 // preallocation, for the raw format and as the protocol step of the others.
+// Like QEMU's raw_co_create it opens without O_TRUNC and takes the image
+// locks before it changes a byte, so an image another process uses is
+// refused and left as it was; it holds them until the file is ready.
 func create(co *coroutine.Co, req *bdrv.CreateRequest) error {
 	prealloc, err := bdrv.ParsePrealloc(req.Options.String("preallocation", "off"))
 	if err != nil {
@@ -246,17 +257,29 @@ func create(co *coroutine.Co, req *bdrv.CreateRequest) error {
 	if err != nil {
 		return fmt.Errorf("Could not create '%s': %w", req.Filename, syscallErr(err))
 	}
-	f := os.NewFile(uintptr(fd), req.Filename)
-	defer f.Close()
-	if fi, err := f.Stat(); err == nil && fi.Mode().IsRegular() {
-		if err := f.Truncate(0); err != nil {
+	if err := lockPerms(fd, createPerm, createShared, req.Filename); err != nil {
+		unix.Close(fd)
+		return err
+	}
+	d := &driver{fd: fd, align: 1, locked: true}
+	err = d.fill(co, req.Size, prealloc)
+	if cerr := d.Close(co); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// fill empties the new file and grows it to size (whole sectors, like
+// QEMU's file-posix), writing the first block so that O_DIRECT alignment
+// probing finds data to read.
+func (d *driver) fill(co *coroutine.Co, size int64, prealloc bdrv.Prealloc) error {
+	var st unix.Stat_t
+	if unix.Fstat(d.fd, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFREG {
+		if err := unix.Ftruncate(d.fd, 0); err != nil {
 			return fmt.Errorf("Could not resize file: %w", syscallErr(err))
 		}
 	}
-	// Like QEMU's file-posix: sizes are whole sectors, and the first block
-	// is written so that O_DIRECT alignment probing finds data to read.
-	size := (req.Size + 511) &^ 511
-	d := &driver{fd: fd, align: 1, node: nil}
+	size = (size + 511) &^ 511
 	if err := d.grow(co, 0, size, prealloc); err != nil {
 		return err
 	}

@@ -16,6 +16,13 @@ import (
 // permission only if nobody locks 200+i, and may refuse to share one only if
 // nobody locks 100+i. So ublkimg and QEMU (qemu-img, qemu-nbd, a VM) refuse
 // to write one image at the same time, and readers see a writer.
+//
+// The locks belong to the open file description, which outlives close(2)
+// while anything else still references it: a child forked at that moment
+// (until its exec closes the O_CLOEXEC fd) or an io_uring request not yet
+// freed. So the bytes are unlocked explicitly before the fd is closed, as
+// QEMU drops its permissions before closing: once Close returns, another
+// process can take the image.
 const (
 	lockPermBase   = 100
 	lockSharedBase = 200
@@ -32,7 +39,7 @@ const (
 
 var permNames = []string{"consistent read", "write", "write unchanged", "resize"}
 
-// lock claims the image the way qemu-img does: readers need consistent
+// lock claims an open image the way qemu-img does: readers need consistent
 // reads, writers also write and resize, and neither shares write or resize
 // unless forceShare (qemu-img -U, read-only only) shares everything.
 func (d *driver) lock(forceShare bool) error {
@@ -47,45 +54,99 @@ func (d *driver) lock(forceShare bool) error {
 		}
 		shared = permAll
 	}
+	if err := lockPerms(d.fd, perm, shared, d.node.Filename); err != nil {
+		return err
+	}
+	d.locked = true
+	return nil
+}
+
+// Permissions of image creation (QEMU's raw_co_create): it writes and
+// resizes, and shares everything but resizing, so that the file has the
+// requested size when creation ends. A process that only writes an image
+// and shares writing (qemu-io on a raw image) does not stop it; one that
+// does not share writing (any qemu-img, a qcow2 user) or that resizes
+// does.
+const (
+	createPerm   = permWrite | permResize
+	createShared = permAll &^ permResize
+)
+
+// lockPerms takes the lock bytes for perm and for every permission not in
+// shared on fd, then checks that no other open file description holds a
+// conflicting byte. On failure it releases what it took.
+func lockPerms(fd, perm, shared int, filename string) error {
+	err := applyLocks(fd, perm, shared)
+	if err == nil {
+		err = checkLocks(fd, perm, shared, filename)
+	}
+	if err != nil {
+		unlockAll(fd)
+	}
+	return err
+}
+
+func applyLocks(fd, perm, shared int) error {
 	for i := range permNames {
-		bit := 1 << i
-		if perm&bit != 0 {
-			if err := setLock(d.fd, lockPermBase+i); err != nil {
-				return err
-			}
-		}
-		if shared&bit == 0 {
-			if err := setLock(d.fd, lockSharedBase+i); err != nil {
-				return err
+		if perm&(1<<i) != 0 {
+			if err := setLock(fd, unix.F_RDLCK, lockPermBase+i, 1); err != nil {
+				return fmt.Errorf("Failed to lock byte %d: %w", lockPermBase+i, syscallErr(err))
 			}
 		}
 	}
-	for i, name := range permNames {
-		bit := 1 << i
-		if perm&bit != 0 && lockedByOther(d.fd, lockSharedBase+i) {
-			return lockedError{fmt.Sprintf("Failed to get \"%s\" lock\nIs another process using the image [%s]?", name, d.node.Filename)}
-		}
-		if shared&bit == 0 && lockedByOther(d.fd, lockPermBase+i) {
-			return lockedError{fmt.Sprintf("Failed to get shared \"%s\" lock\nIs another process using the image [%s]?", name, d.node.Filename)}
+	for i := range permNames {
+		if shared&(1<<i) == 0 {
+			if err := setLock(fd, unix.F_RDLCK, lockSharedBase+i, 1); err != nil {
+				return fmt.Errorf("Failed to lock byte %d: %w", lockSharedBase+i, syscallErr(err))
+			}
 		}
 	}
 	return nil
 }
 
+// checkLocks finds the first conflict in QEMU's order (every permission
+// wanted, then every permission not shared), so that the message names
+// the same permission as qemu-img's would.
+func checkLocks(fd, perm, shared int, filename string) error {
+	for i, name := range permNames {
+		if perm&(1<<i) != 0 && lockedByOther(fd, lockSharedBase+i) {
+			return lockedError{fmt.Sprintf("Failed to get \"%s\" lock", name), filename}
+		}
+	}
+	for i, name := range permNames {
+		if shared&(1<<i) == 0 && lockedByOther(fd, lockPermBase+i) {
+			return lockedError{fmt.Sprintf("Failed to get shared \"%s\" lock", name), filename}
+		}
+	}
+	return nil
+}
+
+// unlockAll releases every lock byte fd's open file description holds.
+func unlockAll(fd int) error {
+	err := setLock(fd, unix.F_UNLCK, lockPermBase, lockSharedBase+len(permNames)-lockPermBase)
+	if err != nil {
+		return fmt.Errorf("Failed to unlock the image: %w", syscallErr(err))
+	}
+	return nil
+}
+
 // lockedError is QEMU's message for an image another process holds; it
-// matches bdrv.ErrLocked.
-type lockedError struct{ msg string }
+// matches bdrv.ErrLocked. Hint is the line QEMU adds below the message.
+type lockedError struct{ msg, filename string }
 
 func (e lockedError) Error() string { return e.msg }
 
+// Hint is the advice qemu-img prints on the line after the error
+// (error_append_hint).
+func (e lockedError) Hint() string {
+	return fmt.Sprintf("Is another process using the image [%s]?", e.filename)
+}
+
 func (e lockedError) Is(target error) bool { return target == bdrv.ErrLocked }
 
-func setLock(fd, off int) error {
-	lk := unix.Flock_t{Type: unix.F_RDLCK, Whence: unix.SEEK_SET, Start: int64(off), Len: 1}
-	if err := fcntlLock(fd, unix.F_OFD_SETLK, &lk); err != nil {
-		return fmt.Errorf("Failed to lock byte %d: %w", off, syscallErr(err))
-	}
-	return nil
+func setLock(fd int, typ int16, off, n int) error {
+	lk := unix.Flock_t{Type: typ, Whence: unix.SEEK_SET, Start: int64(off), Len: int64(n)}
+	return fcntlLock(fd, unix.F_OFD_SETLK, &lk)
 }
 
 // lockedByOther reports whether another open file description holds a lock

@@ -287,7 +287,7 @@ func create(co *coroutine.Co, req *bdrv.CreateRequest) error {
 	if err := bdrv.Create(co, "file", &bdrv.CreateRequest{Filename: req.Filename, Options: fileOpts}); err != nil {
 		return err
 	}
-	f, err := bdrv.Open(co, bdrv.Spec{Filename: req.Filename, Format: "file", Options: bdrv.Options{bdrv.OptLocking: "off"}})
+	f, err := bdrv.Open(co, bdrv.Spec{Filename: req.Filename, Format: "file"})
 	if err != nil {
 		return err
 	}

@@ -308,10 +308,8 @@ func create(co *coroutine.Co, req *bdrv.CreateRequest) error {
 	for c := uint64(0); c < 3; c++ {
 		g.SetRefcount(meta[2*cs:], c, 1)
 	}
-	// The new file is ours alone; taking no lock on this transient node
-	// also leaves no lock behind in a child process forked meanwhile,
-	// which would fail the driver's open just below.
-	f, err := bdrv.Open(co, bdrv.Spec{Filename: req.Filename, Format: "file", Options: bdrv.Options{bdrv.OptLocking: "off"}})
+	// The header is written under the image lock, as every write is.
+	f, err := bdrv.Open(co, bdrv.Spec{Filename: req.Filename, Format: "file"})
 	if err != nil {
 		return err
 	}

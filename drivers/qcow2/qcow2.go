@@ -29,12 +29,13 @@ import (
 
 func init() {
 	bdrv.Register(&bdrv.Format{
-		Name:            "qcow2",
-		Probe:           probe,
-		Open:            open,
-		Create:          create,
-		CreateOptions:   createOptionSpecs,
-		SupportsBacking: true,
+		Name:             "qcow2",
+		Probe:            probe,
+		Open:             open,
+		Create:           create,
+		CreateOptions:    createOptionSpecs,
+		SupportsBacking:  true,
+		CompressedWrites: true,
 	})
 }
 

@@ -1,0 +1,227 @@
+package file_test
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"ublkimg/bdrv"
+	"ublkimg/coroutine"
+	_ "ublkimg/drivers/file"
+	_ "ublkimg/drivers/raw"
+	"ublkimg/internal/qemutest"
+)
+
+// qcow2Image makes a small qcow2 image with data, with qemu-img and
+// qemu-io, and returns its path and bytes.
+func qcow2Image(t *testing.T) (string, []byte) {
+	t.Helper()
+	qemutest.Require(t, "qemu-img", "qemu-io")
+	path := filepath.Join(t.TempDir(), "busy.qcow2")
+	for _, c := range [][]string{
+		{"qemu-img", "create", "-q", "-f", "qcow2", path, "1M"},
+		{"qemu-io", "-c", "write -P 2 0 64k", path},
+	} {
+		if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
+			t.Fatalf("%v: %v\n%s", c, err, out)
+		}
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return path, b
+}
+
+// TestCreateTakesLocksFirst: creating over an image another process holds
+// is refused before a byte changes, as QEMU's raw_co_create refuses it: it
+// needs to write and resize, and shares everything but resizing. A holder
+// that only writes and shares writing (qemu-io on a raw image) does not
+// stop it, in QEMU either.
+func TestCreateTakesLocksFirst(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		holder []string
+		locks  []int
+		want   string // error, "" for success
+	}{
+		{"writer", nil, qemutest.QemuIOWriteLocks, `Failed to get "write" lock`},
+		{"reader", []string{"-r"}, qemutest.QemuIOReadLocks, `Failed to get "write" lock`},
+		{"sharing raw writer", []string{"-f", "raw"}, []int{101}, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path, before := qcow2Image(t)
+			qemutest.HoldWithQemuIO(t, path, tc.locks, tc.holder...)
+			holders, err := qemutest.LockedBytes(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = coroutine.Run(func(co *coroutine.Co) error {
+				return bdrv.Create(co, "raw", &bdrv.CreateRequest{Filename: path, Size: 4 << 20})
+			})
+			after, rerr := os.ReadFile(path)
+			if rerr != nil {
+				t.Fatal(rerr)
+			}
+			if tc.want == "" {
+				if err != nil || len(after) != 4<<20 {
+					t.Fatalf("create: %v, %d bytes", err, len(after))
+				}
+				return
+			}
+			var h interface{ Hint() string }
+			switch {
+			case err == nil || err.Error() != tc.want || !errors.Is(err, bdrv.ErrLocked):
+				t.Errorf("create: %v, want %q matching bdrv.ErrLocked", err, tc.want)
+			case !errors.As(err, &h) || h.Hint() != "Is another process using the image ["+path+"]?":
+				t.Errorf("create: no hint, or not QEMU's: %#v", err)
+			}
+			if !bytes.Equal(after, before) {
+				t.Errorf("the refused create changed the image")
+			}
+			// The refusal took no lock byte of its own with it.
+			held, err := qemutest.LockedBytes(path)
+			if err != nil || !slices.Equal(held, holders) {
+				t.Errorf("lock bytes %v (%v) after the refusal, want the holder's %v", held, err, holders)
+			}
+		})
+	}
+}
+
+// TestRefusedOpenKeepsNoLocks: an open that finds the image locked
+// releases the bytes it took before it checked.
+func TestRefusedOpenKeepsNoLocks(t *testing.T) {
+	path, _ := qcow2Image(t)
+	qemutest.HoldWithQemuIO(t, path, qemutest.QemuIOReadLocks, "-r")
+	holders, err := qemutest.LockedBytes(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = coroutine.Run(func(co *coroutine.Co) error {
+		n, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: "raw"})
+		if err == nil {
+			n.Close(co)
+		}
+		return err
+	})
+	if !errors.Is(err, bdrv.ErrLocked) || err.Error() != `Failed to get "write" lock` {
+		t.Fatalf("open: %v", err)
+	}
+	held, err := qemutest.LockedBytes(path)
+	if err != nil || !slices.Equal(held, holders) {
+		t.Errorf("lock bytes %v (%v), want only the holder's %v", held, err, holders)
+	}
+}
+
+// TestCloseReleasesLocks: once Node.Close (or a create) returns, the image
+// is free even though something else still references the open file: a
+// duplicate of its descriptor, or a child forked meanwhile that has not
+// yet executed its program. qemu-io takes the write lock right away,
+// without a retry.
+func TestCloseReleasesLocks(t *testing.T) {
+	qemutest.Require(t, "qemu-io")
+	path := filepath.Join(t.TempDir(), "a.raw")
+	if err := os.WriteFile(path, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	free := func(t *testing.T, when string) {
+		t.Helper()
+		if held, err := qemutest.LockedBytes(path); err != nil || len(held) > 0 {
+			t.Fatalf("%s: lock bytes %v (%v) held after Close returned", when, held, err)
+		}
+		out, err := exec.Command("qemu-io", "-f", "raw", "-c", "write 0 512", path).CombinedOutput()
+		if err != nil || bytes.Contains(out, []byte("lock")) {
+			t.Fatalf("%s: qemu-io after Close: %v\n%s", when, err, out)
+		}
+	}
+
+	t.Run("duplicate descriptor", func(t *testing.T) {
+		var dups []int
+		err := coroutine.Run(func(co *coroutine.Co) error {
+			n, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: "raw"})
+			if err != nil {
+				return err
+			}
+			dups = dupFilesOf(t, path)
+			return n.Close(co)
+		})
+		defer func() {
+			for _, fd := range dups {
+				unix.Close(fd)
+			}
+		}()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(dups) == 0 {
+			t.Fatal("the open image has no descriptor in /proc/self/fd")
+		}
+		free(t, "a duplicate descriptor open")
+	})
+
+	t.Run("fork storm", func(t *testing.T) {
+		loop, err := coroutine.Start(coroutine.Config{OnThread: qemutest.BlockStormSignals})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer loop.Close()
+		qemutest.ForkStorm(t)
+		for i := range 200 {
+			err := loop.Call(func(co *coroutine.Co) error {
+				if i%2 == 1 {
+					return bdrv.Create(co, "raw", &bdrv.CreateRequest{Filename: path, Size: 1 << 20})
+				}
+				n, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: "raw"})
+				if err != nil {
+					return err
+				}
+				werr := n.Pwritev(co, 0, bdrv.IOVec{make([]byte, 4096)}, 0)
+				if err := n.Close(co); werr == nil {
+					werr = err
+				}
+				return werr
+			})
+			if err != nil {
+				t.Fatalf("iteration %d: %v", i, err)
+			}
+			if held, err := qemutest.LockedBytes(path); err != nil || len(held) > 0 {
+				t.Fatalf("iteration %d: lock bytes %v (%v) held after Close returned", i, held, err)
+			}
+			if i%20 == 0 {
+				free(t, fmt.Sprint("iteration ", i))
+			}
+		}
+	})
+}
+
+// dupFilesOf duplicates every descriptor of this process open on path.
+func dupFilesOf(t *testing.T, path string) []int {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Error(err)
+		return nil
+	}
+	var dups []int
+	for _, e := range ents {
+		target, err := os.Readlink("/proc/self/fd/" + e.Name())
+		if err != nil || target != path {
+			continue
+		}
+		fd, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if d, err := unix.Dup(fd); err == nil {
+			dups = append(dups, d)
+		}
+	}
+	return dups
+}
