@@ -57,7 +57,7 @@ func TestBatchResultsBySlot(t *testing.T) {
 	bufs := [][]byte{make([]byte, 100), make([]byte, 200), make([]byte, 300)}
 	err = Run(func(co *Co) error {
 		for i, b := range bufs {
-			co.SQE().PrepWrite(int32(fd), b, uint64(i*1000))
+			co.Write(int32(fd), b, uint64(i*1000))
 		}
 		co.Wait()
 		got := co.Results()

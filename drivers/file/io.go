@@ -2,6 +2,7 @@ package file
 
 import (
 	"errors"
+	"fmt"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -56,26 +57,11 @@ func (d *driver) needsBounce(iov bdrv.IOVec) bool {
 // rw moves iov to or from the file at off through the ring, continuing after
 // short transfers. Reads stopped by end of file leave zeros.
 func (d *driver) rw(co *coroutine.Co, write bool, off int64, iov bdrv.IOVec) error {
-	var iovecs []unix.Iovec
 	for len(iov) > 0 {
-		sqe := co.SQE()
-		switch {
-		case len(iov) == 1 && write:
-			sqe.PrepWrite(int32(d.fd), iov[0], uint64(off))
-		case len(iov) == 1:
-			sqe.PrepRead(int32(d.fd), iov[0], uint64(off))
-		default:
-			iovecs = iovecs[:0]
-			for _, b := range iov {
-				if len(b) > 0 {
-					iovecs = append(iovecs, unix.Iovec{Base: &b[0], Len: uint64(len(b))})
-				}
-			}
-			if write {
-				sqe.PrepWritev(int32(d.fd), iovecs, uint64(off))
-			} else {
-				sqe.PrepReadv(int32(d.fd), iovecs, uint64(off))
-			}
+		if write {
+			co.Writev(int32(d.fd), iov, uint64(off))
+		} else {
+			co.Readv(int32(d.fd), iov, uint64(off))
 		}
 		res := co.Wait()
 		if res < 0 {
@@ -84,6 +70,10 @@ func (d *driver) rw(co *coroutine.Co, write bool, off int64, iov bdrv.IOVec) err
 		want := iov.Len()
 		if int64(res) == want {
 			return nil
+		}
+		if int64(res) > want {
+			// Only a request the kernel read wrongly can do this.
+			return fmt.Errorf("file: %d bytes transferred for a request of %d: %w", res, want, unix.EIO)
 		}
 		if res == 0 {
 			if write {
