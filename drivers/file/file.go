@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync/atomic"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -40,8 +41,9 @@ type driver struct {
 	// O_DIRECT.
 	align int64
 	// noZeroRange and noPunch remember that the filesystem refused
-	// fallocate modes, so later requests fall back without a syscall.
-	noZeroRange, noPunch bool
+	// fallocate modes, so later requests fall back without a syscall. Any
+	// queue's loop may set them while the others read them.
+	noZeroRange, noPunch atomic.Bool
 }
 
 func open(co *coroutine.Co, n *bdrv.Node, opts bdrv.Options) (bdrv.Driver, error) {

@@ -110,7 +110,7 @@ func unsupported(err error) bool {
 // grow when the range extends past their end.
 func (d *driver) PwriteZeroes(co *coroutine.Co, off, bytes int64, flags bdrv.ReqFlags) error {
 	end := off + bytes
-	if flags&bdrv.ReqMayUnmap != 0 && !d.noPunch && (d.blockDev || end <= d.node.Length()) {
+	if flags&bdrv.ReqMayUnmap != 0 && !d.noPunch.Load() && (d.blockDev || end <= d.node.Length()) {
 		err := d.fallocate(co, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, bytes)
 		if err == nil {
 			return nil
@@ -118,9 +118,9 @@ func (d *driver) PwriteZeroes(co *coroutine.Co, off, bytes int64, flags bdrv.Req
 		if !unsupported(err) {
 			return err
 		}
-		d.noPunch = true
+		d.noPunch.Store(true)
 	}
-	if d.noZeroRange {
+	if d.noZeroRange.Load() {
 		return bdrv.ErrNotSupported
 	}
 	mode := uint32(unix.FALLOC_FL_ZERO_RANGE)
@@ -129,7 +129,7 @@ func (d *driver) PwriteZeroes(co *coroutine.Co, off, bytes int64, flags bdrv.Req
 	}
 	err := d.fallocate(co, mode, off, bytes)
 	if err != nil && unsupported(err) {
-		d.noZeroRange = true
+		d.noZeroRange.Store(true)
 		return bdrv.ErrNotSupported
 	}
 	return err
@@ -137,7 +137,7 @@ func (d *driver) PwriteZeroes(co *coroutine.Co, off, bytes int64, flags bdrv.Req
 
 // Pdiscard implements bdrv.Discarder by punching a hole.
 func (d *driver) Pdiscard(co *coroutine.Co, off, bytes int64) error {
-	if d.noPunch {
+	if d.noPunch.Load() {
 		return bdrv.ErrNotSupported
 	}
 	if !d.blockDev {
@@ -149,7 +149,7 @@ func (d *driver) Pdiscard(co *coroutine.Co, off, bytes int64) error {
 	}
 	err := d.fallocate(co, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, bytes)
 	if err != nil && unsupported(err) {
-		d.noPunch = true
+		d.noPunch.Store(true)
 		return bdrv.ErrNotSupported
 	}
 	return err

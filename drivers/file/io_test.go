@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
 )
@@ -179,6 +181,65 @@ func hammer(co *coroutine.Co, node *bdrv.Node, id int, base, size int64, deadlin
 		ops.Add(1)
 	}
 	return nil
+}
+
+// TestZeroFallbackAcrossLoops writes zeroes from coroutines of two loops
+// into a memfd (shmem: no FALLOC_FL_ZERO_RANGE). The first refusal makes
+// the driver remember it while the other loop is reading that memory, so
+// the flag must be safe across threads (the race detector checks that in
+// make test); every range must read back as zeros either way.
+func TestZeroFallbackAcrossLoops(t *testing.T) {
+	const (
+		perLoop = 8
+		region  = 64 << 10
+	)
+	fd, err := unix.MemfdCreate("ublkimg-test", unix.MFD_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Ftruncate(fd, 2*perLoop*region); err != nil {
+		t.Fatal(err)
+	}
+	fill := bytes.Repeat([]byte{0xff}, 2*perLoop*region)
+	if _, err := unix.Pwrite(fd, fill, 0); err != nil {
+		t.Fatal(err)
+	}
+	loops := startLoops(t, 2)
+	node := openFile(t, loops[0], fmt.Sprintf("/proc/self/fd/%d", fd))
+
+	errc := make(chan error, 2*perLoop)
+	for li, l := range loops {
+		for c := range perLoop {
+			off := int64(li*perLoop+c) * region
+			l.Spawn(func(co *coroutine.Co) {
+				for o := int64(0); o < region; o += 4096 {
+					if err := node.PwriteZeroes(co, off+o, 4096, 0); err != nil {
+						errc <- err
+						return
+					}
+				}
+				errc <- nil
+			})
+		}
+	}
+	for range 2 * perLoop {
+		if err := <-errc; err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := make([]byte, len(fill))
+	if _, err := unix.Pread(fd, got, 0); err != nil {
+		t.Fatal(err)
+	}
+	for i, c := range got {
+		if c != 0 {
+			t.Fatalf("byte %d is %#x after write-zeroes", i, c)
+		}
+	}
+	if !node.Driver().(*driver).noZeroRange.Load() {
+		t.Fatal("shmem accepted FALLOC_FL_ZERO_RANGE: the fallback was not exercised")
+	}
 }
 
 // TestManySegments moves vectors of more buffers than one request may
