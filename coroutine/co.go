@@ -2,8 +2,10 @@ package coroutine
 
 import (
 	"iter"
+	"runtime"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -13,10 +15,11 @@ import (
 // Co is a coroutine running on a [Loop]. A *Co is the proof that the caller
 // runs inside a coroutine: functions taking one may yield.
 //
-// All fields are owned by the loop's thread.
+// Fields are owned by the loop's thread (the loop and the coroutine run on
+// it in turn), except where a comment names another guard.
 type Co struct {
 	loop  *Loop
-	id    uint32
+	id    uint32 // set at creation, read-only while the coroutine lives
 	next  func() (struct{}, bool)
 	yield func(struct{}) bool
 
@@ -25,16 +28,28 @@ type Co struct {
 	results   []int32 // completion results of the current batch, by slot
 	waitingIO bool    // parked in Wait; the last completion makes it runnable
 
+	// Memory the current batch hands to the kernel, held from the Prep to
+	// the end of Wait: iovec arrays of vectored operations by slot (heap,
+	// reused by later batches), and a pin on every Go object the kernel
+	// reads or writes. See "Memory handed to the kernel" in the package
+	// documentation.
+	iovs   [][]unix.Iovec
+	pin    runtime.Pinner
+	pinned bool
+
 	// wakeSeq orders a waker's writes before the woken coroutine's reads.
 	// A wake-up from another loop travels through the kernel (MSG_RING or
 	// an eventfd), which the Go memory model and the race detector cannot
 	// see; this atomic release/acquire pair makes the edge explicit.
 	wakeSeq atomic.Uint32
 
-	nextWaiter *Co           // intrusive link for waitList
-	wantWrite  bool          // waiting on an RWMutex for the write lock
-	ts         unix.Timespec // Sleep's timeout; lives here so it never moves
-	Local      any           // free for the coroutine's owner (e.g. a ublk tag's state)
+	// nextWaiter and wantWrite belong to the wait list the coroutine is
+	// parked on, guarded by that list's lock (Mutex, RWMutex, Queue).
+	nextWaiter *Co  // intrusive link for waitList
+	wantWrite  bool // waiting on an RWMutex for the write lock
+
+	ts    unix.Timespec // Sleep's timeout; lives here, on the heap, until Wait
+	Local any           // free for the coroutine's owner (e.g. a ublk tag's state)
 }
 
 func (l *Loop) newCo(fn func(co *Co)) *Co {
@@ -105,8 +120,13 @@ func (co *Co) wake(from *Loop) {
 // [Co.Wait] waits for all of them. Do not set IOSQE_CQE_SKIP_SUCCESS: every
 // queued operation must complete with a CQE.
 //
-// Buffers referenced by the SQE must be heap or mmap memory and stay alive
-// until Wait returns.
+// SQE is for operations that hand the kernel no memory by address (NOP,
+// fsync, fallocate, cancel, a uring_cmd whose payload is copied into the
+// SQE). Reads and writes go through [Co.Read], [Co.Write], [Co.Readv] and
+// [Co.Writev], which hold their memory until Wait returns. A caller that
+// still fills an SQE with an address owns that memory: mmap'd memory, or
+// heap memory it keeps referenced and pinned (runtime.Pinner) until Wait
+// returns; never a goroutine stack.
 func (co *Co) SQE() *uring.SQE {
 	sqe := co.loop.getSQE()
 	slot := co.nops
@@ -122,6 +142,132 @@ func (co *Co) SQE() *uring.SQE {
 	return sqe
 }
 
+// iovMax is the most buffers one vectored request takes (the kernel's
+// UIO_MAXIOV); [Co.Readv] and [Co.Writev] leave the rest to a short
+// transfer.
+const iovMax = 1024
+
+// Read queues IORING_OP_READ: pread(fd, buf, off) (off ^uint64(0): the file
+// position). buf is referenced and pinned until [Co.Wait] returns. The SQE
+// is returned for flags (SQEIOLink, ...); its address fields must not be
+// changed.
+func (co *Co) Read(fd int32, buf []byte, off uint64) *uring.SQE {
+	sqe := co.SQE()
+	co.hold(buf)
+	sqe.PrepRead(fd, buf, off)
+	return sqe
+}
+
+// Write queues IORING_OP_WRITE: pwrite(fd, buf, off), holding buf as
+// [Co.Read] does.
+func (co *Co) Write(fd int32, buf []byte, off uint64) *uring.SQE {
+	sqe := co.SQE()
+	co.hold(buf)
+	sqe.PrepWrite(fd, buf, off)
+	return sqe
+}
+
+// Readv queues a read of the buffers bufs at off: IORING_OP_READV over an
+// iovec array the coroutine owns (on the heap, reused by later requests),
+// or a plain READ when only one buffer is not empty. Empty buffers are
+// skipped; past the first 1024 the rest is left over, and the result is a
+// short transfer. The buffers and the array are referenced and pinned until
+// [Co.Wait] returns.
+func (co *Co) Readv(fd int32, bufs [][]byte, off uint64) *uring.SQE {
+	return co.vectored(false, fd, bufs, off)
+}
+
+// Writev queues a write of the buffers bufs at off, as [Co.Readv] reads.
+func (co *Co) Writev(fd int32, bufs [][]byte, off uint64) *uring.SQE {
+	return co.vectored(true, fd, bufs, off)
+}
+
+func (co *Co) vectored(write bool, fd int32, bufs [][]byte, off uint64) *uring.SQE {
+	sqe := co.SQE()
+	b, one := single(bufs)
+	if one {
+		co.hold(b)
+	}
+	switch {
+	case one && write:
+		sqe.PrepWrite(fd, b, off)
+	case one:
+		sqe.PrepRead(fd, b, off)
+	case write:
+		sqe.PrepWritev(fd, co.iovecs(bufs), off)
+	default:
+		sqe.PrepReadv(fd, co.iovecs(bufs), off)
+	}
+	return sqe
+}
+
+// single returns the only non-empty buffer of bufs, if there is exactly
+// one (or none: an empty buffer then).
+func single(bufs [][]byte) ([]byte, bool) {
+	var only []byte
+	n := 0
+	for _, b := range bufs {
+		if len(b) > 0 {
+			only = b
+			if n++; n > 1 {
+				return nil, false
+			}
+		}
+	}
+	return only, true
+}
+
+// hold keeps b's memory for the kernel until Wait returns. Storing the
+// pointer in the Co (through the Pinner) also makes the compiler put every
+// buffer that reaches an SQE on the heap: it cannot prove the pointer dies
+// with the caller's frame, so no caller's buffer can live on its stack.
+func (co *Co) hold(b []byte) {
+	if len(b) == 0 {
+		return
+	}
+	co.pin.Pin(unsafe.SliceData(b))
+	co.pinned = true
+}
+
+// iovecs builds the iovec array of the operation in the newest slot into
+// that slot's reusable heap array, holding every buffer and the array.
+func (co *Co) iovecs(bufs [][]byte) []unix.Iovec {
+	slot := co.nops - 1
+	for len(co.iovs) <= slot {
+		co.iovs = append(co.iovs, nil)
+	}
+	v := co.iovs[slot][:0]
+	for _, b := range bufs {
+		if len(b) == 0 {
+			continue
+		}
+		if len(v) == iovMax {
+			break
+		}
+		co.hold(b)
+		v = append(v, unix.Iovec{Base: unsafe.SliceData(b), Len: uint64(len(b))})
+	}
+	co.iovs[slot] = v
+	if len(v) > 0 {
+		co.pin.Pin(unsafe.SliceData(v))
+		co.pinned = true
+	}
+	return v
+}
+
+// release drops what the finished batch held for the kernel, so that
+// buffers are not kept alive past their request.
+func (co *Co) release() {
+	if co.pinned {
+		co.pin.Unpin()
+		co.pinned = false
+	}
+	for i := range min(co.nops, len(co.iovs)) {
+		clear(co.iovs[i])
+		co.iovs[i] = co.iovs[i][:0]
+	}
+}
+
 // Wait yields until every operation queued with [Co.SQE] since the last Wait
 // has completed, and returns the result (CQE res) of the first of them.
 // [Co.Results] has all of them.
@@ -130,6 +276,7 @@ func (co *Co) Wait() int32 {
 		co.waitingIO = true
 		co.park()
 	}
+	co.release()
 	co.nops = 0
 	if len(co.results) == 0 {
 		return 0
@@ -143,6 +290,8 @@ func (co *Co) Results() []int32 { return co.results }
 
 // Sleep suspends the coroutine for at least d.
 func (co *Co) Sleep(d time.Duration) {
+	// The timespec is a field of the Co: heap memory that stays put
+	// until the timeout completes.
 	co.ts = unix.NsecToTimespec(d.Nanoseconds())
 	co.SQE().PrepTimeout(&co.ts, 0, 0)
 	co.Wait() // -ETIME is the normal result of an expired timeout

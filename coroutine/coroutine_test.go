@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"ublkimg/uring"
 )
 
 func startLoops(t testing.TB, n int) []*Loop {
@@ -57,7 +59,7 @@ func TestBatchResultsBySlot(t *testing.T) {
 	bufs := [][]byte{make([]byte, 100), make([]byte, 200), make([]byte, 300)}
 	err = Run(func(co *Co) error {
 		for i, b := range bufs {
-			co.SQE().PrepWrite(int32(fd), b, uint64(i*1000))
+			co.Write(int32(fd), b, uint64(i*1000))
 		}
 		co.Wait()
 		got := co.Results()
@@ -486,4 +488,51 @@ func TestAdaptivePolling(t *testing.T) {
 	if idle != 0 {
 		t.Fatalf("after an idle spell the poll time is %v, want 0", idle)
 	}
+}
+
+// TestWakeFallbackCrossLoop drives the fallback a loop takes when its
+// MSG_RING wake-up could not be posted (the CQE of a failed kindWakeSent):
+// loop b hands the wake to loop a's inbox while a keeps growing its
+// coroutine table. The wake must resume the right coroutine on a, and b
+// must not touch a's table (the race detector checks that in make test).
+func TestWakeFallbackCrossLoop(t *testing.T) {
+	ls := startLoops(t, 2)
+	a, b := ls[0], ls[1]
+	const rounds = 300
+	woken := make(chan int, 1)
+	targetc := make(chan *Co, 1)
+	var q Queue
+	stop := false // owned by a's thread
+	a.Post(func() {
+		target := a.Go(func(co *Co) {
+			for !stop {
+				woken <- unix.Gettid() // buffered: the test takes it before the next wake
+				co.park()
+			}
+		})
+		targetc <- target
+		// Churn: coroutines that stay parked, so a's table keeps growing.
+		a.Go(func(co *Co) {
+			for !stop {
+				co.Loop().Go(func(c *Co) { q.Wait(c, nil) })
+				co.SQE().PrepNop() // through the ring: Yield alone would starve the inbox
+				co.Wait()
+			}
+			q.RestartAll(co)
+		})
+	})
+	target := <-targetc
+	tid := <-woken
+	failed := &uring.CQE{UserData: userData(kindWakeSent, a.id, target.id), Res: -int32(unix.EOVERFLOW)}
+	for i := range rounds {
+		b.Post(func() { b.dispatch(failed) })
+		if got := <-woken; got != tid {
+			t.Fatalf("round %d: coroutine resumed on thread %d, its loop runs on %d", i, got, tid)
+		}
+	}
+	a.Call(func(co *Co) error {
+		stop = true
+		target.wake(a)
+		return nil
+	})
 }

@@ -20,6 +20,24 @@
 //     the synchronous wrapper tools use: it runs one coroutine on a private
 //     loop and returns its result.
 //
+// # Memory handed to the kernel
+//
+// An SQE queued by a coroutine reaches the kernel only at its loop's next
+// io_uring_enter, after the coroutine has parked, and the kernel uses the
+// memory behind it until the completion. A parked goroutine's stack can be
+// shrunk (moved) by a garbage collection in that window and its old memory
+// given to another goroutine, so no address in an SQE may point into a
+// goroutine stack. [Co.Read], [Co.Write], [Co.Readv] and [Co.Writev] make
+// that hold by construction: they take plain buffers, build iovec arrays
+// in heap memory the Co owns, and keep every buffer and array referenced
+// and pinned (runtime.Pinner) until [Co.Wait] returns. Because the Co
+// keeps the pointers, the compiler's escape analysis places every buffer
+// passed to them on the heap, whatever the caller declared (a local array
+// included). [Co.Sleep]'s timespec lives in the Co. [Co.SQE] is for
+// requests that carry no address; code outside this package and uring
+// does not build address-carrying requests itself (a test checks this),
+// except for mmap'd memory or payloads it pins until Wait returns.
+//
 // Rules a coroutine body must follow, because they are enforced by the Go
 // runtime (runtime/coro.go) or by the kernel (SINGLE_ISSUER rings): never call
 // runtime.LockOSThread or UnlockOSThread, never block the thread (no channel

@@ -56,7 +56,8 @@ func userData(kind uint64, hi uint32, id uint32) uint64 {
 // Loop is one event loop: an io_uring ring driven by one locked OS thread,
 // and the coroutines that run on it (QEMU's AioContext).
 //
-// Fields without a lock comment are owned by the loop's thread.
+// Fields without a lock comment are owned by the loop's thread. id, ring
+// and tid are set before Start returns and never change.
 type Loop struct {
 	id   uint32
 	ring *uring.Ring
@@ -70,11 +71,14 @@ type Loop struct {
 	cqes  [128]uring.CQE
 
 	efd    int    // eventfd that wakes the loop for inbox work
-	efdBuf []byte // 8-byte read target of the armed eventfd read
-	inbox  struct {
+	efdBuf []byte // 8-byte read target of the armed eventfd read (heap, lives with the loop)
+	// inbox is work handed to the loop by other threads, guarded by its
+	// mutex. Wakes are coroutine ids, resolved on the loop's own thread:
+	// other threads never read cos.
+	inbox struct {
 		sync.Mutex
 		fns      []func()
-		wakes    []*Co
+		wakes    []uint32
 		signaled bool // an eventfd write is outstanding
 		closed   bool
 	}
@@ -95,6 +99,12 @@ var registry struct {
 // set up. The loop runs until [Loop.Close].
 func Start(cfg Config) (*Loop, error) {
 	l := &Loop{done: make(chan struct{}), efd: -1, efdBuf: make([]byte, 8), pollMax: cfg.PollMax}
+	// The id is fixed before the loop's thread starts: other loops read
+	// it (sendWake) without a lock.
+	registry.Lock()
+	registry.next++
+	l.id = registry.next
+	registry.Unlock()
 	errc := make(chan error, 1)
 	go l.main(cfg, errc)
 	if err := <-errc; err != nil {
@@ -104,8 +114,6 @@ func Start(cfg Config) (*Loop, error) {
 	if registry.loops == nil {
 		registry.loops = make(map[uint32]*Loop)
 	}
-	registry.next++
-	l.id = registry.next
 	registry.loops[l.id] = l
 	registry.Unlock()
 	return l, nil
@@ -273,12 +281,14 @@ func (l *Loop) dispatch(cqe *uring.CQE) {
 		l.ready = append(l.ready, l.cos[id])
 	case kindWakeSent:
 		// MSG_RING failed (target ring full or gone): fall back to the
-		// target's inbox, which cannot fail while the loop lives.
+		// target's inbox, which cannot fail while the loop lives. The
+		// target's coroutine table belongs to the target's thread: pass
+		// the id, the target looks it up.
 		registry.Lock()
 		target := registry.loops[uint32(ud>>32)&0xffffff]
 		registry.Unlock()
 		if target != nil {
-			target.postWake(target.cos[id])
+			target.postWakeID(id)
 		}
 	case kindEventfd:
 		l.armEventfd()
@@ -310,7 +320,9 @@ func (l *Loop) drainInbox() {
 	l.inbox.fns, l.inbox.wakes = nil, nil
 	l.inbox.signaled = false
 	l.inbox.Unlock()
-	l.ready = append(l.ready, wakes...)
+	for _, id := range wakes {
+		l.ready = append(l.ready, l.cos[id])
+	}
 	for _, fn := range fns {
 		fn()
 	}
@@ -359,10 +371,16 @@ func (l *Loop) kick() {
 	l.signalLocked()
 }
 
-// postWake makes co runnable from a goroutine that is not co's loop.
-func (l *Loop) postWake(co *Co) {
+// postWake makes co, a coroutine of l, runnable from a goroutine that is
+// not l's.
+func (l *Loop) postWake(co *Co) { l.postWakeID(co.id) }
+
+// postWakeID makes l's coroutine id runnable from any goroutine. The
+// coroutine is parked waiting for this wake, so its id cannot be reused
+// before l resolves it.
+func (l *Loop) postWakeID(id uint32) {
 	l.inbox.Lock()
-	l.inbox.wakes = append(l.inbox.wakes, co)
+	l.inbox.wakes = append(l.inbox.wakes, id)
 	l.signalLocked()
 }
 

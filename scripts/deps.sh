@@ -23,6 +23,8 @@ have dpkg-deb           || need+=(dpkg)
 # vmtest: the guest's /bin/sh is the host's dash, with ldd's libraries.
 have dash               || need+=(dash)
 have ldd                || need+=(libc-bin)
+# -race needs cgo: the unit tests and the race-enabled guest binaries.
+have gcc                || need+=(gcc libc6-dev)
 
 if [ ${#need[@]} -gt 0 ]; then
 	sudo=""

@@ -127,8 +127,8 @@ func OpenCtrl() (*Ctrl, error) {
 	}
 	c := &Ctrl{fd: fd, loop: loop}
 	var feat uint64
-	cc := uapi.CtrlCmd{DevID: uapi.DevIDAny, QueueID: uapi.QueueIDNone, Len: uapi.FeaturesLen, Addr: addrOf(&feat)}
-	res, _ := c.submit(context.Background(), uapi.UCmdGetFeatures, cc, &feat)
+	cc := uapi.CtrlCmd{DevID: uapi.DevIDAny, QueueID: uapi.QueueIDNone, Len: uapi.FeaturesLen}
+	res, _ := c.submit(context.Background(), uapi.UCmdGetFeatures, cc, payloadOf(&feat))
 	switch {
 	case res == 0:
 		c.features = Features(feat)
@@ -166,23 +166,33 @@ func (c *Ctrl) op(op uapi.CmdOp) uapi.CmdOp {
 	return op
 }
 
-// addrOf is the user address of *p for a command payload. The caller keeps p
-// referenced until the command completed (submit does, through keep).
-func addrOf[T any](p *T) uint64 { return uint64(uintptr(unsafe.Pointer(p))) }
+// payload is a control command's buffer, which the kernel reads or writes
+// at cc.Addr on an io-wq worker, after the submitting coroutine parked.
+type payload struct {
+	addr uint64
+	obj  any // the Go object at addr
+}
+
+// payloadOf is *p as a command buffer. Taking the object, not an address,
+// lets submit pin exactly what cc.Addr points to.
+func payloadOf[T any](p *T) payload {
+	return payload{addr: uint64(uintptr(unsafe.Pointer(p))), obj: p}
+}
 
 // submit sends one control command and waits for its completion; it returns
-// cqe.res. keep is the payload cc.Addr points to: it stays pinned and
-// referenced until the kernel is done with it (control commands run on an
-// io-wq worker after submission). If ctx ends first the command is
-// cancelled (an interruptible wait in the kernel returns EINTR) and submit
-// still waits for its completion, returning ctx.Err() with it.
-func (c *Ctrl) submit(ctx context.Context, op uapi.CmdOp, cc uapi.CtrlCmd, keep any) (int32, error) {
+// cqe.res. buf, if any, becomes cc.Addr: it stays pinned and referenced
+// until the kernel is done with it (control commands run on an io-wq worker
+// after submission). If ctx ends first the command is cancelled (an
+// interruptible wait in the kernel returns EINTR) and submit still waits
+// for its completion, returning ctx.Err() with it.
+func (c *Ctrl) submit(ctx context.Context, op uapi.CmdOp, cc uapi.CtrlCmd, buf payload) (int32, error) {
 	done := make(chan int32, 1)
 	ud := make(chan uint64, 1)
 	c.loop.Spawn(func(co *coroutine.Co) {
 		var pin runtime.Pinner
-		if keep != nil {
-			pin.Pin(keep)
+		if buf.obj != nil {
+			pin.Pin(buf.obj)
+			cc.Addr = buf.addr
 		}
 		sqe := co.SQE()
 		sqe.PrepURingCmd(int32(c.fd), uint32(op), nil)
@@ -190,7 +200,7 @@ func (c *Ctrl) submit(ctx context.Context, op uapi.CmdOp, cc uapi.CtrlCmd, keep 
 		ud <- sqe.UserData
 		res := co.Wait()
 		pin.Unpin()
-		runtime.KeepAlive(keep)
+		runtime.KeepAlive(buf.obj)
 		done <- res
 	})
 	select {
@@ -207,8 +217,8 @@ func (c *Ctrl) submit(ctx context.Context, op uapi.CmdOp, cc uapi.CtrlCmd, keep 
 }
 
 // run is submit for commands on a device, mapping failures to CmdError.
-func (c *Ctrl) run(ctx context.Context, op uapi.CmdOp, id int, cc uapi.CtrlCmd, keep any) error {
-	res, err := c.submit(ctx, c.op(op), cc, keep)
+func (c *Ctrl) run(ctx context.Context, op uapi.CmdOp, id int, cc uapi.CtrlCmd, buf payload) error {
+	res, err := c.submit(ctx, c.op(op), cc, buf)
 	if err != nil {
 		return err
 	}
@@ -237,8 +247,8 @@ func (c *Ctrl) AddDev(req DevInfo) (DevInfo, error) {
 		DevID:         devID(req.ID),
 		Flags:         req.Flags,
 	}
-	cc := uapi.CtrlCmd{DevID: info.DevID, QueueID: uapi.QueueIDNone, Len: uapi.SizeofCtrlDevInfo, Addr: addrOf(info)}
-	if err := c.run(context.Background(), uapi.UCmdAddDev, req.ID, cc, info); err != nil {
+	cc := uapi.CtrlCmd{DevID: info.DevID, QueueID: uapi.QueueIDNone, Len: uapi.SizeofCtrlDevInfo}
+	if err := c.run(context.Background(), uapi.UCmdAddDev, req.ID, cc, payloadOf(info)); err != nil {
 		return DevInfo{}, err
 	}
 	var out DevInfo
@@ -250,8 +260,8 @@ func (c *Ctrl) AddDev(req DevInfo) (DevInfo, error) {
 // with an error matching ErrNoDevice when there is none.
 func (c *Ctrl) DevInfo(id int) (DevInfo, error) {
 	info := &uapi.CtrlDevInfo{}
-	cc := uapi.CtrlCmd{DevID: devID(id), Len: uapi.SizeofCtrlDevInfo, Addr: addrOf(info)}
-	if err := c.run(context.Background(), uapi.UCmdGetDevInfo, id, cc, info); err != nil {
+	cc := uapi.CtrlCmd{DevID: devID(id), Len: uapi.SizeofCtrlDevInfo}
+	if err := c.run(context.Background(), uapi.UCmdGetDevInfo, id, cc, payloadOf(info)); err != nil {
 		return DevInfo{}, err
 	}
 	var out DevInfo
@@ -262,8 +272,8 @@ func (c *Ctrl) DevInfo(id int) (DevInfo, error) {
 // setParams sends SET_PARAMS; p.Len is set here.
 func (c *Ctrl) setParams(id int, p *uapi.Params) error {
 	p.Len = uapi.SizeofParams
-	cc := uapi.CtrlCmd{DevID: devID(id), Len: uapi.SizeofParams, Addr: addrOf(p)}
-	return c.run(context.Background(), uapi.UCmdSetParams, id, cc, p)
+	cc := uapi.CtrlCmd{DevID: devID(id), Len: uapi.SizeofParams}
+	return c.run(context.Background(), uapi.UCmdSetParams, id, cc, payloadOf(p))
 }
 
 // startDev sends START_DEV with this process as the server. It returns once
@@ -271,14 +281,14 @@ func (c *Ctrl) setParams(id int, p *uapi.Params) error {
 // the partition scan served; ctx cancels the wait.
 func (c *Ctrl) startDev(ctx context.Context, id int) error {
 	cc := uapi.CtrlCmd{DevID: devID(id), Data: uint64(os.Getpid())}
-	return c.run(ctx, uapi.UCmdStartDev, id, cc, nil)
+	return c.run(ctx, uapi.UCmdStartDev, id, cc, payload{})
 }
 
 // getParams returns device id's parameters (GET_PARAMS).
 func (c *Ctrl) getParams(id int) (*uapi.Params, error) {
 	p := &uapi.Params{Len: uapi.SizeofParams}
-	cc := uapi.CtrlCmd{DevID: devID(id), Len: uapi.SizeofParams, Addr: addrOf(p)}
-	if err := c.run(context.Background(), uapi.UCmdGetParams, id, cc, p); err != nil {
+	cc := uapi.CtrlCmd{DevID: devID(id), Len: uapi.SizeofParams}
+	if err := c.run(context.Background(), uapi.UCmdGetParams, id, cc, payloadOf(p)); err != nil {
 		return nil, err
 	}
 	return p, nil
@@ -289,7 +299,7 @@ func (c *Ctrl) getParams(id int) (*uapi.Params, error) {
 // fetch every tag. It fails with EBUSY while the old server still holds
 // /dev/ublkcN or the device is not QUIESCED.
 func (c *Ctrl) startRecovery(id int) error {
-	return c.run(context.Background(), uapi.UCmdStartUserRecovery, id, uapi.CtrlCmd{DevID: devID(id)}, nil)
+	return c.run(context.Background(), uapi.UCmdStartUserRecovery, id, uapi.CtrlCmd{DevID: devID(id)}, payload{})
 }
 
 // endRecovery sends END_USER_RECOVERY with this process as the server. It
@@ -298,14 +308,14 @@ func (c *Ctrl) startRecovery(id int) error {
 // the wait.
 func (c *Ctrl) endRecovery(ctx context.Context, id int) error {
 	cc := uapi.CtrlCmd{DevID: devID(id), Data: uint64(os.Getpid())}
-	return c.run(ctx, uapi.UCmdEndUserRecovery, id, cc, nil)
+	return c.run(ctx, uapi.UCmdEndUserRecovery, id, cc, payload{})
 }
 
 // StopDev stops device id (STOP_DEV): the disk is removed once in-flight
 // requests completed, and every armed FETCH of the server completes with
 // -ENODEV. Stopping a device that is not started only cancels its fetches.
 func (c *Ctrl) StopDev(id int) error {
-	return c.run(context.Background(), uapi.UCmdStopDev, id, uapi.CtrlCmd{DevID: devID(id)}, nil)
+	return c.run(context.Background(), uapi.UCmdStopDev, id, uapi.CtrlCmd{DevID: devID(id)}, payload{})
 }
 
 // DelDev deletes device id (DEL_DEV): it stops it if needed, removes
@@ -314,7 +324,7 @@ func (c *Ctrl) StopDev(id int) error {
 func (c *Ctrl) DelDev(id int) error {
 	var err error
 	for range 10 {
-		err = c.run(context.Background(), uapi.UCmdDelDev, id, uapi.CtrlCmd{DevID: devID(id)}, nil)
+		err = c.run(context.Background(), uapi.UCmdDelDev, id, uapi.CtrlCmd{DevID: devID(id)}, payload{})
 		if !errors.Is(err, unix.EINTR) {
 			break
 		}

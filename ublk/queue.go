@@ -21,8 +21,8 @@ var pageSize = os.Getpagesize()
 // the queue's descriptor area mapped from /dev/ublkcN, one buffer per tag
 // outside the Go heap, and one long-lived coroutine per tag.
 //
-// Fields set before the loop starts serving are read-only afterwards; live,
-// fetchErr and err are owned by the loop's thread.
+// Fields set before the loop starts serving are read-only afterwards; live
+// and err are owned by the loop's thread.
 type queue struct {
 	dev  *Device
 	id   uint16
@@ -251,11 +251,10 @@ func (q *queue) handle(co *coroutine.Co, t *tag, d *uapi.IODesc) int32 {
 func (q *queue) userCopy(co *coroutine.Co, t *tag, toKernel bool, n int64) error {
 	for done := int64(0); done < n; {
 		pos := uapi.UserCopyOffset(q.id, t.id, uint32(done))
-		sqe := co.SQE()
 		if toKernel {
-			sqe.PrepWrite(int32(q.dev.charFd), t.buf[done:n], uint64(pos))
+			co.Write(int32(q.dev.charFd), t.buf[done:n], uint64(pos))
 		} else {
-			sqe.PrepRead(int32(q.dev.charFd), t.buf[done:n], uint64(pos))
+			co.Read(int32(q.dev.charFd), t.buf[done:n], uint64(pos))
 		}
 		res := co.Wait()
 		if res < 0 {

@@ -13,9 +13,17 @@ import (
 
 // The VM tests boot Debian's 6.12 kernel with ublk_drv (vmtest) and run
 // the ublkimg command in it. They are skipped unless UBLKIMG_VM=1.
+//
+// With UBLKIMG_VM_RACE=1 the ublkimg command and the guest test binary are
+// built with the race detector; every process of a scenario (the servers
+// above all) writes its race reports to /tmp/race.<pid>, and a scenario
+// that leaves any fails (case no-data-races).
 
 // cliPkg is the ublkimg command the scenarios run.
 const cliPkg = "ublkimg/cmd/ublkimg"
+
+// raceVM: UBLKIMG_VM_RACE=1 runs the scenarios with race-enabled binaries.
+var raceVM = os.Getenv("UBLKIMG_VM_RACE") == "1"
 
 var guestTools = struct {
 	once  sync.Once
@@ -29,7 +37,11 @@ func tools(t *testing.T) []vmtest.File {
 	t.Helper()
 	vmtest.RequireTools(t)
 	guestTools.once.Do(func() {
-		bin, err := vmtest.GoBinary(t.Context(), cliPkg)
+		build := vmtest.GoBinary
+		if raceVM {
+			build = vmtest.GoRaceBinary
+		}
+		bin, err := build(t.Context(), cliPkg)
 		if err != nil {
 			guestTools.err = err
 			return
@@ -89,7 +101,32 @@ func run(t *testing.T, script string, opts vmtest.RunOptions) *vmtest.Result {
 		opts.Modules = []string{"ublk_drv", "ext4"}
 	}
 	opts.Script = prelude + script
+	if raceVM {
+		opts.Script = raceCheck(opts.Script)
+		if opts.Timeout == 0 && os.Getenv("UBLKIMG_VM_TIMEOUT") == "" {
+			opts.Timeout = 3 * vmtest.DefaultTimeout
+		}
+	}
 	return vmtest.RunTest(t, opts)
+}
+
+// raceCheck wraps a scenario for race-enabled binaries: reports go to
+// files, and any file left at the end (or at an early exit) fails the run.
+// The race runtime slows every process several times over, so run gives
+// such runs three times the default timeout.
+func raceCheck(script string) string {
+	return `export GORACE="log_path=/tmp/race halt_on_error=0"
+no_data_races() {
+	set -- /tmp/race.*
+	if [ -e "$1" ]; then
+		cat "$@"
+		result no-data-races FAIL "$# race report(s): $*"
+	else
+		result no-data-races PASS
+	fi
+}
+trap no_data_races EXIT
+` + script
 }
 
 // lifecycleScript is the main scenario on one image format ($FMT): attach,
@@ -349,8 +386,12 @@ func TestVMGuestTests(t *testing.T) {
 	vmtest.RequireTools(t)
 	dir := t.TempDir()
 	bin := filepath.Join(dir, "ublk.test")
-	cmd := exec.CommandContext(t.Context(), "go", "test", "-c", "-trimpath", "-o", bin, ".")
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	args, cgo := []string{"test", "-c", "-trimpath", "-o", bin}, "CGO_ENABLED=0"
+	if raceVM {
+		args, cgo = append(args, "-race"), "CGO_ENABLED=1"
+	}
+	cmd := exec.CommandContext(t.Context(), "go", append(args, ".")...)
+	cmd.Env = append(os.Environ(), cgo)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("go test -c: %v\n%s", err, out)
 	}

@@ -47,9 +47,33 @@
 //
 // # Memory passed to the kernel
 //
-// Buffers, iovec arrays and timespecs are passed by address. They must not
-// move and must stay alive (referenced by the caller) until the request's
-// CQE has been reaped: heap memory held in a live structure, or mmap'd
-// memory; never a Go stack variable. Registered buffers stay pinned until
-// UnregisterBuffers or Close.
+// Buffers, iovec arrays and timespecs are passed by address. The kernel
+// reads an SQE only at the io_uring_enter that submits it, and reads or
+// writes the memory behind it from then until the CQE, possibly from
+// another thread. That memory must therefore not move and must stay alive
+// from the Prep* call until the request's CQE has been reaped:
+//
+//   - mmap'd memory, unmapped only after the completion; or
+//   - Go heap memory kept referenced from a live structure (not only from
+//     a local variable of a function that may return or park) and pinned
+//     with runtime.Pinner until the completion. The Go heap does not move
+//     objects today; the pin is the documented promise that it never will.
+//
+// Never a goroutine stack, not even for a request submitted at once: stacks
+// move when they grow or when a garbage collection shrinks them, and a
+// parked goroutine's stack can be shrunk and its old memory reused before
+// the kernel looks. The compiler keeps small non-escaping values on the
+// stack (since Go 1.25 also the first 32 bytes of an append to a local
+// slice), so a local []unix.Iovec built for PrepReadv is exactly such a
+// stack address. Because Prep* convert addresses to integers, the compiler
+// cannot see that the memory outlives the call: escape analysis does not
+// protect callers of this package.
+//
+// The Prep* builders are therefore the raw layer, for code that owns such
+// memory. Coroutine code uses package coroutine's Co.Read, Co.Write,
+// Co.Readv and Co.Writev, which keep every buffer and the iovec array
+// referenced and pinned in the coroutine until its Wait returns.
+// Registered buffers stay pinned by the kernel until UnregisterBuffers or
+// Close, and must stay allocated as long. The Register* calls and the
+// arguments of io_uring_enter are read during the system call only.
 package uring

@@ -485,7 +485,7 @@ func TestDeferTaskrunSubmit(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer unix.Close(efd)
-	buf := make([]byte, 8)
+	buf := held(t, make([]byte, 8))
 	s := getSQE(t, r)
 	s.PrepRead(int32(efd), buf, 0)
 	s.UserData = 1
@@ -516,7 +516,7 @@ func TestSubmitAndWaitEINTR(t *testing.T) {
 		t.Run(cfg.name, func(t *testing.T) {
 			r := newRing(t, 4, cfg.flags)
 			tid := unix.Gettid()
-			ts := &unix.Timespec{Nsec: int64(100 * time.Millisecond)}
+			ts := held(t, &unix.Timespec{Nsec: int64(100 * time.Millisecond)})
 			s := getSQE(t, r)
 			s.PrepTimeout(ts, 0, 0)
 			s.UserData = 1

@@ -12,12 +12,11 @@ import (
 // or SQEIOLink) before or after the call.
 //
 // Memory lifetime: buffers, iovec arrays and timespecs are passed to the
-// kernel by address. That memory must not move and must be kept alive by the
-// caller until the request's CQE has been reaped: use heap memory that stays
-// referenced (a slice held in a struct that lives until completion) or mmap'd
-// memory. Never pass a Go stack variable: goroutine stacks move when they
-// grow. For IOSQE_ASYNC / io-wq requests (and iovecs read after submission)
-// the kernel may read the memory at any time before completion.
+// kernel by address, converted to integers the compiler cannot follow. The
+// caller owns that memory and must keep it unmoved and alive until the
+// request's CQE has been reaped: mmap'd memory, or heap memory held in a
+// live structure and pinned with runtime.Pinner; never a Go stack variable
+// (see "Memory passed to the kernel" in the package documentation).
 
 // addrOf returns the address of b's first byte, or 0 for an empty slice.
 func addrOf(b []byte) uint64 {
@@ -77,7 +76,8 @@ func (s *SQE) PrepWriteFixed(fd int32, buf []byte, off uint64, bufIndex uint16) 
 
 // PrepReadv prepares IORING_OP_READV: preadv(fd, iovs, off). The iovec
 // array and the buffers it points to must stay alive and unmoved until
-// completion.
+// completion: a []unix.Iovec built in a local variable is not (it may live
+// on the goroutine stack). Coroutines use Co.Readv, which owns the array.
 func (s *SQE) PrepReadv(fd int32, iovs []unix.Iovec, off uint64) {
 	s.prepRW(OpReadv, fd, iovAddr(iovs), uint32(len(iovs)), off)
 }

@@ -43,7 +43,18 @@ func mustRes(t *testing.T, c CQE, userData uint64, want int32) {
 	}
 }
 
-// iovecs builds a heap iovec array over bufs.
+// held returns v, kept reachable until the test ends. Capturing it in a
+// cleanup also puts it on the heap: memory an SQE points to must not be on
+// a goroutine stack (see "Memory passed to the kernel"), and because the
+// Prep builders take addresses as integers, escape analysis would leave a
+// local buffer there (a small make, an &unix.Timespec{}, an inlined
+// iovecs).
+func held[T any](t testing.TB, v T) T {
+	t.Cleanup(func() { runtime.KeepAlive(v) })
+	return v
+}
+
+// iovecs builds an iovec array over bufs; wrap it in held.
 func iovecs(bufs ...[]byte) []unix.Iovec {
 	iovs := make([]unix.Iovec, len(bufs))
 	for i, b := range bufs {
@@ -62,11 +73,11 @@ func TestReadWrite(t *testing.T) {
 			f := tempFile(t)
 			fd := int32(f.Fd())
 
-			a, b1, b2 := pattern(4096, 1), pattern(1000, 2), pattern(3096, 3)
+			a, b1, b2 := held(t, pattern(4096, 1)), held(t, pattern(1000, 2)), held(t, pattern(3096, 3))
 			s := getSQE(t, r)
 			s.PrepWrite(fd, a, 0)
 			s.UserData = 1
-			wiov := iovecs(b1, b2)
+			wiov := held(t, iovecs(b1, b2))
 			s = getSQE(t, r)
 			s.PrepWritev(fd, wiov, 4096)
 			s.UserData = 2
@@ -75,9 +86,8 @@ func TestReadWrite(t *testing.T) {
 				want := map[uint64]int32{1: 4096, 2: 4096}[c.UserData]
 				mustRes(t, c, c.UserData, want)
 			}
-			runtime.KeepAlive(wiov)
 
-			got := make([]byte, 4096)
+			got := held(t, make([]byte, 4096))
 			s = getSQE(t, r)
 			s.PrepRead(fd, got, 4096)
 			s.UserData = 3
@@ -86,13 +96,12 @@ func TestReadWrite(t *testing.T) {
 				t.Fatal("READ returned different bytes than WRITEV wrote")
 			}
 
-			g1, g2 := make([]byte, 100), make([]byte, 8192)
-			riov := iovecs(g1, g2)
+			g1, g2 := held(t, make([]byte, 100)), held(t, make([]byte, 8192))
+			riov := held(t, iovecs(g1, g2))
 			s = getSQE(t, r)
 			s.PrepReadv(fd, riov, 0)
 			s.UserData = 4
 			mustRes(t, reapOne(t, r), 4, 8192) // short at EOF: 8192 bytes of file
-			runtime.KeepAlive(riov)
 			if !bytes.Equal(g1, a[:100]) || !bytes.Equal(g2[:3996], a[100:]) || !bytes.Equal(g2[3996:4996], b1) || !bytes.Equal(g2[4996:8092], b2) {
 				t.Fatal("READV returned different bytes than WRITE/WRITEV wrote")
 			}
@@ -204,7 +213,7 @@ func TestFsync(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			r := newRing(t, 4, 0)
 			f := tempFile(t)
-			buf := pattern(4096, 4)
+			buf := held(t, pattern(4096, 4))
 			s := getSQE(t, r)
 			s.PrepWrite(int32(f.Fd()), buf, 0)
 			s.Flags |= SQEIOLink
@@ -260,7 +269,7 @@ func TestFallocate(t *testing.T) {
 			if st.Size != tc.wantSize {
 				t.Fatalf("size after fallocate = %d, want %d", st.Size, tc.wantSize)
 			}
-			got := make([]byte, st.Size)
+			got := held(t, make([]byte, st.Size))
 			s = getSQE(t, r)
 			s.PrepRead(fd, got, 0)
 			s.UserData = 10
@@ -498,7 +507,7 @@ func TestPollEventfd(t *testing.T) {
 			if _, err := r.Submit(); err != nil || r.CQReady() != 0 {
 				t.Fatalf("poll fired on an empty eventfd (err %v, CQReady %d)", err, r.CQReady())
 			}
-			val := make([]byte, 8) // heap: the kernel writes it after submission
+			val := held(t, make([]byte, 8)) // the kernel writes it after submission
 			for round := 1; round <= 2; round++ {
 				binary.NativeEndian.PutUint64(val, uint64(round))
 				if _, err := unix.Write(efd, val); err != nil {
@@ -538,7 +547,7 @@ func TestPollEventfd(t *testing.T) {
 }
 
 func TestTimeout(t *testing.T) {
-	ts := &unix.Timespec{Nsec: int64(20 * time.Millisecond)} // heap: read after submission
+	ts := held(t, &unix.Timespec{Nsec: int64(20 * time.Millisecond)})
 	const flags = SetupSingleIssuer | SetupDeferTaskrun
 
 	t.Run("expires", func(t *testing.T) {
@@ -554,7 +563,7 @@ func TestTimeout(t *testing.T) {
 	})
 	t.Run("count", func(t *testing.T) {
 		r := newRing(t, 8, flags)
-		long := &unix.Timespec{Sec: 10}
+		long := held(t, &unix.Timespec{Sec: 10})
 		s := getSQE(t, r)
 		s.PrepTimeout(long, 1, 0)
 		s.UserData = 2
@@ -567,7 +576,7 @@ func TestTimeout(t *testing.T) {
 	})
 	t.Run("cancel", func(t *testing.T) {
 		r := newRing(t, 8, flags)
-		long := &unix.Timespec{Sec: 10}
+		long := held(t, &unix.Timespec{Sec: 10})
 		s := getSQE(t, r)
 		s.PrepTimeout(long, 0, 0)
 		s.UserData = 4
@@ -591,7 +600,7 @@ func TestTimeout(t *testing.T) {
 	})
 	t.Run("timeout-remove", func(t *testing.T) {
 		r := newRing(t, 8, flags)
-		long := &unix.Timespec{Sec: 10}
+		long := held(t, &unix.Timespec{Sec: 10})
 		s := getSQE(t, r)
 		s.PrepTimeout(long, 0, 0)
 		s.UserData = 7
@@ -613,7 +622,7 @@ func TestTimeout(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer unix.Close(efd)
-		buf := make([]byte, 8)
+		buf := held(t, make([]byte, 8))
 		s := getSQE(t, r)
 		s.PrepRead(int32(efd), buf, 0) // blocks: counter is 0
 		s.Flags |= SQEIOLink

@@ -96,6 +96,18 @@ func lookTool(name string) (string, error) {
 // as a File at /usr/local/bin/<last element of pkg>. Binaries are stored in
 // the cache by content, so an unchanged build reuses the cached initramfs.
 func GoBinary(ctx context.Context, pkg string) (File, error) {
+	return goBinary(ctx, pkg, false)
+}
+
+// GoRaceBinary is GoBinary with the race detector (go build -race). The
+// race runtime needs cgo, so the binary is dynamic: the initramfs brings
+// the C library it links along. In the guest, GORACE=log_path=... makes
+// every process write its reports to a file the scenario can check.
+func GoRaceBinary(ctx context.Context, pkg string) (File, error) {
+	return goBinary(ctx, pkg, true)
+}
+
+func goBinary(ctx context.Context, pkg string, race bool) (File, error) {
 	cache, err := CacheDir()
 	if err != nil {
 		return File{}, err
@@ -111,8 +123,12 @@ func GoBinary(ctx context.Context, pkg string) (File, error) {
 	}
 	defer os.RemoveAll(tmp)
 	out := filepath.Join(tmp, name)
-	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-o", out, pkg)
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	args, cgo := []string{"build", "-trimpath", "-o", out}, "CGO_ENABLED=0"
+	if race {
+		args, cgo = append(args, "-race"), "CGO_ENABLED=1"
+	}
+	cmd := exec.CommandContext(ctx, "go", append(args, pkg)...)
+	cmd.Env = append(os.Environ(), cgo)
 	if msg, err := cmd.CombinedOutput(); err != nil {
 		return File{}, fmt.Errorf("vm: go build %s: %w\n%s", pkg, err, msg)
 	}

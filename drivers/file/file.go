@@ -12,6 +12,7 @@ package file
 import (
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -39,8 +40,9 @@ type driver struct {
 	// O_DIRECT.
 	align int64
 	// noZeroRange and noPunch remember that the filesystem refused
-	// fallocate modes, so later requests fall back without a syscall.
-	noZeroRange, noPunch bool
+	// fallocate modes, so later requests fall back without a syscall. Any
+	// queue's loop may set them while the others read them.
+	noZeroRange, noPunch atomic.Bool
 	// locked: fd holds image lock bytes, released before it is closed.
 	locked bool
 }

@@ -2,6 +2,7 @@ package file
 
 import (
 	"errors"
+	"fmt"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -56,26 +57,11 @@ func (d *driver) needsBounce(iov bdrv.IOVec) bool {
 // rw moves iov to or from the file at off through the ring, continuing after
 // short transfers. Reads stopped by end of file leave zeros.
 func (d *driver) rw(co *coroutine.Co, write bool, off int64, iov bdrv.IOVec) error {
-	var iovecs []unix.Iovec
 	for len(iov) > 0 {
-		sqe := co.SQE()
-		switch {
-		case len(iov) == 1 && write:
-			sqe.PrepWrite(int32(d.fd), iov[0], uint64(off))
-		case len(iov) == 1:
-			sqe.PrepRead(int32(d.fd), iov[0], uint64(off))
-		default:
-			iovecs = iovecs[:0]
-			for _, b := range iov {
-				if len(b) > 0 {
-					iovecs = append(iovecs, unix.Iovec{Base: &b[0], Len: uint64(len(b))})
-				}
-			}
-			if write {
-				sqe.PrepWritev(int32(d.fd), iovecs, uint64(off))
-			} else {
-				sqe.PrepReadv(int32(d.fd), iovecs, uint64(off))
-			}
+		if write {
+			co.Writev(int32(d.fd), iov, uint64(off))
+		} else {
+			co.Readv(int32(d.fd), iov, uint64(off))
 		}
 		res := co.Wait()
 		if res < 0 {
@@ -84,6 +70,10 @@ func (d *driver) rw(co *coroutine.Co, write bool, off int64, iov bdrv.IOVec) err
 		want := iov.Len()
 		if int64(res) == want {
 			return nil
+		}
+		if int64(res) > want {
+			// Only a request the kernel read wrongly can do this.
+			return fmt.Errorf("file: %d bytes transferred for a request of %d: %w", res, want, unix.EIO)
 		}
 		if res == 0 {
 			if write {
@@ -120,7 +110,7 @@ func unsupported(err error) bool {
 // grow when the range extends past their end.
 func (d *driver) PwriteZeroes(co *coroutine.Co, off, bytes int64, flags bdrv.ReqFlags) error {
 	end := off + bytes
-	if flags&bdrv.ReqMayUnmap != 0 && !d.noPunch && (d.blockDev || end <= d.node.Length()) {
+	if flags&bdrv.ReqMayUnmap != 0 && !d.noPunch.Load() && (d.blockDev || end <= d.node.Length()) {
 		err := d.fallocate(co, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, bytes)
 		if err == nil {
 			return nil
@@ -128,9 +118,9 @@ func (d *driver) PwriteZeroes(co *coroutine.Co, off, bytes int64, flags bdrv.Req
 		if !unsupported(err) {
 			return err
 		}
-		d.noPunch = true
+		d.noPunch.Store(true)
 	}
-	if d.noZeroRange {
+	if d.noZeroRange.Load() {
 		return bdrv.ErrNotSupported
 	}
 	mode := uint32(unix.FALLOC_FL_ZERO_RANGE)
@@ -139,7 +129,7 @@ func (d *driver) PwriteZeroes(co *coroutine.Co, off, bytes int64, flags bdrv.Req
 	}
 	err := d.fallocate(co, mode, off, bytes)
 	if err != nil && unsupported(err) {
-		d.noZeroRange = true
+		d.noZeroRange.Store(true)
 		return bdrv.ErrNotSupported
 	}
 	return err
@@ -147,7 +137,7 @@ func (d *driver) PwriteZeroes(co *coroutine.Co, off, bytes int64, flags bdrv.Req
 
 // Pdiscard implements bdrv.Discarder by punching a hole.
 func (d *driver) Pdiscard(co *coroutine.Co, off, bytes int64) error {
-	if d.noPunch {
+	if d.noPunch.Load() {
 		return bdrv.ErrNotSupported
 	}
 	if !d.blockDev {
@@ -159,7 +149,7 @@ func (d *driver) Pdiscard(co *coroutine.Co, off, bytes int64) error {
 	}
 	err := d.fallocate(co, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, bytes)
 	if err != nil && unsupported(err) {
-		d.noPunch = true
+		d.noPunch.Store(true)
 		return bdrv.ErrNotSupported
 	}
 	return err

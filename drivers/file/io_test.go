@@ -1,0 +1,283 @@
+package file
+
+import (
+	"bytes"
+	"fmt"
+	"math/rand/v2"
+	"path/filepath"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"ublkimg/bdrv"
+	"ublkimg/coroutine"
+)
+
+// startLoops starts n loops, closed when the test ends.
+func startLoops(t *testing.T, n int) []*coroutine.Loop {
+	t.Helper()
+	loops := make([]*coroutine.Loop, n)
+	for i := range loops {
+		l, err := coroutine.Start(coroutine.Config{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		loops[i] = l
+		t.Cleanup(l.Close)
+	}
+	return loops
+}
+
+// openFile opens path with the file driver on l, closed when the test
+// ends (before the loops startLoops made earlier).
+func openFile(t *testing.T, l *coroutine.Loop, path string) *bdrv.Node {
+	t.Helper()
+	var node *bdrv.Node
+	err := l.Call(func(co *coroutine.Co) error {
+		var err error
+		node, err = bdrv.Open(co, bdrv.Spec{Filename: path, Format: "file"})
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := l.Call(func(co *coroutine.Co) error { return node.Close(co) }); err != nil {
+			t.Error(err)
+		}
+	})
+	return node
+}
+
+// deep recurses n frames of about 1 KiB each, so that the calling
+// goroutine's stack grows (and, once it returns, is mostly unused: the next
+// GC that scans the goroutine while it is parked shrinks it, moving the
+// frames that are left and freeing the old stack for reuse).
+//
+//go:noinline
+func deep(n int, seed byte) byte {
+	var pad [1000]byte
+	for i := range pad {
+		pad[i] = seed + byte(i)
+	}
+	if n == 0 {
+		return pad[int(seed)%len(pad)]
+	}
+	return deep(n-1, seed+1) ^ pad[n%len(pad)]
+}
+
+// TestVectoredIOUnderStackMoves runs two-segment reads and writes (the
+// shape the qcow2 COW merge and the generic layer's padding produce) on many
+// coroutines of two loops while another goroutine forces garbage
+// collections back to back and every coroutine grows its stack deeply
+// between requests. A coroutine parked in Wait then has a large, mostly
+// unused stack that a GC shrinks (moves) before its loop submits the
+// request: any memory the request points into on that stack (an iovec
+// array the compiler kept on the stack) is freed and reused by the next
+// coroutine's growth before the kernel reads it. Every byte written is read
+// back through a different split and compared. Before the Co owned the
+// iovec arrays this failed within a fraction of a second, every run
+// (without the race detector: see raceEnabled).
+func TestVectoredIOUnderStackMoves(t *testing.T) {
+	const (
+		nLoops  = 2
+		perLoop = 24
+		region  = 8192
+	)
+	budget := 3 * time.Second
+	if testing.Short() || raceEnabled {
+		budget = time.Second
+	}
+	path := filepath.Join(t.TempDir(), "img")
+	loops := startLoops(t, nLoops)
+	err := loops[0].Call(func(co *coroutine.Co) error {
+		return bdrv.Create(co, "file", &bdrv.CreateRequest{Filename: path, Size: nLoops * perLoop * region})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	node := openFile(t, loops[0], path)
+
+	stop := make(chan struct{})
+	var gcs atomic.Int64
+	var gcDone sync.WaitGroup
+	gcDone.Add(1)
+	go func() {
+		defer gcDone.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			runtime.GC()
+			gcs.Add(1)
+		}
+	}()
+
+	deadline := time.Now().Add(budget)
+	var ops atomic.Int64
+	errc := make(chan error, nLoops*perLoop)
+	for li, l := range loops {
+		for c := range perLoop {
+			id := li*perLoop + c
+			l.Spawn(func(co *coroutine.Co) {
+				errc <- hammer(co, node, id, int64(id)*region, region, deadline, &ops)
+			})
+		}
+	}
+	var failures []error
+	for range nLoops * perLoop {
+		if err := <-errc; err != nil {
+			failures = append(failures, err)
+		}
+	}
+	close(stop)
+	gcDone.Wait()
+	t.Logf("%d verified write+read pairs, %d forced GCs", ops.Load(), gcs.Load())
+	for i, err := range failures {
+		if i == 5 {
+			t.Errorf("... and %d more", len(failures)-5)
+			break
+		}
+		t.Error(err)
+	}
+}
+
+// hammer writes and reads back its own region with two-segment vectors,
+// recursing deeply before each request, until deadline.
+func hammer(co *coroutine.Co, node *bdrv.Node, id int, base, size int64, deadline time.Time, ops *atomic.Int64) error {
+	rng := rand.New(rand.NewPCG(uint64(id), 1))
+	want := make([]byte, size)
+	got := make([]byte, size)
+	for iter := 0; time.Now().Before(deadline); iter++ {
+		n := 1 + rng.Int64N(size)
+		off := rng.Int64N(size - n + 1)
+		for i := range want[:n] {
+			want[i] = byte(id*31 + iter*7 + i)
+		}
+		split := rng.Int64N(n + 1)
+		deep(32+rng.IntN(224), byte(iter))
+		if err := node.Pwritev(co, base+off, bdrv.IOVec{want[:split], want[split:n]}, 0); err != nil {
+			return fmt.Errorf("coroutine %d: write %d bytes at %d: %w", id, n, off, err)
+		}
+		clear(got[:n])
+		split = rng.Int64N(n + 1)
+		deep(32+rng.IntN(224), byte(iter+1))
+		if err := node.Preadv(co, base+off, bdrv.IOVec{got[:split], got[split:n]}, 0); err != nil {
+			return fmt.Errorf("coroutine %d: read %d bytes at %d: %w", id, n, off, err)
+		}
+		if !bytes.Equal(got[:n], want[:n]) {
+			i := 0
+			for got[i] == want[i] {
+				i++
+			}
+			return fmt.Errorf("coroutine %d: %d bytes at %d (split %d) read back wrong from byte %d: %#x, want %#x", id, n, off, split, i, got[i], want[i])
+		}
+		ops.Add(1)
+	}
+	return nil
+}
+
+// TestZeroFallbackAcrossLoops writes zeroes from coroutines of two loops
+// into a memfd (shmem: no FALLOC_FL_ZERO_RANGE). The first refusal makes
+// the driver remember it while the other loop is reading that memory, so
+// the flag must be safe across threads (the race detector checks that in
+// make test); every range must read back as zeros either way.
+func TestZeroFallbackAcrossLoops(t *testing.T) {
+	const (
+		perLoop = 8
+		region  = 64 << 10
+	)
+	fd, err := unix.MemfdCreate("ublkimg-test", unix.MFD_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Ftruncate(fd, 2*perLoop*region); err != nil {
+		t.Fatal(err)
+	}
+	fill := bytes.Repeat([]byte{0xff}, 2*perLoop*region)
+	if _, err := unix.Pwrite(fd, fill, 0); err != nil {
+		t.Fatal(err)
+	}
+	loops := startLoops(t, 2)
+	node := openFile(t, loops[0], fmt.Sprintf("/proc/self/fd/%d", fd))
+
+	errc := make(chan error, 2*perLoop)
+	for li, l := range loops {
+		for c := range perLoop {
+			off := int64(li*perLoop+c) * region
+			l.Spawn(func(co *coroutine.Co) {
+				for o := int64(0); o < region; o += 4096 {
+					if err := node.PwriteZeroes(co, off+o, 4096, 0); err != nil {
+						errc <- err
+						return
+					}
+				}
+				errc <- nil
+			})
+		}
+	}
+	for range 2 * perLoop {
+		if err := <-errc; err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := make([]byte, len(fill))
+	if _, err := unix.Pread(fd, got, 0); err != nil {
+		t.Fatal(err)
+	}
+	for i, c := range got {
+		if c != 0 {
+			t.Fatalf("byte %d is %#x after write-zeroes", i, c)
+		}
+	}
+	if !node.Driver().(*driver).noZeroRange.Load() {
+		t.Fatal("shmem accepted FALLOC_FL_ZERO_RANGE: the fallback was not exercised")
+	}
+}
+
+// TestManySegments moves vectors of more buffers than one request may
+// carry (UIO_MAXIOV, 1024): the rest goes out after the short transfer.
+func TestManySegments(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "img")
+	const segs, segLen = 2500, 3
+	err := coroutine.Run(func(co *coroutine.Co) error {
+		if err := bdrv.Create(co, "file", &bdrv.CreateRequest{Filename: path, Size: segs * segLen}); err != nil {
+			return err
+		}
+		node, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: "file"})
+		if err != nil {
+			return err
+		}
+		defer node.Close(co)
+		want := make([]byte, segs*segLen)
+		for i := range want {
+			want[i] = byte(i*7 + 1)
+		}
+		got := make([]byte, len(want))
+		var wv, rv bdrv.IOVec
+		for i := 0; i < len(want); i += segLen {
+			wv = append(wv, want[i:i+segLen])
+			rv = append(rv, got[i:i+segLen])
+		}
+		if err := node.Pwritev(co, 0, wv, 0); err != nil {
+			return fmt.Errorf("write: %w", err)
+		}
+		if err := node.Preadv(co, 0, rv, 0); err != nil {
+			return fmt.Errorf("read: %w", err)
+		}
+		if !bytes.Equal(got, want) {
+			return fmt.Errorf("%d segments read back wrong", segs)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
