@@ -92,10 +92,11 @@ func (co *Co) park() {
 	co.wakeSeq.Load() // acquire what the waker released
 }
 
-// Yield lets the loop run every other runnable coroutine and submit queued
-// operations, then continues.
+// Yield lets the loop run every other runnable coroutine, submit queued
+// operations and take what completed or was posted (one trip through the
+// kernel), then continues.
 func (co *Co) Yield() {
-	co.loop.ready = append(co.loop.ready, co)
+	co.loop.yielded = append(co.loop.yielded, co)
 	co.park()
 }
 

@@ -2,6 +2,8 @@ package coroutine
 
 import (
 	"errors"
+	"fmt"
+	"os"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -163,6 +165,36 @@ func TestOffloadResumesOnLoop(t *testing.T) {
 	})
 	if err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestYieldLetsTheLoopThrough: a coroutine that only yields, waiting for a
+// function posted from another goroutine, sees it run: each Yield takes the
+// loop through the kernel, where the inbox's eventfd read completes.
+func TestYieldLetsTheLoopThrough(t *testing.T) {
+	l := startLoops(t, 1)[0]
+	done := make(chan error, 1)
+	go func() {
+		done <- l.Call(func(co *Co) error {
+			posted := false // owned by the loop's thread
+			go l.Post(func() { posted = true })
+			for !posted {
+				co.Yield()
+			}
+			return nil
+		})
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		// The coroutine spins on the loop's thread forever: the loop
+		// can be neither closed nor left running for the next test,
+		// and a panic's traceback would wait for it to stop.
+		fmt.Fprintln(os.Stderr, "FAIL TestYieldLetsTheLoopThrough: a coroutine yielding in a loop kept the loop from its posted work")
+		os.Exit(1)
 	}
 }
 
@@ -372,8 +404,8 @@ func TestCloseWaitsForCoroutines(t *testing.T) {
 }
 
 // BenchmarkSwitch measures one coroutine switch: two coroutines on one loop
-// yield to each other; each Yield is one switch out and one back in, so
-// ns/op is reported per switch.
+// wake each other and park (Yield would add a trip through the kernel);
+// each round is two parks and two resumes, so ns/op is reported per switch.
 func BenchmarkSwitch(b *testing.B) {
 	l, err := Start(Config{})
 	if err != nil {
@@ -384,20 +416,22 @@ func BenchmarkSwitch(b *testing.B) {
 	b.ResetTimer()
 	l.Call(func(co *Co) error {
 		done := false
-		l.Go(func(c *Co) {
+		partner := l.Go(func(c *Co) {
 			for !done {
-				c.Yield()
+				co.wake(l)
+				c.park()
 			}
 		})
 		for range n {
-			co.Yield()
+			co.park()
+			partner.wake(l)
 		}
 		done = true
 		return nil
 	})
 	b.StopTimer()
-	// n yields of this coroutine, each one with the partner running in
-	// between: 2n resume/yield pairs = 4n switches.
+	// n rounds: this coroutine and its partner each park and resume once,
+	// four switches.
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(4*n), "ns/switch")
 }
 
@@ -515,8 +549,7 @@ func TestWakeFallbackCrossLoop(t *testing.T) {
 		a.Go(func(co *Co) {
 			for !stop {
 				co.Loop().Go(func(c *Co) { q.Wait(c, nil) })
-				co.SQE().PrepNop() // through the ring: Yield alone would starve the inbox
-				co.Wait()
+				co.Yield()
 			}
 			q.RestartAll(co)
 		})

@@ -68,7 +68,11 @@ type Loop struct {
 	live  int      // coroutines created and not finished
 	ready []*Co    // runnable, resumed in order after the current coroutine yields
 	spare []*Co    // recycled backing array for ready
-	cqes  [128]uring.CQE
+	// yielded coroutines (Co.Yield) become ready only after the loop has
+	// been through the kernel, so a coroutine yielding in a loop cannot
+	// keep its own I/O and posted work from ever being taken.
+	yielded []*Co
+	cqes    [128]uring.CQE
 
 	efd    int    // eventfd that wakes the loop for inbox work
 	efdBuf []byte // 8-byte read target of the armed eventfd read (heap, lives with the loop)
@@ -168,6 +172,9 @@ func (l *Loop) main(cfg Config, errc chan<- error) {
 func (l *Loop) run() {
 	for {
 		l.runReady()
+		l.ready = append(l.ready, l.yielded...)
+		clear(l.yielded)
+		l.yielded = l.yielded[:0]
 		if l.live == 0 && l.stopping.Load() {
 			if l.closeInbox() {
 				return
