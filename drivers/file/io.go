@@ -57,6 +57,7 @@ func (d *driver) needsBounce(iov bdrv.IOVec) bool {
 // rw moves iov to or from the file at off through the ring, continuing after
 // short transfers. Reads stopped by end of file leave zeros.
 func (d *driver) rw(co *coroutine.Co, write bool, off int64, iov bdrv.IOVec) error {
+	retries := 0
 	for len(iov) > 0 {
 		if write {
 			co.Writev(int32(d.fd), iov, uint64(off))
@@ -64,6 +65,10 @@ func (d *driver) rw(co *coroutine.Co, write bool, off int64, iov bdrv.IOVec) err
 			co.Readv(int32(d.fd), iov, uint64(off))
 		}
 		res := co.Wait()
+		if res == -int32(unix.ECANCELED) && retries < maxCanceledRetries {
+			retries++
+			continue
+		}
 		if res < 0 {
 			return uring.ResultError(res)
 		}
@@ -88,15 +93,36 @@ func (d *driver) rw(co *coroutine.Co, write bool, off int64, iov bdrv.IOVec) err
 	return nil
 }
 
+// maxCanceledRetries bounds the resubmissions of a request the kernel
+// cancelled although this driver cancels nothing: io_uring fails the work it
+// meant to hand to a new io-wq worker with ECANCELED when creating that
+// worker, which happens in the submitting thread, is interrupted by pending
+// signals WORKER_INIT_LIMIT (3) times in a row (Linux 6.11+). Go signals its
+// threads (SIGURG preemption, SIGCHLD); such a request never ran, so sending
+// it again is safe, and the guest must not see an error for it.
+const maxCanceledRetries = 8
+
+// submit queues one request with prep, waits for it and returns its result,
+// resubmitting it when the kernel cancelled it (see maxCanceledRetries).
+func submit(co *coroutine.Co, prep func(*uring.SQE)) int32 {
+	for retries := 0; ; retries++ {
+		prep(co.SQE())
+		res := co.Wait()
+		if res != -int32(unix.ECANCELED) || retries == maxCanceledRetries {
+			return res
+		}
+	}
+}
+
 // Flush implements bdrv.Driver with fdatasync.
 func (d *driver) Flush(co *coroutine.Co) error {
-	co.SQE().PrepFsync(int32(d.fd), uring.FsyncDatasync)
-	return uring.ResultError(co.Wait())
+	return uring.ResultError(submit(co, func(sqe *uring.SQE) { sqe.PrepFsync(int32(d.fd), uring.FsyncDatasync) }))
 }
 
 func (d *driver) fallocate(co *coroutine.Co, mode uint32, off, length int64) error {
-	co.SQE().PrepFallocate(int32(d.fd), mode, uint64(off), uint64(length))
-	return uring.ResultError(co.Wait())
+	return uring.ResultError(submit(co, func(sqe *uring.SQE) {
+		sqe.PrepFallocate(int32(d.fd), mode, uint64(off), uint64(length))
+	}))
 }
 
 // unsupported reports fallocate errors that mean "this file cannot do that
