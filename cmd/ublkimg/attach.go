@@ -93,9 +93,6 @@ func parseAttach(c *cli.Context) (*attachOptions, error) {
 		if err != nil {
 			return nil, err
 		}
-		if o.format != "" && format != "" && o.format != format {
-			return nil, fmt.Errorf("--image-opts driver '%s' conflicts with format '%s'", format, o.format)
-		}
 		o.image, o.options = name, opts
 		// The record keeps the string for recover. It names secrets
 		// by ID only (their data comes from --object), and openImage

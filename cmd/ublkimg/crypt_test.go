@@ -139,7 +139,7 @@ func TestAttachImageOpts(t *testing.T) {
 		want string
 	}{
 		{[]string{"ublkimg", "attach", "--image-opts", "driver=qcow2"}, "A block device must be specified for \"file\""},
-		{[]string{"ublkimg", "attach", "-f", "raw", "--image-opts", "driver=qcow2,file.filename=a.img"}, "--image-opts driver 'qcow2' conflicts with format 'raw'"},
+		{[]string{"ublkimg", "attach", "-f", "raw", "--image-opts", "driver=qcow2,file.filename=a.img"}, "--image-opts and --format are mutually exclusive"},
 		{[]string{"ublkimg", "attach", "--object", "secret,id=s0", "a.img"}, "Either 'file' or 'data' must be provided"},
 	} {
 		var out, errOut strings.Builder

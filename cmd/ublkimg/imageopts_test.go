@@ -46,6 +46,21 @@ func TestImageOptsUnknown(t *testing.T) {
 		{"compare", "--image-opts", p + ",foo=1", r},
 		{"compare", "--image-opts", p, r + ",foo=1"},
 		{"convert", "-n", "--target-image-opts", "r.raw", p + ",foo=1"},
+		// A format besides the options is refused, never preferred.
+		{"info", "-f", "qcow2", "--image-opts", p},
+		{"check", "-f", "raw", "--image-opts", p},
+		{"map", "-f", "raw", "--image-opts", r},
+		{"compare", "-F", "raw", "--image-opts", p, r},
+		{"compare", "-f", "qcow2", "--image-opts", p, r},
+		{"convert", "-f", "raw", "--image-opts", r, "out.raw"},
+		{"resize", "-f", "raw", "--image-opts", r, "2M"},
+		{"bench", "-c", "1", "-f", "raw", "--image-opts", r},
+		{"dd", "-f", "raw", "--image-opts", "if=" + r, "of=out.raw"},
+		{"measure", "-f", "raw", "--image-opts", r},
+		{"commit", "-f", "qcow2", "--image-opts", tp},
+		{"rebase", "-f", "qcow2", "--image-opts", "-u", "-b", "", tp},
+		{"amend", "-f", "qcow2", "--image-opts", "-o", "lazy_refcounts=on", p},
+		{"bitmap", "-f", "qcow2", "--image-opts", "--add", p, "b0"},
 	} {
 		t.Run(fmt.Sprint(i), func(t *testing.T) {
 			t.Parallel()

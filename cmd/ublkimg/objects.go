@@ -138,6 +138,15 @@ func markImageOpts(verb string, args []string) ([]string, error) {
 	if targetOpts && !slices.Contains(opts, "-n") {
 		return nil, errors.New("--target-image-opts requires use of -n flag")
 	}
+	if imageOpts && (slices.Contains(opts, "-f") || verb == "compare" && slices.Contains(opts, "-F")) {
+		// The options name the driver: a format besides is refused, not
+		// silently preferred to one of the two.
+		err := errors.New("--image-opts and --format are mutually exclusive")
+		if verb == "compare" {
+			return nil, &exitError{img.CompareOpenError, err}
+		}
+		return nil, err
+	}
 	for i, a := range ops {
 		last := i == len(ops)-1
 		switch {
