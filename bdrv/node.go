@@ -126,6 +126,13 @@ type Format struct {
 	// ReqWriteCompressed writes (QEMU's block_driver_can_compress), so
 	// that convert -c refuses the others before it creates the target.
 	CompressedWrites bool
+
+	// The format's operations on images that are not open as its nodes
+	// (driver.go has the capabilities of open ones). Nil where the
+	// format has none.
+
+	// Check checks and repairs an image of the format (qemu-img check).
+	Check CheckFunc
 }
 
 // OptionLister is implemented by drivers that say which open options they

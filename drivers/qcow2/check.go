@@ -32,71 +32,23 @@ import (
 // tables are read a piece at a time, and messages are handed out as they
 // are found, never collected.
 
-// CheckResult is the outcome of Check: QEMU's BdrvCheckResult plus what
-// qemu-img needs to print its summary (its ImageCheck).
-type CheckResult struct {
-	// Corruptions are errors left in the image, Leaks clusters that are
-	// allocated but unused, CheckErrors problems that kept the check from
-	// looking at part of the image (I/O errors, impossible repairs).
-	Corruptions, Leaks, CheckErrors int
-	// CorruptionsFixed and LeaksFixed count the repairs made.
-	CorruptionsFixed, LeaksFixed int
-	// ImageEndOffset is the end of the last cluster in use or referenced.
-	ImageEndOffset int64
-	// Allocation statistics of the active L1 table (QEMU's BlockFragInfo):
-	// clusters of the virtual disk, allocated ones, allocated ones not
-	// contiguous with their predecessor in the file, compressed ones.
-	TotalClusters, AllocatedClusters, FragmentedClusters, CompressedClusters int64
-
-	// Repaired is set when the check repaired something and then checked the
-	// image again without repairing, as qemu-img check -r does ("Double
-	// checking the fixed image now..."). The counts above are then those of
-	// the second pass, except CorruptionsFixed and LeaksFixed.
-	Repaired bool
-}
-
-// CheckEvents receives what Check finds while it works. A zero CheckEvents
-// drops it all.
-type CheckEvents struct {
-	// Message receives each line qemu-img prints to stderr while checking,
-	// such as "Leaked cluster 5 refcount=1 reference=0", in order, as it
-	// is found. Lines QEMU prints through error_report lack its
-	// "qemu-img: " prefix; a CLI adds its own program name.
-	Message func(line string)
-	// Recheck is called when a repairing pass fixed something, before the
-	// image is checked again; first holds that pass's counts (qemu-img
-	// prints its repair report then).
-	Recheck func(first *CheckResult)
-}
-
-// FixMode selects what Check repairs (QEMU's BdrvCheckMode).
-type FixMode int
-
-// Repair modes; 0 only checks.
-const (
-	// FixLeaks decreases the refcounts of leaked clusters (check -r leaks).
-	FixLeaks FixMode = 1 << iota
-	// FixErrors repairs corruptions: refcounts that are too low, wrong
-	// COPIED flags, broken snapshot tables, and refcount structures that
-	// must be rebuilt.
-	FixErrors
-	// FixAll is check -r all.
-	FixAll = FixLeaks | FixErrors
+// The check's types are bdrv's (bdrv.CheckFunc is the capability Check
+// provides to the verbs); the names here keep this package's code short.
+type (
+	CheckResult      = bdrv.CheckResult
+	CheckEvents      = bdrv.CheckEvents
+	FixMode          = bdrv.FixMode
+	CheckFailedError = bdrv.CheckFailedError
 )
 
-// CheckFailedError reports that the check could not complete (QEMU's
-// bdrv_check returning -errno). qemu-img prints the messages gathered so far
-// and then "qemu-img: Check failed: <strerror>", prints no summary, and exits
-// with status 1; Error returns that line without the program name.
-type CheckFailedError struct {
-	Errno unix.Errno
-}
-
-// Error returns qemu-img's line, with glibc's wording of the errno.
-func (e *CheckFailedError) Error() string { return "Check failed: " + strerror(e.Errno) }
-
-// Unwrap returns the errno.
-func (e *CheckFailedError) Unwrap() error { return e.Errno }
+// Repair modes; 0 only checks. FixErrors repairs refcounts that are too
+// low, wrong COPIED flags, broken snapshot tables, and refcount structures
+// that must be rebuilt.
+const (
+	FixLeaks  = bdrv.FixLeaks
+	FixErrors = bdrv.FixErrors
+	FixAll    = bdrv.FixAll
+)
 
 // strerror words an errno the way glibc does; Go's strings are glibc's with
 // a lower-case first letter.
@@ -1450,23 +1402,4 @@ func (c *chkState) checkOflagCopied(res *chkCounts) error {
 		}
 	}
 	return nil
-}
-
-// ---------------------------------------------------------------------------
-// Outcome (rendered by the caller, as qemu-img check prints it)
-
-// ExitCode returns qemu-img check's exit status for the result: 1 when the
-// check had internal errors, 2 when corruptions remain, 3 when only leaks
-// remain, 0 when the image is clean. (63, for formats that cannot be
-// checked, and 1 for a failed check, are the caller's.)
-func (r *CheckResult) ExitCode() int {
-	switch {
-	case r.CheckErrors != 0:
-		return 1
-	case r.Corruptions != 0:
-		return 2
-	case r.Leaks != 0:
-		return 3
-	}
-	return 0
 }

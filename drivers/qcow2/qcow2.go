@@ -36,6 +36,7 @@ func init() {
 		CreateOptions:    createOptionSpecs,
 		SupportsBacking:  true,
 		CompressedWrites: true,
+		Check:            Check,
 	})
 }
 
