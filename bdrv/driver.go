@@ -217,3 +217,77 @@ type (
 		WriteDone(off, bytes int64)
 	}
 )
+
+// Optional capabilities of format drivers that the image verbs use (the
+// qemu-img verbs of ublkimg/img: info, snapshot, commit, rebase, amend,
+// bitmap, convert), after the bdrv_* calls QEMU's qemu-img makes on a node.
+// A verb finds them by type assertion on Node.Driver() and never names a
+// driver's type: a new format offers a verb by implementing its
+// capability, and no verb changes. They use bdrv's types and built-in ones
+// only. The format-level operations (check, measure) are fields of
+// [Format] instead: they work without an open node of the format.
+type (
+	// ClusterSizer is implemented by formats that allocate in clusters
+	// (info's "cluster_size: 65536"; convert and commit copy in its
+	// units).
+	ClusterSizer interface {
+		ClusterSize() int64
+	}
+	// DirtyReporter is implemented by formats that record an unclean
+	// shutdown (qcow2's dirty bit: info's "cleanly shut down: no").
+	DirtyReporter interface {
+		IsDirty() bool
+	}
+	// EncryptionReporter is implemented by formats that can be encrypted
+	// (info's "encrypted: yes").
+	EncryptionReporter interface {
+		IsEncrypted() bool
+	}
+	// InfoProvider is implemented by formats with format-specific
+	// information (qemu-img's ImageInfoSpecific, QEMU's
+	// bdrv_get_specific_info). FormatSpecific returns its "data" member
+	// as a generic tree that the verbs render, as JSON and as qemu-img's
+	// indented text: a struct (or a pointer to one) whose exported fields
+	// carry json tags named as the QAPI members ("compat",
+	// "lazy-refcounts", ...), declared in schema order; fields are
+	// strings, booleans, integers, nested structs, slices of these, or
+	// pointers to them, a nil pointer or an "omitempty" zero value being
+	// a member left out; a map[string]any is taken with its keys sorted.
+	// Nil means none. The "type" member is the format's name.
+	InfoProvider interface {
+		FormatSpecific(co *coroutine.Co) (any, error)
+	}
+	// MakeEmptier is implemented by formats that can drop all of an
+	// image's own data so that it reads through to its backing file
+	// (QEMU's bdrv_make_empty). Commit empties the committed image with
+	// it; formats without it keep their data, which then duplicates what
+	// was committed (QEMU ignores ENOTSUP there the same way).
+	MakeEmptier interface {
+		MakeEmpty(co *coroutine.Co) error
+	}
+	// BackingFileChanger is implemented by formats that record a backing
+	// file and can change it (QEMU's bdrv_change_backing_file): name ""
+	// removes the backing file. It changes only the header and the node's
+	// BackingFile and BackingFormat.
+	BackingFileChanger interface {
+		ChangeBackingFile(co *coroutine.Co, name, format string) error
+	}
+	// Snapshotter is implemented by formats with internal snapshots
+	// (QEMU's bdrv_snapshot_*; qemu-img snapshot and info's list).
+	// Errors carry an errno where QEMU returns one (ENOTSUP for an image
+	// that cannot take snapshots, ENOENT for a snapshot not found, EACCES
+	// for a read-only image), which qemu-img words with strerror.
+	Snapshotter interface {
+		// SnapshotList returns the snapshots in the image's order.
+		SnapshotList(co *coroutine.Co) ([]Snapshot, error)
+		// SnapshotCreate takes a snapshot named name of the current
+		// state, with the next free ID and the current date.
+		SnapshotCreate(co *coroutine.Co, name string) error
+		// SnapshotApply reverts the image to the snapshot whose ID, or
+		// else whose name, is idOrName.
+		SnapshotApply(co *coroutine.Co, idOrName string) error
+		// SnapshotDelete deletes the first snapshot matching both id
+		// and name ("" matches any).
+		SnapshotDelete(co *coroutine.Co, id, name string) error
+	}
+)

@@ -296,7 +296,7 @@ func (c *converter) createTarget(co *coroutine.Co) error {
 
 // clusterSize is the node's cluster size when its driver has one.
 func clusterSize(n *bdrv.Node) int64 {
-	if cs, ok := n.Driver().(ClusterSizer); ok {
+	if cs, ok := n.Driver().(bdrv.ClusterSizer); ok {
 		return cs.ClusterSize()
 	}
 	return 0

@@ -12,7 +12,6 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
-	"ublkimg/drivers/qcow2"
 )
 
 // SnapshotOp is the action of qemu-img snapshot.
@@ -34,37 +33,21 @@ type SnapshotOptions struct {
 	Name     string // the snapshot for -c, -a, -d
 }
 
-// SnapshotInfo is one internal snapshot as qemu-img lists it (QEMU's QAPI
-// SnapshotInfo).
-type SnapshotInfo struct {
-	ID, Name    string
-	VMStateSize uint64
-	DateSec     int64
-	DateNsec    int64
-	VMClockNsec uint64
-	Icount      int64 // -1: none
-}
-
-// snapshotInfos lists the internal snapshots of an open node; formats
+// snapshotList lists the internal snapshots of an open node; formats
 // without snapshots have none.
-func snapshotInfos(co *coroutine.Co, n *bdrv.Node) []SnapshotInfo {
-	q, ok := n.Driver().(*qcow2.Image)
+func snapshotList(co *coroutine.Co, n *bdrv.Node) ([]bdrv.Snapshot, error) {
+	s, ok := n.Driver().(bdrv.Snapshotter)
 	if !ok {
-		return nil
+		return nil, nil
 	}
-	var out []SnapshotInfo
-	for _, s := range q.SnapshotList(co) {
-		out = append(out, SnapshotInfo{ID: s.ID, Name: s.Name, VMStateSize: s.VMStateSize,
-			DateSec: int64(s.DateSec), DateNsec: int64(s.DateNsec), VMClockNsec: s.VMClockNsec, Icount: s.Icount})
-	}
-	return out
+	return s.SnapshotList(co)
 }
 
 // snapshotHeader is bdrv_snapshot_dump's title line.
 var snapshotHeader = fmt.Sprintf("%-10s%-17s%8s%20s%13s%11s", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT")
 
 // writeSnapshotLine prints one snapshot as bdrv_snapshot_dump does.
-func writeSnapshotLine(b *strings.Builder, s SnapshotInfo) {
+func writeSnapshotLine(b *strings.Builder, s bdrv.Snapshot) {
 	date := time.Unix(s.DateSec, 0).Format("2006-01-02 15:04:05")
 	secs := s.VMClockNsec / 1e9
 	clock := fmt.Sprintf("%02d:%02d:%02d.%03d", secs/3600, (secs/60)%60, secs%60, (s.VMClockNsec/1e6)%1000)
@@ -77,7 +60,7 @@ func writeSnapshotLine(b *strings.Builder, s SnapshotInfo) {
 
 // writeSnapshotList prints "Snapshot list:" and the table, as qemu-img
 // snapshot -l and qemu-img info do.
-func writeSnapshotList(b *strings.Builder, snaps []SnapshotInfo) {
+func writeSnapshotList(b *strings.Builder, snaps []bdrv.Snapshot) {
 	b.WriteString("Snapshot list:\n" + snapshotHeader + "\n")
 	for _, s := range snaps {
 		writeSnapshotLine(b, s)
@@ -85,7 +68,7 @@ func writeSnapshotList(b *strings.Builder, snaps []SnapshotInfo) {
 }
 
 // snapshotDicts is the QAPI "snapshots" member of ImageInfo.
-func snapshotDicts(snaps []SnapshotInfo) []any {
+func snapshotDicts(snaps []bdrv.Snapshot) []any {
 	l := make([]any, 0, len(snaps))
 	for _, s := range snaps {
 		d := NewDict()
@@ -113,12 +96,13 @@ func Snapshot(co *coroutine.Co, opts SnapshotOptions, out io.Writer) error {
 	if err != nil {
 		return err
 	}
-	q, _ := node.Driver().(*qcow2.Image)
+	q, _ := node.Driver().(bdrv.Snapshotter)
 	name := opts.Name
 	switch opts.Op {
 	case SnapshotListOp:
-		snaps := snapshotInfos(co, node)
-		if len(snaps) > 0 {
+		var snaps []bdrv.Snapshot
+		snaps, err = snapshotList(co, node)
+		if err == nil && len(snaps) > 0 {
 			var b strings.Builder
 			writeSnapshotList(&b, snaps)
 			_, err = io.WriteString(out, b.String())
@@ -151,16 +135,17 @@ func Snapshot(co *coroutine.Co, opts SnapshotOptions, out io.Writer) error {
 		}
 	case SnapshotDeleteOp:
 		// qemu-img looks the snapshot up by name only (bdrv_snapshot_find).
-		var found *qcow2.Snapshot
-		if q != nil {
-			for _, s := range q.SnapshotList(co) {
-				if s.Name == name {
-					found = &s
-					break
-				}
+		var found *bdrv.Snapshot
+		snaps, lerr := snapshotList(co, node)
+		for _, s := range snaps {
+			if s.Name == name {
+				found = &s
+				break
 			}
 		}
-		if found == nil {
+		if lerr != nil {
+			err = fmt.Errorf("Could not delete snapshot '%s': %s", name, snapErrText(lerr))
+		} else if found == nil {
 			err = fmt.Errorf("Could not delete snapshot '%s': snapshot not found", name)
 		} else if err = q.SnapshotDelete(co, found.ID, found.Name); err != nil {
 			err = fmt.Errorf("Could not delete snapshot '%s': %s", name, snapErrText(err))

@@ -107,9 +107,10 @@ const (
 	discardOther
 )
 
-// Image is an open qcow2 image: the driver of a qcow2 node. Tools that need
-// qcow2 specifics (info, check, snapshots) find it with
-// node.Driver().(*qcow2.Image).
+// Image is an open qcow2 image: the driver of a qcow2 node. Besides the I/O
+// of bdrv.Driver it has the image capabilities bdrv defines for the verbs
+// (info, snapshots, amend, bitmaps, make-empty, backing file changes);
+// nothing outside this package needs its type.
 type Image struct {
 	node *bdrv.Node
 	// file is the protocol node holding the image; data holds guest data:

@@ -30,11 +30,17 @@ import (
 // table; it matches unix.ENOENT.
 var ErrSnapshotNotFound = fmt.Errorf("snapshot not found: %w", unix.ENOENT)
 
-// SnapshotList returns the snapshot table as it currently is.
-func (img *Image) SnapshotList(co *coroutine.Co) []Snapshot {
+// SnapshotList returns the snapshot table as it currently is, as the verbs
+// list it (bdrv.Snapshotter).
+func (img *Image) SnapshotList(co *coroutine.Co) ([]bdrv.Snapshot, error) {
 	img.meta.Lock(co)
 	defer img.meta.Unlock(co)
-	return slices.Clone(img.snapshots)
+	out := make([]bdrv.Snapshot, 0, len(img.snapshots))
+	for _, s := range img.snapshots {
+		out = append(out, bdrv.Snapshot{ID: s.ID, Name: s.Name, VMStateSize: s.VMStateSize,
+			DateSec: int64(s.DateSec), DateNsec: int64(s.DateNsec), VMClockNsec: s.VMClockNsec, Icount: s.Icount})
+	}
+	return out, nil
 }
 
 // snapshotUsableLocked refuses snapshot changes QEMU refuses.

@@ -69,7 +69,7 @@ func TestSnapshotOps(t *testing.T) {
 					if err != nil {
 						panic(err)
 					}
-					l := q.SnapshotList(co)
+					l, _ := q.SnapshotList(co)
 					want[l[len(l)-1].ID] = b
 				}
 				snap("s1")
@@ -88,7 +88,7 @@ func TestSnapshotOps(t *testing.T) {
 				w(7<<20, 6, 1<<20, 0)
 				b, _ := readAll(co, n)
 				want["active"] = b
-				if got := q.SnapshotList(co); len(got) != 3 || got[2].ID != "3" || got[2].Name != "s1" {
+				if got, _ := q.SnapshotList(co); len(got) != 3 || got[2].ID != "3" || got[2].Name != "s1" {
 					panic(fmt.Sprintf("snapshot list %+v", got))
 				}
 				return nil
@@ -141,7 +141,11 @@ func TestSnapshotOps(t *testing.T) {
 			// writable in place.
 			bdrvtest.WithNode(t, spec, func(co *coroutine.Co, n *bdrv.Node) error {
 				q := imageOf(t, n)
-				for _, s := range q.SnapshotList(co) {
+				snaps, err := q.SnapshotList(co)
+				if err != nil {
+					return err
+				}
+				for _, s := range snaps {
 					if err := q.SnapshotDelete(co, s.ID, ""); err != nil {
 						return err
 					}
