@@ -290,4 +290,37 @@ type (
 		// and name ("" matches any).
 		SnapshotDelete(co *coroutine.Co, id, name string) error
 	}
+	// PersistentBitmaps is implemented by formats that store dirty bitmaps
+	// in the image (QEMU's persistent BdrvDirtyBitmaps as qemu-img bitmap
+	// and convert --bitmaps use them, through the block-dirty-bitmap-*
+	// commands). Changes are the image's, stored by the time it is closed;
+	// a bitmap that cannot be stored then makes Close fail with an error
+	// matching ErrBitmapsLost. Errors are QEMU's messages ("Dirty bitmap
+	// 'x' not found").
+	PersistentBitmaps interface {
+		// SupportsBitmaps reports whether the image can hold persistent
+		// bitmaps (QEMU's bdrv_supports_persistent_dirty_bitmap).
+		SupportsBitmaps() bool
+		// DirtyBitmaps lists the image's bitmaps in its order.
+		DirtyBitmaps(co *coroutine.Co) ([]DirtyBitmap, error)
+		// AddBitmap adds an empty bitmap; granularity 0 takes the
+		// format's default. A disabled bitmap does not track writes.
+		AddBitmap(co *coroutine.Co, name string, granularity uint64, disabled bool) error
+		// RemoveBitmap removes a bitmap, inconsistent ones included.
+		RemoveBitmap(co *coroutine.Co, name string) error
+		// ClearBitmap clears every bit.
+		ClearBitmap(co *coroutine.Co, name string) error
+		// SetBitmapEnabled starts or stops a bitmap tracking writes.
+		SetBitmapEnabled(co *coroutine.Co, name string, enabled bool) error
+		// CheckBitmap reports whether the bitmap exists and can be
+		// used, with QEMU's error when it cannot.
+		CheckBitmap(co *coroutine.Co, name string) error
+		// ExportBitmap returns a usable bitmap's content.
+		ExportBitmap(co *coroutine.Co, name string) (BitmapData, error)
+		// MergeBitmap sets in bitmap dst every granule that touches a
+		// dirty range of src, which may come from any image of the same
+		// size, of any format and granularity (QEMU's
+		// block-dirty-bitmap-merge).
+		MergeBitmap(co *coroutine.Co, dst string, src BitmapData) error
+	}
 )

@@ -1,5 +1,7 @@
 package bdrv
 
+import "errors"
+
 // The data the image capabilities of driver.go exchange with the verbs.
 
 // Snapshot is one internal snapshot as the verbs list it (QEMU's
@@ -12,3 +14,36 @@ type Snapshot struct {
 	VMClockNsec uint64
 	Icount      int64 // -1: none recorded
 }
+
+// DirtyBitmap describes a persistent dirty bitmap of an open image.
+type DirtyBitmap struct {
+	Name string
+	// Granularity is the bytes one bit stands for.
+	Granularity uint64
+	// Enabled bitmaps track writes.
+	Enabled bool
+	// Inconsistent: the bitmap was not stored cleanly (in use on disk);
+	// it cannot be used, only removed.
+	Inconsistent bool
+}
+
+// BitmapData is a dirty bitmap's content detached from its image
+// (PersistentBitmaps.ExportBitmap): a view, valid until the bitmap next
+// changes, for merging into a bitmap of the same or of another image.
+type BitmapData interface {
+	// Size is the disk bytes the bitmap covers.
+	Size() uint64
+	// Granularity is the bytes one bit stands for, a power of two.
+	Granularity() uint64
+	// NextDirty returns the first dirty range at or after off (QEMU's
+	// bdrv_dirty_bitmap_next_dirty_area): its start and length in bytes,
+	// whole granules clipped to [off, Size()); length 0 when there is
+	// none.
+	NextDirty(off uint64) (start, length uint64)
+}
+
+// ErrBitmapsLost is matched by the error Close returns when persistent
+// bitmaps could not be stored (QEMU's "Lost persistent bitmaps" at close):
+// they are left in use in the image, the rest of which is fine. qemu-img
+// prints it as a warning and succeeds.
+var ErrBitmapsLost = errors.New("persistent bitmaps lost")
