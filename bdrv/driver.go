@@ -290,6 +290,21 @@ type (
 		// and name ("" matches any).
 		SnapshotDelete(co *coroutine.Co, id, name string) error
 	}
+	// Amender is implemented by formats whose options can be changed in
+	// an existing image (qemu-img amend, QEMU's bdrv_amend_options).
+	Amender interface {
+		// AmendOptionSpecs are the options Amend takes (QEMU's
+		// amend_opts) and those of creating an image (its create_opts):
+		// qemu-img amend adds "This option is only supported for image
+		// creation" to its refusal of an option string that the latter
+		// would take.
+		AmendOptionSpecs() (amend, create []OptionSpec)
+		// Amend changes the image as opts say: names from the amend
+		// specs, values of their type (the caller checked both). The
+		// checks of the values, their order and wording, and the order
+		// of the changes are the format's.
+		Amend(co *coroutine.Co, opts Options, ctl AmendControl) error
+	}
 	// PersistentBitmaps is implemented by formats that store dirty bitmaps
 	// in the image (QEMU's persistent BdrvDirtyBitmaps as qemu-img bitmap
 	// and convert --bitmaps use them, through the block-dirty-bitmap-*

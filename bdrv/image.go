@@ -1,6 +1,10 @@
 package bdrv
 
-import "errors"
+import (
+	"errors"
+
+	"ublkimg/coroutine"
+)
 
 // The data the image capabilities of driver.go exchange with the verbs.
 
@@ -47,3 +51,17 @@ type BitmapData interface {
 // they are left in use in the image, the rest of which is fine. qemu-img
 // prints it as a warning and succeeds.
 var ErrBitmapsLost = errors.New("persistent bitmaps lost")
+
+// AmendControl is what an amend needs from its caller besides the options.
+type AmendControl struct {
+	// Force allows what QEMU calls unsafe (qemu-img amend --force):
+	// overwriting an active key slot, erasing the last ones.
+	Force bool
+	// Resize changes the virtual size through the node, as QEMU's amend
+	// does with blk_truncate; the format calls it where its amend
+	// resizes, without its own locks held.
+	Resize func(co *coroutine.Co, size int64) error
+	// Status, if not nil, receives progress: offset done of total work,
+	// in units of the format's choosing (QEMU's amend status callback).
+	Status func(offset, total int64)
+}

@@ -181,6 +181,23 @@ func ParseBool(s string) (bool, error) {
 	return false, fmt.Errorf("invalid boolean '%s'", s)
 }
 
+// ParseNumber parses a QemuOpts number as strtoull does: 0x and 0 prefixes,
+// a leading minus wraps around; an error wraps strconv.ErrRange when the
+// value does not fit.
+func ParseNumber(v string) (uint64, error) {
+	if strings.Contains(v, "_") {
+		return 0, strconv.ErrSyntax
+	}
+	n, err := strconv.ParseUint(strings.TrimPrefix(v, "-"), 0, 64)
+	if err != nil {
+		return 0, err
+	}
+	if strings.HasPrefix(v, "-") {
+		n = -n
+	}
+	return n, nil
+}
+
 // Has reports whether name was given.
 func (o Options) Has(name string) bool { _, ok := o[name]; return ok }
 
