@@ -65,3 +65,22 @@ type AmendControl struct {
 	// in units of the format's choosing (QEMU's amend status callback).
 	Status func(offset, total int64)
 }
+
+// MeasureFunc computes the size of the file of a new image of its format
+// (qemu-img measure, QEMU's bdrv_measure): one created with opts (create
+// options, checked against the format's CreateOptions; "size" is the
+// virtual size when given) and, when in is not nil, holding in's data
+// instead. Errors are the format's, worded as QEMU's.
+type MeasureFunc func(co *coroutine.Co, opts Options, in *Node) (*MeasureInfo, error)
+
+// MeasureInfo is qemu-img measure's result (QAPI BlockMeasureInfo).
+type MeasureInfo struct {
+	// Required is the file size the image needs at least: its metadata
+	// plus the data clusters the measured image allocates.
+	Required int64
+	// FullyAllocated is the file size with every cluster allocated.
+	FullyAllocated int64
+	// Bitmaps is the space for the persistent bitmaps of the measured
+	// image, when both it and the output can have them; nil otherwise.
+	Bitmaps *int64
+}

@@ -133,6 +133,9 @@ type Format struct {
 
 	// Check checks and repairs an image of the format (qemu-img check).
 	Check CheckFunc
+	// Measure computes the file size of a new image of the format
+	// (qemu-img measure).
+	Measure MeasureFunc
 }
 
 // OptionLister is implemented by drivers that say which open options they
@@ -261,6 +264,12 @@ func (n *Node) Limits() Limits { return n.limits }
 
 // Length is the node's size in bytes.
 func (n *Node) Length() int64 { return n.length.Load() }
+
+// SectorLength is the node's size as QEMU's bdrv_getlength reports it:
+// QEMU keeps lengths in 512-byte sectors, so a 1000-byte raw file is a
+// 1024-byte image to qemu-img's verbs; the part past the file's end reads
+// as zeros.
+func (n *Node) SectorLength() int64 { return alignUp(n.Length(), 512) }
 
 // SetLength records the node's size; drivers call it when they open,
 // truncate or grow.

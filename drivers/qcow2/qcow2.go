@@ -37,6 +37,7 @@ func init() {
 		SupportsBacking:  true,
 		CompressedWrites: true,
 		Check:            Check,
+		Measure:          measure,
 	})
 }
 
