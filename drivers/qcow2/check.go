@@ -383,7 +383,7 @@ func openCheck(co *coroutine.Co, file *bdrv.Node, fix FixMode, ev CheckEvents) (
 	}
 	h, err := ParseHeader(sane, -1)
 	if err != nil {
-		return nil, err
+		return nil, openHeaderError(err)
 	}
 	cs := h.ClusterSize()
 	// QEMU's qcow2_validate_table for the refcount table, which a check

@@ -289,7 +289,7 @@ func (img *Image) openLocked(co *coroutine.Co, opts bdrv.Options, repaired bool)
 	}
 	h, err := ParseHeader(head, flen)
 	if err != nil {
-		return err
+		return openHeaderError(err)
 	}
 	img.hdr = h
 	img.g = h.Geometry()
