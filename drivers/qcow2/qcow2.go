@@ -54,12 +54,10 @@ const (
 	// OptPassDiscardOther discards clusters freed for other reasons (copy
 	// on write of shared clusters, L2 table copies); default off.
 	OptPassDiscardOther = "pass-discard-other"
-	// OptCrashSafeMetadata (not a QEMU option, hence the x- prefix) writes
-	// the metadata a request changed back to the image file before the
-	// request completes, so that a process that dies loses no completed
-	// write while the host kernel (its page cache) survives; default off.
+	// OptCrashSafeMetadata (bdrv's) writes the metadata a request changed
+	// back to the image file before the request completes; default off.
 	// See syncMetadata.
-	OptCrashSafeMetadata = "x-crash-safe-metadata"
+	OptCrashSafeMetadata = bdrv.OptCrashSafeMetadata
 )
 
 // probe recognises a qcow2 header (QEMU's qcow2_probe).
