@@ -122,6 +122,10 @@ type Format struct {
 	// read-write over a read-only file (QEMU's raw passes its parent's
 	// permissions through).
 	DataOnly bool
+	// StrongOptions are the open options that change what an image reads
+	// as (QEMU's strong_runtime_opts): info names an image opened with
+	// one of them by its options ("json:{...}") rather than by its file.
+	StrongOptions []string
 	// CompressedWrites is true for formats whose images can take
 	// ReqWriteCompressed writes (QEMU's block_driver_can_compress), so
 	// that convert -c refuses the others before it creates the target.

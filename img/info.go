@@ -82,23 +82,16 @@ func Info(co *coroutine.Co, opts InfoOptions) ([]*ImageInfo, error) {
 	return infos, nil
 }
 
-// strongOptions are, per format, the open options that change what an
-// image reads as (QEMU's strong_runtime_opts): an image opened with any of
-// them is named by its options.
-var strongOptions = map[string][]string{
-	"luks":  {"key-secret"},
-	"qcow2": {"encrypt.key-secret"},
-}
-
 // imageOptsShown is the name qemu-img gives an image opened by an
 // --image-opts string (bdrv_refresh_filename): the file it opens, or, when
-// a strong option was given, "json:" and the options that matter.
+// a strong option of its format was given (bdrv.Format.StrongOptions),
+// "json:" and the options that matter.
 func imageOptsShown(s openSpec, n *bdrv.Node) string {
 	if _, err := resolveImageOpts(&s); err != nil {
 		return n.Filename
 	}
 	var d *Dict
-	for _, k := range strongOptions[n.Format.Name] {
+	for _, k := range n.Format.StrongOptions {
 		v, ok := s.options[k]
 		if !ok {
 			continue

@@ -25,6 +25,7 @@ func init() {
 		Open:          open,
 		Create:        create,
 		CreateOptions: createOptions,
+		StrongOptions: []string{OptKeySecret},
 		Measure:       measure,
 	})
 }
@@ -210,9 +211,9 @@ var createOptions = []bdrv.OptionSpec{
 	{Name: "ivgen-hash-alg", Type: bdrv.OptString, Help: "Name of IV generator hash algorithm"},
 	{Name: "hash-alg", Type: bdrv.OptString, Help: "Name of encryption hash algorithm"},
 	{Name: "iter-time", Type: bdrv.OptNumber, Help: "Time to spend in PBKDF in milliseconds"},
-	{Name: "preallocation", Type: bdrv.OptString, Default: "off",
+	{Name: "preallocation", Type: bdrv.OptString,
 		Help: "Preallocation mode (allowed values: off, falloc, full)"},
-	{Name: "nocow", Type: bdrv.OptBool, Default: "off",
+	{Name: "nocow", Type: bdrv.OptBool,
 		Help: "Turn off copy-on-write (valid only on btrfs)"},
 }
 

@@ -35,6 +35,7 @@ func init() {
 		Create:           create,
 		CreateOptions:    createOptionSpecs,
 		SupportsBacking:  true,
+		StrongOptions:    []string{OptKeySecret},
 		CompressedWrites: true,
 		Check:            Check,
 		Measure:          measure,

@@ -20,6 +20,7 @@ func init() {
 		Create:        create,
 		CreateOptions: bdrv.ProtocolCreateOptions,
 		DataOnly:      true,
+		StrongOptions: []string{OptOffset, OptSize},
 		Measure:       measure,
 	})
 }
