@@ -4,12 +4,12 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"strings"
 
 	"golang.org/x/sys/unix"
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
+	"ublkimg/uring"
 )
 
 // This file is the consistency checker behind `check` (QEMU's
@@ -49,16 +49,6 @@ const (
 	FixErrors = bdrv.FixErrors
 	FixAll    = bdrv.FixAll
 )
-
-// strerror words an errno the way glibc does; Go's strings are glibc's with
-// a lower-case first letter.
-func strerror(e unix.Errno) string {
-	s := e.Error()
-	if s == "" {
-		return s
-	}
-	return strings.ToUpper(s[:1]) + s[1:]
-}
 
 // errnoOf returns the errno an error carries, EIO if none.
 func errnoOf(err error) unix.Errno {
@@ -573,7 +563,7 @@ func (c *chkState) checkReadSnapshotTable(res *chkCounts) error {
 				c.msg("%s", re.hint)
 			}
 		} else {
-			c.msg("ERROR failed to read the snapshot table: Failed to read snapshot table: %s", strerror(errnoOf(err)))
+			c.msg("ERROR failed to read the snapshot table: Failed to read snapshot table: %s", uring.Strerror(errnoOf(err)))
 		}
 		c.h.NbSnapshots, c.h.SnapshotsOffset = 0, 0
 		return err
@@ -591,7 +581,7 @@ func (c *chkState) checkReadSnapshotTable(res *chkCounts) error {
 		be.PutUint32(b[:], c.h.NbSnapshots)
 		if err := c.pwriteSync(60, b[:]); err != nil {
 			res.checkErrors++
-			c.msg("ERROR failed to update the snapshot count in the image header: %s", strerror(errnoOf(err)))
+			c.msg("ERROR failed to update the snapshot count in the image header: %s", uring.Strerror(errnoOf(err)))
 			return err
 		}
 		res.corruptionsFixed += nbReduced
@@ -1095,7 +1085,7 @@ func (c *chkState) checkRefblocks(res *chkCounts, refs *chkRefs, rebuild *bool) 
 			}
 			if err != nil {
 				*rebuild = true
-				c.msg("ERROR could not resize image: %s", strerror(errnoOf(err)))
+				c.msg("ERROR could not resize image: %s", uring.Strerror(errnoOf(err)))
 				continue
 			}
 			res.corruptions--
@@ -1175,7 +1165,7 @@ func (c *chkState) compareRefcounts(res *chkCounts, fix FixMode, rebuild *bool, 
 	for i := uint64(0); i < refs.n; i++ {
 		stored, err := c.img.getRefcountLocked(c.co, i)
 		if err != nil {
-			c.msg("Can't get refcount for cluster %d: %s", i, strerror(errnoOf(err)))
+			c.msg("Can't get refcount for cluster %d: %s", i, uring.Strerror(errnoOf(err)))
 			res.checkErrors++
 			continue
 		}
@@ -1351,7 +1341,7 @@ func (c *chkState) checkOflagCopied(res *chkCounts) error {
 
 		table, err := c.l2Table(l2)
 		if err != nil {
-			c.msg("ERROR: Could not read L2 table: %s", strerror(errnoOf(err)))
+			c.msg("ERROR: Could not read L2 table: %s", uring.Strerror(errnoOf(err)))
 			res.checkErrors++
 			return err
 		}
@@ -1387,12 +1377,12 @@ func (c *chkState) checkOflagCopied(res *chkCounts) error {
 		if dirty > 0 {
 			c.l2Stale = true // until written
 			if err := c.img.checkOverlapLocked(c.co, l2, c.cs, mkActiveL2); err != nil {
-				c.msg("ERROR: Could not write L2 table; metadata overlap check failed: %s", strerror(unix.EIO))
+				c.msg("ERROR: Could not write L2 table; metadata overlap check failed: %s", uring.Strerror(unix.EIO))
 				res.checkErrors++
 				return unix.EIO
 			}
 			if err := c.file.Pwritev(c.co, int64(l2), bdrv.IOVec{table}, 0); err != nil {
-				c.msg("ERROR: Could not write L2 table: %s", strerror(errnoOf(err)))
+				c.msg("ERROR: Could not write L2 table: %s", uring.Strerror(errnoOf(err)))
 				res.checkErrors++
 				return err
 			}

@@ -10,6 +10,7 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
+	"ublkimg/uring"
 )
 
 // measure is QEMU's qcow2_measure (bdrv.Format.Measure): the options are
@@ -150,7 +151,7 @@ func allocatedBytes(co *coroutine.Co, in *bdrv.Node, cs uint64) (uint64, error) 
 		if err != nil {
 			var errno unix.Errno
 			if errors.As(err, &errno) {
-				return 0, fmt.Errorf("Unable to get block status: %s", strerror(errno))
+				return 0, fmt.Errorf("Unable to get block status: %s", uring.Strerror(errno))
 			}
 			return 0, fmt.Errorf("Unable to get block status: %w", err)
 		}
