@@ -272,24 +272,10 @@ type (
 	BackingFileChanger interface {
 		ChangeBackingFile(co *coroutine.Co, name, format string) error
 	}
-	// Snapshotter is implemented by formats with internal snapshots
-	// (QEMU's bdrv_snapshot_*; qemu-img snapshot and info's list).
-	// Errors carry an errno where QEMU returns one (ENOTSUP for an image
-	// that cannot take snapshots, ENOENT for a snapshot not found, EACCES
-	// for a read-only image), which qemu-img words with strerror.
-	Snapshotter interface {
-		// SnapshotList returns the snapshots in the image's order.
-		SnapshotList(co *coroutine.Co) ([]Snapshot, error)
-		// SnapshotCreate takes a snapshot named name of the current
-		// state, with the next free ID and the current date.
-		SnapshotCreate(co *coroutine.Co, name string) error
-		// SnapshotApply reverts the image to the snapshot whose ID, or
-		// else whose name, is idOrName.
-		SnapshotApply(co *coroutine.Co, idOrName string) error
-		// SnapshotDelete deletes the first snapshot matching both id
-		// and name ("" matches any).
-		SnapshotDelete(co *coroutine.Co, id, name string) error
-	}
+	// Snapshotter (snapshot.go) is implemented by drivers that take
+	// snapshots: formats with internal snapshots (qcow2), and protocols
+	// whose storage has its own (rbd), which snapshot calls reach through
+	// a raw format (SnapshotFallback).
 	// Amender is implemented by formats whose options can be changed in
 	// an existing image (qemu-img amend, QEMU's bdrv_amend_options).
 	Amender interface {

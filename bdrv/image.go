@@ -8,17 +8,6 @@ import (
 
 // The data the image capabilities of driver.go exchange with the verbs.
 
-// Snapshot is one internal snapshot as the verbs list it (QEMU's
-// QEMUSnapshotInfo).
-type Snapshot struct {
-	ID, Name    string
-	VMStateSize uint64
-	DateSec     int64
-	DateNsec    int64
-	VMClockNsec uint64
-	Icount      int64 // -1: none recorded
-}
-
 // DirtyBitmap describes a persistent dirty bitmap of an open image.
 type DirtyBitmap struct {
 	Name string

@@ -25,9 +25,9 @@ type ImageInfo struct {
 	BackingFilename     string
 	FullBackingFilename string
 	BackingFormat       string
-	// Snapshots are the internal snapshots (bdrv.Snapshotter), in the
-	// image's order.
-	Snapshots []bdrv.Snapshot
+	// Snapshots are the snapshots (bdrv.Snapshotter), in the image's
+	// order.
+	Snapshots []bdrv.SnapshotInfo
 	// FormatSpecific is the bdrv.InfoProvider data converted by
 	// ToQObject, or nil.
 	FormatSpecific any
