@@ -53,7 +53,7 @@ var floors = []floor{
 
 // imp is one import of one file.
 type imp struct {
-	file, path string
+	file, path  string
 	blank, test bool
 }
 
