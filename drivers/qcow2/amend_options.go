@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"strings"
 
 	"ublkimg/bdrv"
@@ -26,20 +27,25 @@ const (
 // amendOptionSpecs are the options amend takes (QEMU's qcow2_amend_opts:
 // the options qcow2 shares with create, and the LUKS key slot ones of
 // BLOCK_CRYPTO_OPT_DEF_QCOW2_LUKS_*).
-var amendOptionSpecs = []bdrv.OptionSpec{
-	{Name: CreateSize, Type: bdrv.OptSize, Help: "Virtual disk size"},
-	{Name: CreateCompat, Type: bdrv.OptString, Help: "Compatibility level (v2 [0.10] or v3 [1.1])"},
-	{Name: CreateBackingFile, Type: bdrv.OptString, Help: "File name of a base image"},
-	{Name: CreateBackingFmt, Type: bdrv.OptString, Help: "Image format of the base image"},
-	{Name: CreateDataFile, Type: bdrv.OptString, Help: "File name of an external data file"},
-	{Name: CreateDataFileRaw, Type: bdrv.OptBool, Help: "The external data file must stay valid as a raw image"},
-	{Name: CreateLazyRefcounts, Type: bdrv.OptBool, Help: "Postpone refcount updates"},
-	{Name: CreateRefcountBits, Type: bdrv.OptNumber, Help: "Width of a reference count entry in bits"},
-	{Name: AmendEncryptState, Type: bdrv.OptString, Help: "Select new state of affected keyslots (active/inactive)"},
-	{Name: AmendEncryptKeyslot, Type: bdrv.OptNumber, Help: "Select a single keyslot to modify explicitly"},
-	{Name: AmendEncryptNewSecret, Type: bdrv.OptString, Help: "New secret to set in the matching keyslots. Empty string to erase"},
-	{Name: AmendEncryptOldSecret, Type: bdrv.OptString, Help: "Old secret to match the keyslots to modify"},
-	{Name: CreateEncryptIterTime, Type: bdrv.OptNumber, Help: "Time to spend in PBKDF in milliseconds"},
+var amendOptionSpecs = append(createSpecs(CreateSize, CreateCompat, CreateBackingFile, CreateBackingFmt,
+	CreateDataFile, CreateDataFileRaw, CreateLazyRefcounts, CreateRefcountBits),
+	[]bdrv.OptionSpec{
+		{Name: AmendEncryptState, Type: bdrv.OptString, Help: "Select new state of affected keyslots (active/inactive)"},
+		{Name: AmendEncryptKeyslot, Type: bdrv.OptNumber, Help: "Select a single keyslot to modify explicitly"},
+		{Name: AmendEncryptNewSecret, Type: bdrv.OptString, Help: "New secret to set in the matching keyslots. Empty string to erase"},
+		{Name: AmendEncryptOldSecret, Type: bdrv.OptString, Help: "Old secret to match the keyslots to modify"},
+		{Name: CreateEncryptIterTime, Type: bdrv.OptNumber, Help: "Time to spend in PBKDF in milliseconds"},
+	}...)
+
+// createSpecs returns the create option specs of the names given.
+func createSpecs(names ...string) []bdrv.OptionSpec {
+	var out []bdrv.OptionSpec
+	for _, s := range createOptionSpecs {
+		if slices.Contains(names, s.Name) {
+			out = append(out, s)
+		}
+	}
+	return out
 }
 
 // AmendOptionSpecs returns the options Amend takes and those of creating a
