@@ -217,3 +217,111 @@ type (
 		WriteDone(off, bytes int64)
 	}
 )
+
+// Optional capabilities of format drivers that the image verbs use (the
+// qemu-img verbs of ublkimg/img: info, snapshot, commit, rebase, amend,
+// bitmap, convert), after the bdrv_* calls QEMU's qemu-img makes on a node.
+// A verb finds them by type assertion on Node.Driver() and never names a
+// driver's type: a new format offers a verb by implementing its
+// capability, and no verb changes. They use bdrv's types and built-in ones
+// only. The format-level operations (check, measure) are fields of
+// [Format] instead: they work without an open node of the format.
+type (
+	// ClusterSizer is implemented by formats that allocate in clusters
+	// (info's "cluster_size: 65536"; convert and commit copy in its
+	// units).
+	ClusterSizer interface {
+		ClusterSize() int64
+	}
+	// DirtyReporter is implemented by formats that record an unclean
+	// shutdown (qcow2's dirty bit: info's "cleanly shut down: no").
+	DirtyReporter interface {
+		IsDirty() bool
+	}
+	// EncryptionReporter is implemented by formats that can be encrypted
+	// (info's "encrypted: yes").
+	EncryptionReporter interface {
+		IsEncrypted() bool
+	}
+	// InfoProvider is implemented by formats with format-specific
+	// information (qemu-img's ImageInfoSpecific, QEMU's
+	// bdrv_get_specific_info). FormatSpecific returns its "data" member
+	// as a generic tree that the verbs render, as JSON and as qemu-img's
+	// indented text: a struct (or a pointer to one) whose exported fields
+	// carry json tags named as the QAPI members ("compat",
+	// "lazy-refcounts", ...), declared in schema order; fields are
+	// strings, booleans, integers, nested structs, slices of these, or
+	// pointers to them, a nil pointer or an "omitempty" zero value being
+	// a member left out; a map[string]any is taken with its keys sorted.
+	// Nil means none. The "type" member is the format's name.
+	InfoProvider interface {
+		FormatSpecific(co *coroutine.Co) (any, error)
+	}
+	// MakeEmptier is implemented by formats that can drop all of an
+	// image's own data so that it reads through to its backing file
+	// (QEMU's bdrv_make_empty). Commit empties the committed image with
+	// it; formats without it keep their data, which then duplicates what
+	// was committed (QEMU ignores ENOTSUP there the same way).
+	MakeEmptier interface {
+		MakeEmpty(co *coroutine.Co) error
+	}
+	// BackingFileChanger is implemented by formats that record a backing
+	// file and can change it (QEMU's bdrv_change_backing_file): name ""
+	// removes the backing file. It changes only the header and the node's
+	// BackingFile and BackingFormat.
+	BackingFileChanger interface {
+		ChangeBackingFile(co *coroutine.Co, name, format string) error
+	}
+	// Snapshotter (snapshot.go) is implemented by drivers that take
+	// snapshots: formats with internal snapshots (qcow2), and protocols
+	// whose storage has its own (rbd), which snapshot calls reach through
+	// a raw format (SnapshotFallback).
+	// Amender is implemented by formats whose options can be changed in
+	// an existing image (qemu-img amend, QEMU's bdrv_amend_options).
+	Amender interface {
+		// AmendOptionSpecs are the options Amend takes (QEMU's
+		// amend_opts) and those of creating an image (its create_opts):
+		// qemu-img amend adds "This option is only supported for image
+		// creation" to its refusal of an option string that the latter
+		// would take.
+		AmendOptionSpecs() (amend, create []OptionSpec)
+		// Amend changes the image as opts say: names from the amend
+		// specs, values of their type (the caller checked both). The
+		// checks of the values, their order and wording, and the order
+		// of the changes are the format's.
+		Amend(co *coroutine.Co, opts Options, ctl AmendControl) error
+	}
+	// PersistentBitmaps is implemented by formats that store dirty bitmaps
+	// in the image (QEMU's persistent BdrvDirtyBitmaps as qemu-img bitmap
+	// and convert --bitmaps use them, through the block-dirty-bitmap-*
+	// commands). Changes are the image's, stored by the time it is closed;
+	// a bitmap that cannot be stored then makes Close fail with an error
+	// matching ErrBitmapsLost. Errors are QEMU's messages ("Dirty bitmap
+	// 'x' not found").
+	PersistentBitmaps interface {
+		// SupportsBitmaps reports whether the image can hold persistent
+		// bitmaps (QEMU's bdrv_supports_persistent_dirty_bitmap).
+		SupportsBitmaps() bool
+		// DirtyBitmaps lists the image's bitmaps in its order.
+		DirtyBitmaps(co *coroutine.Co) ([]DirtyBitmap, error)
+		// AddBitmap adds an empty bitmap; granularity 0 takes the
+		// format's default. A disabled bitmap does not track writes.
+		AddBitmap(co *coroutine.Co, name string, granularity uint64, disabled bool) error
+		// RemoveBitmap removes a bitmap, inconsistent ones included.
+		RemoveBitmap(co *coroutine.Co, name string) error
+		// ClearBitmap clears every bit.
+		ClearBitmap(co *coroutine.Co, name string) error
+		// SetBitmapEnabled starts or stops a bitmap tracking writes.
+		SetBitmapEnabled(co *coroutine.Co, name string, enabled bool) error
+		// CheckBitmap reports whether the bitmap exists and can be
+		// used, with QEMU's error when it cannot.
+		CheckBitmap(co *coroutine.Co, name string) error
+		// ExportBitmap returns a usable bitmap's content.
+		ExportBitmap(co *coroutine.Co, name string) (BitmapData, error)
+		// MergeBitmap sets in bitmap dst every granule that touches a
+		// dirty range of src, which may come from any image of the same
+		// size, of any format and granularity (QEMU's
+		// block-dirty-bitmap-merge).
+		MergeBitmap(co *coroutine.Co, dst string, src BitmapData) error
+	}
+)

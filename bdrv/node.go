@@ -122,10 +122,24 @@ type Format struct {
 	// read-write over a read-only file (QEMU's raw passes its parent's
 	// permissions through).
 	DataOnly bool
+	// StrongOptions are the open options that change what an image reads
+	// as (QEMU's strong_runtime_opts): info names an image opened with
+	// one of them by its options ("json:{...}") rather than by its file.
+	StrongOptions []string
 	// CompressedWrites is true for formats whose images can take
 	// ReqWriteCompressed writes (QEMU's block_driver_can_compress), so
 	// that convert -c refuses the others before it creates the target.
 	CompressedWrites bool
+
+	// The format's operations on images that are not open as its nodes
+	// (driver.go has the capabilities of open ones). Nil where the
+	// format has none.
+
+	// Check checks and repairs an image of the format (qemu-img check).
+	Check CheckFunc
+	// Measure computes the file size of a new image of the format
+	// (qemu-img measure).
+	Measure MeasureFunc
 }
 
 // OptionLister is implemented by drivers that say which open options they
@@ -254,6 +268,12 @@ func (n *Node) Limits() Limits { return n.limits }
 
 // Length is the node's size in bytes.
 func (n *Node) Length() int64 { return n.length.Load() }
+
+// SectorLength is the node's size as QEMU's bdrv_getlength reports it:
+// QEMU keeps lengths in 512-byte sectors, so a 1000-byte raw file is a
+// 1024-byte image to qemu-img's verbs; the part past the file's end reads
+// as zeros.
+func (n *Node) SectorLength() int64 { return alignUp(n.Length(), 512) }
 
 // SetLength records the node's size; drivers call it when they open,
 // truncate or grow.

@@ -19,6 +19,14 @@ const (
 	OptNodeName     = "node-name"
 )
 
+// OptCrashSafeMetadata (not a QEMU option, hence the x- prefix) asks a
+// format that caches metadata to write back what a request changed before
+// the request completes, so that a server that dies loses no completed
+// write while the host kernel (its page cache) survives (attach
+// --recovery). Formats without metadata caches ignore it; it is an option
+// of the format, not one of every node.
+const OptCrashSafeMetadata = "x-crash-safe-metadata"
+
 // commonOptions are the options of every node, which no driver lists.
 var commonOptions = []string{OptNodeName, "driver", OptReadOnly, OptAutoReadOnly, OptCacheDirect, OptCacheNoFlush,
 	OptDiscard, OptDetectZeroes, OptForceShare}

@@ -25,9 +25,12 @@ const (
 
 // OptionSpec describes one option a driver accepts.
 type OptionSpec struct {
-	Name    string
-	Type    OptionType
-	Default string // shown in help; "" = none
+	Name string
+	Type OptionType
+	// Default is the value qemu-img's "Formatting ..." line shows when
+	// the option is not given (QEMU's def_value_str); "" shows it only
+	// when given.
+	Default string
 	Help    string
 }
 
@@ -78,9 +81,9 @@ func (o Options) BackingOverridden() bool {
 // file protocol and the raw format (a file with nothing else in it) share.
 var ProtocolCreateOptions = []OptionSpec{
 	{Name: "size", Type: OptSize, Help: "Virtual disk size"},
-	{Name: "preallocation", Type: OptString, Default: "off",
+	{Name: "preallocation", Type: OptString,
 		Help: "Preallocation mode (allowed values: off, falloc, full)"},
-	{Name: "nocow", Type: OptBool, Default: "off",
+	{Name: "nocow", Type: OptBool,
 		Help: "Turn off copy-on-write (valid only on btrfs)"},
 }
 
@@ -179,6 +182,23 @@ func ParseBool(s string) (bool, error) {
 		return false, nil
 	}
 	return false, fmt.Errorf("invalid boolean '%s'", s)
+}
+
+// ParseNumber parses a QemuOpts number as strtoull does: 0x and 0 prefixes,
+// a leading minus wraps around; an error wraps strconv.ErrRange when the
+// value does not fit.
+func ParseNumber(v string) (uint64, error) {
+	if strings.Contains(v, "_") {
+		return 0, strconv.ErrSyntax
+	}
+	n, err := strconv.ParseUint(strings.TrimPrefix(v, "-"), 0, 64)
+	if err != nil {
+		return 0, err
+	}
+	if strings.HasPrefix(v, "-") {
+		n = -n
+	}
+	return n, nil
 }
 
 // Has reports whether name was given.

@@ -35,6 +35,14 @@ func TestAmendVerb(t *testing.T) {
 		{"compat=1.1", "cluster_size=4096"},
 		{"compat=1.1", "extended_l2=on"},
 		{"compat=1.1", "bogus=1"},
+		// The creation hint only when the whole string parses with
+		// the create options (qemu-img parses it again with them).
+		{"compat=1.1", "cluster_size=4k,bogus=1"},
+		{"compat=1.1", "cluster_size=bad"},
+		{"compat=1.1", "lazy_refcounts=on,cluster_size=4k"},
+		{"compat=1.1", "cluster_size=4k,lazy_refcounts=bad"},
+		{"compat=1.1", "encrypt.cipher-alg=aes-128"},
+		{"compat=1.1", "nocow=on"},
 		{"compat=1.1", "=5"},
 		{"compat=1.1", "compat=2"},
 		{"compat=1.1", "compat=2,lazy_refcounts=x"},

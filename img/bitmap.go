@@ -7,7 +7,6 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
-	"ublkimg/drivers/qcow2"
 )
 
 // BitmapAction is one operation of qemu-img bitmap.
@@ -90,7 +89,7 @@ func Bitmap(co *coroutine.Co, o BitmapOptions) error {
 			return err
 		}
 	}
-	q, _ := node.Driver().(*qcow2.Image)
+	q, _ := node.Driver().(bdrv.PersistentBitmaps)
 	for _, op := range o.Ops {
 		if err = bitmapOp(co, node, q, src, op, name, gran); err != nil {
 			err = fmt.Errorf("Operation %s on bitmap %s failed: %w", op.Action, name, err)
@@ -106,9 +105,9 @@ func Bitmap(co *coroutine.Co, o BitmapOptions) error {
 	return err
 }
 
-// bitmapOp applies one operation to the image's driver q (nil when the
-// image is not qcow2: it has no bitmaps and can store none).
-func bitmapOp(co *coroutine.Co, node *bdrv.Node, q *qcow2.Image, src *bdrv.Node, op BitmapOp, name string, gran uint64) error {
+// bitmapOp applies one operation to the image's bitmaps q (nil when its
+// format has none and can store none).
+func bitmapOp(co *coroutine.Co, node *bdrv.Node, q bdrv.PersistentBitmaps, src *bdrv.Node, op BitmapOp, name string, gran uint64) error {
 	if op.Action == BitmapAdd && q == nil {
 		if name == "" {
 			return errors.New("Bitmap name cannot be empty")
@@ -131,7 +130,7 @@ func bitmapOp(co *coroutine.Co, node *bdrv.Node, q *qcow2.Image, src *bdrv.Node,
 		if err := q.CheckBitmap(co, name); err != nil {
 			return err
 		}
-		sq, _ := src.Driver().(*qcow2.Image)
+		sq, _ := src.Driver().(bdrv.PersistentBitmaps)
 		if sq == nil {
 			return fmt.Errorf("Dirty bitmap '%s' not found", op.Source)
 		}

@@ -8,7 +8,6 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
-	"ublkimg/drivers/qcow2"
 )
 
 // Exit statuses of qemu-img check.
@@ -78,11 +77,11 @@ var errNoCheck = errors.New("This image format does not support checks")
 // summary, or the JSON document) goes to stdout, which may be nil; the
 // lines the checker prints while it works go to stderr.
 //
-// Only qcow2 has a check. qcow2 images are checked on their file alone
-// (the checker reads and repairs the metadata itself, so a dirty or
-// corrupt image is not repaired by opening it first), after the image and
-// its backing chain were opened read-only once, so that an image qemu-img
-// cannot open fails here too.
+// Formats check through their bdrv.Format's Check (qcow2 has one). An
+// image is checked on its file alone (the checker reads and repairs the
+// metadata itself, so a dirty or corrupt image is not repaired by opening
+// it first), after the image and its backing chain were opened read-only
+// once, so that an image qemu-img cannot open fails here too.
 func Check(co *coroutine.Co, opts CheckOptions, stdout, stderr io.Writer) (int, error) {
 	if stdout == nil || opts.Quiet {
 		stdout = io.Discard
@@ -127,7 +126,7 @@ func Check(co *coroutine.Co, opts CheckOptions, stdout, stderr io.Writer) (int, 
 	}
 
 	// Open the image as qemu-img does before checking, with its backing
-	// chain. A qcow2 image is opened read-only even for a repair: a
+	// chain. A checkable image is opened read-only even for a repair: a
 	// read-write open would repair a dirty image before the check sees it.
 	// Options given to the backing file (--image-opts backing.*) need it
 	// opened with the image.
@@ -137,9 +136,9 @@ func Check(co *coroutine.Co, opts CheckOptions, stdout, stderr io.Writer) (int, 
 		readOnly: true, noBacking: !withBacking, options: fopts})
 	if err != nil {
 		var oe *OpenError
-		var ke *qcow2.KeyError
+		var ke *bdrv.KeyError
 		var be *bdrv.OptionError
-		if !errors.As(err, &oe) || (format != "" && format != "qcow2") || errors.As(err, &ke) || errors.As(err, &be) || withBacking {
+		if !errors.As(err, &oe) || (format != "" && checker(format) == nil) || errors.As(err, &ke) || errors.As(err, &be) || withBacking {
 			return fail(err)
 		}
 		// The driver may refuse images that its checker handles;
@@ -162,7 +161,8 @@ func Check(co *coroutine.Co, opts CheckOptions, stdout, stderr io.Writer) (int, 
 			b.Close(co)
 		}
 	}
-	if format != "qcow2" {
+	check := checker(format)
+	if check == nil {
 		if opts.Repair != RepairNone {
 			// qemu-img opens the image read-write to repair it.
 			n, err := openImage(co, openSpec{filename: marked, format: format, cache: opts.Cache,
@@ -187,23 +187,23 @@ func Check(co *coroutine.Co, opts CheckOptions, stdout, stderr io.Writer) (int, 
 		return fail(openError(display, err))
 	}
 	defer file.Close(co)
-	fix := qcow2.FixMode(0)
+	fix := bdrv.FixMode(0)
 	switch opts.Repair {
 	case RepairLeaks:
-		fix = qcow2.FixLeaks
+		fix = bdrv.FixLeaks
 	case RepairAll:
-		fix = qcow2.FixAll
+		fix = bdrv.FixAll
 	}
 	// The checker's lines go out as they are found (an image can make
 	// millions of them), buffered, and flushed before anything goes to
 	// stdout so that a terminal shows both in qemu-img's order.
 	errw := bufio.NewWriter(stderr)
-	r, err := qcow2.Check(co, file, fix, qcow2.CheckEvents{
+	r, err := check(co, file, fix, bdrv.CheckEvents{
 		Message: func(line string) {
 			errw.WriteString(line)
 			errw.WriteByte('\n')
 		},
-		Recheck: func(first *qcow2.CheckResult) {
+		Recheck: func(first *bdrv.CheckResult) {
 			errw.Flush()
 			if !opts.JSON {
 				writeCheckRepaired(stdout, first)
@@ -215,7 +215,7 @@ func Check(co *coroutine.Co, opts CheckOptions, stdout, stderr io.Writer) (int, 
 		if err == nil {
 			err = errors.New("check returned no result")
 		}
-		var cf *qcow2.CheckFailedError
+		var cf *bdrv.CheckFailedError
 		if errors.As(err, &cf) {
 			return fail(err)
 		}
@@ -225,7 +225,7 @@ func Check(co *coroutine.Co, opts CheckOptions, stdout, stderr io.Writer) (int, 
 		return fail(err)
 	}
 	if opts.JSON {
-		_ = WriteJSONPretty(stdout, checkDict(r, display))
+		_ = WriteJSONPretty(stdout, checkDict(r, display, format))
 		io.WriteString(stdout, "\n")
 	} else {
 		writeCheckHuman(stdout, r)
@@ -238,7 +238,7 @@ func Check(co *coroutine.Co, opts CheckOptions, stdout, stderr io.Writer) (int, 
 
 // writeCheckRepaired writes the report qemu-img check prints between the
 // repairing pass and the second one.
-func writeCheckRepaired(w io.Writer, r *qcow2.CheckResult) {
+func writeCheckRepaired(w io.Writer, r *bdrv.CheckResult) {
 	fmt.Fprintf(w, "The following inconsistencies were found and repaired:\n\n"+
 		"    %d leaked clusters\n    %d corruptions\n\nDouble checking the fixed image now...\n",
 		r.LeaksFixed, r.CorruptionsFixed)
@@ -246,7 +246,7 @@ func writeCheckRepaired(w io.Writer, r *qcow2.CheckResult) {
 
 // writeCheckHuman writes the summary qemu-img check prints after checking
 // (its dump_human_image_check).
-func writeCheckHuman(w io.Writer, r *qcow2.CheckResult) {
+func writeCheckHuman(w io.Writer, r *bdrv.CheckResult) {
 	if r.Corruptions == 0 && r.Leaks == 0 && r.CheckErrors == 0 {
 		io.WriteString(w, "No errors were found on the image.\n")
 	} else {
@@ -274,14 +274,14 @@ func writeCheckHuman(w io.Writer, r *qcow2.CheckResult) {
 	}
 }
 
-// checkDict returns qemu-img check --output=json's document for a qcow2
-// result: QAPI ImageCheck, its members set in the schema's order (which,
+// checkDict returns qemu-img check --output=json's document for the result
+// of checking an image of format: QAPI ImageCheck, its members set in the schema's order (which,
 // through Dict's hash order, gives qemu-img's order), the optional ones
 // only when not zero, as collect_image_check sets them.
-func checkDict(r *qcow2.CheckResult, filename string) *Dict {
+func checkDict(r *bdrv.CheckResult, filename, format string) *Dict {
 	d := NewDict()
 	d.Set("filename", filename)
-	d.Set("format", "qcow2")
+	d.Set("format", format)
 	d.Set("check-errors", r.CheckErrors)
 	for _, m := range []struct {
 		key string
@@ -302,6 +302,15 @@ func checkDict(r *qcow2.CheckResult, filename string) *Dict {
 		}
 	}
 	return d
+}
+
+// checker is the check of the registered format name, nil if it has none.
+func checker(name string) bdrv.CheckFunc {
+	f, err := bdrv.LookupFormat(name)
+	if err != nil {
+		return nil
+	}
+	return f.Check
 }
 
 // probeFile finds the format of an image the format driver would not open,

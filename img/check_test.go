@@ -10,8 +10,8 @@ import (
 	"strings"
 	"testing"
 
+	"ublkimg/bdrv"
 	"ublkimg/coroutine"
-	"ublkimg/drivers/qcow2"
 	"ublkimg/internal/qemutest"
 )
 
@@ -148,7 +148,7 @@ func TestCheckJSONOrder(t *testing.T) {
 		"corruptions-fixed", "check-errors", "leaks", "leaks-fixed", "allocated-clusters",
 		"filename", "format", "fragmented-clusters"}
 	for mask := range 1 << 9 {
-		r := &qcow2.CheckResult{}
+		r := &bdrv.CheckResult{}
 		fields := []*int64{&r.ImageEndOffset, &r.TotalClusters, &r.AllocatedClusters,
 			&r.FragmentedClusters, &r.CompressedClusters}
 		ints := []*int{&r.Corruptions, &r.Leaks, &r.CorruptionsFixed, &r.LeaksFixed}
@@ -162,7 +162,7 @@ func TestCheckJSONOrder(t *testing.T) {
 				*f = 7
 			}
 		}
-		d := checkDict(r, "x")
+		d := checkDict(r, "x", "qcow2")
 		var want []string
 		for _, k := range qemuOrder {
 			if _, ok := d.Get(k); ok {
@@ -182,7 +182,7 @@ func TestCheckJSONOrder(t *testing.T) {
 // problem is left, including internal errors, which no image makes qemu-img
 // report (its dump_human_image_check), after a repair report.
 func TestCheckHumanErrors(t *testing.T) {
-	r := &qcow2.CheckResult{
+	r := &bdrv.CheckResult{
 		Corruptions: 2, Leaks: 3, CheckErrors: 1, CorruptionsFixed: 4, LeaksFixed: 5,
 		ImageEndOffset: 1441792, TotalClusters: 1024, AllocatedClusters: 20,
 		FragmentedClusters: 4, CompressedClusters: 4, Repaired: true,

@@ -28,15 +28,6 @@ type CommitOptions struct {
 	Progress io.Writer
 }
 
-// MakeEmptier is implemented by formats that can drop all of an image's
-// own data so that it reads through to its backing file (QEMU's
-// bdrv_make_empty, qcow2_make_empty). Commit empties the committed image
-// with it; formats without it keep their data, which then duplicates what
-// was committed (QEMU ignores ENOTSUP there the same way).
-type MakeEmptier interface {
-	MakeEmpty(co *coroutine.Co) error
-}
-
 // maxMirrorIO bounds one copy of commit (the mirror job's MAX_IO_BYTES).
 const maxMirrorIO = 1 << 20
 
@@ -73,7 +64,7 @@ func Commit(co *coroutine.Co, opts CommitOptions, out io.Writer) error {
 		return fmt.Errorf("Failed to flush the backing file: %s", errText(err))
 	}
 	if !opts.Drop {
-		if e, ok := top.Driver().(MakeEmptier); ok {
+		if e, ok := top.Driver().(bdrv.MakeEmptier); ok {
 			if err := e.MakeEmpty(co); err != nil && !errors.Is(err, bdrv.ErrNotSupported) {
 				return errors.New(errText(err))
 			}
@@ -198,7 +189,7 @@ func commitData(co *coroutine.Co, top, base *bdrv.Node, progress *Progress) erro
 		}
 	}
 	gran := int64(65536)
-	if cs, ok := base.Driver().(ClusterSizer); ok && cs.ClusterSize() > 0 {
+	if cs, ok := base.Driver().(bdrv.ClusterSizer); ok && cs.ClusterSize() > 0 {
 		gran = min(max(cs.ClusterSize(), 4096), 65536)
 	}
 

@@ -10,7 +10,6 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
-	"ublkimg/drivers/qcow2"
 )
 
 // Defaults and limits of qemu-img convert.
@@ -228,7 +227,7 @@ func Convert(co *coroutine.Co, opts ConvertOptions) (err error) {
 		return err
 	}
 	c.target = target
-	tq, _ := target.Driver().(*qcow2.Image)
+	tq, _ := target.Driver().(bdrv.PersistentBitmaps)
 	if opts.Bitmaps && (tq == nil || !tq.SupportsBitmaps()) {
 		// qemu-img leaves the new target behind.
 		target.Close(co)
@@ -296,7 +295,7 @@ func (c *converter) createTarget(co *coroutine.Co) error {
 
 // clusterSize is the node's cluster size when its driver has one.
 func clusterSize(n *bdrv.Node) int64 {
-	if cs, ok := n.Driver().(ClusterSizer); ok {
+	if cs, ok := n.Driver().(bdrv.ClusterSizer); ok {
 		return cs.ClusterSize()
 	}
 	return 0
@@ -662,7 +661,7 @@ func checkBitmapSource(co *coroutine.Co, srcs []*bdrv.Node, skipBroken bool) err
 	if len(srcs) > 1 {
 		return errors.New("Copying bitmaps only possible with single source")
 	}
-	q, _ := srcs[0].Driver().(*qcow2.Image)
+	q, _ := srcs[0].Driver().(bdrv.PersistentBitmaps)
 	if q == nil || !q.SupportsBitmaps() {
 		return errors.New("Source lacks bitmap support")
 	}
@@ -683,8 +682,8 @@ func checkBitmapSource(co *coroutine.Co, srcs []*bdrv.Node, skipBroken bool) err
 // copyBitmaps is qemu-img's convert_copy_bitmaps: each bitmap of src is
 // added to the target with its granularity and state and filled with
 // src's bits; one the target cannot fill is removed again.
-func copyBitmaps(co *coroutine.Co, src *bdrv.Node, dst *qcow2.Image, opts ConvertOptions) error {
-	q := src.Driver().(*qcow2.Image)
+func copyBitmaps(co *coroutine.Co, src *bdrv.Node, dst bdrv.PersistentBitmaps, opts ConvertOptions) error {
+	q := src.Driver().(bdrv.PersistentBitmaps)
 	bms, err := q.DirtyBitmaps(co)
 	if err != nil {
 		return err

@@ -198,12 +198,8 @@ func createOptions(f *bdrv.Format, o bdrv.Options, size int64) bdrv.Options {
 // qemu_opts_print does: every option of the format's list, in its order,
 // that was set or has a default worth printing; sizes and numbers in
 // decimal bytes. A format that does not list "size" gets it first.
-//
-// qemu-img prints an option's default only when QEMU's option table has
-// one (def_value_str), which is a property of each driver; here an option
-// is printed when it was given, and otherwise when its spec's Default is
-// set and the format's option table opts in by listing it in
-// printedDefaults.
+// An option is printed when it was given, and otherwise when its spec has
+// a Default (QEMU's def_value_str).
 func formatOptions(f *bdrv.Format, o bdrv.Options, size int64) string {
 	var parts []string
 	if !hasOption(f, optSize) {
@@ -215,7 +211,7 @@ func formatOptions(f *bdrv.Format, o bdrv.Options, size int64) string {
 			v, set = strconv.FormatInt(size, 10), true
 		}
 		if !set {
-			if s.Default == "" || !printedDefault(f.Name, s.Name) {
+			if s.Default == "" {
 				continue
 			}
 			v = s.Default
@@ -236,22 +232,6 @@ func parseNumberOption(t bdrv.OptionType, v string) (uint64, error) {
 		return uint64(n), err
 	}
 	return strconv.ParseUint(v, 0, 64)
-}
-
-// printedDefaults lists, per format, the create options whose defaults
-// qemu-img 7.2 prints in "Formatting ..." (the options that have a
-// def_value_str in QEMU's tables). raw prints none.
-var printedDefaults = map[string][]string{
-	"qcow2": {"cluster_size", "extended_l2", "compression_type", "lazy_refcounts", "refcount_bits"},
-}
-
-func printedDefault(format, option string) bool {
-	for _, n := range printedDefaults[format] {
-		if n == option {
-			return true
-		}
-	}
-	return false
 }
 
 // HasHelpOption reports whether an -o list asks for help ("-o help" or

@@ -11,7 +11,6 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
-	"ublkimg/drivers/qcow2"
 	"ublkimg/internal/fuzzlimit"
 )
 
@@ -138,7 +137,7 @@ func FuzzVerbs(f *testing.F) {
 		defer os.Remove(out)
 		coroutine.Run(func(co *coroutine.Co) error {
 			for _, err := range runVerbs(t, co, p, out, ops) {
-				if seed && err != nil && !(int(which)%len(seeds) == encSeed && errors.As(err, new(*qcow2.KeyError))) {
+				if seed && err != nil && !(int(which)%len(seeds) == encSeed && errors.As(err, new(*bdrv.KeyError))) {
 					t.Errorf("seed image %s: %v", verbSeedNames[int(which)%len(seeds)], err)
 				}
 			}

@@ -16,6 +16,8 @@ import (
 
 	// The formats the tests use.
 	_ "ublkimg/drivers/file"
+	_ "ublkimg/drivers/luks"
+	_ "ublkimg/drivers/qcow2"
 	_ "ublkimg/drivers/raw"
 )
 

@@ -114,14 +114,20 @@ func resolveImageOpts(s *openSpec) (string, error) {
 
 // keySecretOption returns the target open options that carry the
 // encryption secret of create options (convert -o encrypt.key-secret=ID:
-// qemu-img opens the new image with the key it was created with).
+// qemu-img opens the new image with the key it was created with): every
+// create option whose name ends in "key-secret", as qemu-img's
+// img_add_key_secrets takes them.
 func keySecretOption(create bdrv.Options) bdrv.Options {
-	for _, k := range []string{"encrypt.key-secret", "key-secret"} { // qcow2, luks
-		if id, ok := create[k]; ok {
-			return bdrv.Options{k: id}
+	var out bdrv.Options
+	for k, id := range create {
+		if strings.HasSuffix(k, "key-secret") {
+			if out == nil {
+				out = bdrv.Options{}
+			}
+			out[k] = id
 		}
 	}
-	return nil
+	return out
 }
 
 // ResolveImageName returns the file name, format ("" if not given) and

@@ -9,36 +9,6 @@ import (
 	"ublkimg/coroutine"
 )
 
-// Optional driver capabilities that info reports. They use only built-in
-// types so that format drivers implement them without importing this
-// package (which they may not: see the layout table in the design).
-type (
-	// ClusterSizer is implemented by formats that allocate in clusters
-	// ("cluster_size: 65536").
-	ClusterSizer interface {
-		ClusterSize() int64
-	}
-	// DirtyReporter is implemented by formats that record an unclean
-	// shutdown (qcow2's dirty bit: "cleanly shut down: no").
-	DirtyReporter interface {
-		IsDirty() bool
-	}
-	// EncryptionReporter is implemented by formats that can be encrypted
-	// ("encrypted: yes").
-	EncryptionReporter interface {
-		IsEncrypted() bool
-	}
-	// InfoProvider is implemented by formats with format-specific
-	// information (qemu-img's ImageInfoSpecific). FormatSpecific returns
-	// the "data" member: a struct whose fields carry json tags named as
-	// QEMU's QAPI members ("compat", "lazy-refcounts", ...) in schema
-	// order, or a map[string]any; nil means none. The "type" member is the
-	// format's name.
-	InfoProvider interface {
-		FormatSpecific(co *coroutine.Co) (any, error)
-	}
-)
-
 // ImageInfo is what qemu-img info reports about one image (QEMU's QAPI
 // ImageInfo).
 type ImageInfo struct {
@@ -55,10 +25,11 @@ type ImageInfo struct {
 	BackingFilename     string
 	FullBackingFilename string
 	BackingFormat       string
-	// Snapshots are the internal snapshots (qcow2), in table order.
-	Snapshots []SnapshotInfo
-	// FormatSpecific is the InfoProvider data converted by ToQObject, or
-	// nil.
+	// Snapshots are the snapshots (bdrv.Snapshotter), in the image's
+	// order.
+	Snapshots []bdrv.SnapshotInfo
+	// FormatSpecific is the bdrv.InfoProvider data converted by
+	// ToQObject, or nil.
 	FormatSpecific any
 }
 
@@ -111,23 +82,16 @@ func Info(co *coroutine.Co, opts InfoOptions) ([]*ImageInfo, error) {
 	return infos, nil
 }
 
-// strongOptions are, per format, the open options that change what an
-// image reads as (QEMU's strong_runtime_opts): an image opened with any of
-// them is named by its options.
-var strongOptions = map[string][]string{
-	"luks":  {"key-secret"},
-	"qcow2": {"encrypt.key-secret"},
-}
-
 // imageOptsShown is the name qemu-img gives an image opened by an
 // --image-opts string (bdrv_refresh_filename): the file it opens, or, when
-// a strong option was given, "json:" and the options that matter.
+// a strong option of its format was given (bdrv.Format.StrongOptions),
+// "json:" and the options that matter.
 func imageOptsShown(s openSpec, n *bdrv.Node) string {
 	if _, err := resolveImageOpts(&s); err != nil {
 		return n.Filename
 	}
 	var d *Dict
-	for _, k := range strongOptions[n.Format.Name] {
+	for _, k := range n.Format.StrongOptions {
 		v, ok := s.options[k]
 		if !ok {
 			continue
@@ -157,13 +121,13 @@ func queryInfo(co *coroutine.Co, n *bdrv.Node, filename string) (*ImageInfo, err
 		ActualSize:  n.AllocatedSize(co),
 	}
 	drv := n.Driver()
-	if c, ok := drv.(ClusterSizer); ok {
+	if c, ok := drv.(bdrv.ClusterSizer); ok {
 		info.ClusterSize = c.ClusterSize()
 	}
-	if d, ok := drv.(DirtyReporter); ok {
+	if d, ok := drv.(bdrv.DirtyReporter); ok {
 		info.Dirty = d.IsDirty()
 	}
-	if e, ok := drv.(EncryptionReporter); ok {
+	if e, ok := drv.(bdrv.EncryptionReporter); ok {
 		info.Encrypted = e.IsEncrypted()
 	}
 	if n.BackingFile != "" {
@@ -171,8 +135,11 @@ func queryInfo(co *coroutine.Co, n *bdrv.Node, filename string) (*ImageInfo, err
 		info.FullBackingFilename = pathCombine(filename, n.BackingFile)
 		info.BackingFormat = n.BackingFormat
 	}
-	info.Snapshots = snapshotInfos(co, n)
-	if p, ok := drv.(InfoProvider); ok {
+	var err error
+	if info.Snapshots, err = snapshotList(co, n); err != nil {
+		return nil, fmt.Errorf("%s: %w", filename, err)
+	}
+	if p, ok := drv.(bdrv.InfoProvider); ok {
 		data, err := p.FormatSpecific(co)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", filename, err)

@@ -2,7 +2,6 @@ package img
 
 import (
 	"bytes"
-	"fmt"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -78,7 +77,7 @@ qemu-img bitmap --add -g 4k bm.qcow2 bitmap-with-a-long-name
 
 	for _, tc := range cases {
 		t.Run(strings.ReplaceAll(strings.Join(tc.args[1:], " "), dir+"/", ""), func(t *testing.T) {
-			var info *MeasureInfo
+			var info *bdrv.MeasureInfo
 			err := runCo(t, func(co *coroutine.Co) error {
 				var err error
 				info, err = Measure(co, tc.opts)
@@ -110,13 +109,3 @@ qemu-img bitmap --add -g 4k bm.qcow2 bitmap-with-a-long-name
 
 // oneLine joins the words of a message into one line.
 func oneLine(s string) string { return strings.Join(strings.Fields(s), " ") }
-
-func TestQcow2PreallocSize(t *testing.T) {
-	// qemu-img measure -O qcow2 --size 1G: 64k clusters, 16-bit refcounts.
-	if got := qcow2PreallocSize(1<<30, 65536, 4, false); got != 1074135040 {
-		t.Errorf("qcow2PreallocSize(1G) = %d, want 1074135040", got)
-	}
-	if got := fmt.Sprint(refcountMetadataBytes(1, 512, 6)); got != "1024" {
-		t.Errorf("refcountMetadataBytes(1 cluster, 512, 64 bits) = %s, want 1024", got)
-	}
-}

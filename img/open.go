@@ -9,7 +9,6 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
-	"ublkimg/drivers/qcow2"
 )
 
 // openSpec says how an operation opens one image.
@@ -107,10 +106,6 @@ func openError(filename string, err error) error {
 // not open 'x': Could not open 'x': No such file or directory"; ublkimg says
 // it once).
 func reason(filename string, err error) string {
-	var he *qcow2.HeaderError
-	if errors.As(err, &he) && he.Field == "magic" {
-		return "Image is not in qcow2 format" // qcow2_open's wording
-	}
 	msg := err.Error()
 	for _, p := range []string{"Could not open '" + filename + "': ", "could not open '" + filename + "': "} {
 		for strings.HasPrefix(msg, p) {

@@ -31,14 +31,6 @@ type RebaseOptions struct {
 	Progress io.Writer
 }
 
-// BackingFileChanger is implemented by formats that record a backing file
-// and can change it (QEMU's bdrv_change_backing_file): name "" removes the
-// backing file. It changes only the header and the node's BackingFile and
-// BackingFormat.
-type BackingFileChanger interface {
-	ChangeBackingFile(co *coroutine.Co, name, format string) error
-}
-
 // Rebase changes the backing file of an image as qemu-img rebase does. In
 // safe mode (the default) every range the image does not allocate itself
 // and where the old and the new backing file differ is first copied from
@@ -70,7 +62,7 @@ func Rebase(co *coroutine.Co, opts RebaseOptions) error {
 	var ret error
 	if opts.Backing != "" && opts.BackingFormat == "" {
 		ret = unix.EINVAL // bdrv_change_backing_file's "require"
-	} else if c, ok := n.Driver().(BackingFileChanger); !ok {
+	} else if c, ok := n.Driver().(bdrv.BackingFileChanger); !ok {
 		ret = unix.ENOTSUP
 	} else if opts.Backing != "" {
 		ret = c.ChangeBackingFile(co, opts.Backing, opts.BackingFormat)

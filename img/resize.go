@@ -11,7 +11,6 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
-	"ublkimg/drivers/qcow2"
 )
 
 // ResizeOptions are qemu-img resize's arguments.
@@ -120,7 +119,7 @@ func Resize(co *coroutine.Co, opts ResizeOptions, out io.Writer) error {
 		}
 	}
 	cerr := node.Close(co)
-	if err == nil && errors.Is(cerr, qcow2.ErrBitmapsLost) && !hasOtherError(cerr, qcow2.ErrBitmapsLost) {
+	if err == nil && errors.Is(cerr, bdrv.ErrBitmapsLost) && !hasOtherError(cerr, bdrv.ErrBitmapsLost) {
 		// qemu-img resizes and reports the bitmaps it could not
 		// store at close (they stay in use in the image).
 		if opts.Warn != nil {

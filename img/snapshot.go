@@ -12,7 +12,6 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
-	"ublkimg/drivers/qcow2"
 )
 
 // SnapshotOp is the action of qemu-img snapshot.
@@ -34,37 +33,27 @@ type SnapshotOptions struct {
 	Name     string // the snapshot for -c, -a, -d
 }
 
-// SnapshotInfo is one internal snapshot as qemu-img lists it (QEMU's QAPI
-// SnapshotInfo).
-type SnapshotInfo struct {
-	ID, Name    string
-	VMStateSize uint64
-	DateSec     int64
-	DateNsec    int64
-	VMClockNsec uint64
-	Icount      int64 // -1: none
-}
-
-// snapshotInfos lists the internal snapshots of an open node; formats
-// without snapshots have none.
-func snapshotInfos(co *coroutine.Co, n *bdrv.Node) []SnapshotInfo {
-	q, ok := n.Driver().(*qcow2.Image)
-	if !ok {
-		return nil
+// snapshotList lists the snapshots of an open node (its driver's, or those
+// of the node snapshot calls fall back to, bdrv.SnapshotFallback); nodes
+// that take none have none, as QEMU's bdrv_query_snapshot_info_list takes
+// ENOTSUP.
+func snapshotList(co *coroutine.Co, n *bdrv.Node) ([]bdrv.SnapshotInfo, error) {
+	s := bdrv.SnapshotFallback(n)
+	if s == nil {
+		return nil, nil
 	}
-	var out []SnapshotInfo
-	for _, s := range q.SnapshotList(co) {
-		out = append(out, SnapshotInfo{ID: s.ID, Name: s.Name, VMStateSize: s.VMStateSize,
-			DateSec: int64(s.DateSec), DateNsec: int64(s.DateNsec), VMClockNsec: s.VMClockNsec, Icount: s.Icount})
+	l, err := s.ListSnapshots(co)
+	if errors.Is(err, unix.ENOTSUP) {
+		return nil, nil
 	}
-	return out
+	return l, err
 }
 
 // snapshotHeader is bdrv_snapshot_dump's title line.
 var snapshotHeader = fmt.Sprintf("%-10s%-17s%8s%20s%13s%11s", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT")
 
 // writeSnapshotLine prints one snapshot as bdrv_snapshot_dump does.
-func writeSnapshotLine(b *strings.Builder, s SnapshotInfo) {
+func writeSnapshotLine(b *strings.Builder, s bdrv.SnapshotInfo) {
 	date := time.Unix(s.DateSec, 0).Format("2006-01-02 15:04:05")
 	secs := s.VMClockNsec / 1e9
 	clock := fmt.Sprintf("%02d:%02d:%02d.%03d", secs/3600, (secs/60)%60, secs%60, (s.VMClockNsec/1e6)%1000)
@@ -77,7 +66,7 @@ func writeSnapshotLine(b *strings.Builder, s SnapshotInfo) {
 
 // writeSnapshotList prints "Snapshot list:" and the table, as qemu-img
 // snapshot -l and qemu-img info do.
-func writeSnapshotList(b *strings.Builder, snaps []SnapshotInfo) {
+func writeSnapshotList(b *strings.Builder, snaps []bdrv.SnapshotInfo) {
 	b.WriteString("Snapshot list:\n" + snapshotHeader + "\n")
 	for _, s := range snaps {
 		writeSnapshotLine(b, s)
@@ -85,7 +74,7 @@ func writeSnapshotList(b *strings.Builder, snaps []SnapshotInfo) {
 }
 
 // snapshotDicts is the QAPI "snapshots" member of ImageInfo.
-func snapshotDicts(snaps []SnapshotInfo) []any {
+func snapshotDicts(snaps []bdrv.SnapshotInfo) []any {
 	l := make([]any, 0, len(snaps))
 	for _, s := range snaps {
 		d := NewDict()
@@ -113,12 +102,13 @@ func Snapshot(co *coroutine.Co, opts SnapshotOptions, out io.Writer) error {
 	if err != nil {
 		return err
 	}
-	q, _ := node.Driver().(*qcow2.Image)
+	q := bdrv.SnapshotFallback(node)
 	name := opts.Name
 	switch opts.Op {
 	case SnapshotListOp:
-		snaps := snapshotInfos(co, node)
-		if len(snaps) > 0 {
+		var snaps []bdrv.SnapshotInfo
+		snaps, err = snapshotList(co, node)
+		if err == nil && len(snaps) > 0 {
 			var b strings.Builder
 			writeSnapshotList(&b, snaps)
 			_, err = io.WriteString(out, b.String())
@@ -126,7 +116,7 @@ func Snapshot(co *coroutine.Co, opts SnapshotOptions, out io.Writer) error {
 	case SnapshotCreateOp:
 		err = unix.ENOTSUP
 		if q != nil {
-			err = q.SnapshotCreate(co, name)
+			err = q.CreateSnapshot(co, name)
 		}
 		if err != nil {
 			var errno unix.Errno
@@ -139,7 +129,7 @@ func Snapshot(co *coroutine.Co, opts SnapshotOptions, out io.Writer) error {
 	case SnapshotApplyOp:
 		err = unix.ENOTSUP
 		if q != nil {
-			err = q.SnapshotApply(co, name)
+			err = q.ApplySnapshot(co, name)
 		}
 		if err != nil {
 			var errno unix.Errno
@@ -151,18 +141,19 @@ func Snapshot(co *coroutine.Co, opts SnapshotOptions, out io.Writer) error {
 		}
 	case SnapshotDeleteOp:
 		// qemu-img looks the snapshot up by name only (bdrv_snapshot_find).
-		var found *qcow2.Snapshot
-		if q != nil {
-			for _, s := range q.SnapshotList(co) {
-				if s.Name == name {
-					found = &s
-					break
-				}
+		var found *bdrv.SnapshotInfo
+		snaps, lerr := snapshotList(co, node)
+		for _, s := range snaps {
+			if s.Name == name {
+				found = &s
+				break
 			}
 		}
-		if found == nil {
+		if lerr != nil {
+			err = fmt.Errorf("Could not delete snapshot '%s': %s", name, snapErrText(lerr))
+		} else if found == nil {
 			err = fmt.Errorf("Could not delete snapshot '%s': snapshot not found", name)
-		} else if err = q.SnapshotDelete(co, found.ID, found.Name); err != nil {
+		} else if err = q.DeleteSnapshot(co, found.Name); err != nil {
 			err = fmt.Errorf("Could not delete snapshot '%s': %s", name, snapErrText(err))
 		}
 	default:

@@ -159,7 +159,7 @@ func readHeader(t *testing.T, path string, n int) []byte {
 
 // addUnknownExtension inserts a header extension qcow2 does not define
 // before the end marker of a qcow2 image without backing file, as
-// iotest 031 does with qcow2.py add-header-ext.
+// iotest 031 does with its qcow2 script (add-header-ext).
 func addUnknownExtension(t *testing.T, path string, typ uint32, data []byte) {
 	t.Helper()
 	h := readHeader(t, path, 65536)

@@ -43,7 +43,8 @@ func (e *UnsupportedFeatureError) Is(target error) bool { return target == ErrNo
 
 // CmdError is a control command the kernel failed. It unwraps to the
 // unix.Errno, and also matches ErrIDTaken (EEXIST on ADD_DEV), ErrNoDevice
-// (ENODEV on a device command) and ErrPermission (EPERM).
+// (ENODEV on a device command) and ErrPermission (EPERM or EACCES, as its
+// message and OpenCtrl take both).
 type CmdError struct {
 	Op    string // command name, e.g. "ADD_DEV"
 	DevID int    // target device, -1 for none or "any"
@@ -75,7 +76,7 @@ func (e *CmdError) Is(target error) bool {
 	case ErrNoDevice:
 		return e.Errno == unix.ENODEV
 	case ErrPermission:
-		return e.Errno == unix.EPERM
+		return e.Errno == unix.EPERM || e.Errno == unix.EACCES
 	}
 	return false
 }

@@ -173,4 +173,13 @@ func TestErrors(t *testing.T) {
 	if !errors.Is(&CmdError{Op: "GET_DEV_INFO", DevID: 1, Errno: unix.ENODEV}, ErrNoDevice) {
 		t.Error("ENODEV is not ErrNoDevice")
 	}
+	// The kernel refuses an unprivileged ADD_DEV with EPERM or EACCES
+	// (the control node's permissions): both are ErrPermission, and
+	// nothing else is.
+	for errno, want := range map[unix.Errno]bool{unix.EPERM: true, unix.EACCES: true, unix.EEXIST: false, unix.EINVAL: false} {
+		e := &CmdError{Op: "ADD_DEV", DevID: -1, Errno: errno}
+		if errors.Is(e, ErrPermission) != want || !errors.Is(e, errno) {
+			t.Errorf("%v: errors.Is(ErrPermission) = %v, want %v", e, errors.Is(e, ErrPermission), want)
+		}
+	}
 }

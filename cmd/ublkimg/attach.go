@@ -25,7 +25,6 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
-	"ublkimg/drivers/qcow2"
 	"ublkimg/img"
 	"ublkimg/ublk"
 )
@@ -423,12 +422,12 @@ func serveImage(o *attachOptions) (err error) {
 // acknowledged write (ublk.Config.Recovery). The host kernel, and its page
 // cache, outlive the server, so data written to the image file is safe; a
 // qcow2 image's L2 and refcount updates sit in its metadata caches until
-// written back, so qcow2.OptCrashSafeMetadata writes them back before a
+// written back, so bdrv.OptCrashSafeMetadata writes them back before a
 // write that changed them completes. Rewrites of allocated clusters and
 // reads cost nothing, and the cache mode stays the user's. Other formats
 // ignore the option: raw keeps no metadata.
 func recoveryOptions(opts bdrv.Options) bdrv.Options {
-	return opts.Merge(bdrv.Options{qcow2.OptCrashSafeMetadata: "on"})
+	return opts.Merge(bdrv.Options{bdrv.OptCrashSafeMetadata: "on"})
 }
 
 // setMaxProcs gives the runtime a P for every queue thread, one for the

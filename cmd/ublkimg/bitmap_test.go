@@ -12,7 +12,6 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
-	"ublkimg/drivers/qcow2"
 	"ublkimg/internal/qemutest"
 )
 
@@ -66,7 +65,10 @@ func bitmapState(t *testing.T, path string) string {
 			return err
 		}
 		defer n.Close(co)
-		q := n.Driver().(*qcow2.Image)
+		q, ok := n.Driver().(bdrv.PersistentBitmaps)
+		if !ok {
+			return fmt.Errorf("%s: no persistent bitmaps", path)
+		}
 		bms, err := q.DirtyBitmaps(co)
 		if err != nil {
 			return err
@@ -81,7 +83,7 @@ func bitmapState(t *testing.T, path string) string {
 			if err != nil {
 				return err
 			}
-			b.WriteString(hexRuns(d.Bytes()))
+			b.WriteString(hexRuns(bitmapBytes(d)))
 		}
 		return nil
 	})
@@ -89,6 +91,23 @@ func bitmapState(t *testing.T, path string) string {
 		t.Fatal(err)
 	}
 	return b.String()
+}
+
+// bitmapBytes is the bitmap in its on-disk form (bit i of byte j is granule
+// 8j+i), made from its dirty ranges.
+func bitmapBytes(d bdrv.BitmapData) []byte {
+	g := d.Granularity()
+	b := make([]byte, ((d.Size()+g-1)/g+7)/8)
+	for off := uint64(0); ; {
+		start, n := d.NextDirty(off)
+		if n == 0 {
+			return b
+		}
+		for i := start / g; i <= (start+n-1)/g; i++ {
+			b[i/8] |= 1 << (i % 8)
+		}
+		off = start + n
+	}
 }
 
 // hexRuns prints the non-zero bytes of a bitmap as offset:hex runs.

@@ -145,6 +145,10 @@ func TestImageOptsHonoured(t *testing.T) {
 		tc{args: []string{"info", "--image-opts", raw + ",read-only=off,file.read-only=on"}},
 		tc{args: []string{"info", "--image-opts", top + ",read-only=off,file.read-only=on"}},
 		tc{args: []string{"map", "--image-opts", top + ",cache.no-flush=on,backing.cache.direct=on"}},
+		// raw's offset and size change what the image reads as: info
+		// names the image by its options (json:{...}).
+		tc{args: []string{"info", "--image-opts", raw + ",offset=512"}},
+		tc{args: []string{"info", "--output=json", "--image-opts", raw + ",offset=512,size=1024"}},
 	)
 	// read-only=on: every verb that writes refuses the image, those that
 	// read take it.

@@ -5,6 +5,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"ublkimg/bdrv"
 	"ublkimg/coroutine"
 	"ublkimg/img"
 )
@@ -62,7 +63,7 @@ func measureAction(c *cli.Context) error {
 	case opts.Filename == "" && opts.Size < 0:
 		return errors.New("Either --size N or one filename must be specified.")
 	}
-	var info *img.MeasureInfo
+	var info *bdrv.MeasureInfo
 	err = runCo(func(co *coroutine.Co) error {
 		var err error
 		info, err = img.Measure(co, opts)

@@ -33,6 +33,7 @@ printf '\000\001' | dd of=leak.qcow2 bs=1 seek=$((0x20000+10)) conv=notrunc 2>/d
 qemu-img create -q -f raw new.raw 2M
 qemu-io -f raw -c "write -P 1 0 1M" new.raw >/dev/null
 head -c 100000 /dev/urandom > in.raw
+qemu-img create -q -f qcow2 -u -b base.raw -F qcow2 wrongfmt.qcow2 4M
 `
 
 func TestToolVerbs(t *testing.T) {
@@ -58,6 +59,8 @@ func TestToolVerbs(t *testing.T) {
 		{"check", "--output=xml", "lone.qcow2"},
 		{"check", "-T", "foo", "lone.qcow2"},
 		{"check", "nope.qcow2"},
+		{"check", "-f", "qcow2", "base.raw"},
+		{"check", "wrongfmt.qcow2"},
 		{"check"},
 		{"check", "lone.qcow2", "top.qcow2"},
 
@@ -109,6 +112,7 @@ func TestToolVerbs(t *testing.T) {
 		{"measure", "-O", "qcow2", "-o", "cluster_size=3k", "--size", "1G"},
 		{"measure", "-O", "qcow2", "-o", "foo=1", "--size", "1G"},
 		{"measure", "--size", "1G", "top.qcow2"},
+		{"measure", "wrongfmt.qcow2"},
 		{"measure", "-f", "raw"},
 		{"measure"},
 		{"measure", "a", "b"},

@@ -19,6 +19,7 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
+	"ublkimg/uring"
 )
 
 func init() {
@@ -89,28 +90,14 @@ func openRetry(name string, flags int, perm uint32) (int, error) {
 }
 
 // syscallErr makes an errno read the way qemu-img prints it ("No such file
-// or directory").
+// or directory"): uring's Errno with the C library's text.
 func syscallErr(err error) error {
 	var errno unix.Errno
 	if errors.As(err, &errno) {
-		return errnoError{errno}
+		return uring.NewErrno(errno, true)
 	}
 	return err
 }
-
-// errnoError prints an errno with a capital letter, as QEMU's strerror
-// output does, and still matches errors.Is(err, unix.EXXX).
-type errnoError struct{ errno unix.Errno }
-
-func (e errnoError) Error() string {
-	s := e.errno.Error()
-	if s != "" && s[0] >= 'a' && s[0] <= 'z' {
-		s = string(s[0]-'a'+'A') + s[1:]
-	}
-	return s
-}
-
-func (e errnoError) Unwrap() error { return e.errno }
 
 func (d *driver) setup(opts bdrv.Options) error {
 	n := d.node

@@ -25,6 +25,8 @@ func init() {
 		Open:          open,
 		Create:        create,
 		CreateOptions: createOptions,
+		StrongOptions: []string{OptKeySecret},
+		Measure:       measure,
 	})
 }
 
@@ -209,9 +211,9 @@ var createOptions = []bdrv.OptionSpec{
 	{Name: "ivgen-hash-alg", Type: bdrv.OptString, Help: "Name of IV generator hash algorithm"},
 	{Name: "hash-alg", Type: bdrv.OptString, Help: "Name of encryption hash algorithm"},
 	{Name: "iter-time", Type: bdrv.OptNumber, Help: "Time to spend in PBKDF in milliseconds"},
-	{Name: "preallocation", Type: bdrv.OptString, Default: "off",
+	{Name: "preallocation", Type: bdrv.OptString,
 		Help: "Preallocation mode (allowed values: off, falloc, full)"},
-	{Name: "nocow", Type: bdrv.OptBool, Default: "off",
+	{Name: "nocow", Type: bdrv.OptBool,
 		Help: "Turn off copy-on-write (valid only on btrfs)"},
 }
 
@@ -240,15 +242,25 @@ func parseCreateOptions(o bdrv.Options) (lukscrypto.CreateOptions, string, error
 	return c, id, nil
 }
 
-// HeaderAreaSize validates create options o and returns the bytes the
-// header area of such an image takes, for qemu-img measure -O luks (QEMU's
-// block_crypto_measure).
-func HeaderAreaSize(o bdrv.Options) (int64, error) {
+// measure is QEMU's block_crypto_measure: the header area of an image
+// created with o (the options validated as create validates them), then
+// the payload, all of it written.
+func measure(co *coroutine.Co, o bdrv.Options, in *bdrv.Node) (*bdrv.MeasureInfo, error) {
 	c, _, err := parseCreateOptions(o)
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
-	return lukscrypto.AreaSize(c)
+	hdr, err := lukscrypto.AreaSize(c)
+	if err != nil {
+		return nil, err
+	}
+	size := int64(0)
+	if in != nil {
+		size = in.SectorLength()
+	} else if size, err = o.Size("size", 0); err != nil {
+		return nil, err
+	}
+	return &bdrv.MeasureInfo{Required: hdr + size, FullyAllocated: hdr + size}, nil
 }
 
 // create makes a luks image as QEMU's block_crypto_co_create_luks: an

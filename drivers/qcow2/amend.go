@@ -64,7 +64,7 @@ const (
 	amendDowngrade
 )
 
-// Amend changes the image's options in QEMU's order (qcow2_amend_options),
+// AmendWith changes the image's options in QEMU's order (qcow2_amend_options),
 // so that a combination fails at the same step, with the same changes
 // already made: the option values are checked first (data_file,
 // data_file_raw, refcount width); then come the upgrade, the LUKS key
@@ -76,7 +76,7 @@ const (
 // writes the refcounts back and clears the dirty bit before the compat
 // bit. After a refcount width change the driver's refcount table, cache
 // and geometry are the new ones: the image stays usable.
-func (img *Image) Amend(co *coroutine.Co, o AmendOptions) error {
+func (img *Image) AmendWith(co *coroutine.Co, o AmendOptions) error {
 	if img.readOnly {
 		return errors.New("qcow2: image is read-only")
 	}

@@ -124,7 +124,7 @@ func TestAmendRefcountBits(t *testing.T) {
 				fits := uint64(1)<<bits-1 >= uint64(im.maxRefcount)
 				var amendErr error
 				bdrvtest.WithNode(t, bdrv.Spec{Filename: ours}, func(co *coroutine.Co, n *bdrv.Node) error {
-					amendErr = imageOf(t, n).Amend(co, qcow2.AmendOptions{RefcountBits: bits})
+					amendErr = imageOf(t, n).AmendWith(co, qcow2.AmendOptions{RefcountBits: bits})
 					return nil
 				})
 				if amendErr != nil || !fits {
@@ -168,7 +168,7 @@ func TestAmendRefcountBits(t *testing.T) {
 					// The amended image keeps working: back to
 					// 16 bits and new allocations in one open.
 					bdrvtest.WithNode(t, bdrv.Spec{Filename: ours}, func(co *coroutine.Co, n *bdrv.Node) error {
-						if err := imageOf(t, n).Amend(co, qcow2.AmendOptions{RefcountBits: 16}); err != nil {
+						if err := imageOf(t, n).AmendWith(co, qcow2.AmendOptions{RefcountBits: 16}); err != nil {
 							return err
 						}
 						return n.Pwritev(co, n.Length()-100<<10, bdrv.IOVec{bytes.Repeat([]byte{0xee}, 100<<10)}, 0)
@@ -216,7 +216,7 @@ func TestAmendRefcountCircuit(t *testing.T) {
 		bdrvtest.WithNode(t, bdrv.Spec{Filename: p}, func(co *coroutine.Co, n *bdrv.Node) error {
 			for j := k; j >= 0 && j > k-6; j-- {
 				b = widths[circuit[j]]
-				if err := imageOf(t, n).Amend(co, qcow2.AmendOptions{RefcountBits: b}); err != nil {
+				if err := imageOf(t, n).AmendWith(co, qcow2.AmendOptions{RefcountBits: b}); err != nil {
 					return fmt.Errorf("to %d bits: %w", b, err)
 				}
 			}
@@ -359,7 +359,7 @@ func TestAmendRefcountCrash(t *testing.T) {
 						return err
 					}
 					b.left, b.failOnce = budget, failOnce
-					err = imageOf(t, n).Amend(co, qcow2.AmendOptions{RefcountBits: tc.bits})
+					err = imageOf(t, n).AmendWith(co, qcow2.AmendOptions{RefcountBits: tc.bits})
 					if cerr := n.Close(co); err == nil {
 						err = cerr
 					}
@@ -410,7 +410,7 @@ func TestAmendRefcountHostile(t *testing.T) {
 	copy(b[rt+8:rt+16], b[rt:rt+8])
 	writeRaw(t, p, b)
 	bdrvtest.WithNode(t, bdrv.Spec{Filename: p}, func(co *coroutine.Co, n *bdrv.Node) error {
-		err := imageOf(t, n).Amend(co, qcow2.AmendOptions{RefcountBits: 8})
+		err := imageOf(t, n).AmendWith(co, qcow2.AmendOptions{RefcountBits: 8})
 		var ce *qcow2.CorruptError
 		if !errors.As(err, &ce) || !strings.Contains(err.Error(), "listed twice") {
 			t.Errorf("Amend: %v, want a corruption error", err)

@@ -42,7 +42,7 @@ func TestAmend(t *testing.T) {
 					return errors.New("lazy refcounts: image not dirty after a write")
 				}
 			}
-			return imageOf(t, n).Amend(co, o)
+			return imageOf(t, n).AmendWith(co, o)
 		})
 	}
 	ours := qimg(t, filepath.Join(dir, "v2.qcow2"), "4M", "-o", "compat=0.10")
@@ -111,7 +111,7 @@ func TestAmend(t *testing.T) {
 		{r8, qcow2.AmendOptions{Version: 2}, qcow2.ErrAmendDowngrade},
 	} {
 		bdrvtest.WithNode(t, bdrv.Spec{Filename: tc.path}, func(co *coroutine.Co, n *bdrv.Node) error {
-			if err := imageOf(t, n).Amend(co, tc.o); err != tc.want {
+			if err := imageOf(t, n).AmendWith(co, tc.o); err != tc.want {
 				t.Errorf("Amend(%+v) = %v, want %v", tc.o, err, tc.want)
 			}
 			return nil

@@ -8,6 +8,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"ublkimg/bdrv"
 	"ublkimg/coroutine"
 )
 
@@ -17,17 +18,10 @@ import (
 // QEMU's messages.
 
 // DirtyBitmap describes a persistent bitmap of an open image.
-type DirtyBitmap struct {
-	Name        string
-	Granularity uint64
-	Enabled     bool
-	// Inconsistent: the bitmap was not stored cleanly (in use on disk);
-	// it cannot be used, only removed.
-	Inconsistent bool
-}
+type DirtyBitmap = bdrv.DirtyBitmap
 
 // BitmapData is a bitmap's content, detached from its image, for merging
-// into a bitmap of another image.
+// into a bitmap of another image: the bdrv.BitmapData of this driver.
 type BitmapData struct {
 	size uint64 // disk bytes covered
 	gran uint8
@@ -256,7 +250,7 @@ func (img *Image) changeBitmap(co *coroutine.Co, name string, fn func(b *dirtyBi
 // ExportBitmap returns a usable bitmap's content: a view, not a copy (a
 // copy of a 512 MiB bitmap would double what the cap counts), valid
 // until the bitmap next changes; merge it right away.
-func (img *Image) ExportBitmap(co *coroutine.Co, name string) (*BitmapData, error) {
+func (img *Image) ExportBitmap(co *coroutine.Co, name string) (bdrv.BitmapData, error) {
 	img.meta.Lock(co)
 	defer img.meta.Unlock(co)
 	b, err := img.usableBitmapLocked(co, name)
@@ -266,26 +260,47 @@ func (img *Image) ExportBitmap(co *coroutine.Co, name string) (*BitmapData, erro
 	return &BitmapData{size: img.hdr.Size, gran: b.GranularityBits, bits: b.bits}, nil
 }
 
-// MergeBitmap sets in bitmap dst every granule set in src (QEMU's
-// block-dirty-bitmap-merge): both must cover the same disk size; their
-// granularities may differ.
-func (img *Image) MergeBitmap(co *coroutine.Co, dst string, src *BitmapData) error {
+// MergeBitmap sets in bitmap dst every granule that touches a granule set
+// in src (QEMU's block-dirty-bitmap-merge): both must cover the same disk
+// size; their granularities may differ. A bitmap of this driver merges
+// word by word, any other by its dirty ranges.
+func (img *Image) MergeBitmap(co *coroutine.Co, dst string, src bdrv.BitmapData) error {
 	return img.changeBitmap(co, dst, func(b *dirtyBitmap) error {
-		if src.size != img.hdr.Size {
-			return fmt.Errorf("Bitmaps are of different sizes (destination size is %d, source size is %d) and can't be merged", img.hdr.Size, src.size)
+		if src.Size() != img.hdr.Size {
+			return fmt.Errorf("Bitmaps are of different sizes (destination size is %d, source size is %d) and can't be merged", img.hdr.Size, src.Size())
 		}
-		b.bits.mergeFrom(b.GranularityBits, src.bits, src.gran)
-		return nil
+		if s, ok := src.(*BitmapData); ok {
+			b.bits.mergeFrom(b.GranularityBits, s.bits, s.gran)
+			return nil
+		}
+		for off := uint64(0); ; {
+			start, n := src.NextDirty(off)
+			if n == 0 {
+				return nil
+			}
+			b.bits.setRange(start>>b.GranularityBits, (start+n-1)>>b.GranularityBits)
+			off = start + n
+		}
 	})
-}
-
-// Bytes returns the bitmap in its on-disk form (bit i of byte j is granule
-// 8j+i), trailing bits clear.
-func (d *BitmapData) Bytes() []byte {
-	buf := make([]byte, (d.bits.n+63)/64*8)
-	d.bits.serialize(0, buf)
-	return buf[:(d.bits.n+7)/8]
 }
 
 // Granularity is the bytes one bit covers.
 func (d *BitmapData) Granularity() uint64 { return 1 << d.gran }
+
+// Size is the disk bytes the bitmap covers.
+func (d *BitmapData) Size() uint64 { return d.size }
+
+// NextDirty returns the first dirty range at or after off, whole granules
+// clipped to [off, Size()); length 0 when there is none.
+func (d *BitmapData) NextDirty(off uint64) (start, length uint64) {
+	if off >= d.size {
+		return 0, 0
+	}
+	i := d.bits.nextSet(off >> d.gran)
+	if i >= d.bits.n {
+		return 0, 0
+	}
+	start = max(off, i<<d.gran)
+	end := min(d.bits.nextClear(i)<<d.gran, d.size)
+	return start, end - start
+}

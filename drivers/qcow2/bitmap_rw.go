@@ -49,10 +49,8 @@ const maxBitmapMemory = 1 << 30
 var errBitmapMemory = fmt.Errorf("qcow2: bitmaps need more than %d bytes of memory", maxBitmapMemory)
 
 // ErrBitmapsLost is matched by the error Close returns when bitmaps could
-// not be stored (QEMU's "Lost persistent bitmaps" at close): they are left
-// in use on disk, the rest of the image is fine. qemu-img prints it as a
-// warning and succeeds.
-var ErrBitmapsLost = errors.New("persistent bitmaps lost")
+// not be stored (bdrv's sentinel).
+var ErrBitmapsLost = bdrv.ErrBitmapsLost
 
 type bitmapsLostError struct{ msg string }
 

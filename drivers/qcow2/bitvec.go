@@ -99,6 +99,41 @@ func (v *bitVec) word(w uint64) uint64 {
 	return atomic.LoadUint64(&c[w%bitChunkWords])
 }
 
+// nextSet returns the first set bit at or after i, v.n if there is none.
+// Chunks never written are skipped whole.
+func (v *bitVec) nextSet(i uint64) uint64 {
+	return v.next(i, 0)
+}
+
+// nextClear returns the first clear bit at or after i, v.n if there is
+// none. Chunks whose bits are all set (onesChunk) are skipped whole.
+func (v *bitVec) nextClear(i uint64) uint64 {
+	return v.next(i, ^uint64(0))
+}
+
+// next returns the first bit at or after i that differs from the bits of
+// skip (0: the first set bit; all ones: the first clear one).
+func (v *bitVec) next(i, skip uint64) uint64 {
+	for i < v.n {
+		c := v.chunks[i/bitChunkBits].Load()
+		if c == nil && skip == 0 || c == onesChunk && skip != 0 {
+			i = (i/bitChunkBits + 1) * bitChunkBits
+			continue
+		}
+		if c == nil || c == onesChunk {
+			return i
+		}
+		for w := (i % bitChunkBits) / 64; w < bitChunkWords && i < v.n; w++ {
+			x := (atomic.LoadUint64(&c[w]) ^ skip) &^ (uint64(1)<<(i%64) - 1)
+			if x != 0 {
+				return min(v.n, i-i%64+uint64(bits.TrailingZeros64(x)))
+			}
+			i += 64 - i%64
+		}
+	}
+	return v.n
+}
+
 // orWord ORs x into word w.
 func (v *bitVec) orWord(w, x uint64) {
 	if x == 0 {

@@ -92,6 +92,36 @@ func TestBitVec(t *testing.T) {
 	}
 }
 
+// TestBitVecNext checks nextSet and nextClear against a plain model, across
+// words, an unwritten chunk, a whole chunk set (onesChunk) and the end.
+func TestBitVecNext(t *testing.T) {
+	const n = 3*bitChunkBits + 100
+	v := newBitVec(n)
+	model := make([]bool, n)
+	for _, r := range [][2]uint64{{5, 5}, {60, 130}, {bitChunkBits - 1, bitChunkBits}, {2 * bitChunkBits, 3*bitChunkBits - 1}, {n - 3, n - 1}} {
+		v.setRange(r[0], r[1])
+		for i := r[0]; i <= r[1]; i++ {
+			model[i] = true
+		}
+	}
+	if v.chunks[2].Load() != onesChunk {
+		t.Fatal("chunk 2 is not onesChunk")
+	}
+	next := func(i uint64, set bool) uint64 {
+		for ; i < n && model[i] != set; i++ {
+		}
+		return i
+	}
+	for i := uint64(0); i <= n; i += 1 + i%97 {
+		if got, want := v.nextSet(i), next(i, true); got != want {
+			t.Errorf("nextSet(%d) = %d, want %d", i, got, want)
+		}
+		if got, want := v.nextClear(i), next(i, false); got != want {
+			t.Errorf("nextClear(%d) = %d, want %d", i, got, want)
+		}
+	}
+}
+
 // BenchmarkBitVecMark is the cost the write path pays per request and
 // bitmap: marking a 4 KiB write at 64 KiB granularity, bits already set
 // (the common case) and the same on a 512-byte granularity.

@@ -4,12 +4,12 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"strings"
 
 	"golang.org/x/sys/unix"
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
+	"ublkimg/uring"
 )
 
 // This file is the consistency checker behind `check` (QEMU's
@@ -32,81 +32,23 @@ import (
 // tables are read a piece at a time, and messages are handed out as they
 // are found, never collected.
 
-// CheckResult is the outcome of Check: QEMU's BdrvCheckResult plus what
-// qemu-img needs to print its summary (its ImageCheck).
-type CheckResult struct {
-	// Corruptions are errors left in the image, Leaks clusters that are
-	// allocated but unused, CheckErrors problems that kept the check from
-	// looking at part of the image (I/O errors, impossible repairs).
-	Corruptions, Leaks, CheckErrors int
-	// CorruptionsFixed and LeaksFixed count the repairs made.
-	CorruptionsFixed, LeaksFixed int
-	// ImageEndOffset is the end of the last cluster in use or referenced.
-	ImageEndOffset int64
-	// Allocation statistics of the active L1 table (QEMU's BlockFragInfo):
-	// clusters of the virtual disk, allocated ones, allocated ones not
-	// contiguous with their predecessor in the file, compressed ones.
-	TotalClusters, AllocatedClusters, FragmentedClusters, CompressedClusters int64
-
-	// Repaired is set when the check repaired something and then checked the
-	// image again without repairing, as qemu-img check -r does ("Double
-	// checking the fixed image now..."). The counts above are then those of
-	// the second pass, except CorruptionsFixed and LeaksFixed.
-	Repaired bool
-}
-
-// CheckEvents receives what Check finds while it works. A zero CheckEvents
-// drops it all.
-type CheckEvents struct {
-	// Message receives each line qemu-img prints to stderr while checking,
-	// such as "Leaked cluster 5 refcount=1 reference=0", in order, as it
-	// is found. Lines QEMU prints through error_report lack its
-	// "qemu-img: " prefix; a CLI adds its own program name.
-	Message func(line string)
-	// Recheck is called when a repairing pass fixed something, before the
-	// image is checked again; first holds that pass's counts (qemu-img
-	// prints its repair report then).
-	Recheck func(first *CheckResult)
-}
-
-// FixMode selects what Check repairs (QEMU's BdrvCheckMode).
-type FixMode int
-
-// Repair modes; 0 only checks.
-const (
-	// FixLeaks decreases the refcounts of leaked clusters (check -r leaks).
-	FixLeaks FixMode = 1 << iota
-	// FixErrors repairs corruptions: refcounts that are too low, wrong
-	// COPIED flags, broken snapshot tables, and refcount structures that
-	// must be rebuilt.
-	FixErrors
-	// FixAll is check -r all.
-	FixAll = FixLeaks | FixErrors
+// The check's types are bdrv's (bdrv.CheckFunc is the capability Check
+// provides to the verbs); the names here keep this package's code short.
+type (
+	CheckResult      = bdrv.CheckResult
+	CheckEvents      = bdrv.CheckEvents
+	FixMode          = bdrv.FixMode
+	CheckFailedError = bdrv.CheckFailedError
 )
 
-// CheckFailedError reports that the check could not complete (QEMU's
-// bdrv_check returning -errno). qemu-img prints the messages gathered so far
-// and then "qemu-img: Check failed: <strerror>", prints no summary, and exits
-// with status 1; Error returns that line without the program name.
-type CheckFailedError struct {
-	Errno unix.Errno
-}
-
-// Error returns qemu-img's line, with glibc's wording of the errno.
-func (e *CheckFailedError) Error() string { return "Check failed: " + strerror(e.Errno) }
-
-// Unwrap returns the errno.
-func (e *CheckFailedError) Unwrap() error { return e.Errno }
-
-// strerror words an errno the way glibc does; Go's strings are glibc's with
-// a lower-case first letter.
-func strerror(e unix.Errno) string {
-	s := e.Error()
-	if s == "" {
-		return s
-	}
-	return strings.ToUpper(s[:1]) + s[1:]
-}
+// Repair modes; 0 only checks. FixErrors repairs refcounts that are too
+// low, wrong COPIED flags, broken snapshot tables, and refcount structures
+// that must be rebuilt.
+const (
+	FixLeaks  = bdrv.FixLeaks
+	FixErrors = bdrv.FixErrors
+	FixAll    = bdrv.FixAll
+)
 
 // errnoOf returns the errno an error carries, EIO if none.
 func errnoOf(err error) unix.Errno {
@@ -431,7 +373,7 @@ func openCheck(co *coroutine.Co, file *bdrv.Node, fix FixMode, ev CheckEvents) (
 	}
 	h, err := ParseHeader(sane, -1)
 	if err != nil {
-		return nil, err
+		return nil, openHeaderError(err)
 	}
 	cs := h.ClusterSize()
 	// QEMU's qcow2_validate_table for the refcount table, which a check
@@ -621,7 +563,7 @@ func (c *chkState) checkReadSnapshotTable(res *chkCounts) error {
 				c.msg("%s", re.hint)
 			}
 		} else {
-			c.msg("ERROR failed to read the snapshot table: Failed to read snapshot table: %s", strerror(errnoOf(err)))
+			c.msg("ERROR failed to read the snapshot table: Failed to read snapshot table: %s", uring.Strerror(errnoOf(err)))
 		}
 		c.h.NbSnapshots, c.h.SnapshotsOffset = 0, 0
 		return err
@@ -639,7 +581,7 @@ func (c *chkState) checkReadSnapshotTable(res *chkCounts) error {
 		be.PutUint32(b[:], c.h.NbSnapshots)
 		if err := c.pwriteSync(60, b[:]); err != nil {
 			res.checkErrors++
-			c.msg("ERROR failed to update the snapshot count in the image header: %s", strerror(errnoOf(err)))
+			c.msg("ERROR failed to update the snapshot count in the image header: %s", uring.Strerror(errnoOf(err)))
 			return err
 		}
 		res.corruptionsFixed += nbReduced
@@ -1143,7 +1085,7 @@ func (c *chkState) checkRefblocks(res *chkCounts, refs *chkRefs, rebuild *bool) 
 			}
 			if err != nil {
 				*rebuild = true
-				c.msg("ERROR could not resize image: %s", strerror(errnoOf(err)))
+				c.msg("ERROR could not resize image: %s", uring.Strerror(errnoOf(err)))
 				continue
 			}
 			res.corruptions--
@@ -1223,7 +1165,7 @@ func (c *chkState) compareRefcounts(res *chkCounts, fix FixMode, rebuild *bool, 
 	for i := uint64(0); i < refs.n; i++ {
 		stored, err := c.img.getRefcountLocked(c.co, i)
 		if err != nil {
-			c.msg("Can't get refcount for cluster %d: %s", i, strerror(errnoOf(err)))
+			c.msg("Can't get refcount for cluster %d: %s", i, uring.Strerror(errnoOf(err)))
 			res.checkErrors++
 			continue
 		}
@@ -1399,7 +1341,7 @@ func (c *chkState) checkOflagCopied(res *chkCounts) error {
 
 		table, err := c.l2Table(l2)
 		if err != nil {
-			c.msg("ERROR: Could not read L2 table: %s", strerror(errnoOf(err)))
+			c.msg("ERROR: Could not read L2 table: %s", uring.Strerror(errnoOf(err)))
 			res.checkErrors++
 			return err
 		}
@@ -1435,12 +1377,12 @@ func (c *chkState) checkOflagCopied(res *chkCounts) error {
 		if dirty > 0 {
 			c.l2Stale = true // until written
 			if err := c.img.checkOverlapLocked(c.co, l2, c.cs, mkActiveL2); err != nil {
-				c.msg("ERROR: Could not write L2 table; metadata overlap check failed: %s", strerror(unix.EIO))
+				c.msg("ERROR: Could not write L2 table; metadata overlap check failed: %s", uring.Strerror(unix.EIO))
 				res.checkErrors++
 				return unix.EIO
 			}
 			if err := c.file.Pwritev(c.co, int64(l2), bdrv.IOVec{table}, 0); err != nil {
-				c.msg("ERROR: Could not write L2 table: %s", strerror(errnoOf(err)))
+				c.msg("ERROR: Could not write L2 table: %s", uring.Strerror(errnoOf(err)))
 				res.checkErrors++
 				return err
 			}
@@ -1450,23 +1392,4 @@ func (c *chkState) checkOflagCopied(res *chkCounts) error {
 		}
 	}
 	return nil
-}
-
-// ---------------------------------------------------------------------------
-// Outcome (rendered by the caller, as qemu-img check prints it)
-
-// ExitCode returns qemu-img check's exit status for the result: 1 when the
-// check had internal errors, 2 when corruptions remain, 3 when only leaks
-// remain, 0 when the image is clean. (63, for formats that cannot be
-// checked, and 1 for a failed check, are the caller's.)
-func (r *CheckResult) ExitCode() int {
-	switch {
-	case r.CheckErrors != 0:
-		return 1
-	case r.Corruptions != 0:
-		return 2
-	case r.Leaks != 0:
-		return 3
-	}
-	return 0
 }

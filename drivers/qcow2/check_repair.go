@@ -6,6 +6,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"ublkimg/bdrv"
+	"ublkimg/uring"
 )
 
 // What only a repair of Check does: zeroing an L2 entry that cannot be
@@ -43,7 +44,7 @@ func (c *chkState) fixL2EntryByZero(res *chkCounts, l2Offset uint64, table []byt
 		return true, unix.EIO
 	}
 	if err := c.pwriteSync(off, table[uint64(i)*esz:uint64(i+1)*esz]); err != nil {
-		c.msg("ERROR: Failed to overwrite L2 table entry: %s", strerror(errnoOf(err)))
+		c.msg("ERROR: Failed to overwrite L2 table entry: %s", uring.Strerror(errnoOf(err)))
 		res.checkErrors++
 		return false, err
 	}
@@ -69,7 +70,7 @@ func (c *chkState) growFileTo(off uint64) error {
 		err = c.file.Truncate(c.co, int64(end), false, bdrv.PreallocOff)
 	}
 	if err != nil {
-		c.msg("Could not resize file: %s", strerror(errnoOf(err)))
+		c.msg("Could not resize file: %s", uring.Strerror(errnoOf(err)))
 	}
 	return err
 }
@@ -134,7 +135,7 @@ func (c *chkState) writeRefblocks(refs *chkRefs, first, end uint64, reftable *[]
 			firstFree = max(firstFree, start)
 			var err error
 			if off, err = c.allocClustersIMRT(refs, 1, &firstFree); err != nil {
-				c.msg("ERROR allocating refblock: %s", strerror(errnoOf(err)))
+				c.msg("ERROR allocating refblock: %s", uring.Strerror(errnoOf(err)))
 				return false, err
 			}
 			if oc := off >> c.g.ClusterBits; oc >= end {
@@ -150,11 +151,11 @@ func (c *chkState) writeRefblocks(refs *chkRefs, first, end uint64, reftable *[]
 			(*reftable)[idx] = off
 		}
 		if err := c.img.checkOverlapLocked(c.co, off, c.cs, mkNone); err != nil {
-			c.msg("ERROR writing refblock: %s", strerror(unix.EIO))
+			c.msg("ERROR writing refblock: %s", uring.Strerror(unix.EIO))
 			return false, unix.EIO
 		}
 		if err := c.file.Pwritev(c.co, int64(off), bdrv.IOVec{refs.buf[idx*c.cs : (idx+1)*c.cs]}, 0); err != nil {
-			c.msg("ERROR writing refblock: %s", strerror(errnoOf(err)))
+			c.msg("ERROR writing refblock: %s", uring.Strerror(errnoOf(err)))
 			return false, err
 		}
 		cluster = start + uint64(1)<<rbBits - 1
@@ -184,7 +185,7 @@ func (c *chkState) rebuildRefcountStructure(res *chkCounts, refs *chkRefs) error
 		firstFree := uint64(0)
 		var err error
 		if rtOff, err = c.allocClustersIMRT(refs, rtClusters, &firstFree); err != nil {
-			c.msg("ERROR allocating reftable: %s", strerror(errnoOf(err)))
+			c.msg("ERROR allocating reftable: %s", uring.Strerror(errnoOf(err)))
 			res.checkErrors++
 			return err
 		}
@@ -204,22 +205,22 @@ func (c *chkState) rebuildRefcountStructure(res *chkCounts, refs *chkRefs) error
 		be.PutUint64(buf[i*8:], e)
 	}
 	if err := img.checkOverlapLocked(c.co, rtOff, uint64(len(buf)), mkNone); err != nil {
-		c.msg("ERROR writing reftable: %s", strerror(unix.EIO))
+		c.msg("ERROR writing reftable: %s", uring.Strerror(unix.EIO))
 		return unix.EIO
 	}
 	if err := c.file.Pwritev(c.co, int64(rtOff), bdrv.IOVec{buf}, 0); err != nil {
-		c.msg("ERROR writing reftable: %s", strerror(errnoOf(err)))
+		c.msg("ERROR writing reftable: %s", uring.Strerror(errnoOf(err)))
 		return err
 	}
 	if err := c.file.Flush(c.co); err != nil {
-		c.msg("ERROR writing reftable: %s", strerror(errnoOf(err)))
+		c.msg("ERROR writing reftable: %s", uring.Strerror(errnoOf(err)))
 		return err
 	}
 	var hdr [12]byte
 	be.PutUint64(hdr[0:], rtOff)
 	be.PutUint32(hdr[8:], uint32(rtClusters))
 	if err := c.pwriteSync(48, hdr[:]); err != nil {
-		c.msg("ERROR setting reftable: %s", strerror(errnoOf(err)))
+		c.msg("ERROR setting reftable: %s", uring.Strerror(errnoOf(err)))
 		return err
 	}
 	for cl := range img.metaClusters {
@@ -241,7 +242,7 @@ func (c *chkState) checkFixSnapshotTable(res *chkCounts) error {
 	}
 	if err := c.img.writeSnapshotsLocked(c.co, c.img.snapshots); err != nil {
 		res.checkErrors++
-		c.msg("ERROR failed to update snapshot table: %s", strerror(errnoOf(err)))
+		c.msg("ERROR failed to update snapshot table: %s", uring.Strerror(errnoOf(err)))
 		return err
 	}
 	res.corruptionsFixed += res.corruptions

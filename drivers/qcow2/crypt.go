@@ -38,6 +38,9 @@ type cryptState struct {
 	physical bool
 	// luks is the parsed LUKS header, for info.
 	luks *lukscrypto.Header
+	// keySecret is the encrypt.key-secret the image was opened with: the
+	// passphrase amend's key slot changes unlock the header with.
+	keySecret string
 }
 
 // errNoKey fails guest I/O of an encrypted image opened without its key.
@@ -47,6 +50,7 @@ var errNoKey = &ioError{unix.EIO, errors.New("qcow2: encrypted image opened with
 // for metadata only, unlocks it with the secret named by encrypt.key-secret
 // (QEMU's qcow2_update_options_prepare and qcrypto_block_open).
 func (img *Image) openCrypto(co *coroutine.Co, opts bdrv.Options) error {
+	img.crypt.keySecret = opts[OptKeySecret]
 	h := img.hdr
 	if h.CryptMethod == CryptNone {
 		return nil

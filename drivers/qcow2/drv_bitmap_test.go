@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -419,4 +420,82 @@ func TestBitmapHostile(t *testing.T) {
 			}
 		})
 	}
+}
+
+// rangesOnly hides the concrete type of a bitmap's data, as the data of
+// another format would come: MergeBitmap then merges by dirty ranges.
+type rangesOnly struct{ bdrv.BitmapData }
+
+// dirtyRanges lists a bitmap's dirty ranges as "start+length" strings.
+func dirtyRanges(d bdrv.BitmapData) []string {
+	var out []string
+	for off := uint64(0); ; {
+		start, n := d.NextDirty(off)
+		if n == 0 {
+			return out
+		}
+		out = append(out, fmt.Sprintf("%d+%d", start, n))
+		off = start + n
+	}
+}
+
+// TestBitmapMergeAnyFormat merges a bitmap into bitmaps of other
+// granularities through bdrv.PersistentBitmaps, once as this driver's data
+// (word by word) and once as opaque bdrv.BitmapData (by dirty ranges, as a
+// bitmap of another format merges): both give the writes' ranges rounded
+// out to the target's granules.
+func TestBitmapMergeAnyFormat(t *testing.T) {
+	qemutest.Require(t, "qemu-img")
+	path := qimg(t, filepath.Join(t.TempDir(), "m.qcow2"), "4M")
+	bdrvtest.WithNode(t, bdrv.Spec{Filename: path, Format: "qcow2"}, func(co *coroutine.Co, n *bdrv.Node) error {
+		pb, ok := n.Driver().(bdrv.PersistentBitmaps)
+		if !ok || !pb.SupportsBitmaps() {
+			return fmt.Errorf("%T has no persistent bitmaps", n.Driver())
+		}
+		if err := pb.AddBitmap(co, "src", 512, false); err != nil {
+			return err
+		}
+		writes := [][2]int64{{0, 512}, {70000, 100}, {1 << 20, 3 << 16}, {4<<20 - 512, 512}}
+		for _, w := range writes {
+			if err := n.Pwritev(co, w[0], bdrv.IOVec{make([]byte, w[1])}, 0); err != nil {
+				return err
+			}
+		}
+		for _, g := range []uint64{512, 4096, 1 << 16} {
+			var want []string
+			for _, w := range writes {
+				start := uint64(w[0]) / g * g
+				end := (uint64(w[0]+w[1]) + g - 1) / g * g
+				want = append(want, fmt.Sprintf("%d+%d", start, end-start))
+			}
+			if g == 1<<16 {
+				// 0+512 and 70000+100 fall in neighbouring granules.
+				want = append([]string{"0+131072"}, want[2:]...)
+			}
+			for _, how := range []string{"native", "ranges"} {
+				name := fmt.Sprintf("%s-%d", how, g)
+				if err := pb.AddBitmap(co, name, g, true); err != nil {
+					return err
+				}
+				src, err := pb.ExportBitmap(co, "src")
+				if err != nil {
+					return err
+				}
+				if how == "ranges" {
+					src = rangesOnly{src}
+				}
+				if err := pb.MergeBitmap(co, name, src); err != nil {
+					return err
+				}
+				got, err := pb.ExportBitmap(co, name)
+				if err != nil {
+					return err
+				}
+				if r := dirtyRanges(got); !slices.Equal(r, want) {
+					t.Errorf("%s: dirty %v, want %v", name, r, want)
+				}
+			}
+		}
+		return nil
+	})
 }

@@ -155,7 +155,7 @@ func TestTruncateWithSnapshots(t *testing.T) {
 			}
 			sh(t, "qemu-img", "snapshot", "-a", "s1", q)
 			bdrvtest.WithNode(t, bdrv.Spec{Filename: o}, func(co *coroutine.Co, n *bdrv.Node) error {
-				return imageOf(t, n).SnapshotApply(co, "s1")
+				return imageOf(t, n).ApplySnapshot(co, "s1")
 			})
 			qcheck(t, o, false)
 			sh(t, "qemu-img", "compare", o, q)

@@ -61,6 +61,22 @@ func (e *HeaderError) Is(target error) bool {
 	return target == ErrInvalid
 }
 
+// notQcow2Error is an open's refusal of a file without qcow2's magic,
+// worded as QEMU's qcow2_open words it; it unwraps to the *HeaderError.
+type notQcow2Error struct{ err error }
+
+func (e *notQcow2Error) Error() string { return "Image is not in qcow2 format" }
+func (e *notQcow2Error) Unwrap() error { return e.err }
+
+// openHeaderError is err from ParseHeader as an open reports it.
+func openHeaderError(err error) error {
+	var he *HeaderError
+	if errors.As(err, &he) && he.Field == "magic" {
+		return &notQcow2Error{err}
+	}
+	return err
+}
+
 func invalid(field, format string, args ...any) error {
 	return &HeaderError{Field: field, Msg: fmt.Sprintf(format, args...)}
 }

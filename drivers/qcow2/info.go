@@ -8,11 +8,10 @@ import (
 )
 
 // What qemu-img info reports about a qcow2 image (QEMU's qcow2_get_info and
-// qcow2_get_specific_info). The methods satisfy the optional interfaces of
-// ublkimg/img (ClusterSizer, DirtyReporter, EncryptionReporter,
-// InfoProvider), which use built-in types only so that this package need not
-// import the tool layer. They read the header as it is on disk and, for
-// bitmaps, the bitmap directory; they change nothing.
+// qcow2_get_specific_info): the methods are bdrv's capabilities
+// ClusterSizer, DirtyReporter, EncryptionReporter and InfoProvider. They
+// read the header as it is on disk and, for bitmaps, the bitmap directory;
+// they change nothing.
 
 // ClusterSize returns the cluster size in bytes ("cluster_size: 65536").
 func (img *Image) ClusterSize() int64 { return int64(img.cs) }

@@ -13,7 +13,7 @@ import (
 // make_completely_empty).
 
 // MakeEmpty drops every cluster of the active layer, so that the image
-// reads through to its backing file again (img.MakeEmptier, QEMU's
+// reads through to its backing file again (bdrv.MakeEmptier, QEMU's
 // qcow2_make_empty). A version 3 image without snapshots, bitmaps, a LUKS
 // header or an external data file whose L1 table fits in one refcount block's range
 // with the header, the refcount table and that block is rewritten to the

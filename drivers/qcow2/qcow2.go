@@ -35,7 +35,10 @@ func init() {
 		Create:           create,
 		CreateOptions:    createOptionSpecs,
 		SupportsBacking:  true,
+		StrongOptions:    []string{OptKeySecret},
 		CompressedWrites: true,
+		Check:            Check,
+		Measure:          measure,
 	})
 }
 
@@ -52,12 +55,10 @@ const (
 	// OptPassDiscardOther discards clusters freed for other reasons (copy
 	// on write of shared clusters, L2 table copies); default off.
 	OptPassDiscardOther = "pass-discard-other"
-	// OptCrashSafeMetadata (not a QEMU option, hence the x- prefix) writes
-	// the metadata a request changed back to the image file before the
-	// request completes, so that a process that dies loses no completed
-	// write while the host kernel (its page cache) survives; default off.
+	// OptCrashSafeMetadata (bdrv's) writes the metadata a request changed
+	// back to the image file before the request completes; default off.
 	// See syncMetadata.
-	OptCrashSafeMetadata = "x-crash-safe-metadata"
+	OptCrashSafeMetadata = bdrv.OptCrashSafeMetadata
 )
 
 // probe recognises a qcow2 header (QEMU's qcow2_probe).
@@ -106,9 +107,10 @@ const (
 	discardOther
 )
 
-// Image is an open qcow2 image: the driver of a qcow2 node. Tools that need
-// qcow2 specifics (info, check, snapshots) find it with
-// node.Driver().(*qcow2.Image).
+// Image is an open qcow2 image: the driver of a qcow2 node. Besides the I/O
+// of bdrv.Driver it has the image capabilities bdrv defines for the verbs
+// (info, snapshots, amend, bitmaps, make-empty, backing file changes);
+// nothing outside this package needs its type.
 type Image struct {
 	node *bdrv.Node
 	// file is the protocol node holding the image; data holds guest data:
@@ -286,7 +288,7 @@ func (img *Image) openLocked(co *coroutine.Co, opts bdrv.Options, repaired bool)
 	}
 	h, err := ParseHeader(head, flen)
 	if err != nil {
-		return err
+		return openHeaderError(err)
 	}
 	img.hdr = h
 	img.g = h.Geometry()

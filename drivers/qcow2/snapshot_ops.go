@@ -30,11 +30,17 @@ import (
 // table; it matches unix.ENOENT.
 var ErrSnapshotNotFound = fmt.Errorf("snapshot not found: %w", unix.ENOENT)
 
-// SnapshotList returns the snapshot table as it currently is.
-func (img *Image) SnapshotList(co *coroutine.Co) []Snapshot {
+// ListSnapshots returns the snapshot table as it currently is, as the verbs
+// list it (bdrv.Snapshotter).
+func (img *Image) ListSnapshots(co *coroutine.Co) ([]bdrv.SnapshotInfo, error) {
 	img.meta.Lock(co)
 	defer img.meta.Unlock(co)
-	return slices.Clone(img.snapshots)
+	out := make([]bdrv.SnapshotInfo, 0, len(img.snapshots))
+	for _, s := range img.snapshots {
+		out = append(out, bdrv.SnapshotInfo{ID: s.ID, Name: s.Name, VMStateSize: s.VMStateSize,
+			DateSec: int64(s.DateSec), DateNsec: int64(s.DateNsec), VMClockNsec: s.VMClockNsec, Icount: s.Icount})
+	}
+	return out, nil
 }
 
 // snapshotUsableLocked refuses snapshot changes QEMU refuses.
@@ -66,18 +72,18 @@ func (img *Image) syncAllLocked(co *coroutine.Co) error {
 	return img.file.Flush(co)
 }
 
-// SnapshotCreate takes an internal snapshot named name of the current
+// CreateSnapshot takes an internal snapshot named name of the current
 // state (QEMU's qcow2_snapshot_create, without VM state): the snapshot gets
 // the next free numeric ID, the current date, VM clock 0 and the current
 // disk size. Names need not be unique, as in QEMU.
-func (img *Image) SnapshotCreate(co *coroutine.Co, name string) error {
+func (img *Image) CreateSnapshot(co *coroutine.Co, name string) error {
 	now := time.Now()
-	return img.SnapshotCreateAt(co, name, now.Unix(), uint32(now.Nanosecond()/1000*1000))
+	return img.CreateSnapshotAt(co, name, now.Unix(), uint32(now.Nanosecond()/1000*1000))
 }
 
-// SnapshotCreateAt is SnapshotCreate with the date given (seconds and
+// CreateSnapshotAt is CreateSnapshot with the date given (seconds and
 // nanoseconds since the epoch).
-func (img *Image) SnapshotCreateAt(co *coroutine.Co, name string, sec int64, nsec uint32) error {
+func (img *Image) CreateSnapshotAt(co *coroutine.Co, name string, sec int64, nsec uint32) error {
 	img.meta.Lock(co)
 	defer img.meta.Unlock(co)
 	if err := img.snapshotUsableLocked(); err != nil {
@@ -389,11 +395,11 @@ func (img *Image) readSnapshotL1Locked(co *coroutine.Co, s Snapshot, n int) ([]u
 	return l1, nil
 }
 
-// SnapshotApply reverts the image to the snapshot whose ID, or else name,
+// ApplySnapshot reverts the image to the snapshot whose ID, or else name,
 // is idOrName (QEMU's qcow2_snapshot_goto): the active L1 table becomes a
 // copy of the snapshot's, and the image takes the snapshot's disk size.
 // It fails with ErrSnapshotNotFound when there is no such snapshot.
-func (img *Image) SnapshotApply(co *coroutine.Co, idOrName string) error {
+func (img *Image) ApplySnapshot(co *coroutine.Co, idOrName string) error {
 	img.meta.Lock(co)
 	defer img.meta.Unlock(co)
 	if err := img.snapshotUsableLocked(); err != nil {
@@ -472,12 +478,18 @@ func (img *Image) rebuildActiveL2MapLocked() {
 	img.addMetaTables(img.l1, L1OffsetMask, mkActiveL2)
 }
 
-// SnapshotDelete deletes the first snapshot matching id and name ("" matches
+// DeleteSnapshot deletes the first snapshot named name (bdrv.Snapshotter;
+// qemu-img snapshot -d looks snapshots up by name).
+func (img *Image) DeleteSnapshot(co *coroutine.Co, name string) error {
+	return img.deleteSnapshot(co, "", name)
+}
+
+// deleteSnapshot deletes the first snapshot matching id and name ("" matches
 // any) (QEMU's qcow2_snapshot_delete): the snapshot table without it is
 // written first, then the references its L1 table held are dropped, its L1
 // table freed and the active COPIED flags brought up to date. It fails with
 // ErrSnapshotNotFound when no snapshot matches.
-func (img *Image) SnapshotDelete(co *coroutine.Co, id, name string) error {
+func (img *Image) deleteSnapshot(co *coroutine.Co, id, name string) error {
 	img.meta.Lock(co)
 	defer img.meta.Unlock(co)
 	if err := img.snapshotUsableLocked(); err != nil {

@@ -62,14 +62,14 @@ func TestSnapshotOps(t *testing.T) {
 					}
 				}
 				snap := func(name string) {
-					if err := q.SnapshotCreate(co, name); err != nil {
+					if err := q.CreateSnapshot(co, name); err != nil {
 						panic(err)
 					}
 					b, err := readAll(co, n)
 					if err != nil {
 						panic(err)
 					}
-					l := q.SnapshotList(co)
+					l, _ := q.ListSnapshots(co)
 					want[l[len(l)-1].ID] = b
 				}
 				snap("s1")
@@ -88,7 +88,7 @@ func TestSnapshotOps(t *testing.T) {
 				w(7<<20, 6, 1<<20, 0)
 				b, _ := readAll(co, n)
 				want["active"] = b
-				if got := q.SnapshotList(co); len(got) != 3 || got[2].ID != "3" || got[2].Name != "s1" {
+				if got, _ := q.ListSnapshots(co); len(got) != 3 || got[2].ID != "3" || got[2].Name != "s1" {
 					panic(fmt.Sprintf("snapshot list %+v", got))
 				}
 				return nil
@@ -118,16 +118,16 @@ func TestSnapshotOps(t *testing.T) {
 			sh(t, "qemu-img", "snapshot", "-d", "s1", theirs)
 			bdrvtest.WithNode(t, spec, func(co *coroutine.Co, n *bdrv.Node) error {
 				q := imageOf(t, n)
-				if err := q.SnapshotApply(co, "2"); err != nil {
+				if err := q.ApplySnapshot(co, "2"); err != nil {
 					return err
 				}
 				if b, _ := readAll(co, n); !bytes.Equal(b, want["2"]) {
 					panic(fmt.Sprintf("after apply: differs at %d", firstDiff(b, want["2"])))
 				}
-				if err := q.SnapshotDelete(co, "", "s1"); err != nil {
+				if err := q.DeleteSnapshot(co, "s1"); err != nil {
 					return err
 				}
-				if err := q.SnapshotApply(co, "nope"); !errors.Is(err, unix.ENOENT) {
+				if err := q.ApplySnapshot(co, "nope"); !errors.Is(err, unix.ENOENT) {
 					panic(fmt.Sprintf("apply nope: %v", err))
 				}
 				return nil
@@ -141,8 +141,12 @@ func TestSnapshotOps(t *testing.T) {
 			// writable in place.
 			bdrvtest.WithNode(t, spec, func(co *coroutine.Co, n *bdrv.Node) error {
 				q := imageOf(t, n)
-				for _, s := range q.SnapshotList(co) {
-					if err := q.SnapshotDelete(co, s.ID, ""); err != nil {
+				snaps, err := q.ListSnapshots(co)
+				if err != nil {
+					return err
+				}
+				for _, s := range snaps {
+					if err := q.DeleteSnapshot(co, s.Name); err != nil {
 						return err
 					}
 				}
@@ -172,10 +176,10 @@ func TestSnapshotQemuMade(t *testing.T) {
 	sh(t, "qemu-img", "snapshot", "-d", "b", theirs)
 	bdrvtest.WithNode(t, bdrv.Spec{Filename: path}, func(co *coroutine.Co, n *bdrv.Node) error {
 		q := imageOf(t, n)
-		if err := q.SnapshotApply(co, "a"); err != nil {
+		if err := q.ApplySnapshot(co, "a"); err != nil {
 			return err
 		}
-		return q.SnapshotDelete(co, "", "b")
+		return q.DeleteSnapshot(co, "b")
 	})
 	qcheck(t, path, false)
 	sh(t, "qemu-img", "compare", path, theirs)
@@ -192,7 +196,7 @@ func TestSnapshotRefused(t *testing.T) {
 	dir := t.TempDir()
 	path := qimg(t, filepath.Join(dir, "d.qcow2"), "1M", "-o", "data_file="+filepath.Join(dir, "d.raw"))
 	bdrvtest.WithNode(t, bdrv.Spec{Filename: path}, func(co *coroutine.Co, n *bdrv.Node) error {
-		if err := imageOf(t, n).SnapshotCreate(co, "x"); !errors.Is(err, unix.ENOTSUP) {
+		if err := imageOf(t, n).CreateSnapshot(co, "x"); !errors.Is(err, unix.ENOTSUP) {
 			panic(fmt.Sprintf("data file: %v", err))
 		}
 		return nil
@@ -200,7 +204,7 @@ func TestSnapshotRefused(t *testing.T) {
 	path = qimg(t, filepath.Join(dir, "r.qcow2"), "1M", "-o", "refcount_bits=1")
 	qio(t, path, "write -P 1 0 128k")
 	bdrvtest.WithNode(t, bdrv.Spec{Filename: path}, func(co *coroutine.Co, n *bdrv.Node) error {
-		if err := imageOf(t, n).SnapshotCreate(co, "x"); !errors.Is(err, unix.ERANGE) {
+		if err := imageOf(t, n).CreateSnapshot(co, "x"); !errors.Is(err, unix.ERANGE) {
 			panic(fmt.Sprintf("refcount_bits=1: %v", err))
 		}
 		return nil

@@ -20,6 +20,8 @@ func init() {
 		Create:        create,
 		CreateOptions: bdrv.ProtocolCreateOptions,
 		DataOnly:      true,
+		StrongOptions: []string{OptOffset, OptSize},
+		Measure:       measure,
 	})
 }
 
@@ -70,6 +72,22 @@ func (d *driver) OpenOptions() []string { return []string{OptOffset, OptSize} }
 
 func create(co *coroutine.Co, req *bdrv.CreateRequest) error {
 	return bdrv.Create(co, "file", req)
+}
+
+// measure is QEMU's raw_measure: the input's length, or the size asked
+// for, in whole sectors, all of it written.
+func measure(co *coroutine.Co, o bdrv.Options, in *bdrv.Node) (*bdrv.MeasureInfo, error) {
+	req := int64(0)
+	if in != nil {
+		req = in.SectorLength()
+	} else {
+		var err error
+		if req, err = o.Size("size", 0); err != nil {
+			return nil, err
+		}
+	}
+	req = (req + 511) &^ 511
+	return &bdrv.MeasureInfo{Required: req, FullyAllocated: req}, nil
 }
 
 func (d *driver) Preadv(co *coroutine.Co, off int64, iov bdrv.IOVec, flags bdrv.ReqFlags) error {
