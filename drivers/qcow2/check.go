@@ -1035,7 +1035,9 @@ func (c *chkState) loadBitmapList() ([]Bitmap, error) {
 			b.TableSize > MaxBitmapTableEntries || b.GranularityBits > MaxBitmapGranularity ||
 			b.GranularityBits < MinBitmapGranularity || b.Flags&bitmapReservedFlags != 0 ||
 			nameSize > MaxBitmapNameSize || b.Type != BitmapTypeDirtyTracking ||
-			phys > maxBitmapPhysSize || c.diskSize > (phys*8)<<b.GranularityBits {
+			phys > maxBitmapPhysSize || !b.InUse() && c.diskSize > (phys*8)<<b.GranularityBits {
+			// An in-use bitmap may be too small for the disk: it was
+			// not saved after a resize, and is unreliable anyway.
 			return nil, unix.EINVAL
 		}
 		b.Name = string(e[bitmapEntryFixed : bitmapEntryFixed+nameSize])
