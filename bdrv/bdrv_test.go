@@ -303,13 +303,7 @@ func TestOpenErrors(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			err := coroutine.Run(func(co *coroutine.Co) error {
-				n, err := bdrv.Open(co, c.spec)
-				if err == nil {
-					n.Close(co)
-				}
-				return err
-			})
+			err := bdrvtest.OpenError(c.spec)
 			if err == nil || !strings.Contains(err.Error(), c.want) {
 				t.Fatalf("error %v, want it to contain %q", err, c.want)
 			}
@@ -339,13 +333,7 @@ func TestOpenSpecialFiles(t *testing.T) {
 		for _, ro := range []bool{true, false} {
 			done := make(chan error, 1)
 			go func() {
-				done <- coroutine.Run(func(co *coroutine.Co) error {
-					n, err := bdrv.Open(co, bdrv.Spec{Filename: name, ReadOnly: ro})
-					if err == nil {
-						n.Close(co)
-					}
-					return err
-				})
+				done <- bdrvtest.OpenError(bdrv.Spec{Filename: name, ReadOnly: ro})
 			}()
 			select {
 			case err := <-done:
@@ -401,13 +389,7 @@ func TestImageLockingWithQEMU(t *testing.T) {
 	// qemu-io writing the raw image (sharing everything) holds byte 101
 	// only: we do not share writing, so we cannot open it.
 	qemutest.HoldWithQemuIO(t, path, []int{101}, "-f", "raw")
-	err := coroutine.Run(func(co *coroutine.Co) error {
-		n, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: "raw"})
-		if err == nil {
-			n.Close(co)
-		}
-		return err
-	})
+	err := bdrvtest.OpenError(bdrv.Spec{Filename: path, Format: "raw"})
 	if err == nil || err.Error() != `Failed to get shared "write" lock` || !errors.Is(err, bdrv.ErrLocked) {
 		t.Fatalf("opening an image qemu-io holds: %v", err)
 	}

@@ -42,3 +42,15 @@ func withNode(t testing.TB, spec bdrv.Spec, fn func(co *coroutine.Co, n *bdrv.No
 		t.Fatal(err)
 	}
 }
+
+// OpenError opens spec on a private loop, closes the node at once if it
+// opened, and returns the open's error: for tests of what an open refuses.
+func OpenError(spec bdrv.Spec) error {
+	return coroutine.Run(func(co *coroutine.Co) error {
+		n, err := bdrv.Open(co, spec)
+		if err == nil {
+			n.Close(co)
+		}
+		return err
+	})
+}

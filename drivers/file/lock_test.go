@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"ublkimg/bdrv"
+	"ublkimg/bdrv/bdrvtest"
 	"ublkimg/coroutine"
 	_ "ublkimg/drivers/file"
 	_ "ublkimg/drivers/raw"
@@ -105,13 +106,7 @@ func TestRefusedOpenKeepsNoLocks(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	err = coroutine.Run(func(co *coroutine.Co) error {
-		n, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: "raw"})
-		if err == nil {
-			n.Close(co)
-		}
-		return err
-	})
+	err = bdrvtest.OpenError(bdrv.Spec{Filename: path, Format: "raw"})
 	if !errors.Is(err, bdrv.ErrLocked) || err.Error() != `Failed to get "write" lock` {
 		t.Fatalf("open: %v", err)
 	}

@@ -232,13 +232,7 @@ func TestOpenErrors(t *testing.T) {
 		{variant("stripes", func(b []byte) []byte { b[208+44] = 0xff; return b }), nil, "Keyslot 0 is corrupted"},
 		{variant("keyoff", func(b []byte) []byte { b[208+40] = 0x7f; return b }), nil, "Keyslot 0 is overlapping with the encrypted payload"},
 	} {
-		err := coroutine.Run(func(co *coroutine.Co) error {
-			n, err := bdrv.Open(co, bdrv.Spec{Filename: tc.path, Format: "luks", Options: tc.opts})
-			if err == nil {
-				n.Close(co)
-			}
-			return err
-		})
+		err := bdrvtest.OpenError(bdrv.Spec{Filename: tc.path, Format: "luks", Options: tc.opts})
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s %v: %v, want %q", filepath.Base(tc.path), tc.opts, err, tc.want)
 		}
@@ -265,13 +259,7 @@ func FuzzOpen(f *testing.F) {
 		if err := os.Truncate(p, max(int64(len(head)), min(size, 1<<30))); err != nil {
 			t.Fatal(err)
 		}
-		coroutine.Run(func(co *coroutine.Co) error {
-			n, err := bdrv.Open(co, bdrv.Spec{Filename: p, Format: "luks", ReadOnly: true, NoIO: true})
-			if err == nil {
-				n.Close(co)
-			}
-			return err
-		})
+		bdrvtest.OpenError(bdrv.Spec{Filename: p, Format: "luks", ReadOnly: true, NoIO: true})
 	})
 }
 
