@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"path/filepath"
 	"runtime"
 	"sync"
@@ -242,10 +243,30 @@ func TestZeroFallbackAcrossLoops(t *testing.T) {
 	}
 }
 
+// storageDirs are the directories the I/O tests run in, by the path they
+// take: t.TempDir() on the disk's file system (the ring) and a directory on
+// /dev/shm (tmpfs: the synchronous path, see memoryBacked).
+func storageDirs(t *testing.T) map[string]string {
+	t.Helper()
+	shm, err := os.MkdirTemp("/dev/shm", "ublkimg-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(shm) })
+	return map[string]string{"ring": t.TempDir(), "inline": shm}
+}
+
 // TestManySegments moves vectors of more buffers than one request may
 // carry (UIO_MAXIOV, 1024): the rest goes out after the short transfer.
+// A read across the end of the file leaves zeros past it. Both paths: the
+// ring, and synchronous calls on tmpfs.
 func TestManySegments(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "img")
+	for path, dir := range storageDirs(t) {
+		t.Run(path, func(t *testing.T) { manySegments(t, filepath.Join(dir, "img"), path == "inline") })
+	}
+}
+
+func manySegments(t *testing.T, path string, inline bool) {
 	const segs, segLen = 2500, 3
 	err := coroutine.Run(func(co *coroutine.Co) error {
 		if err := bdrv.Create(co, "file", &bdrv.CreateRequest{Filename: path, Size: segs * segLen}); err != nil {
@@ -256,6 +277,9 @@ func TestManySegments(t *testing.T) {
 			return err
 		}
 		defer node.Close(co)
+		if got := node.Driver().(*driver).inline; got != inline {
+			return fmt.Errorf("inline is %v on %s, want %v", got, path, inline)
+		}
 		want := make([]byte, segs*segLen)
 		for i := range want {
 			want[i] = byte(i*7 + 1)
@@ -274,6 +298,16 @@ func TestManySegments(t *testing.T) {
 		}
 		if !bytes.Equal(got, want) {
 			return fmt.Errorf("%d segments read back wrong", segs)
+		}
+		tail := bytes.Repeat([]byte{0xaa}, 4096)
+		if err := node.Preadv(co, int64(len(want))-100, bdrv.IOVec{tail}, 0); err != nil {
+			return fmt.Errorf("read across the end: %w", err)
+		}
+		if !bytes.Equal(tail[:100], want[len(want)-100:]) || !bytes.Equal(tail[100:], make([]byte, 4096-100)) {
+			return fmt.Errorf("read across the end: not the data then zeros")
+		}
+		if err := node.Flush(co); err != nil {
+			return fmt.Errorf("flush: %w", err)
 		}
 		return nil
 	})
