@@ -52,6 +52,15 @@ type driver struct {
 	// an io-wq worker thread; the driver does them synchronously on the
 	// calling thread instead (see memoryBacked).
 	inline bool
+	// eof orders the requests that extend the file, as QEMU's
+	// raw_do_pwrite_zeroes does: a write-zeroes past the end of the
+	// file (fallocate growing it) runs alone, writes past the end share
+	// the lock. XFS loses writes past the end that race with such an
+	// fallocate, and ext4 allocates the blocks of concurrent extending
+	// fallocates out of order, fragmenting a growing qcow2 image (1490
+	// extents instead of 14 for 100000 allocating 4 KiB writes, and
+	// writeback then costs twice as long).
+	eof coroutine.RWMutex
 }
 
 func open(co *coroutine.Co, n *bdrv.Node, opts bdrv.Options) (bdrv.Driver, error) {

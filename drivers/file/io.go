@@ -28,6 +28,10 @@ func (d *driver) Preadv(co *coroutine.Co, off int64, iov bdrv.IOVec, flags bdrv.
 
 // Pwritev implements bdrv.Driver.
 func (d *driver) Pwritev(co *coroutine.Co, off int64, iov bdrv.IOVec, flags bdrv.ReqFlags) error {
+	if !d.blockDev && off+iov.Len() > d.node.Length() {
+		d.eof.RLock(co)
+		defer d.eof.RUnlock(co)
+	}
 	if d.needsBounce(iov) {
 		buf := bdrv.AlignedBuffer(int(iov.Len()), int(d.align))
 		iov.CopyTo(buf, 0)
@@ -223,6 +227,10 @@ func (d *driver) PwriteZeroes(co *coroutine.Co, off, bytes int64, flags bdrv.Req
 	mode := uint32(unix.FALLOC_FL_ZERO_RANGE)
 	if d.blockDev {
 		mode |= unix.FALLOC_FL_KEEP_SIZE
+	}
+	if !d.blockDev && end > d.node.Length() {
+		d.eof.Lock(co)
+		defer d.eof.Unlock(co)
 	}
 	err := d.fallocate(co, mode, off, bytes)
 	if err != nil && unsupported(err) {

@@ -315,3 +315,107 @@ func manySegments(t *testing.T, path string, inline bool) {
 		t.Fatal(err)
 	}
 }
+
+// TestExtendingWrites grows a file the way an allocating qcow2 writer does:
+// each 64 KiB cluster past the end is zeroed (fallocate growing the file),
+// then written in 4 KiB pieces, 32 requests in flight on two loops. The
+// zero-writes past the end run alone and the extending writes share the
+// eof lock; every byte must read back as written, on both paths.
+func TestExtendingWrites(t *testing.T) {
+	const (
+		cluster  = 64 << 10
+		piece    = 4 << 10
+		clusters = 48
+		workers  = 16
+	)
+	for path, dir := range storageDirs(t) {
+		t.Run(path, func(t *testing.T) {
+			p := filepath.Join(dir, "img")
+			loops := startLoops(t, 2)
+			err := loops[0].Call(func(co *coroutine.Co) error {
+				return bdrv.Create(co, "file", &bdrv.CreateRequest{Filename: p, Size: 0})
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			node := openFile(t, loops[0], p)
+			// Pieces are handed out in order; the first piece of each
+			// cluster zeroes the cluster first, the others wait for it.
+			var mu sync.Mutex
+			next := 0
+			zeroed := make([]chan struct{}, clusters)
+			for i := range zeroed {
+				zeroed[i] = make(chan struct{})
+			}
+			errc := make(chan error, 2*workers)
+			for _, l := range loops {
+				for range workers {
+					l.Spawn(func(co *coroutine.Co) {
+						buf := bdrv.AlignedBuffer(piece, 4096)
+						for {
+							mu.Lock()
+							i := next
+							next++
+							mu.Unlock()
+							if i >= clusters*cluster/piece {
+								errc <- nil
+								return
+							}
+							c := i * piece / cluster
+							if i*piece%cluster == 0 {
+								if err := node.PwriteZeroes(co, int64(c*cluster), cluster, 0); err != nil {
+									errc <- err
+									return
+								}
+								close(zeroed[c])
+							} else {
+								for waiting := true; waiting; {
+									select {
+									case <-zeroed[c]:
+										waiting = false
+									default:
+										co.Yield()
+									}
+								}
+							}
+							// The last piece of every other cluster stays zero.
+							if c%2 == 1 && (i+1)*piece%cluster == 0 {
+								continue
+							}
+							for j := range buf {
+								buf[j] = byte(i + 1)
+							}
+							if err := node.Pwritev(co, int64(i*piece), bdrv.IOVec{buf}, 0); err != nil {
+								errc <- err
+								return
+							}
+						}
+					})
+				}
+			}
+			for range 2 * workers {
+				if err := <-errc; err != nil {
+					t.Fatal(err)
+				}
+			}
+			got, err := os.ReadFile(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(got) != clusters*cluster {
+				t.Fatalf("file is %d bytes, want %d", len(got), clusters*cluster)
+			}
+			for i := range clusters * cluster / piece {
+				want := byte(i + 1)
+				if c := i * piece / cluster; c%2 == 1 && (i+1)*piece%cluster == 0 {
+					want = 0
+				}
+				for j, b := range got[i*piece : (i+1)*piece] {
+					if b != want {
+						t.Fatalf("byte %d is %#x, want %#x", i*piece+j, b, want)
+					}
+				}
+			}
+		})
+	}
+}
