@@ -149,7 +149,10 @@ func attachAction(c *cli.Context) error {
 	}
 	// Check what the caller can fix before starting a server, so each
 	// mistake gets its own line from here.
-	return runServer(c, o, c.Args().First(), func(*ublk.Ctrl) error {
+	return runServer(c, o, c.Args().First(), func() error {
+		if err := ublk.CheckCtrl(); err != nil {
+			return err
+		}
 		if _, err := os.Stat(o.image); err != nil && !strings.Contains(o.image, "://") {
 			return fmt.Errorf("Could not open '%s': %w", o.image, errnoText(err))
 		}
@@ -158,20 +161,13 @@ func attachAction(c *cli.Context) error {
 }
 
 // runServer runs the server of attach or recover: in this process with
-// --foreground, else in the background once check (given the control
-// device, which must open) passed. image is the image argument, "" if none
+// --foreground, else in the background once check passed. image is the image argument, "" if none
 // (an --image-opts string is marked, img.ImageOptsName).
-func runServer(c *cli.Context, o *attachOptions, image string, check func(*ublk.Ctrl) error) error {
+func runServer(c *cli.Context, o *attachOptions, image string, check func() error) error {
 	if c.Bool("foreground") {
 		return serveForeground(o)
 	}
-	ctrl, err := ublk.OpenCtrl()
-	if err != nil {
-		return err
-	}
-	err = check(ctrl)
-	ctrl.Close()
-	if err != nil {
+	if err := check(); err != nil {
 		return err
 	}
 	return startBackground(c, image)
