@@ -60,7 +60,7 @@ func attachCommand() *cli.Command {
 			&cli.IntFlag{Name: "id", Value: -1, Usage: "device number N of /dev/ublkbN (-1: the first free)"},
 			&cli.IntFlag{Name: "block-size", Value: ublk.DefaultBlockSize, Usage: "logical block size: 512 or 4096"},
 			&cli.BoolFlag{Name: "user-copy", Usage: "move data with UBLK_F_USER_COPY instead of per-tag buffers"},
-			&cli.DurationFlag{Name: "poll-max", Usage: "let queue threads poll for up to `DURATION` (e.g. 50us) before sleeping: lower latency, more CPU while busy; 0 never polls"},
+			&cli.DurationFlag{Name: "poll-max", Value: ublk.DefaultPollMax, Usage: "let queue threads poll for up to `DURATION` before sleeping (adaptive: only while requests come faster): lower latency, more CPU while busy; 0 never polls"},
 			&cli.BoolFlag{Name: "recovery", Usage: "keep the device when the server dies (I/O waits) so that ublkimg recover can serve it again; a qcow2 image then writes the metadata a write changed back before acknowledging it (x-crash-safe-metadata=on)"},
 			&cli.BoolFlag{Name: "foreground", Usage: "serve in this process until SIGTERM or SIGINT"},
 		},
