@@ -436,7 +436,7 @@ func chart(r *Report, out string) error {
 	if err := os.WriteFile(datPath, []byte(dat.String()), 0o644); err != nil {
 		return err
 	}
-	gp := fmt.Sprintf(`set terminal pngcairo size 1100,600 noenhanced
+	gp := fmt.Sprintf(`set terminal pngcairo size 1300,600 noenhanced
 set output %q
 set title "IOPS by device (%s, %s, %d vCPUs, %d s runs)"
 set style data histograms
@@ -445,7 +445,7 @@ set style fill solid 0.8 border -1
 set logscale y
 set ylabel "IOPS (log)"
 set xtics rotate by -20
-set key top right
+set key outside right top
 set grid ytics
 plot for [i=2:%d] %q using i:xtic(1) title columnheader(i)
 `, filepath.Join(out, "results.png"), r.Kernel, r.Accel, r.CPUs, r.RuntimeS, len(r.Devices)+1, datPath)
