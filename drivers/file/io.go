@@ -147,17 +147,17 @@ func singleBuffer(iov bdrv.IOVec) ([]byte, bool) {
 	return only, true
 }
 
-// result turns a system call's outcome into a CQE result.
+// result turns a system call's outcome into a CQE result. unix returns
+// its errors as a bare Errno (errors.As would move a target to the heap on
+// every request).
 func result(n int, err error) int32 {
-	var errno unix.Errno
-	switch {
-	case err == nil:
+	if err == nil {
 		return int32(n)
-	case errors.As(err, &errno):
-		return -int32(errno)
-	default:
-		return -int32(unix.EIO)
 	}
+	if errno, ok := err.(unix.Errno); ok {
+		return -int32(errno)
+	}
+	return -int32(unix.EIO)
 }
 
 // maxCanceledRetries bounds the resubmissions of a request the kernel
