@@ -111,14 +111,9 @@ type Ctrl struct {
 // fails with ErrNoDriver when the control device does not exist and with
 // ErrPermission when the caller may not open it.
 func OpenCtrl() (*Ctrl, error) {
-	fd, err := unix.Open(ControlPath, unix.O_RDWR|unix.O_CLOEXEC, 0)
-	switch {
-	case errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENODEV) || errors.Is(err, unix.ENXIO):
-		return nil, ErrNoDriver
-	case errors.Is(err, unix.EACCES) || errors.Is(err, unix.EPERM):
-		return nil, ErrPermission
-	case err != nil:
-		return nil, fmt.Errorf("opening %s: %w", ControlPath, err)
+	fd, err := openControl()
+	if err != nil {
+		return nil, err
 	}
 	loop, err := coroutine.Start(coroutine.Config{Entries: 16, SQE128: true})
 	if err != nil {
@@ -139,6 +134,31 @@ func OpenCtrl() (*Ctrl, error) {
 		return nil, &CmdError{Op: "GET_FEATURES", DevID: -1, Errno: unix.Errno(-res)}
 	}
 	return c, nil
+}
+
+// openControl opens ControlPath, with the errors OpenCtrl documents.
+func openControl() (int, error) {
+	fd, err := unix.Open(ControlPath, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	switch {
+	case errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENODEV) || errors.Is(err, unix.ENXIO):
+		return -1, ErrNoDriver
+	case errors.Is(err, unix.EACCES) || errors.Is(err, unix.EPERM):
+		return -1, ErrPermission
+	case err != nil:
+		return -1, fmt.Errorf("opening %s: %w", ControlPath, err)
+	}
+	return fd, nil
+}
+
+// CheckCtrl reports whether the control device opens, with OpenCtrl's
+// errors, without setting up a ring for commands: the cheap check of a
+// command that leaves the commands to another process.
+func CheckCtrl() error {
+	fd, err := openControl()
+	if err != nil {
+		return err
+	}
+	return unix.Close(fd)
 }
 
 // Close releases the control device. It may be called more than once.

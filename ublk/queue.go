@@ -82,6 +82,13 @@ func newQueue(d *Device, id uint16) (*queue, error) {
 		return nil, fmt.Errorf("allocating buffers of queue %d: %w", id, err)
 	}
 	q.bufs = bufs
+	// Transparent huge pages would defeat that: where THP is "always"
+	// (Debian's kernels), the first 4 KiB request of a tag faults in
+	// 2 MiB. A kernel without THP refuses the advice (EINVAL).
+	if err := unix.Madvise(bufs, unix.MADV_NOHUGEPAGE); err != nil && !errors.Is(err, unix.EINVAL) {
+		q.unmap()
+		return nil, fmt.Errorf("allocating buffers of queue %d: madvise: %w", id, err)
+	}
 	q.tags = make([]tag, depth)
 	for i := range q.tags {
 		t := &q.tags[i]

@@ -3,6 +3,7 @@ package ublk
 import (
 	"bytes"
 	"fmt"
+	"os"
 	"path/filepath"
 	"testing"
 
@@ -19,28 +20,38 @@ import (
 // cache=none (attach's default) and writeback. The ublk commands around
 // them need the kernel and are left out.
 func TestHandleAllocs(t *testing.T) {
-	for _, format := range []string{"raw", "qcow2"} {
-		for _, cache := range []bdrv.CacheMode{bdrv.CacheNone, bdrv.CacheWriteback} {
-			t.Run(format+"/"+cache.String(), func(t *testing.T) {
-				path := filepath.Join(t.TempDir(), "img")
-				err := coroutine.Run(func(co *coroutine.Co) error {
-					if err := bdrv.Create(co, format, &bdrv.CreateRequest{Filename: path, Size: 16 << 20}); err != nil {
+	// t.TempDir is on a disk file system (the ring), /dev/shm on tmpfs
+	// (the file driver's synchronous path).
+	shm, err := os.MkdirTemp("/dev/shm", "ublkimg-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(shm)
+	dirs := map[string]string{"disk": t.TempDir(), "tmpfs": shm}
+	for _, storage := range []string{"disk", "tmpfs"} {
+		for _, format := range []string{"raw", "qcow2"} {
+			for _, cache := range []bdrv.CacheMode{bdrv.CacheNone, bdrv.CacheWriteback} {
+				t.Run(storage+"/"+format+"/"+cache.String(), func(t *testing.T) {
+					path := filepath.Join(dirs[storage], format+"-"+cache.String())
+					err := coroutine.Run(func(co *coroutine.Co) error {
+						if err := bdrv.Create(co, format, &bdrv.CreateRequest{Filename: path, Size: 16 << 20}); err != nil {
+							return err
+						}
+						node, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: format, Cache: cache})
+						if err != nil {
+							return err
+						}
+						err = handleAllocs(t, co, node)
+						if cerr := node.Close(co); err == nil {
+							err = cerr
+						}
 						return err
-					}
-					node, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: format, Cache: cache})
+					})
 					if err != nil {
-						return err
+						t.Fatal(err)
 					}
-					err = handleAllocs(t, co, node)
-					if cerr := node.Close(co); err == nil {
-						err = cerr
-					}
-					return err
 				})
-				if err != nil {
-					t.Fatal(err)
-				}
-			})
+			}
 		}
 	}
 }

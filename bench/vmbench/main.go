@@ -34,7 +34,7 @@ import (
 //go:embed guest.sh
 var guestScript string
 
-// jobs are the fio runs: name:rw:bs:iodepth.
+// jobs are the fio runs: name:rw:bs:iodepth[:numjobs].
 var jobs = []string{
 	"seqwrite-128k:write:128k:4",
 	"seqread-128k:read:128k:4",
@@ -42,6 +42,18 @@ var jobs = []string{
 	"randread-4k-qd16:randread:4k:16",
 	"randwrite-4k-qd1:randwrite:4k:1",
 	"randwrite-4k-qd16:randwrite:4k:16",
+	// Images in the guest's tmpfs (as in /tmp or /dev/shm of CI jobs and
+	// sandboxes), which cannot do non-blocking I/O.
+	"tmpfs-randread-4k-qd1:randread:4k:1",
+	"tmpfs-randread-4k-qd16:randread:4k:16",
+	"tmpfs-randwrite-4k-qd16:randwrite:4k:16",
+}
+
+// extraJobs run only when -jobs names them. The queue-scaling run:
+//
+//	go run ./bench/vmbench -cpus 4 -devices ublk-raw+q1,ublk-raw+q2,ublk-raw+q4,loop -jobs randread-4k-qd32-j4
+var extraJobs = []string{
+	"randread-4k-qd32-j4:randread:4k:32:4", // 4 fio jobs (threads), depth 32 each
 }
 
 // Result is one fio run in results.json.
@@ -61,18 +73,21 @@ type Result struct {
 
 // Report is results.json.
 type Report struct {
-	Date      time.Time          `json:"date"`
-	Kernel    string             `json:"kernel"`
-	Accel     string             `json:"accel"`
-	CPUs      int                `json:"cpus"`
-	RuntimeS  int                `json:"runtime_s"`
-	Passes    int                `json:"passes"`
-	Size      string             `json:"size"`
-	Storage   string             `json:"storage"`
-	Devices   []string           `json:"devices"`
-	Jobs      []string           `json:"jobs"`
-	Results   []Result           `json:"results"`
-	RSSKiB    map[string]float64 `json:"rss_kib"`
+	Date     time.Time          `json:"date"`
+	Kernel   string             `json:"kernel"`
+	Accel    string             `json:"accel"`
+	CPUs     int                `json:"cpus"`
+	RuntimeS int                `json:"runtime_s"`
+	Passes   int                `json:"passes"`
+	Size     string             `json:"size"`
+	Storage  string             `json:"storage"`
+	Devices  []string           `json:"devices"`
+	Jobs     []string           `json:"jobs"`
+	Results  []Result           `json:"results"`
+	RSSKiB   map[string]float64 `json:"rss_kib"`
+	// Attach holds the attach and detach times in ms by device kind:
+	// KIND.attach_ms (median), KIND.attach_min_ms, KIND.detach_ms, ...
+	Attach    map[string]float64 `json:"attach_ms,omitempty"`
 	Ratios    map[string]float64 `json:"ratios"`
 	Failures  []string           `json:"failures,omitempty"`
 	HostLoad  string             `json:"host_loadavg"`
@@ -91,10 +106,12 @@ func main() {
 	only := flag.String("jobs", "", "comma-separated job names to run (default: all)")
 	storage := flag.String("storage", "disk", "where the images live: disk (ext4 on a virtio disk) or tmpfs")
 	passes := flag.Int("passes", 2, "runs of every device and job; the best counts")
+	attach := flag.Int("attach", 10, "rounds of attach/detach timing per device kind (ublk, loop, nbd); 0: none")
+	base := flag.String("base", "", "a static ublkimg binary (CGO_ENABLED=0) to compare with: devices ublk-*+base run it")
 	flag.Parse()
 	if *only != "" {
 		var keep []string
-		for _, j := range jobs {
+		for _, j := range append(jobs, extraJobs...) {
 			for _, name := range strings.Split(*only, ",") {
 				if strings.HasPrefix(j, name+":") {
 					keep = append(keep, j)
@@ -107,13 +124,13 @@ func main() {
 		fmt.Fprintln(os.Stderr, "vmbench: -storage must be disk or tmpfs")
 		os.Exit(2)
 	}
-	if err := run(*devices, *runtime, *passes, *size, *storage, *out, *cpus, *cli); err != nil {
+	if err := run(*devices, *runtime, *passes, *size, *storage, *out, *cpus, *cli, *base, *attach); err != nil {
 		fmt.Fprintln(os.Stderr, "vmbench:", err)
 		os.Exit(1)
 	}
 }
 
-func run(devices string, runtime, passes int, size, storage, out string, cpus int, cliPkg string) error {
+func run(devices string, runtime, passes int, size, storage, out string, cpus int, cliPkg, base string, attach int) error {
 	ctx := context.Background()
 	devs := strings.Split(devices, ",")
 	start := time.Now()
@@ -121,7 +138,14 @@ func run(devices string, runtime, passes int, size, storage, out string, cpus in
 	if err != nil {
 		return err
 	}
-	files := []vmtest.File{bin}
+	timer, err := vmtest.GoBinary(ctx, "ublkimg/bench/attachtime")
+	if err != nil {
+		return err
+	}
+	files := []vmtest.File{bin, timer}
+	if base != "" {
+		files = append(files, vmtest.File{Src: base, Dst: "/usr/local/bin/ublkimg-base", Mode: 0o755})
+	}
 	for _, t := range []string{"fio", "losetup", "qemu-nbd", "qemu-img", "mke2fs"} {
 		f, err := vmtest.Tool(t)
 		if err != nil {
@@ -146,9 +170,13 @@ func run(devices string, runtime, passes int, size, storage, out string, cpus in
 		qemuArgs = []string{"-drive", "file=" + disk.Name() + ",format=raw,if=virtio,cache=unsafe,aio=threads"}
 		modules = append(modules, "virtio_blk", "ext4")
 	}
-	script := fmt.Sprintf("DEVICES=%q RUNTIME=%d PASSES=%d SIZE=%s JOBS=%q STORAGE=%s\n%s",
-		strings.Join(devs, " "), runtime, passes, size, strings.Join(jobs, " "), storage, guestScript)
-	perRun := time.Duration(passes*len(devs)*len(jobs)*(runtime+4))*time.Second + 4*time.Minute
+	kinds := "ublk loop nbd"
+	if base != "" {
+		kinds = "ublk ublk-base loop nbd"
+	}
+	script := fmt.Sprintf("DEVICES=%q RUNTIME=%d PASSES=%d SIZE=%s JOBS=%q STORAGE=%s ATTACH=%d ATTACH_KINDS=%q\n%s",
+		strings.Join(devs, " "), runtime, passes, size, strings.Join(jobs, " "), storage, attach, kinds, guestScript)
+	perRun := time.Duration(passes*len(devs)*len(jobs)*(runtime+4)+attach*4)*time.Second + 4*time.Minute
 	res, err := vmtest.Run(ctx, vmtest.RunOptions{
 		Script:   script,
 		Files:    files,
@@ -166,7 +194,12 @@ func run(devices string, runtime, passes int, size, storage, out string, cpus in
 	rep := &Report{
 		Date: time.Now().UTC().Truncate(time.Second), Kernel: res.Kernel, Accel: res.Accel, CPUs: cpus,
 		RuntimeS: runtime, Passes: passes, Size: size, Storage: storage, Devices: devs, RSSKiB: map[string]float64{},
-		Ratios: map[string]float64{}, GoalsMet: map[string]bool{},
+		Ratios: map[string]float64{}, GoalsMet: map[string]bool{}, Attach: map[string]float64{},
+	}
+	for k := range res.Metrics {
+		if name, ok := strings.CutPrefix(k, "attach."); ok {
+			rep.Attach[name], _ = strconv.ParseFloat(res.Metrics[k], 64)
+		}
 	}
 	if load, e := os.ReadFile("/proc/loadavg"); e == nil {
 		rep.HostLoad = strings.TrimSpace(string(load))
@@ -245,8 +278,11 @@ func (r *Report) iops(dev, job string) float64 {
 // loop on 4 KiB random reads, qcow2 >= 2x qemu-nbd on 4 KiB random I/O,
 // peak RSS <= 64 MiB per device.
 func ratios(r *Report) {
-	pairs := [][2]string{{"ublk-raw", "loop"}, {"ublk-raw", "nbd-raw"}, {"ublk-qcow2", "nbd-qcow2"},
-		{"ublk-raw-usercopy", "ublk-raw"}, {"ublk-raw-q1", "ublk-raw"}}
+	pairs := [][2]string{}
+	for _, p := range ratioPairs {
+		a, b, _ := strings.Cut(p, "/")
+		pairs = append(pairs, [2]string{a, b})
+	}
 	for _, p := range pairs {
 		for _, j := range r.Jobs {
 			a, b := r.iops(p[0], j), r.iops(p[1], j)
@@ -262,6 +298,14 @@ func ratios(r *Report) {
 	for _, j := range []string{"randread-4k-qd1", "randread-4k-qd16"} {
 		if v, ok := r.Ratios["ublk-raw/loop."+j]; ok {
 			goal("raw>=0.9*loop "+j, v >= 0.9, fmt.Sprintf("%.2fx", v))
+		}
+	}
+	for _, j := range []string{"tmpfs-randread-4k-qd16", "tmpfs-randwrite-4k-qd16"} {
+		if v, ok := r.Ratios["ublk-raw/loop."+j]; ok {
+			goal("raw>=0.8*loop "+j, v >= 0.8, fmt.Sprintf("%.2fx", v))
+		}
+		if v, ok := r.Ratios["ublk-qcow2/nbd-qcow2."+j]; ok {
+			goal("qcow2>nbd "+j, v > 1, fmt.Sprintf("%.2fx", v))
 		}
 	}
 	for _, j := range []string{"randread-4k-qd1", "randread-4k-qd16", "randwrite-4k-qd1", "randwrite-4k-qd16"} {
@@ -338,15 +382,30 @@ func printTable(r *Report) {
 			fmt.Printf("peak RSS %s: %.1f MiB\n", d, v/1024)
 		}
 	}
+	if len(r.Attach) > 0 {
+		fmt.Println("\nattach (command to first 4 KiB O_DIRECT read) and detach (command to server gone), ms, median (min):")
+		for _, k := range []string{"ublk", "ublk-base", "loop", "nbd"} {
+			if v, ok := r.Attach[k+".attach_ms"]; ok {
+				fmt.Printf("  %-10s attach %7.1f (%.1f)  detach %7.1f (%.1f)\n", k, v, r.Attach[k+".attach_min_ms"],
+					r.Attach[k+".detach_ms"], r.Attach[k+".detach_min_ms"])
+			}
+		}
+	}
 	for _, n := range r.GoalNotes {
 		fmt.Println("goal", n)
 	}
 }
 
+// ratioPairs are the ratios computed when both devices ran, in the table's
+// order. The +base devices run the -base binary: the change against it.
+var ratioPairs = []string{"ublk-raw/loop", "ublk-raw/nbd-raw", "ublk-qcow2/nbd-qcow2",
+	"ublk-raw-usercopy/ublk-raw", "ublk-raw-q1/ublk-raw", "ublk-raw/ublk-raw+base", "ublk-qcow2/ublk-qcow2+base",
+	"ublk-raw+q1/loop", "ublk-raw+q2/loop", "ublk-raw+q4/loop"}
+
 // ratioColumns lists the ratio pairs present in r, in a fixed order.
 func ratioColumns(r *Report) []string {
 	var cols []string
-	for _, p := range []string{"ublk-raw/loop", "ublk-raw/nbd-raw", "ublk-qcow2/nbd-qcow2", "ublk-raw-usercopy/ublk-raw", "ublk-raw-q1/ublk-raw"} {
+	for _, p := range ratioPairs {
 		for k := range r.Ratios {
 			if strings.HasPrefix(k, p+".") {
 				cols = append(cols, p)
@@ -377,7 +436,7 @@ func chart(r *Report, out string) error {
 	if err := os.WriteFile(datPath, []byte(dat.String()), 0o644); err != nil {
 		return err
 	}
-	gp := fmt.Sprintf(`set terminal pngcairo size 1100,600 noenhanced
+	gp := fmt.Sprintf(`set terminal pngcairo size 1300,600 noenhanced
 set output %q
 set title "IOPS by device (%s, %s, %d vCPUs, %d s runs)"
 set style data histograms
@@ -386,7 +445,7 @@ set style fill solid 0.8 border -1
 set logscale y
 set ylabel "IOPS (log)"
 set xtics rotate by -20
-set key top right
+set key outside right top
 set grid ytics
 plot for [i=2:%d] %q using i:xtic(1) title columnheader(i)
 `, filepath.Join(out, "results.png"), r.Kernel, r.Accel, r.CPUs, r.RuntimeS, len(r.Devices)+1, datPath)

@@ -60,7 +60,7 @@ func attachCommand() *cli.Command {
 			&cli.IntFlag{Name: "id", Value: -1, Usage: "device number N of /dev/ublkbN (-1: the first free)"},
 			&cli.IntFlag{Name: "block-size", Value: ublk.DefaultBlockSize, Usage: "logical block size: 512 or 4096"},
 			&cli.BoolFlag{Name: "user-copy", Usage: "move data with UBLK_F_USER_COPY instead of per-tag buffers"},
-			&cli.DurationFlag{Name: "poll-max", Usage: "let queue threads poll for up to `DURATION` (e.g. 50us) before sleeping: lower latency, more CPU while busy; 0 never polls"},
+			&cli.DurationFlag{Name: "poll-max", Value: ublk.DefaultPollMax, Usage: "let queue threads poll for up to `DURATION` before sleeping (adaptive: only while requests come faster): lower latency, more CPU while busy; 0 never polls"},
 			&cli.BoolFlag{Name: "recovery", Usage: "keep the device when the server dies (I/O waits) so that ublkimg recover can serve it again; a qcow2 image then writes the metadata a write changed back before acknowledging it (x-crash-safe-metadata=on)"},
 			&cli.BoolFlag{Name: "foreground", Usage: "serve in this process until SIGTERM or SIGINT"},
 		},
@@ -149,7 +149,10 @@ func attachAction(c *cli.Context) error {
 	}
 	// Check what the caller can fix before starting a server, so each
 	// mistake gets its own line from here.
-	return runServer(c, o, c.Args().First(), func(*ublk.Ctrl) error {
+	return runServer(c, o, c.Args().First(), func() error {
+		if err := ublk.CheckCtrl(); err != nil {
+			return err
+		}
 		if _, err := os.Stat(o.image); err != nil && !strings.Contains(o.image, "://") {
 			return fmt.Errorf("Could not open '%s': %w", o.image, errnoText(err))
 		}
@@ -158,20 +161,13 @@ func attachAction(c *cli.Context) error {
 }
 
 // runServer runs the server of attach or recover: in this process with
-// --foreground, else in the background once check (given the control
-// device, which must open) passed. image is the image argument, "" if none
+// --foreground, else in the background once check passed. image is the image argument, "" if none
 // (an --image-opts string is marked, img.ImageOptsName).
-func runServer(c *cli.Context, o *attachOptions, image string, check func(*ublk.Ctrl) error) error {
+func runServer(c *cli.Context, o *attachOptions, image string, check func() error) error {
 	if c.Bool("foreground") {
 		return serveForeground(o)
 	}
-	ctrl, err := ublk.OpenCtrl()
-	if err != nil {
-		return err
-	}
-	err = check(ctrl)
-	ctrl.Close()
-	if err != nil {
+	if err := check(); err != nil {
 		return err
 	}
 	return startBackground(c, image)

@@ -51,7 +51,12 @@ func recoverAction(c *cli.Context) error {
 	}
 	// What the kernel says about the device comes first: the image may
 	// well be locked by whoever replaced a device that cannot recover.
-	return runServer(c, o, image, func(ctrl *ublk.Ctrl) error {
+	return runServer(c, o, image, func() error {
+		ctrl, err := ublk.OpenCtrl()
+		if err != nil {
+			return err
+		}
+		defer ctrl.Close()
 		return ublk.WaitRecoverable(ctrl, id)
 	})
 }

@@ -46,6 +46,21 @@ type driver struct {
 	noZeroRange, noPunch atomic.Bool
 	// locked: fd holds image lock bytes, released before it is closed.
 	locked bool
+	// inline: the file lives in memory (tmpfs, ramfs), where a read or
+	// write is a copy that never waits for a device. Such file systems
+	// cannot do non-blocking I/O, so io_uring would hand every request to
+	// an io-wq worker thread; the driver does them synchronously on the
+	// calling thread instead (see memoryBacked).
+	inline bool
+	// eof orders the requests that extend the file, as QEMU's
+	// raw_do_pwrite_zeroes does: a write-zeroes past the end of the
+	// file (fallocate growing it) runs alone, writes past the end share
+	// the lock. XFS loses writes past the end that race with such an
+	// fallocate, and ext4 allocates the blocks of concurrent extending
+	// fallocates out of order, fragmenting a growing qcow2 image (1490
+	// extents instead of 14 for 100000 allocating 4 KiB writes, and
+	// writeback then costs twice as long).
+	eof coroutine.RWMutex
 }
 
 func open(co *coroutine.Co, n *bdrv.Node, opts bdrv.Options) (bdrv.Driver, error) {
@@ -132,6 +147,7 @@ func (d *driver) setup(opts bdrv.Options) error {
 		}
 		n.SetLength(int64(size))
 	}
+	d.inline = mode == unix.S_IFREG && memoryBacked(d.fd)
 	if d.direct {
 		if err := d.probeAlignment(); err != nil {
 			return err
@@ -143,6 +159,26 @@ func (d *driver) setup(opts bdrv.Options) error {
 		}
 	}
 	return nil
+}
+
+// Magic numbers of the file systems whose files are memory (statfs(2)).
+const (
+	tmpfsMagic = 0x01021994
+	ramfsMagic = 0x858458f6
+)
+
+// memoryBacked reports whether fd is on a file system that keeps its data in
+// memory, where reads and writes only copy pages and never sleep on a
+// device. Only these are served inline: on any other file system a
+// synchronous read may wait for the disk or the network and stall the
+// loop's other requests. (A tmpfs page swapped out is the exception the
+// kernel's loop device pays too.)
+func memoryBacked(fd int) bool {
+	var fs unix.Statfs_t
+	if err := unix.Fstatfs(fd, &fs); err != nil {
+		return false
+	}
+	return fs.Type == tmpfsMagic || fs.Type == ramfsMagic
 }
 
 // probeAlignment finds the smallest request alignment O_DIRECT accepts, as

@@ -28,6 +28,10 @@ func (d *driver) Preadv(co *coroutine.Co, off int64, iov bdrv.IOVec, flags bdrv.
 
 // Pwritev implements bdrv.Driver.
 func (d *driver) Pwritev(co *coroutine.Co, off int64, iov bdrv.IOVec, flags bdrv.ReqFlags) error {
+	if !d.blockDev && off+iov.Len() > d.node.Length() {
+		d.eof.RLock(co)
+		defer d.eof.RUnlock(co)
+	}
 	if d.needsBounce(iov) {
 		buf := bdrv.AlignedBuffer(int(iov.Len()), int(d.align))
 		iov.CopyTo(buf, 0)
@@ -59,12 +63,17 @@ func (d *driver) needsBounce(iov bdrv.IOVec) bool {
 func (d *driver) rw(co *coroutine.Co, write bool, off int64, iov bdrv.IOVec) error {
 	retries := 0
 	for len(iov) > 0 {
-		if write {
-			co.Writev(int32(d.fd), iov, uint64(off))
+		var res int32
+		if d.inline {
+			res = d.rwInline(write, off, iov)
 		} else {
-			co.Readv(int32(d.fd), iov, uint64(off))
+			if write {
+				co.Writev(int32(d.fd), iov, uint64(off))
+			} else {
+				co.Readv(int32(d.fd), iov, uint64(off))
+			}
+			res = co.Wait()
 		}
-		res := co.Wait()
 		if res == -int32(unix.ECANCELED) && retries < maxCanceledRetries {
 			retries++
 			continue
@@ -93,6 +102,64 @@ func (d *driver) rw(co *coroutine.Co, write bool, off int64, iov bdrv.IOVec) err
 	return nil
 }
 
+// rwInline is one pread or pwrite (preadv, pwritev for several buffers) on
+// the calling thread, for files in memory: its result as a CQE would carry
+// it. The kernel is done with the buffers when it returns.
+func (d *driver) rwInline(write bool, off int64, iov bdrv.IOVec) int32 {
+	for {
+		var n int
+		var err error
+		b, one := singleBuffer(iov)
+		switch {
+		case one && write:
+			n, err = unix.Pwrite(d.fd, b, off)
+		case one:
+			n, err = unix.Pread(d.fd, b, off)
+		case write:
+			n, err = unix.Pwritev(d.fd, iov[:min(len(iov), iovMax)], off)
+		default:
+			n, err = unix.Preadv(d.fd, iov[:min(len(iov), iovMax)], off)
+		}
+		if err == unix.EINTR {
+			continue
+		}
+		return result(n, err)
+	}
+}
+
+// iovMax is the most buffers one preadv takes (UIO_MAXIOV); the rest is a
+// short transfer, continued by rw.
+const iovMax = 1024
+
+// singleBuffer returns the only non-empty buffer of iov, if there is one
+// at most.
+func singleBuffer(iov bdrv.IOVec) ([]byte, bool) {
+	var only []byte
+	for _, b := range iov {
+		if len(b) == 0 {
+			continue
+		}
+		if only != nil {
+			return nil, false
+		}
+		only = b
+	}
+	return only, true
+}
+
+// result turns a system call's outcome into a CQE result. unix returns
+// its errors as a bare Errno (errors.As would move a target to the heap on
+// every request).
+func result(n int, err error) int32 {
+	if err == nil {
+		return int32(n)
+	}
+	if errno, ok := err.(unix.Errno); ok {
+		return -int32(errno)
+	}
+	return -int32(unix.EIO)
+}
+
 // maxCanceledRetries bounds the resubmissions of a request the kernel
 // cancelled although this driver cancels nothing: io_uring fails the work it
 // meant to hand to a new io-wq worker with ECANCELED when creating that
@@ -116,10 +183,18 @@ func submit(co *coroutine.Co, prep func(*uring.SQE)) int32 {
 
 // Flush implements bdrv.Driver with fdatasync.
 func (d *driver) Flush(co *coroutine.Co) error {
+	if d.inline {
+		// Nothing to write back from memory: fdatasync only checks
+		// for earlier writeback errors.
+		return syscallErr(unix.Fdatasync(d.fd))
+	}
 	return uring.ResultError(submit(co, func(sqe *uring.SQE) { sqe.PrepFsync(int32(d.fd), uring.FsyncDatasync) }))
 }
 
 func (d *driver) fallocate(co *coroutine.Co, mode uint32, off, length int64) error {
+	if d.inline {
+		return syscallErr(unix.Fallocate(d.fd, mode, off, length))
+	}
 	return uring.ResultError(submit(co, func(sqe *uring.SQE) {
 		sqe.PrepFallocate(int32(d.fd), mode, uint64(off), uint64(length))
 	}))
@@ -152,6 +227,10 @@ func (d *driver) PwriteZeroes(co *coroutine.Co, off, bytes int64, flags bdrv.Req
 	mode := uint32(unix.FALLOC_FL_ZERO_RANGE)
 	if d.blockDev {
 		mode |= unix.FALLOC_FL_KEEP_SIZE
+	}
+	if !d.blockDev && end > d.node.Length() {
+		d.eof.Lock(co)
+		defer d.eof.Unlock(co)
 	}
 	err := d.fallocate(co, mode, off, bytes)
 	if err != nil && unsupported(err) {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"path/filepath"
 	"runtime"
 	"sync"
@@ -242,10 +243,30 @@ func TestZeroFallbackAcrossLoops(t *testing.T) {
 	}
 }
 
+// storageDirs are the directories the I/O tests run in, by the path they
+// take: t.TempDir() on the disk's file system (the ring) and a directory on
+// /dev/shm (tmpfs: the synchronous path, see memoryBacked).
+func storageDirs(t *testing.T) map[string]string {
+	t.Helper()
+	shm, err := os.MkdirTemp("/dev/shm", "ublkimg-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(shm) })
+	return map[string]string{"ring": t.TempDir(), "inline": shm}
+}
+
 // TestManySegments moves vectors of more buffers than one request may
 // carry (UIO_MAXIOV, 1024): the rest goes out after the short transfer.
+// A read across the end of the file leaves zeros past it. Both paths: the
+// ring, and synchronous calls on tmpfs.
 func TestManySegments(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "img")
+	for path, dir := range storageDirs(t) {
+		t.Run(path, func(t *testing.T) { manySegments(t, filepath.Join(dir, "img"), path == "inline") })
+	}
+}
+
+func manySegments(t *testing.T, path string, inline bool) {
 	const segs, segLen = 2500, 3
 	err := coroutine.Run(func(co *coroutine.Co) error {
 		if err := bdrv.Create(co, "file", &bdrv.CreateRequest{Filename: path, Size: segs * segLen}); err != nil {
@@ -256,6 +277,9 @@ func TestManySegments(t *testing.T) {
 			return err
 		}
 		defer node.Close(co)
+		if got := node.Driver().(*driver).inline; got != inline {
+			return fmt.Errorf("inline is %v on %s, want %v", got, path, inline)
+		}
 		want := make([]byte, segs*segLen)
 		for i := range want {
 			want[i] = byte(i*7 + 1)
@@ -275,9 +299,123 @@ func TestManySegments(t *testing.T) {
 		if !bytes.Equal(got, want) {
 			return fmt.Errorf("%d segments read back wrong", segs)
 		}
+		tail := bytes.Repeat([]byte{0xaa}, 4096)
+		if err := node.Preadv(co, int64(len(want))-100, bdrv.IOVec{tail}, 0); err != nil {
+			return fmt.Errorf("read across the end: %w", err)
+		}
+		if !bytes.Equal(tail[:100], want[len(want)-100:]) || !bytes.Equal(tail[100:], make([]byte, 4096-100)) {
+			return fmt.Errorf("read across the end: not the data then zeros")
+		}
+		if err := node.Flush(co); err != nil {
+			return fmt.Errorf("flush: %w", err)
+		}
 		return nil
 	})
 	if err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestExtendingWrites grows a file the way an allocating qcow2 writer does:
+// each 64 KiB cluster past the end is zeroed (fallocate growing the file),
+// then written in 4 KiB pieces, 32 requests in flight on two loops. The
+// zero-writes past the end run alone and the extending writes share the
+// eof lock; every byte must read back as written, on both paths.
+func TestExtendingWrites(t *testing.T) {
+	const (
+		cluster  = 64 << 10
+		piece    = 4 << 10
+		clusters = 48
+		workers  = 16
+	)
+	for path, dir := range storageDirs(t) {
+		t.Run(path, func(t *testing.T) {
+			p := filepath.Join(dir, "img")
+			loops := startLoops(t, 2)
+			err := loops[0].Call(func(co *coroutine.Co) error {
+				return bdrv.Create(co, "file", &bdrv.CreateRequest{Filename: p, Size: 0})
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			node := openFile(t, loops[0], p)
+			// Pieces are handed out in order; the first piece of each
+			// cluster zeroes the cluster first, the others wait for it.
+			var mu sync.Mutex
+			next := 0
+			zeroed := make([]chan struct{}, clusters)
+			for i := range zeroed {
+				zeroed[i] = make(chan struct{})
+			}
+			errc := make(chan error, 2*workers)
+			for _, l := range loops {
+				for range workers {
+					l.Spawn(func(co *coroutine.Co) {
+						buf := bdrv.AlignedBuffer(piece, 4096)
+						for {
+							mu.Lock()
+							i := next
+							next++
+							mu.Unlock()
+							if i >= clusters*cluster/piece {
+								errc <- nil
+								return
+							}
+							c := i * piece / cluster
+							if i*piece%cluster == 0 {
+								if err := node.PwriteZeroes(co, int64(c*cluster), cluster, 0); err != nil {
+									errc <- err
+									return
+								}
+								close(zeroed[c])
+							} else {
+								for waiting := true; waiting; {
+									select {
+									case <-zeroed[c]:
+										waiting = false
+									default:
+										co.Yield()
+									}
+								}
+							}
+							// The last piece of every other cluster stays zero.
+							if c%2 == 1 && (i+1)*piece%cluster == 0 {
+								continue
+							}
+							for j := range buf {
+								buf[j] = byte(i + 1)
+							}
+							if err := node.Pwritev(co, int64(i*piece), bdrv.IOVec{buf}, 0); err != nil {
+								errc <- err
+								return
+							}
+						}
+					})
+				}
+			}
+			for range 2 * workers {
+				if err := <-errc; err != nil {
+					t.Fatal(err)
+				}
+			}
+			got, err := os.ReadFile(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(got) != clusters*cluster {
+				t.Fatalf("file is %d bytes, want %d", len(got), clusters*cluster)
+			}
+			for i := range clusters * cluster / piece {
+				want := byte(i + 1)
+				if c := i * piece / cluster; c%2 == 1 && (i+1)*piece%cluster == 0 {
+					want = 0
+				}
+				for j, b := range got[i*piece : (i+1)*piece] {
+					if b != want {
+						t.Fatalf("byte %d is %#x, want %#x", i*piece+j, b, want)
+					}
+				}
+			}
+		})
 	}
 }
