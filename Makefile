@@ -12,8 +12,11 @@ build:
 
 # Everything: tools, static checks, unit tests with the race detector, the
 # tests the race detector shortens run in full without it, then the ublk
-# end-to-end tests in a VM (the host kernel has no ublk).
-test: deps check unit unit-norace vmtest
+# end-to-end tests in a VM (the host kernel has no ublk). The tests run
+# against one throwaway Ceph cluster (for the rbd driver), started before
+# them and stopped after them (scripts/ceph-cluster.sh; internal/cephtest).
+test: deps check
+	@scripts/ceph-cluster.sh run $(MAKE) --no-print-directory unit unit-norace vmtest
 	@echo "make test: all passed"
 
 # In the test targets a test whose oracle (qemu-img, qemu-io) is missing
