@@ -74,6 +74,10 @@ type Format struct {
 	CreateOptions []OptionSpec
 	// SupportsBacking is true for formats that can have a backing file.
 	SupportsBacking bool
+	// FilenamePrefix, for a protocol whose file names start with it
+	// ("rbd:"), makes it the protocol of every such name: a format
+	// opening or creating its "file" there gets this protocol instead.
+	FilenamePrefix string
 }
 
 // OptionLister is implemented by drivers that say which open options they
@@ -277,6 +281,12 @@ var ErrLocked = errors.New("image is locked by another process")
 // image records (probed only when it records none).
 func Open(co *coroutine.Co, spec Spec) (*Node, error) {
 	protoName := "file"
+	if p := prefixedProtocol(spec.Filename); p != nil {
+		protoName = p.Name
+		if spec.Format == "file" {
+			spec.Format = p.Name
+		}
+	}
 	if spec.Format != "" {
 		if f, err := LookupFormat(spec.Format); err == nil && f.Protocol {
 			protoName = f.Name
@@ -517,8 +527,25 @@ func (n *Node) Close(co *coroutine.Co) error {
 	return errors.Join(errs...)
 }
 
-// Create makes a new image of the named format.
+// prefixedProtocol returns the protocol whose FilenamePrefix starts
+// filename, or nil.
+func prefixedProtocol(filename string) *Format {
+	formats.RLock()
+	defer formats.RUnlock()
+	for _, f := range formats.byName {
+		if f.FilenamePrefix != "" && strings.HasPrefix(filename, f.FilenamePrefix) {
+			return f
+		}
+	}
+	return nil
+}
+
+// Create makes a new image of the named format. Creating a "file" whose
+// name has a protocol's FilenamePrefix creates it with that protocol.
 func Create(co *coroutine.Co, format string, req *CreateRequest) error {
+	if p := prefixedProtocol(req.Filename); p != nil && format == "file" {
+		format = p.Name
+	}
 	f, err := LookupFormat(format)
 	if err != nil {
 		return err
