@@ -136,7 +136,7 @@ func TestZeroesDiscardStatus(t *testing.T) {
 			pnum       int64
 		}{
 			{0, 64 << 20, true, 2 * obj},
-			{obj + 4096, 64 << 20 - obj - 4096, true, obj - 4096},
+			{obj + 4096, 64<<20 - obj - 4096, true, obj - 4096},
 			{2 * obj, 62 << 20, false, obj},
 			{2*obj + 512, 62<<20 - 512, false, obj - 512},
 			{3 * obj, 61 << 20, true, 2 * obj},
