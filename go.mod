@@ -3,12 +3,12 @@ module ublkimg
 go 1.26.0
 
 require (
+	github.com/ebitengine/purego v0.11.3
 	github.com/klauspost/compress v1.20.3
 	golang.org/x/crypto v0.58.0
 )
 
 require (
-	github.com/ebitengine/purego v0.11.3
 	github.com/cpuguy83/go-md2man/v2 v2.0.7 // indirect
 	github.com/russross/blackfriday/v2 v2.1.0 // indirect
 	github.com/urfave/cli/v2 v2.27.7 // indirect
