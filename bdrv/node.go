@@ -450,10 +450,18 @@ func BackingOpenReason(err error) error {
 // does: absolute names and protocol URIs stay, relative names are relative
 // to the directory of image.
 func ResolveBacking(image, backing string) string {
-	if filepath.IsAbs(backing) || strings.Contains(backing, "://") {
+	if filepath.IsAbs(backing) || HasProtocol(backing) {
 		return backing
 	}
 	return filepath.Join(filepath.Dir(image), backing)
+}
+
+// HasProtocol reports whether name starts with a protocol ("rbd:",
+// "null-co://"): a ':' before any '/', as QEMU's path_has_protocol decides.
+// Such names are never relative to another image's directory.
+func HasProtocol(name string) bool {
+	i := strings.IndexAny(name, ":/")
+	return i >= 0 && name[i] == ':'
 }
 
 func openProtocol(co *coroutine.Co, name string, spec Spec) (*Node, error) {

@@ -94,7 +94,9 @@ func Info(co *coroutine.Co, opts InfoOptions) ([]*ImageInfo, error) {
 			return nil, err
 		}
 		shown := filename
-		if strings.HasPrefix(filename, imageOptsMark) {
+		if name, ok := optionsName(n); ok {
+			shown = name
+		} else if strings.HasPrefix(filename, imageOptsMark) {
 			shown = imageOptsShown(s, n)
 		}
 		info, err := queryInfo(co, n, shown)
@@ -159,6 +161,9 @@ func queryInfo(co *coroutine.Co, n *bdrv.Node, filename string) (*ImageInfo, err
 	drv := n.Driver()
 	if c, ok := drv.(ClusterSizer); ok {
 		info.ClusterSize = c.ClusterSize()
+	} else if c, ok := rawFileDriver(n).(ClusterSizer); ok {
+		// QEMU's raw format answers bdrv_get_info with its file's.
+		info.ClusterSize = c.ClusterSize()
 	}
 	if d, ok := drv.(DirtyReporter); ok {
 		info.Dirty = d.IsDirty()
@@ -184,12 +189,20 @@ func queryInfo(co *coroutine.Co, n *bdrv.Node, filename string) (*ImageInfo, err
 	return info, nil
 }
 
+// rawFileDriver is the driver of a raw image's file, or nil.
+func rawFileDriver(n *bdrv.Node) bdrv.Driver {
+	if n.Format.Name != "raw" || n.File == nil {
+		return nil
+	}
+	return n.File.Driver()
+}
+
 // pathCombine resolves a backing file name against the image that records
 // it, as QEMU's path_combine does: absolute names and URLs stay; relative
 // names are taken relative to the directory part of base, kept verbatim
 // (no cleaning, so "dir/../b.img" stays as the user will recognise it).
 func pathCombine(base, name string) string {
-	if strings.HasPrefix(name, "/") || strings.Contains(name, "://") {
+	if strings.HasPrefix(name, "/") || bdrv.HasProtocol(name) {
 		return name
 	}
 	if i := strings.LastIndexByte(base, '/'); i >= 0 {

@@ -50,12 +50,31 @@ type SnapshotInfo struct {
 func snapshotInfos(co *coroutine.Co, n *bdrv.Node) []SnapshotInfo {
 	q, ok := n.Driver().(*qcow2.Image)
 	if !ok {
-		return nil
+		return fallbackSnapshots(co, n)
 	}
 	var out []SnapshotInfo
 	for _, s := range q.SnapshotList(co) {
 		out = append(out, SnapshotInfo{ID: s.ID, Name: s.Name, VMStateSize: s.VMStateSize,
 			DateSec: int64(s.DateSec), DateNsec: int64(s.DateNsec), VMClockNsec: s.VMClockNsec, Icount: s.Icount})
+	}
+	return out
+}
+
+// fallbackSnapshots lists the snapshots of the node that QEMU's snapshot
+// calls fall back to (the rbd image under a raw format); none when there is
+// none or the list fails, as bdrv_query_image_info ignores that.
+func fallbackSnapshots(co *coroutine.Co, n *bdrv.Node) []SnapshotInfo {
+	s := bdrv.SnapshotFallback(n)
+	if s == nil {
+		return nil
+	}
+	list, err := s.ListSnapshots(co)
+	if err != nil {
+		return nil
+	}
+	out := make([]SnapshotInfo, 0, len(list))
+	for _, i := range list {
+		out = append(out, SnapshotInfo(i))
 	}
 	return out
 }
@@ -114,6 +133,10 @@ func Snapshot(co *coroutine.Co, opts SnapshotOptions, out io.Writer) error {
 		return err
 	}
 	q, _ := node.Driver().(*qcow2.Image)
+	var fallback bdrv.Snapshotter
+	if q == nil {
+		fallback = bdrv.SnapshotFallback(node)
+	}
 	name := opts.Name
 	switch opts.Op {
 	case SnapshotListOp:
@@ -127,6 +150,8 @@ func Snapshot(co *coroutine.Co, opts SnapshotOptions, out io.Writer) error {
 		err = unix.ENOTSUP
 		if q != nil {
 			err = q.SnapshotCreate(co, name)
+		} else if fallback != nil {
+			err = fallback.CreateSnapshot(co, name)
 		}
 		if err != nil {
 			var errno unix.Errno
@@ -140,6 +165,8 @@ func Snapshot(co *coroutine.Co, opts SnapshotOptions, out io.Writer) error {
 		err = unix.ENOTSUP
 		if q != nil {
 			err = q.SnapshotApply(co, name)
+		} else if fallback != nil {
+			err = fallback.ApplySnapshot(co, name)
 		}
 		if err != nil {
 			var errno unix.Errno
@@ -160,7 +187,9 @@ func Snapshot(co *coroutine.Co, opts SnapshotOptions, out io.Writer) error {
 				}
 			}
 		}
-		if found == nil {
+		if fallback != nil {
+			err = deleteFallbackSnapshot(co, fallback, name)
+		} else if found == nil {
 			err = fmt.Errorf("Could not delete snapshot '%s': snapshot not found", name)
 		} else if err = q.SnapshotDelete(co, found.ID, found.Name); err != nil {
 			err = fmt.Errorf("Could not delete snapshot '%s': %s", name, snapErrText(err))
@@ -172,6 +201,24 @@ func Snapshot(co *coroutine.Co, opts SnapshotOptions, out io.Writer) error {
 		err = errors.New(snapErrText(cerr))
 	}
 	return err
+}
+
+// deleteFallbackSnapshot deletes the snapshot name through the fallback
+// driver, looked up by name first as qemu-img does.
+func deleteFallbackSnapshot(co *coroutine.Co, s bdrv.Snapshotter, name string) error {
+	list, err := s.ListSnapshots(co)
+	if err != nil {
+		return fmt.Errorf("Could not delete snapshot '%s': %s", name, snapErrText(err))
+	}
+	for _, i := range list {
+		if i.Name == name {
+			if err := s.DeleteSnapshot(co, name); err != nil {
+				return fmt.Errorf("Could not delete snapshot '%s': %s", name, snapErrText(err))
+			}
+			return nil
+		}
+	}
+	return fmt.Errorf("Could not delete snapshot '%s': snapshot not found", name)
 }
 
 // snapErrText is an error's message, or the C library's text for a bare

@@ -102,8 +102,6 @@ func doLoad(name string) error {
 		{&lib.snapCreate, "rbd_snap_create"},
 		{&lib.snapRemove, "rbd_snap_remove"},
 		{&lib.snapRollback, "rbd_snap_rollback"},
-		{&lib.snapGetTimestamp, "rbd_snap_get_timestamp"},
-		{&lib.snapGetID, "rbd_snap_get_id"},
 		{&lib.invalidateCache, "rbd_invalidate_cache"},
 	}
 	for _, s := range syms {

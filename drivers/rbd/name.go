@@ -21,6 +21,9 @@ type location struct {
 	// KeyValues are the other key=value pairs of the file name, Ceph
 	// options set in order with rados_conf_set.
 	KeyValues [][2]string
+	// fromName: parsed from an rbd: file name (which always sets a
+	// namespace, "" by default, in QEMU's options).
+	fromName bool
 }
 
 // parseFilename parses QEMU's rbd file name syntax:
@@ -30,7 +33,7 @@ type location struct {
 // with conf= and id= among the keys, and '\' escaping the next character
 // (a ':', '@', '/' or '=' inside a name or value). Errors are QEMU's.
 func parseFilename(filename string) (location, error) {
-	var loc location
+	loc := location{fromName: true}
 	rest, ok := strings.CutPrefix(filename, Prefix)
 	if !ok {
 		return loc, errors.New("File name must start with 'rbd:'")

@@ -14,12 +14,12 @@ func TestParseFilename(t *testing.T) {
 		want location
 		err  string
 	}{
-		{"rbd:pool/image", location{Pool: "pool", Image: "image"}, ""},
-		{"rbd:pool/ns/image@snap", location{Pool: "pool", Namespace: "ns", Image: "image", Snapshot: "snap"}, ""},
+		{"rbd:pool/image", location{Pool: "pool", Image: "image", fromName: true}, ""},
+		{"rbd:pool/ns/image@snap", location{Pool: "pool", Namespace: "ns", Image: "image", Snapshot: "snap", fromName: true}, ""},
 		{"rbd:pool/image:conf=/etc/c.conf:id=admin:rbd_cache=false",
-			location{Pool: "pool", Image: "image", Conf: "/etc/c.conf", User: "admin", KeyValues: [][2]string{{"rbd_cache", "false"}}}, ""},
+			location{Pool: "pool", Image: "image", Conf: "/etc/c.conf", User: "admin", KeyValues: [][2]string{{"rbd_cache", "false"}}, fromName: true}, ""},
 		{`rbd:po\/ol/im\:a\@ge@sn\:ap:mon_host=1.2.3.4\:6789`,
-			location{Pool: "po/ol", Image: "im:a@ge", Snapshot: "sn:ap", KeyValues: [][2]string{{"mon_host", "1.2.3.4:6789"}}}, ""},
+			location{Pool: "po/ol", Image: "im:a@ge", Snapshot: "sn:ap", KeyValues: [][2]string{{"mon_host", "1.2.3.4:6789"}}, fromName: true}, ""},
 		{"rbd:pool", location{}, "Pool name is required"},
 		{"rbd:pool/image:conf", location{}, "conf option conf has no value"},
 		{"file:x", location{}, "File name must start with 'rbd:'"},

@@ -369,3 +369,20 @@ func createImage(loc location, size int64, order int) error {
 	}
 	return nil
 }
+
+// NameOptions are the strong options QEMU names an RBD node by
+// ("json:{...}"): its file name is parsed into options at the open.
+func (d *driver) NameOptions() [][2]string {
+	l := d.loc
+	out := [][2]string{{optPool, l.Pool}}
+	if l.Namespace != "" || l.fromName {
+		out = append(out, [2]string{optNamespace, l.Namespace})
+	}
+	out = append(out, [2]string{optImage, l.Image})
+	for _, kv := range [][2]string{{optConf, l.Conf}, {optSnapshot, l.Snapshot}, {optUser, l.User}} {
+		if kv[1] != "" {
+			out = append(out, kv)
+		}
+	}
+	return out
+}
