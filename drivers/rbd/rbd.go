@@ -386,3 +386,8 @@ func (d *driver) NameOptions() [][2]string {
 	}
 	return out
 }
+
+// FormatSpecific is qemu-img info's "rbd" format-specific data (of
+// info -f rbd): QEMU reports the image's encryption format when librbd
+// encrypts it, which this driver does not support, so there is nothing.
+func (d *driver) FormatSpecific(co *coroutine.Co) (any, error) { return struct{}{}, nil }

@@ -41,7 +41,7 @@ var cluster struct {
 // cephtest.Main(m) }.
 func Main(m *testing.M) {
 	code := m.Run()
-	if err := stop(); err != nil {
+	if err := Stop(); err != nil {
 		fmt.Fprintln(os.Stderr, "cephtest:", err)
 		if code == 0 {
 			code = 1
@@ -97,8 +97,9 @@ func start() (string, error) {
 	return strings.TrimSpace(string(out)), nil
 }
 
-// stop stops the cluster this process started and removes its directory.
-func stop() error {
+// Stop stops the cluster this process started, if any, and removes its
+// directory: for a TestMain that cannot use Main.
+func Stop() error {
 	if cluster.dir == "" {
 		return nil
 	}
