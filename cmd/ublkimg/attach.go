@@ -152,7 +152,7 @@ func attachAction(c *cli.Context) error {
 	// Check what the caller can fix before starting a server, so each
 	// mistake gets its own line from here.
 	return runServer(c, o, c.Args().First(), func(*ublk.Ctrl) error {
-		if _, err := os.Stat(o.image); err != nil && !strings.Contains(o.image, "://") {
+		if _, err := os.Stat(o.image); err != nil && !bdrv.HasProtocol(o.image) {
 			return fmt.Errorf("Could not open '%s': %w", o.image, errnoText(err))
 		}
 		return nil
@@ -256,7 +256,7 @@ func absImageArg(args []string, image string) []string {
 	from, to := image, image
 	if s, ok := strings.CutPrefix(image, img.ImageOptsName("")); ok {
 		from, to = s, absImageOpts(s)
-	} else if abs, err := filepath.Abs(image); err == nil && image != "" && !strings.Contains(image, "://") {
+	} else if abs, err := absImage(image); err == nil && image != "" && !strings.Contains(image, "://") {
 		to = abs
 	}
 	for i := len(args) - 1; i >= 0 && from != to; i-- {
@@ -368,7 +368,7 @@ func serveImage(o *attachOptions) (err error) {
 		return err
 	}
 	cfg := dev.Config()
-	abs, _ := filepath.Abs(o.image)
+	abs, _ := absImage(o.image)
 	rec := ublk.Record{
 		ID: dev.ID(), Device: dev.Path(), Image: abs, Format: node.Format.Name, ImageOpts: o.imageOpts,
 		Queues: dev.Info().Queues, Depth: dev.Info().Depth, BlockSize: cfg.BlockSize,
@@ -489,7 +489,7 @@ func openUnlocked(image string, open func() (*bdrv.Node, error)) (*bdrv.Node, er
 	if !errors.Is(err, bdrv.ErrLocked) {
 		return node, err
 	}
-	abs, _ := filepath.Abs(image)
+	abs, _ := absImage(image)
 	rec, dead := ublk.DeadServerRecord(abs)
 	if !dead {
 		return node, err
