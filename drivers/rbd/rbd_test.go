@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -203,5 +204,43 @@ func TestNoLibrary(t *testing.T) {
 	err := doLoad("librbd-that-is-not-there.so.1")
 	if err == nil || err.Error() != "rbd: librbd.so.1 not found (install librbd1)" {
 		t.Fatalf("load: %v", err)
+	}
+}
+
+// TestUnreachable: a cluster that does not answer is an error after the
+// connect timeout, in QEMU's words.
+func TestUnreachable(t *testing.T) {
+	if err := load(); err != nil {
+		t.Skip(err)
+	}
+	conf := filepath.Join(t.TempDir(), "ceph.conf")
+	// A port nothing listens on (the discard port, never served here).
+	if err := os.WriteFile(conf, []byte("[global]\nmon_host = 127.0.0.1:9\nauth_client_required = none\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name  string
+		limit time.Duration
+	}{
+		{"rbd:rbd/x:conf=" + conf + ":client_mount_timeout=2", 10 * time.Second},
+		// The driver's default timeout, without an override.
+		{"rbd:rbd/x:conf=" + conf, 40 * time.Second},
+	} {
+		t0 := time.Now()
+		err := coroutine.Run(func(co *coroutine.Co) error {
+			n, err := bdrv.Open(co, bdrv.Spec{Filename: c.name, Format: "raw", ReadOnly: true})
+			if err == nil {
+				n.Close(co)
+			}
+			return err
+		})
+		took := time.Since(t0)
+		if err == nil || err.Error() != "error connecting: Connection timed out" {
+			t.Errorf("%s: %v", c.name, err)
+		}
+		if took > c.limit {
+			t.Errorf("%s: failed after %v, want under %v", c.name, took, c.limit)
+		}
+		t.Logf("%s: %v after %v", c.name, err, took.Round(100*time.Millisecond))
 	}
 }

@@ -184,3 +184,41 @@ func Rbd(t testing.TB, conf string, args ...string) string {
 	}
 	return string(out)
 }
+
+// Private is a cluster of the test's own, for tests that disturb it (an
+// OSD restart): started now and stopped when t ends.
+type Private struct {
+	Dir, Conf string
+	script    string
+}
+
+// NewPrivate starts a private cluster; it ends t when it cannot.
+func NewPrivate(t testing.TB) *Private {
+	t.Helper()
+	qemutest.Require(t, "ceph-mon", "ceph-osd", "ceph", "rbd")
+	script, err := clusterScript()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	p := &Private{Dir: dir, script: script}
+	t.Cleanup(func() {
+		if out, err := exec.Command(script, "stop", dir).CombinedOutput(); err != nil {
+			t.Errorf("%s stop: %v: %s", script, err, out)
+		}
+	})
+	out, err := exec.Command(script, "start", dir).CombinedOutput()
+	if err != nil {
+		qemutest.Unavailable(t, fmt.Sprintf("no Ceph cluster: %s start: %v: %s", script, err, out))
+	}
+	p.Conf = filepath.Join(dir, "ceph.conf")
+	return p
+}
+
+// RestartOSD stops the cluster's OSD and starts it again.
+func (p *Private) RestartOSD() error {
+	if out, err := exec.Command(p.script, "restart-osd", p.Dir).CombinedOutput(); err != nil {
+		return fmt.Errorf("%s restart-osd: %v: %s", p.script, err, out)
+	}
+	return nil
+}
