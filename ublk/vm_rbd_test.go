@@ -104,18 +104,51 @@ check umount2-$FMT umount /mnt
 check detach2-$FMT ublkimg detach "$dev"
 `
 
+// rbdRecoveryScript: $IMG attached with --recovery keeps its device when
+// the server is killed under fio's verified writes, and recover serves it
+// again (the new server takes over RBD's exclusive lock from the dead one)
+// with fio going on to verify everything.
+const rbdRecoveryScript = `
+pidof() { sed -n 's/.*"pid": \([0-9]*\),.*/\1/p' /run/ublkimg/ublkb$1.json; }
+dev=$(ublkimg attach -f raw "$IMG" --recovery --queues 2)
+check rec-attach test -b "$dev" || exit 1
+id=${dev#/dev/ublkb}
+fio --name=rec --filename="$dev" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
+	--iodepth=16 --size=16M --rate_iops=500 --verify=crc32c --do_verify=1 --verify_fatal=1 >/tmp/fio.rec 2>&1 &
+fio=$!
+sleep 2
+check rec-fio-mid-stream kill -0 $fio
+kill -KILL $(pidof $id)
+sleep 1
+check rec-device-kept test -b "$dev"
+t0=$(date +%s)
+check rec-recover ublkimg recover "$dev" "$IMG"
+wait $fio
+rc=$?
+metric rbd_fio_after_recover_s $(($(date +%s) - t0))
+tail -n 4 /tmp/fio.rec
+check rec-fio-verified test $rc -eq 0
+check rec-detach ublkimg detach "$dev"
+`
+
 // TestVMRbd attaches a raw image and a qcow2 image stored in RBD as
 // /dev/ublkbN in the guest (one image handle per device, shared by its
 // queues), runs a file system and fio's verification on each, and then
 // reads them on the host with qemu-img: the same bytes as the guest's
-// device, and qemu-img compare agrees with Ceph's own rbd export.
+// device, and qemu-img compare agrees with Ceph's own rbd export. Then a
+// device attached with --recovery survives its server's SIGKILL and
+// recover (rbdRecoveryScript).
 func TestVMRbd(t *testing.T) {
 	qemutest.Require(t, "qemu-img", "rbd")
 	conf := cephtest.Conf(t)
 	g := newRbdGuest(t, conf)
-	images := map[string]string{"raw": cephtest.ImageName(t), "qcow2": cephtest.ImageName(t)}
-	for fmtName, name := range images {
-		if out, err := exec.Command("qemu-img", "create", "-q", "-f", fmtName, cephtest.Spec(conf, name), "128M").CombinedOutput(); err != nil {
+	images := map[string]string{"raw": cephtest.ImageName(t), "qcow2": cephtest.ImageName(t), "recovery": cephtest.ImageName(t)}
+	for kind, name := range images {
+		f := kind
+		if kind == "recovery" {
+			f = "raw"
+		}
+		if out, err := exec.Command("qemu-img", "create", "-q", "-f", f, cephtest.Spec(conf, name), "128M").CombinedOutput(); err != nil {
 			t.Fatalf("qemu-img create: %v: %s", err, out)
 		}
 	}
@@ -124,6 +157,7 @@ func TestVMRbd(t *testing.T) {
 	for _, f := range []string{"raw", "qcow2"} {
 		script += "FMT=" + f + " IMG=" + guestSpec(images[f]) + "\n" + rbdAttachScript
 	}
+	script += "IMG=" + guestSpec(images["recovery"]) + "\n" + rbdRecoveryScript
 	res := run(t, script, vmtest.RunOptions{Files: g.files, QemuArgs: g.qemu, Modules: g.modules})
 	dir := t.TempDir()
 	for _, f := range []string{"raw", "qcow2"} {
