@@ -281,6 +281,12 @@ var ErrLocked = errors.New("image is locked by another process")
 // image records (probed only when it records none).
 func Open(co *coroutine.Co, spec Spec) (*Node, error) {
 	protoName := "file"
+	if d := spec.Options["file.driver"]; d != "" {
+		// --image-opts driver=FMT,file.driver=PROTO,file.NAME=...
+		if f, err := LookupFormat(d); err == nil && f.Protocol {
+			protoName = d
+		}
+	}
 	if p := prefixedProtocol(spec.Filename); p != nil {
 		protoName = p.Name
 		if spec.Format == "file" {
@@ -535,6 +541,21 @@ func (n *Node) Close(co *coroutine.Co) error {
 	return errors.Join(errs...)
 }
 
+// ForFilename returns f as it creates filename. qemu-img offers a
+// format's create options together with those of the protocol the file is
+// created with; raw has nothing but size of its own, so a raw image's
+// options are its protocol's (an rbd image's cluster_size). Other formats
+// keep theirs.
+func (f *Format) ForFilename(filename string) *Format {
+	p := prefixedProtocol(filename)
+	if p == nil || f.Protocol || f.Name != "raw" {
+		return f
+	}
+	c := *f
+	c.CreateOptions = p.CreateOptions
+	return &c
+}
+
 // prefixedProtocol returns the protocol whose FilenamePrefix starts
 // filename, or nil.
 func prefixedProtocol(filename string) *Format {
@@ -561,7 +582,7 @@ func Create(co *coroutine.Co, format string, req *CreateRequest) error {
 	if f.Create == nil {
 		return fmt.Errorf("format '%s' does not support image creation", format)
 	}
-	if req.Options, err = ParseOptions(f.CreateOptions, req.Options); err != nil {
+	if req.Options, err = ParseOptions(f.ForFilename(req.Filename).CreateOptions, req.Options); err != nil {
 		return err
 	}
 	return f.Create(co, req)

@@ -30,8 +30,9 @@ func ParseImageOpts(s string) (filename, format string, opts bdrv.Options, err e
 		return "", "", nil, err
 	}
 	format = o["driver"] // "" probes
-	if d, ok := o["file.driver"]; ok && d != "file" {
-		return "", "", nil, fmt.Errorf("Unknown protocol driver '%s'", d)
+	proto, ok := o["file.driver"]
+	if ok && proto != "file" && !isProtocol(proto) {
+		return "", "", nil, fmt.Errorf("Unknown protocol driver '%s'", proto)
 	}
 	filename = o["file.filename"]
 	if filename == "" {
@@ -40,18 +41,31 @@ func ParseImageOpts(s string) (filename, format string, opts bdrv.Options, err e
 	if filename == "" && format == "file" {
 		filename = o["filename"]
 	}
-	if filename == "" {
+	// A protocol other than file (rbd) finds its image by its own
+	// options (pool=, image=, ...), named directly or as file.NAME.
+	byOptions := format != "file" && isProtocol(format) || proto != "file" && isProtocol(proto)
+	if filename == "" && !byOptions {
 		return "", "", nil, errors.New("A block device must be specified for \"file\"")
 	}
 	opts = bdrv.Options{}
 	for k, v := range o {
 		switch k {
-		case "driver", "file", "file.driver", "file.filename", "filename":
+		case "driver", "file", "file.filename", "filename":
+		case "file.driver":
+			if byOptions {
+				opts[k] = v // bdrv.Open picks the protocol by it
+			}
 		default:
 			opts[k] = v
 		}
 	}
 	return filename, format, opts, nil
+}
+
+// isProtocol reports whether name is a registered protocol driver.
+func isProtocol(name string) bool {
+	f, err := bdrv.LookupFormat(name)
+	return err == nil && f.Protocol
 }
 
 // resolveImageOpts turns a marked name in s into its file name, format and

@@ -46,6 +46,8 @@ qemu-img create -q -f qcow2 -b src.raw -F raw local-top.qcow2
 
 		{"create", "-f", "raw", "{new}", "16M"},
 		{"create", "-f", "qcow2", "{new}", "16M"},
+		{"create", "-f", "raw", "-o", "cluster_size=1M", "{new}", "16M"},
+		{"create", "-f", "raw", "-o", "cluster_size=3000", "{new}", "16M"},
 		{"create", "-f", "qcow2", "-b", "{src-raw}", "-F", "raw", "{new}"},
 		{"create", "-f", "qcow2", "-b", "{src-raw}", "-F", "raw", "local.qcow2"},
 
@@ -84,6 +86,10 @@ qemu-img create -q -f qcow2 -b src.raw -F raw local-top.qcow2
 		{"dd", "if={src-raw}", "of=out.raw", "bs=64k", "count=300"},
 		{"dd", "-O", "raw", "if=src.raw", "of={new}", "bs=1M"},
 
+		{"info", "--image-opts", "driver=rbd,pool=rbd,image={img:src-raw},conf=" + conf},
+		{"info", "--image-opts", "driver=raw,file.driver=rbd,file.pool=rbd,file.image={img:src-raw},file.conf=" + conf},
+		{"map", "--output=json", "--image-opts", "driver=qcow2,file.driver=rbd,file.pool=rbd,file.image={img:src-qcow2},file.conf=" + conf},
+		{"info", "--object", "secret,id=k0,data=QUFB,format=base64", "--image-opts", "driver=rbd,pool=rbd,image={img:src-raw},conf=" + conf + ",key-secret=k1"},
 		{"info", "{missing}"},
 		{"info", "rbd:nopool/x:conf=" + conf},
 	} {
@@ -135,7 +141,7 @@ func rbdCase(t *testing.T, conf, src, side string) *rbdSide {
 		t.Fatalf("%v\n%s", err, out)
 	}
 	for _, m := range placeholder.FindAllStringSubmatch(t.Name(), -1) {
-		name := m[1]
+		name := m[2]
 		if !slicesContains(s.names, name) {
 			s.names = append(s.names, name)
 		}
@@ -171,8 +177,9 @@ func rbdCase(t *testing.T, conf, src, side string) *rbdSide {
 	return s
 }
 
-// placeholder matches {NAME} in a test's name (made of its arguments).
-var placeholder = regexp.MustCompile(`\{([a-z0-9-]+)\}`)
+// placeholder matches {NAME} (an image's file name) and {img:NAME} (its
+// RBD name alone, for option strings) in the arguments.
+var placeholder = regexp.MustCompile(`\{(img:)?([a-z0-9-]+)\}`)
 
 func (s *rbdSide) image(name string) string {
 	return "rbd:" + cephtest.Pool + "/" + s.prefix + name + ":conf=" + s.conf
@@ -182,7 +189,12 @@ func (s *rbdSide) image(name string) string {
 func (s *rbdSide) expand(args []string) []string {
 	out := make([]string, len(args))
 	for i, a := range args {
-		out[i] = placeholder.ReplaceAllStringFunc(a, func(m string) string { return s.image(m[1 : len(m)-1]) })
+		out[i] = placeholder.ReplaceAllStringFunc(a, func(m string) string {
+			if name, ok := strings.CutPrefix(m[1:len(m)-1], "img:"); ok {
+				return s.prefix + name
+			}
+			return s.image(m[1 : len(m)-1])
+		})
 	}
 	return out
 }
