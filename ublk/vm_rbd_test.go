@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -59,6 +60,9 @@ auth_cluster_required = none
 auth_service_required = none
 auth_client_required = none
 client_mount_timeout = 60
+log_file = /tmp/ceph-$name.$pid.log
+run_dir = /tmp
+admin_socket = /tmp/ceph-$name.$pid.asok
 `, get("fsid"), monHost)
 	fwd, err := vmtest.GoBinary(t.Context(), "ublkimg/vmtest/tcpfwd")
 	if err != nil {
@@ -199,4 +203,106 @@ func sha256File(t *testing.T, path string) string {
 		t.Fatal(err)
 	}
 	return hex.EncodeToString(h.Sum(nil))
+}
+
+// rbdBenchScript runs fio's jobs on $DEV (named $NAME) and reports each
+// job's IOPS as metric NAME_JOB.
+const rbdBenchScript = `
+bench_jobs() {
+	for spec in randread-4k-qd1:randread:4k:1 randread-4k-qd16:randread:4k:16 \
+		randwrite-4k-qd1:randwrite:4k:1 randwrite-4k-qd16:randwrite:4k:16 \
+		seqread-128k:read:128k:4 seqwrite-128k:write:128k:4; do
+		IFS=: read job rw bs qd <<EOT
+$spec
+EOT
+		out=$(fio --name=$job --filename="$DEV" --ioengine=io_uring --direct=1 --rw=$rw --bs=$bs \
+			--iodepth=$qd --size=200M --time_based --runtime=$RUNTIME --ramp_time=1 \
+			--output-format=terse --terse-version=3 2>&1)
+		iops=$(printf '%s\n' "$out" | awk -F';' 'NF > 50 { printf "%d", $8 + $49 }')
+		[ -n "$iops" ] || { result $NAME-$job FAIL "$out"; continue; }
+		metric ${NAME}_$job $iops
+	done
+}
+`
+
+// TestVMRbdBench (run with UBLKIMG_RBD_BENCH=1; it reports, never fails on
+// figures) measures fio in the guest on one image in RBD through ublkimg,
+// rbd-nbd (nbd.ko) and the kernel's rbd driver, one after the other.
+func TestVMRbdBench(t *testing.T) {
+	if os.Getenv("UBLKIMG_RBD_BENCH") != "1" {
+		t.Skip("set UBLKIMG_RBD_BENCH=1 to run the rbd benchmark")
+	}
+	qemutest.Require(t, "qemu-img", "rbd", "rbd-nbd")
+	conf := cephtest.Conf(t)
+	g := newRbdGuest(t, conf)
+	name := cephtest.ImageName(t)
+	// Data everywhere, so that reads reach the OSD's objects.
+	src := filepath.Join(t.TempDir(), "src.raw")
+	if out, err := exec.Command("sh", "-c", "head -c 256M /dev/urandom >"+src).CombinedOutput(); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	if out, err := exec.Command("qemu-img", "convert", "-O", "raw", src, cephtest.Spec(conf, name)).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img convert: %v: %s", err, out)
+	}
+	data, _ := os.ReadFile(conf)
+	v2 := regexp.MustCompile(`v2:(127\.0\.0\.1:\d+)`).FindSubmatch(data)
+	if v2 == nil {
+		t.Fatalf("%s: no msgr2 monitor address", conf)
+	}
+	nbd, err := vmtest.Tool("rbd-nbd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	runtime := os.Getenv("UBLKIMG_RBD_BENCH_RUNTIME")
+	if runtime == "" {
+		runtime = "5"
+	}
+	spec := "rbd:" + cephtest.Pool + "/" + name + ":conf=/etc/ceph/ceph.conf"
+	devices := os.Getenv("UBLKIMG_RBD_BENCH_DEVICES")
+	if devices == "" {
+		devices = "ublk,ublk-wb,nbd,krbd"
+	}
+	script := g.setup + rbdBenchScript + "RUNTIME=" + runtime + "\n"
+	for _, dev := range strings.Split(devices, ",") {
+		switch dev {
+		case "ublk":
+			script += `NAME=ublk DEV=$(ublkimg attach -f raw -t none "` + spec + `")
+check ublk-attach test -b "$DEV" && bench_jobs
+check ublk-detach ublkimg detach "$DEV"
+`
+		case "ublk-wb":
+			// ublkimg's default cache mode, writeback: librbd's cache on,
+			// as rbd-nbd has it.
+			script += `NAME=ublkwb DEV=$(ublkimg attach -f raw "` + spec + `")
+check ublkwb-attach test -b "$DEV" && bench_jobs
+check ublkwb-detach ublkimg detach "$DEV"
+`
+		case "nbd":
+			script += `NAME=nbd DEV=$(rbd-nbd map --conf /etc/ceph/ceph.conf ` + cephtest.Pool + "/" + name + `)
+check nbd-map test -b "$DEV" && bench_jobs
+check nbd-unmap rbd-nbd unmap "$DEV"
+`
+		case "krbd":
+			// The kernel client speaks msgr2 in crc mode to the
+			// monitor's v2 address; auth is none.
+			script += `check krbd-map sh -c 'echo "` + string(v2[1]) + ` name=admin,ms_mode=crc ` + cephtest.Pool + " " + name + ` -" >/sys/bus/rbd/add_single_major' || dmesg | tail -n 20
+NAME=krbd DEV=/dev/rbd0
+check krbd-dev test -b $DEV && bench_jobs
+check krbd-unmap sh -c 'echo 0 >/sys/bus/rbd/remove_single_major'
+`
+		}
+	}
+	files := append(g.files, nbd)
+	res := run(t, script, vmtest.RunOptions{Files: files, QemuArgs: g.qemu,
+		Modules: append(g.modules, "nbd", "rbd")})
+	var b strings.Builder
+	fmt.Fprintf(&b, "%-18s %8s %8s %8s %8s %9s %9s\n", "job", "ublk", "ublk-wb", "rbd-nbd", "krbd", "ublk/nbd", "ublk/krbd")
+	for _, job := range []string{"randread-4k-qd1", "randread-4k-qd16", "randwrite-4k-qd1", "randwrite-4k-qd16", "seqread-128k", "seqwrite-128k"} {
+		u, _ := strconv.ParseFloat(res.Metrics["ublk_"+job], 64)
+		n, _ := strconv.ParseFloat(res.Metrics["nbd_"+job], 64)
+		k, _ := strconv.ParseFloat(res.Metrics["krbd_"+job], 64)
+		w, _ := strconv.ParseFloat(res.Metrics["ublkwb_"+job], 64)
+		fmt.Fprintf(&b, "%-18s %8.0f %8.0f %8.0f %8.0f %8.2fx %8.2fx\n", job, u, w, n, k, u/n, u/k)
+	}
+	t.Logf("IOPS, fio in the guest (TCG), %s s per job:\n%s", runtime, b.String())
 }
