@@ -14,6 +14,10 @@
 # several clusters (parallel test processes) can run side by side; the OSD
 # takes free ports from a range above it. A pool "rbd" is created and
 # initialised for RBD. Needs ceph-mon, ceph-osd and ceph (ceph-common).
+#
+# CEPH_AUTH=cephx at start makes a cluster that requires cephx, with keys
+# in DIR/keyring (mon., client.admin) and DIR/osd/keyring; the admin key
+# alone is in DIR/admin.key.
 set -euo pipefail
 
 usage() { echo "usage: $0 start|stop|restart-osd DIR | run CMD [ARG...]" >&2; exit 2; }
@@ -81,6 +85,8 @@ start)
 	[ ! -e "$conf" ] || { echo "ceph-cluster: $dir already holds a cluster" >&2; exit 1; }
 	mkdir -p "$dir"/{mon,osd,run,log}
 	fsid=$(cat /proc/sys/kernel/random/uuid)
+	auth=${CEPH_AUTH:-none}
+	case $auth in none | cephx) ;; *) echo "ceph-cluster: CEPH_AUTH is none or cephx" >&2; exit 2 ;; esac
 	port=$(free_port)
 	# The OSD's four messengers take ports from a range of their own.
 	osdport=$((port + 2))
@@ -91,9 +97,10 @@ mon_host = [v2:127.0.0.1:$port,v1:127.0.0.1:$((port + 1))]
 public_addr = 127.0.0.1
 cluster_addr = 127.0.0.1
 ms_bind_ipv6 = false
-auth_cluster_required = none
-auth_service_required = none
-auth_client_required = none
+auth_cluster_required = $auth
+auth_service_required = $auth
+auth_client_required = $auth
+keyring = $dir/keyring
 osd_pool_default_size = 1
 osd_pool_default_min_size = 1
 osd_pool_default_pg_autoscale_mode = off
@@ -114,6 +121,7 @@ admin_socket = $dir/run/\$name.asok
 pid_file = $dir/run/\$name.pid
 [osd]
 osd_data = $dir/osd
+keyring = $dir/osd/keyring
 admin_socket = $dir/run/\$name.asok
 pid_file = $dir/run/\$name.pid
 ms_bind_port_min = $osdport
@@ -129,11 +137,21 @@ osd_op_num_shards = 1
 osd_op_num_threads_per_shard = 2
 CONF
 	monmaptool --create --fsid "$fsid" --addv a "[v2:127.0.0.1:$port,v1:127.0.0.1:$((port + 1))]" "$dir/run/monmap" >/dev/null
-	ceph-mon -c "$conf" -i a --mkfs --monmap "$dir/run/monmap" >"$dir/log/mkfs.log" 2>&1
+	mkfs_keyring=()
+	if [ "$auth" = cephx ]; then
+		ceph-authtool --create-keyring "$dir/keyring" --gen-key -n mon. --cap mon 'allow *' >/dev/null
+		ceph-authtool "$dir/keyring" --gen-key -n client.admin --cap mon 'allow *' --cap osd 'allow *' --cap mgr 'allow *' >/dev/null
+		ceph-authtool "$dir/keyring" -n client.admin -p >"$dir/admin.key"
+		mkfs_keyring=(--keyring "$dir/keyring")
+	fi
+	ceph-mon -c "$conf" -i a --mkfs --monmap "$dir/run/monmap" "${mkfs_keyring[@]}" >"$dir/log/mkfs.log" 2>&1
 	ceph-mon -c "$conf" -i a
 	id=$(ceph -c "$conf" osd create)
 	[ "$id" = 0 ] || { echo "ceph-cluster: osd create gave $id" >&2; exit 1; }
-	ceph-osd -c "$conf" -i 0 --mkfs >>"$dir/log/mkfs.log" 2>&1
+	ceph-osd -c "$conf" -i 0 --mkfs --mkkey --no-mon-config >>"$dir/log/mkfs.log" 2>&1
+	if [ "$auth" = cephx ]; then
+		ceph -c "$conf" auth add osd.0 osd 'allow *' mon 'allow profile osd' -i "$dir/osd/keyring" >/dev/null 2>&1
+	fi
 	start_osd
 	ceph -c "$conf" osd pool create rbd 8 8 >/dev/null 2>&1
 	rbd -c "$conf" pool init rbd

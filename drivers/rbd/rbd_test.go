@@ -244,3 +244,39 @@ func TestUnreachable(t *testing.T) {
 		t.Logf("%s: %v after %v", c.name, err, took.Round(100*time.Millisecond))
 	}
 }
+
+// TestCephxKey: on a cluster that requires cephx, the key from a secret
+// (key-secret, as QEMU's) opens the image, and a wrong key is refused in
+// QEMU's one line.
+func TestCephxKey(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a cluster of its own")
+	}
+	p := cephtest.NewPrivate(t, cephtest.PrivateOptions{Cephx: true})
+	cephtest.Rbd(t, p.Conf, "create", "--size", "4M", cephtest.Pool+"/k")
+	for _, c := range []struct {
+		key, err string
+	}{
+		{p.AdminKey, ""},
+		{"AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA==", "error connecting: Permission denied"},
+	} {
+		if _, err := bdrv.AddSecretObject("secret,id=cephx-key,format=base64,data=" + c.key); err != nil {
+			t.Fatal(err)
+		}
+		err := coroutine.Run(func(co *coroutine.Co) error {
+			n, err := bdrv.Open(co, bdrv.Spec{Format: "rbd", ReadOnly: true,
+				Options: bdrv.Options{"pool": cephtest.Pool, "image": "k", "conf": p.Conf, "key-secret": "cephx-key"}})
+			if err != nil {
+				return err
+			}
+			if n.Length() != 4<<20 {
+				t.Errorf("length %d", n.Length())
+			}
+			return n.Close(co)
+		})
+		bdrv.RemoveSecret("cephx-key")
+		if c.err == "" && err != nil || c.err != "" && (err == nil || err.Error() != c.err) {
+			t.Errorf("key %s: %v, want %q", c.key, err, c.err)
+		}
+	}
+}

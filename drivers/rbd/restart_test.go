@@ -21,7 +21,7 @@ func TestOSDRestart(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts a cluster of its own")
 	}
-	p := cephtest.NewPrivate(t)
+	p := cephtest.NewPrivate(t, cephtest.PrivateOptions{})
 	cephtest.Rbd(t, p.Conf, "create", "--size", "64M", cephtest.Pool+"/r")
 	const block, blocks = 4096, 16384 // 64 MiB
 	var last [blocks]atomic.Uint64    // sequence number of the last completed write per block

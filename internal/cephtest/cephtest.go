@@ -186,14 +186,22 @@ func Rbd(t testing.TB, conf string, args ...string) string {
 }
 
 // Private is a cluster of the test's own, for tests that disturb it (an
-// OSD restart): started now and stopped when t ends.
+// OSD restart) or need cephx: started now and stopped when t ends.
 type Private struct {
 	Dir, Conf string
-	script    string
+	// AdminKey is client.admin's cephx key (base64), with Cephx.
+	AdminKey string
+	script   string
+}
+
+// PrivateOptions configure a private cluster.
+type PrivateOptions struct {
+	// Cephx makes the cluster require cephx authentication.
+	Cephx bool
 }
 
 // NewPrivate starts a private cluster; it ends t when it cannot.
-func NewPrivate(t testing.TB) *Private {
+func NewPrivate(t testing.TB, opts PrivateOptions) *Private {
 	t.Helper()
 	qemutest.Require(t, "ceph-mon", "ceph-osd", "ceph", "rbd")
 	script, err := clusterScript()
@@ -207,11 +215,21 @@ func NewPrivate(t testing.TB) *Private {
 			t.Errorf("%s stop: %v: %s", script, err, out)
 		}
 	})
-	out, err := exec.Command(script, "start", dir).CombinedOutput()
-	if err != nil {
+	cmd := exec.Command(script, "start", dir)
+	if opts.Cephx {
+		cmd.Env = append(os.Environ(), "CEPH_AUTH=cephx")
+	}
+	if out, err := cmd.CombinedOutput(); err != nil {
 		qemutest.Unavailable(t, fmt.Sprintf("no Ceph cluster: %s start: %v: %s", script, err, out))
 	}
 	p.Conf = filepath.Join(dir, "ceph.conf")
+	if opts.Cephx {
+		key, err := os.ReadFile(filepath.Join(dir, "admin.key"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		p.AdminKey = strings.TrimSpace(string(key))
+	}
 	return p
 }
 
