@@ -36,14 +36,7 @@ type SnapshotOptions struct {
 
 // SnapshotInfo is one internal snapshot as qemu-img lists it (QEMU's QAPI
 // SnapshotInfo).
-type SnapshotInfo struct {
-	ID, Name    string
-	VMStateSize uint64
-	DateSec     int64
-	DateNsec    int64
-	VMClockNsec uint64
-	Icount      int64 // -1: none
-}
+type SnapshotInfo = bdrv.SnapshotInfo
 
 // snapshotInfos lists the internal snapshots of an open node; formats
 // without snapshots have none.
@@ -72,11 +65,7 @@ func fallbackSnapshots(co *coroutine.Co, n *bdrv.Node) []SnapshotInfo {
 	if err != nil {
 		return nil
 	}
-	out := make([]SnapshotInfo, 0, len(list))
-	for _, i := range list {
-		out = append(out, SnapshotInfo(i))
-	}
-	return out
+	return list
 }
 
 // snapshotHeader is bdrv_snapshot_dump's title line.
