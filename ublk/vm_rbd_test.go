@@ -11,7 +11,9 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"ublkimg/internal/cephtest"
 	"ublkimg/internal/qemutest"
@@ -305,4 +307,86 @@ check krbd-unmap sh -c 'echo 0 >/sys/bus/rbd/remove_single_major'
 		fmt.Fprintf(&b, "%-18s %8.0f %8.0f %8.0f %8.0f %8.2fx %8.2fx\n", job, u, w, n, k, u/n, u/k)
 	}
 	t.Logf("IOPS, fio in the guest (TCG), %s s per job:\n%s", runtime, b.String())
+}
+
+// osdRestartScript writes with fio through an rbd image's device and
+// verifies, while the host restarts the OSD (on the "@@ OSD-RESTART" line).
+const osdRestartScript = `
+dev=$(ublkimg attach -f raw "$IMG")
+check osd-attach test -b "$dev" || exit 1
+fio --name=osd --filename="$dev" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
+	--iodepth=16 --size=24M --rate_iops=400 --verify=crc32c --do_verify=1 --verify_fatal=1 \
+	>/tmp/fio.osd 2>&1 &
+fio=$!
+sleep 3
+check osd-fio-mid-stream kill -0 $fio
+echo "@@ OSD-RESTART"
+t0=$(date +%s)
+wait $fio
+rc=$?
+metric fio_s_after_restart_request $(($(date +%s) - t0))
+# The longest write: the stall while the OSD was away.
+grep -E ' (clat|lat) \((u|m)?sec\)' /tmp/fio.osd
+tail -n 6 /tmp/fio.osd
+check osd-fio-verified test $rc -eq 0
+check osd-no-io-errors sh -c '! grep -q "error=" /tmp/fio.osd'
+check osd-detach ublkimg detach "$dev"
+`
+
+// TestVMRbdOSDRestart restarts the OSD of a private cluster while fio
+// writes through an attached rbd image: I/O stalls, resumes with no error,
+// and fio's verification finds every write.
+func TestVMRbdOSDRestart(t *testing.T) {
+	vmtest.RequireTools(t)
+	p := cephtest.NewPrivate(t, cephtest.PrivateOptions{})
+	g := newRbdGuest(t, p.Conf)
+	cephtest.Rbd(t, p.Conf, "create", "--size", "64M", cephtest.Pool+"/osd")
+	restarted := make(chan error, 1)
+	var restartTook time.Duration
+	con := &markerWriter{marker: "@@ OSD-RESTART", fn: func() {
+		t0 := time.Now()
+		err := p.RestartOSD()
+		restartTook = time.Since(t0)
+		restarted <- err
+	}}
+	script := g.setup + "IMG=rbd:" + cephtest.Pool + "/osd:conf=/etc/ceph/ceph.conf\n" + osdRestartScript
+	run(t, script, vmtest.RunOptions{Files: g.files, QemuArgs: g.qemu, Modules: g.modules, Console: con})
+	select {
+	case err := <-restarted:
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("the OSD restart took %v", restartTook.Round(100*time.Millisecond))
+	default:
+		t.Fatal("the guest never asked for the OSD restart")
+	}
+}
+
+// markerWriter receives the console and runs fn, once, in its own
+// goroutine, when a line holding marker arrives.
+type markerWriter struct {
+	marker string
+	fn     func()
+	mu     sync.Mutex
+	buf    []byte
+	fired  bool
+}
+
+func (w *markerWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.fired {
+		return len(p), nil
+	}
+	w.buf = append(w.buf, p...)
+	if strings.Contains(string(w.buf), w.marker+"\n") || strings.Contains(string(w.buf), w.marker+"\r") {
+		w.fired = true
+		w.buf = nil
+		go w.fn()
+		return len(p), nil
+	}
+	if i := strings.LastIndexByte(string(w.buf), '\n'); i >= 0 {
+		w.buf = w.buf[i+1:]
+	}
+	return len(p), nil
 }
