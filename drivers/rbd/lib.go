@@ -25,10 +25,10 @@ var lib struct {
 	radosCreate, radosConfReadFile, radosConfSet, radosConnect, radosShutdown uintptr
 	radosIoctxCreate, radosIoctxDestroy, radosIoctxSetNamespace               uintptr
 
-	open, openReadOnly, close, getSize, stat, getFeatures, getFlags, getParentInfo uintptr
-	resize2, create4, remove                                                       uintptr
-	optsCreate, optsDestroy, optsSetUint64                                         uintptr
-	namespaceExists                                                                uintptr
+	open, openReadOnly, close, stat, getFeatures, getFlags, getParentInfo uintptr
+	resize2, create4                                                      uintptr
+	optsCreate, optsDestroy, optsSetUint64                                uintptr
+	namespaceExists                                                       uintptr
 
 	aioCreateCompletion, aioRelease, aioGetReturnValue, aioGetArg uintptr
 	aioReadv, aioWritev, aioFlush, aioDiscard, aioWriteZeroes     uintptr
@@ -73,14 +73,12 @@ func doLoad(name string) error {
 		{&lib.open, "rbd_open"},
 		{&lib.openReadOnly, "rbd_open_read_only"},
 		{&lib.close, "rbd_close"},
-		{&lib.getSize, "rbd_get_size"},
 		{&lib.stat, "rbd_stat"},
 		{&lib.getFeatures, "rbd_get_features"},
 		{&lib.getFlags, "rbd_get_flags"},
 		{&lib.getParentInfo, "rbd_get_parent_info"},
 		{&lib.resize2, "rbd_resize2"},
 		{&lib.create4, "rbd_create4"},
-		{&lib.remove, "rbd_remove"},
 		{&lib.optsCreate, "rbd_image_options_create"},
 		{&lib.optsDestroy, "rbd_image_options_destroy"},
 		{&lib.optsSetUint64, "rbd_image_options_set_uint64"},
@@ -102,7 +100,6 @@ func doLoad(name string) error {
 		{&lib.snapCreate, "rbd_snap_create"},
 		{&lib.snapRemove, "rbd_snap_remove"},
 		{&lib.snapRollback, "rbd_snap_rollback"},
-		{&lib.invalidateCache, "rbd_invalidate_cache"},
 	}
 	for _, s := range syms {
 		if *s.p, err = purego.Dlsym(h, s.name); err != nil {

@@ -210,6 +210,7 @@ func TestNoLibrary(t *testing.T) {
 // TestUnreachable: a cluster that does not answer is an error after the
 // connect timeout, in QEMU's words.
 func TestUnreachable(t *testing.T) {
+	t.Parallel()
 	if err := load(); err != nil {
 		t.Skip(err)
 	}
@@ -249,6 +250,7 @@ func TestUnreachable(t *testing.T) {
 // (key-secret, as QEMU's) opens the image, and a wrong key is refused in
 // QEMU's one line.
 func TestCephxKey(t *testing.T) {
+	t.Parallel()
 	if testing.Short() {
 		t.Skip("starts a cluster of its own")
 	}

@@ -18,6 +18,7 @@ import (
 // request failing and no write lost (every block reads back as the last
 // write that completed on it).
 func TestOSDRestart(t *testing.T) {
+	t.Parallel()
 	if testing.Short() {
 		t.Skip("starts a cluster of its own")
 	}
