@@ -18,7 +18,10 @@ import (
 // for ublkimg and for qemu-img. In the arguments {NAME} is an rbd: file name
 // of an image (src-raw, src-qcow2: data from src.raw; empty-raw,
 // empty-qcow2: empty 16 MiB images; top-qcow2: a qcow2 image on rbd over
-// src-raw; any other name is not created beforehand). Standard output,
+// src-raw; snap-raw: src.raw's data in snapshot snap1, other data at the
+// head; any other name is not created beforehand). {NAME@SNAP} is the
+// image's snapshot, {img:NAME} the image's RBD name alone (for option
+// strings). Standard output,
 // exit status and the error line must be the same, and afterwards every
 // image, in RBD or in the case's directory, must read alike.
 func TestRbdVerbs(t *testing.T) {
@@ -77,6 +80,19 @@ qemu-img create -q -f qcow2 -b src.raw -F raw local-top.qcow2
 		{"snapshot", "-d", "nope", "{src-raw}"},
 		{"snapshot", "-a", "nope", "{src-raw}"},
 		{"snapshot", "-c", "s1", "{src-qcow2}"},
+
+		{"commit", "{top-qcow2}"},
+		{"rebase", "-b", "", "{top-qcow2}"},
+		{"rebase", "-u", "-b", "{src-qcow2}", "-F", "qcow2", "{top-qcow2}"},
+		{"amend", "-o", "lazy_refcounts=on", "{src-qcow2}"},
+		{"bitmap", "--add", "{src-qcow2}", "b0"},
+		{"info", "{snap-raw@snap1}"},
+		{"compare", "src.raw", "{snap-raw@snap1}"},
+		{"compare", "src.raw", "{snap-raw}"},
+		{"convert", "-O", "raw", "{snap-raw@snap1}", "out.raw"},
+		{"map", "--output=json", "{snap-raw@snap1}"},
+		{"info", "--image-opts", "driver=raw,file.driver=rbd,file.pool=rbd,file.image={img:snap-raw},file.snapshot=snap1,file.conf=" + conf},
+		{"resize", "-f", "raw", "{snap-raw@snap1}", "+1M"},
 
 		{"measure", "-O", "qcow2", "{src-raw}"},
 		{"measure", "-O", "raw", "--output=json", "{src-qcow2}"},
@@ -158,6 +174,13 @@ func rbdCase(t *testing.T, conf, src, side string) *rbdSide {
 			cmd = []string{"convert", "-O", "raw", "src.raw", s.image(name)}
 		case "src-qcow2":
 			cmd = []string{"convert", "-O", "qcow2", "src.raw", s.image(name)}
+		case "snap-raw":
+			// A snapshot of src.raw's data, and other data at its head.
+			runOK(t, s.dir, "qemu-img", "convert", "-O", "raw", "src.raw", s.image(name))
+			cephtest.Rbd(t, conf, "snap", "create", cephtest.Pool+"/"+s.prefix+name+"@snap1")
+			cmd = []string{"-f", "raw", "-c", "write -P 0x66 2M 1M", s.image(name)}
+			runOK(t, s.dir, "qemu-io", cmd...)
+			continue
 		case "empty-raw":
 			cmd = []string{"create", "-q", "-f", "raw", s.image(name), "16M"}
 		case "top-qcow2":
@@ -179,7 +202,7 @@ func rbdCase(t *testing.T, conf, src, side string) *rbdSide {
 
 // placeholder matches {NAME} (an image's file name) and {img:NAME} (its
 // RBD name alone, for option strings) in the arguments.
-var placeholder = regexp.MustCompile(`\{(img:)?([a-z0-9-]+)\}`)
+var placeholder = regexp.MustCompile(`\{(img:)?([a-z0-9-]+)(@[a-z0-9]+)?\}`)
 
 func (s *rbdSide) image(name string) string {
 	return "rbd:" + cephtest.Pool + "/" + s.prefix + name + ":conf=" + s.conf
@@ -193,7 +216,12 @@ func (s *rbdSide) expand(args []string) []string {
 			if name, ok := strings.CutPrefix(m[1:len(m)-1], "img:"); ok {
 				return s.prefix + name
 			}
-			return s.image(m[1 : len(m)-1])
+			// {NAME@SNAP}: the image's snapshot.
+			name, snap, _ := strings.Cut(m[1:len(m)-1], "@")
+			if snap != "" {
+				return strings.Replace(s.image(name), ":conf=", "@"+snap+":conf=", 1)
+			}
+			return s.image(name)
 		})
 	}
 	return out
