@@ -25,6 +25,7 @@ have ceph-mon           || need+=(ceph-mon)
 have ceph-osd           || need+=(ceph-osd)
 have rbd                || need+=(ceph-common)
 have rbd-nbd            || need+=(rbd-nbd)
+have ss                 || need+=(iproute2)
 dpkg -s librbd1 >/dev/null 2>&1 || need+=(librbd1)
 dpkg -s qemu-block-extra >/dev/null 2>&1 || need+=(qemu-block-extra)
 

@@ -24,7 +24,11 @@ const enoent = unix.ENOENT
 // request's coroutine.Event, which wakes the issuing coroutine on its own
 // loop (directly on the poller's loop, by an IORING_OP_MSG_RING completion
 // on another queue's ring). The poller ends when nothing is in flight, so
-// an idle device costs nothing and no read outlives the requests.
+// an idle device costs nothing and no read outlives the requests. The
+// price: while requests keep coming, the poller stays on the loop that
+// started it, and the other queues' completions take one MSG_RING hop from
+// there (QEMU's rbd driver has one AioContext per image and no such hop,
+// but no multiqueue either).
 
 // events is the driver's completion state.
 type events struct {
