@@ -65,7 +65,9 @@ func Info(co *coroutine.Co, opts InfoOptions) ([]*ImageInfo, error) {
 			return nil, err
 		}
 		shown := filename
-		if strings.HasPrefix(filename, imageOptsMark) {
+		if name, ok := optionsName(n); ok {
+			shown = name
+		} else if strings.HasPrefix(filename, imageOptsMark) {
 			shown = imageOptsShown(s, n)
 		}
 		info, err := queryInfo(co, n, shown)
@@ -156,7 +158,7 @@ func queryInfo(co *coroutine.Co, n *bdrv.Node, filename string) (*ImageInfo, err
 // names are taken relative to the directory part of base, kept verbatim
 // (no cleaning, so "dir/../b.img" stays as the user will recognise it).
 func pathCombine(base, name string) string {
-	if strings.HasPrefix(name, "/") || strings.Contains(name, "://") {
+	if strings.HasPrefix(name, "/") || bdrv.HasProtocol(name) {
 		return name
 	}
 	if i := strings.LastIndexByte(base, '/'); i >= 0 {

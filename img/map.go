@@ -194,7 +194,9 @@ func mapStatus(co *coroutine.Co, n *bdrv.Node, off, bytes int64, names map[*bdrv
 		e.hasOffset, e.offset = true, st.Map
 		if st.File != nil {
 			e.filename = names[st.File]
-			if e.filename == "" {
+			if name, ok := optionsName(st.File); ok {
+				e.filename = name
+			} else if e.filename == "" {
 				e.filename = st.File.Filename
 			}
 		}
