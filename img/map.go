@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"strings"
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
@@ -220,7 +219,7 @@ func chainNames(n *bdrv.Node, filename string) map[*bdrv.Node]string {
 		if p.BackingFile == "" {
 			break
 		}
-		if strings.Contains(p.BackingFile, "://") {
+		if bdrv.HasProtocol(p.BackingFile) {
 			name = p.BackingFile
 		} else {
 			name = pathCombine(name, p.BackingFile)

@@ -82,6 +82,7 @@ qemu-img create -q -f qcow2 -b src.raw -F raw local-top.qcow2
 		{"snapshot", "-c", "s1", "{src-qcow2}"},
 
 		{"commit", "{top-qcow2}"},
+		{"commit", "-b", "{src-raw}", "{top-qcow2}"},
 		{"rebase", "-b", "", "{top-qcow2}"},
 		{"rebase", "-u", "-b", "{src-qcow2}", "-F", "qcow2", "{top-qcow2}"},
 		{"amend", "-o", "lazy_refcounts=on", "{src-qcow2}"},
