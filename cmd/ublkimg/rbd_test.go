@@ -105,6 +105,9 @@ qemu-img create -q -f qcow2 -b src.raw -F raw local-top.qcow2
 
 		{"info", "--image-opts", "driver=rbd,pool=rbd,image={img:src-raw},conf=" + conf},
 		{"info", "--image-opts", "driver=raw,file.driver=rbd,file.pool=rbd,file.image={img:src-raw},file.conf=" + conf},
+		// A file name in the options names the image as given.
+		{"info", "--image-opts", "driver=raw,file.driver=rbd,file.filename={src-raw}"},
+		{"info", "--image-opts", "driver=rbd,filename={src-raw}"},
 		{"map", "--output=json", "--image-opts", "driver=qcow2,file.driver=rbd,file.pool=rbd,file.image={img:src-qcow2},file.conf=" + conf},
 		{"info", "--object", "secret,id=k0,data=QUFB,format=base64", "--image-opts", "driver=rbd,pool=rbd,image={img:src-raw},conf=" + conf + ",key-secret=k1"},
 		{"info", "{missing}"},
