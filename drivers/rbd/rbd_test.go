@@ -174,8 +174,8 @@ func TestZeroesDiscardStatus(t *testing.T) {
 	})
 }
 
-// TestOpenErrors checks QEMU's messages for a missing pool, image and
-// snapshot.
+// TestOpenErrors checks QEMU's messages for a missing pool, image,
+// snapshot, conf file and conf option, each still matching ENOENT.
 func TestOpenErrors(t *testing.T) {
 	conf, name, _ := newImage(t, "1M")
 	for _, c := range []struct{ filename, want string }{
@@ -195,8 +195,11 @@ func TestOpenErrors(t *testing.T) {
 		if err == nil || err.Error() != c.want {
 			t.Errorf("open %s: %v, want %s", c.filename, err, c.want)
 		}
+		// The errno stays matchable under the message (uring.Errno).
+		if !errors.Is(err, unix.ENOENT) {
+			t.Errorf("open %s: %v does not match ENOENT", c.filename, err)
+		}
 	}
-	_ = unix.ENOENT
 }
 
 // TestNoLibrary: without librbd the driver says so in one line.
