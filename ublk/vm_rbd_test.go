@@ -164,7 +164,10 @@ func TestVMRbd(t *testing.T) {
 		script += "FMT=" + f + " IMG=" + guestSpec(images[f]) + "\n" + rbdAttachScript
 	}
 	script += "IMG=" + guestSpec(images["recovery"]) + "\n" + rbdRecoveryScript
-	res := run(t, script, vmtest.RunOptions{Files: g.files, QemuArgs: g.qemu, Modules: g.modules})
+	// Two file systems and fio on images whose every request crosses the
+	// host's OSD: about 3 minutes on a quiet 2-core machine, and more than
+	// 5 when the host is busy (the OSD shares its cores with the guest).
+	res := run(t, script, vmtest.RunOptions{Files: g.files, QemuArgs: g.qemu, Modules: g.modules, Timeout: 12 * time.Minute})
 	dir := t.TempDir()
 	for _, f := range []string{"raw", "qcow2"} {
 		spec := cephtest.Spec(conf, images[f])
