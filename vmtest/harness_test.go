@@ -178,3 +178,27 @@ func TestLineWriter(t *testing.T) {
 		t.Errorf("got %q, want %q", got, want)
 	}
 }
+
+// TestCrashedBooting: only kernel trouble before /init's BOOT line makes
+// Run boot again; trouble once the scenario runs fails the run.
+func TestCrashedBooting(t *testing.T) {
+	const oops = "[    3.440568] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI"
+	for _, tc := range []struct {
+		name  string
+		lines []string
+		want  bool
+	}{
+		{"oops at boot", []string{"[    0.1] Linux version 6.12", oops}, true},
+		{"oops in the scenario", []string{"@@ BOOT 2.18 6.12", "@@ READY 2.60", oops}, false},
+		{"clean boot", []string{"[    0.1] Linux version 6.12", "@@ BOOT 2.18 6.12"}, false},
+		{"no output", nil, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := &console{start: time.Now(), onTrouble: func(string) {}}
+			c.read(strings.NewReader(strings.Join(tc.lines, "\n") + "\n"))
+			if got := c.crashedBooting(); got != tc.want {
+				t.Errorf("crashedBooting() = %v, want %v", got, tc.want)
+			}
+		})
+	}
+}

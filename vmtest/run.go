@@ -178,14 +178,47 @@ func Run(ctx context.Context, opts RunOptions) (*Result, error) {
 	}
 	logf("vm: initramfs %s ready in %v", filepath.Base(base), time.Since(start).Round(time.Millisecond))
 
+	for attempt := 1; ; attempt++ {
+		res, crashedBooting, err := runOnce(ctx, opts, k, qemu, accel, base, timeout, logf)
+		if !crashedBooting || attempt == bootAttempts {
+			return res, err
+		}
+		logf("vm: the guest kernel crashed before /init ran (%s): booting again, attempt %d of %d",
+			firstLine(res.Log, kernelTrouble), attempt+1, bootAttempts)
+	}
+}
+
+// bootAttempts bounds how often Run boots again after the guest's kernel
+// crashed before /init started. TCG with several vCPUs now and then
+// trips over the kernel patching its own text at boot (an int3 oops in
+// sched_clock_cpu, seen at 3.4 s into a boot on a loaded host): nothing of the
+// scenario has run then, so booting again loses nothing, while any
+// trouble once /init is running fails the run.
+const bootAttempts = 3
+
+// firstLine returns the first line of log that re matches.
+func firstLine(log string, re *regexp.Regexp) string {
+	for _, l := range strings.Split(log, "\n") {
+		if re.MatchString(l) {
+			return strings.TrimSpace(l)
+		}
+	}
+	return ""
+}
+
+// runOnce boots the VM once and runs the scenario, as Run describes;
+// crashedBooting reports kernel trouble before the guest's /init said
+// BOOT.
+func runOnce(ctx context.Context, opts RunOptions, k *KernelFiles, qemu, accel, base string, timeout time.Duration,
+	logf func(string, ...any)) (res *Result, crashedBooting bool, err error) {
 	work, err := os.MkdirTemp("", "ublkimg-vm-")
 	if err != nil {
-		return nil, fmt.Errorf("vm: %w", err)
+		return nil, false, fmt.Errorf("vm: %w", err)
 	}
 	defer os.RemoveAll(work)
 	initrd := filepath.Join(work, "initrd")
 	if err := writeRunInitrd(initrd, base, opts.Script); err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	results := filepath.Join(work, "results")
 
@@ -199,7 +232,7 @@ func Run(ctx context.Context, opts RunOptions) (*Result, error) {
 	cmd.Stderr = &stderr
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
-		return nil, fmt.Errorf("vm: %w", err)
+		return nil, false, fmt.Errorf("vm: %w", err)
 	}
 	var fatal *time.Timer
 	con := &console{out: opts.Console, onTrouble: func(line string) {
@@ -208,7 +241,7 @@ func Run(ctx context.Context, opts RunOptions) (*Result, error) {
 	}}
 	con.start = time.Now()
 	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("vm: starting %s: %w", qemu, err)
+		return nil, false, fmt.Errorf("vm: starting %s: %w", qemu, err)
 	}
 	con.read(stdout) // until EOF: qemu exited or was killed
 	waitErr := cmd.Wait()
@@ -216,7 +249,7 @@ func Run(ctx context.Context, opts RunOptions) (*Result, error) {
 		fatal.Stop()
 	}
 
-	res := &Result{
+	res = &Result{
 		ExitStatus: -1,
 		Kernel:     k.Release,
 		Accel:      accel,
@@ -242,14 +275,14 @@ func Run(ctx context.Context, opts RunOptions) (*Result, error) {
 	}
 	report, err := os.ReadFile(results)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		return res, fmt.Errorf("vm: reading results: %w", err)
+		return res, false, fmt.Errorf("vm: reading results: %w", err)
 	}
 	done := parseReport(report, res)
 	problems = append(problems, res.problems(done)...)
 	if len(problems) == 0 {
-		return res, nil
+		return res, false, nil
 	}
-	return res, fmt.Errorf("vm: run failed (%s, %s):\n  %s\n--- console tail ---\n%s",
+	return res, con.crashedBooting(), fmt.Errorf("vm: run failed (%s, %s):\n  %s\n--- console tail ---\n%s",
 		k.Release, accel, strings.Join(dedup(problems), "\n  "), res.LogTail(40))
 }
 
@@ -339,6 +372,10 @@ type console struct {
 	trouble   string
 	onTrouble func(line string)
 }
+
+// crashedBooting reports kernel trouble before the guest's /init said
+// BOOT: the kernel or the emulator failed before any of the run ran.
+func (c *console) crashedBooting() bool { return c.trouble != "" && c.boot == 0 }
 
 func (c *console) read(r io.Reader) {
 	br := bufio.NewReader(r)
