@@ -216,4 +216,19 @@ type (
 	WriteTracker interface {
 		WriteDone(off, bytes int64)
 	}
+	// CounterReporter reports figures the driver keeps about its work
+	// since the open (qcow2: metadata cache hits and misses, clusters
+	// allocated, copy-on-write bytes), for `ublkimg stats` and the
+	// metrics endpoint. It may be called from any goroutine while
+	// requests run: the figures are read atomically, each on its own
+	// (see StatCounter). Without it a node reports none.
+	CounterReporter interface {
+		Counters() []Counter
+	}
+	// Filter is implemented by the drivers of filter nodes (NewFilter):
+	// FilteredChild is the node every request goes on to. Unfiltered
+	// looks through filters with it.
+	Filter interface {
+		FilteredChild() *Node
+	}
 )
