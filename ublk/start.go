@@ -38,7 +38,7 @@ func Start(cfg Config, node *bdrv.Node) (*Device, error) {
 // device and runs sequence (start or recover), closing what it did when it
 // fails.
 func launch(cfg Config, node *bdrv.Node, sequence func(*Device) error) (*Device, error) {
-	d := &Device{node: node, charFd: -1, done: make(chan struct{})}
+	d := &Device{node: node, charFd: -1, done: make(chan struct{}), pauseLock: make(chan struct{}, 1)}
 	var err error
 	if d.cfg, err = cfg.withDefaults(); err != nil {
 		d.closeNodeOnly()
@@ -52,6 +52,7 @@ func launch(cfg Config, node *bdrv.Node, sequence func(*Device) error) (*Device,
 		d.Close()
 		return nil, err
 	}
+	d.started = time.Now()
 	d.setState(stateUp)
 	return d, nil
 }
