@@ -225,6 +225,28 @@ type (
 	CounterReporter interface {
 		Counters() []Counter
 	}
+	// PersistentBitmaps is implemented by formats that store dirty
+	// bitmaps in the image (qcow2): the bitmap verbs and the live jobs
+	// (backup) manage them through it. Changes are made in memory, with
+	// the bitmap marked in use on disk first, and stored when the image is
+	// closed; errors are QEMU's messages ("Dirty bitmap 'b0' not found").
+	// The methods take the driver's metadata lock: they may run while
+	// requests do, and the caller pauses the writers when a change must
+	// be a point in time (backup's TakeBitmap).
+	PersistentBitmaps interface {
+		// AddBitmap adds an empty bitmap; granularity 0 takes the
+		// format's default; a disabled bitmap tracks no write.
+		AddBitmap(co *coroutine.Co, name string, granularity uint64, disabled bool) error
+		RemoveBitmap(co *coroutine.Co, name string) error
+		ClearBitmap(co *coroutine.Co, name string) error
+		SetBitmapEnabled(co *coroutine.Co, name string, enabled bool) error
+		// TakeBitmap returns a bitmap's content (bit i of byte j is
+		// granule 8j+i of granularity bytes) and clears it, in one step.
+		TakeBitmap(co *coroutine.Co, name string) (granularity uint64, data []byte, err error)
+		// MergeBitmapBits sets in a bitmap the granules set in data,
+		// as TakeBitmap returns it.
+		MergeBitmapBits(co *coroutine.Co, name string, granularity uint64, data []byte) error
+	}
 	// Filter is implemented by the drivers of filter nodes (NewFilter):
 	// FilteredChild is the node every request goes on to. Unfiltered
 	// looks through filters with it.
