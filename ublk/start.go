@@ -81,6 +81,9 @@ func (d *Device) start() error {
 	if cfg.Recovery {
 		flags |= FeatureUserRecovery | FeatureUserRecoveryReissue
 	}
+	// Where the kernel can change a live device's capacity (6.16), the
+	// device may be resized online (Grow).
+	flags |= d.ctrl.features & FeatureUpdateSize
 	d.info, err = d.ctrl.AddDev(DevInfo{
 		ID: cfg.ID, Queues: cfg.Queues, Depth: cfg.Depth,
 		MaxIOBufBytes: cfg.MaxIOBytes, Flags: flags,

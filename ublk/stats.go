@@ -2,7 +2,7 @@ package ublk
 
 import (
 	"math/bits"
-		"time"
+	"time"
 
 	"ublkimg/ublk/internal/uapi"
 )
