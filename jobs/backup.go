@@ -50,7 +50,7 @@ type BackupOptions struct {
 // guest's write (QEMU's on-cbw-error=break-snapshot). The image itself is
 // never written by the job.
 func Backup(ctx context.Context, dev Device, o BackupOptions, progress Progress) error {
-	image, err := activeImage(dev, "backup")
+	image, err := activeImage(dev, "backup", true)
 	if err != nil {
 		return err
 	}

@@ -47,7 +47,7 @@ const (
 // they did. A failure before the pivot takes the filter out and reopens
 // the backing file read-only.
 func Commit(ctx context.Context, dev Device, o OpenOptions, pivot PivotFunc, progress Progress) error {
-	top, err := activeImage(dev, "live commit")
+	top, err := activeImage(dev, "live commit", false)
 	if err != nil {
 		return err
 	}

@@ -45,8 +45,8 @@ type PivotFunc func(image, format string) error
 var ErrJobCancelled = errors.New("job cancelled")
 
 // activeImage returns the image the device serves, which must not be
-// under a filter (another job) nor read-only.
-func activeImage(dev Device, what string) (*bdrv.Node, error) {
+// under a filter (another job) nor, unless readOnlyOK, read-only.
+func activeImage(dev Device, what string, readOnlyOK bool) (*bdrv.Node, error) {
 	node := dev.Node()
 	if node == nil {
 		return nil, errors.New("the device serves no image")
@@ -54,7 +54,7 @@ func activeImage(dev Device, what string) (*bdrv.Node, error) {
 	if bdrv.Unfiltered(node) != node {
 		return nil, fmt.Errorf("%s: another job runs on the device", what)
 	}
-	if node.ReadOnly {
+	if node.ReadOnly && !readOnlyOK {
 		return nil, fmt.Errorf("%s: the device is read-only", what)
 	}
 	return node, nil

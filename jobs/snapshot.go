@@ -35,7 +35,7 @@ import (
 // A failure in 2-4 removes the overlay and serves the image again
 // (reopened read-write after 3).
 func Snapshot(ctx context.Context, dev Device, overlay string, o OpenOptions, pivot PivotFunc) error {
-	base, err := activeImage(dev, "live snapshot")
+	base, err := activeImage(dev, "live snapshot", false)
 	if err != nil {
 		return err
 	}

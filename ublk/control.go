@@ -45,6 +45,19 @@ type ControlCommand struct {
 	Job bool
 }
 
+// ControlCommands are the commands of the control protocol the device
+// serves itself: query-stats, its figures now (DeviceStats).
+func (d *Device) ControlCommands() map[string]ControlCommand {
+	return map[string]ControlCommand{
+		"query-stats": {Handler: func(ctx context.Context, r *ControlRequest) (any, error) {
+			if err := r.Args(&struct{}{}); err != nil {
+				return nil, err
+			}
+			return d.Stats(), nil
+		}},
+	}
+}
+
 // ControlRequest is one command as a handler receives it.
 type ControlRequest struct {
 	Command   string

@@ -110,19 +110,6 @@ func (d *Device) SetNode(node *bdrv.Node) {
 	d.nodeMu.Unlock()
 }
 
-// ControlCommands are the commands of the control protocol the device
-// serves itself: query-stats, its figures now (DeviceStats).
-func (d *Device) ControlCommands() map[string]ControlCommand {
-	return map[string]ControlCommand{
-		"query-stats": {Handler: func(ctx context.Context, r *ControlRequest) (any, error) {
-			if err := r.Args(&struct{}{}); err != nil {
-				return nil, err
-			}
-			return d.Stats(), nil
-		}},
-	}
-}
-
 // ErrHandedOver is what Close returns after Handover: the device was left
 // to the next server.
 var ErrHandedOver = errors.New("the device was handed over to another server")
