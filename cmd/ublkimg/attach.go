@@ -366,6 +366,7 @@ func serveImage(o *attachOptions) (err error) {
 	defer stop()
 
 	setMaxProcs(o.cfg.Queues)
+	var dev *ublk.Device
 	var takeover time.Time
 	var handedOver string
 	if o.handover {
@@ -375,15 +376,17 @@ func serveImage(o *attachOptions) (err error) {
 		}
 	}
 	node, cache, err := openImage(o)
-	if err != nil {
-		return err
+	if err == nil {
+		start := ublk.Start
+		if o.recover {
+			start = ublk.Recover
+		}
+		dev, err = start(o.cfg, node)
 	}
-	start := ublk.Start
-	if o.recover {
-		start = ublk.Recover
-	}
-	dev, err := start(o.cfg, node)
 	if err != nil {
+		if o.handover {
+			err = fmt.Errorf("%w (its old server is gone: the device waits, its I/O held, for ublkimg recover %d)", err, o.cfg.ID)
+		}
 		return err
 	}
 	cfg := dev.Config()
