@@ -7,9 +7,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"os"
-	"sort"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -359,19 +361,7 @@ func (s *ControlServer) dispatch(r *ControlRequest, gone <-chan struct{}) (any, 
 }
 
 func (s *ControlServer) names() string {
-	var names []string
-	for n := range s.commands {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	out := ""
-	for i, n := range names {
-		if i > 0 {
-			out += ", "
-		}
-		out += n
-	}
-	return out
+	return strings.Join(slices.Sorted(maps.Keys(s.commands)), ", ")
 }
 
 // send writes one message; a client that does not read for
@@ -389,9 +379,7 @@ func (c *controlConn) send(m controlMessage) {
 	}
 }
 
-func oneLineText(s string) string {
-	return string(bytes.TrimSpace(bytes.ReplaceAll([]byte(s), []byte("\n"), []byte(" "))))
-}
+func oneLineText(s string) string { return strings.TrimSpace(strings.ReplaceAll(s, "\n", " ")) }
 
 // ControlClient is a connection to a server's control socket.
 type ControlClient struct {
