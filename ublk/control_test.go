@@ -266,9 +266,8 @@ func TestHistogram(t *testing.T) {
 	}
 	var s queueStats
 	for v := uint64(1); v <= 1000; v++ {
-		s.ops[StatRead].latency.record(v * 1000) // 1 µs .. 1 ms
+		s.record(StatRead, 4096, 4096, v*1000) // 1 µs .. 1 ms
 	}
-	s.ops[StatRead].requests = 1000
 	o := s.snapshot(0).Op(StatRead)
 	for _, tc := range []struct {
 		p    float64
