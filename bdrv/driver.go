@@ -216,6 +216,21 @@ type (
 	WriteTracker interface {
 		WriteDone(off, bytes int64)
 	}
+	// CounterReporter reports figures the driver keeps about its work
+	// since the open (qcow2: metadata cache hits and misses, clusters
+	// allocated, copy-on-write bytes), for `ublkimg stats` and the
+	// metrics endpoint. It may be called from any goroutine while
+	// requests run: the figures are read atomically, each on its own
+	// (see StatCounter). Without it a node reports none.
+	CounterReporter interface {
+		Counters() []Counter
+	}
+	// Filter is implemented by the drivers of filter nodes (NewFilter):
+	// FilteredChild is the node every request goes on to. Unfiltered
+	// looks through filters with it.
+	Filter interface {
+		FilteredChild() *Node
+	}
 )
 
 // Optional capabilities of format drivers that the image verbs use (the
@@ -294,10 +309,15 @@ type (
 	// PersistentBitmaps is implemented by formats that store dirty bitmaps
 	// in the image (QEMU's persistent BdrvDirtyBitmaps as qemu-img bitmap
 	// and convert --bitmaps use them, through the block-dirty-bitmap-*
-	// commands). Changes are the image's, stored by the time it is closed;
-	// a bitmap that cannot be stored then makes Close fail with an error
+	// commands, and as the live jobs of ublkimg/jobs use them on a served
+	// image). Changes are the image's, made in memory with the bitmap
+	// marked in use on disk first, and stored by the time it is closed; a
+	// bitmap that cannot be stored then makes Close fail with an error
 	// matching ErrBitmapsLost. Errors are QEMU's messages ("Dirty bitmap
-	// 'x' not found").
+	// 'x' not found"). The methods take the driver's metadata lock, so
+	// they may run while requests do; a caller that needs a change at a
+	// point in time between two requests pauses the writers around it
+	// (backup's TakeBitmap).
 	PersistentBitmaps interface {
 		// SupportsBitmaps reports whether the image can hold persistent
 		// bitmaps (QEMU's bdrv_supports_persistent_dirty_bitmap).
@@ -323,5 +343,11 @@ type (
 		// size, of any format and granularity (QEMU's
 		// block-dirty-bitmap-merge).
 		MergeBitmap(co *coroutine.Co, dst string, src BitmapData) error
+		// TakeBitmap returns a usable bitmap's content, a copy that
+		// stays valid, and clears the bitmap, in one step: a write that
+		// completes after it is in the cleared bitmap, one before it in
+		// the copy. A backup takes its bitmap so at its point in time,
+		// and merges the copy back (MergeBitmap) if it fails.
+		TakeBitmap(co *coroutine.Co, name string) (BitmapData, error)
 	}
 )

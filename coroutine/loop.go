@@ -91,6 +91,10 @@ type Loop struct {
 
 	pollMax time.Duration // Config.PollMax
 	pollNow time.Duration // current poll time, 0 to pollMax
+
+	// wokeAt is the monotonic time at which io_uring_enter last returned
+	// (WokeAt).
+	wokeAt time.Duration
 }
 
 var registry struct {
@@ -200,8 +204,21 @@ func (l *Loop) enter(wait uint32) {
 	if _, err := l.ring.SubmitAndWait(wait); err != nil && !transient(err) {
 		panic(fmt.Sprintf("coroutine: io_uring_enter: %v", err))
 	}
+	l.wokeAt = time.Since(clockBase)
 	l.reap()
 }
+
+// clockBase anchors WokeAt: time.Since reads only the monotonic clock.
+var clockBase = time.Now()
+
+// WokeAt is the time at which the loop last returned from io_uring_enter
+// with the completions it then dispatched, on a monotonic clock of the
+// process (the time since an arbitrary instant at its start). A coroutine
+// resumed by a completion thus learns when the loop received it, at the
+// cost of one clock read per io_uring_enter rather than per operation: the
+// ublk queues time their requests with it. Only the loop's thread may call
+// it.
+func (l *Loop) WokeAt() time.Duration { return l.wokeAt }
 
 // pollGrowStart is the first poll time after polling was off, as QEMU's
 // default when poll-grow starts from zero.

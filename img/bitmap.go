@@ -66,17 +66,9 @@ func Bitmap(co *coroutine.Co, o BitmapOptions) error {
 		return errors.New("Expecting filename and bitmap name")
 	}
 	filename, name := o.Args[0], o.Args[1]
-	var gran uint64
-	if o.Granularity != "" {
-		g, err := ParseSizeArg("granularity", o.Granularity, 0, math.MaxInt64)
-		if err != nil {
-			return err
-		}
-		// QMP's granularity is a uint32: larger values wrap, and one
-		// that wraps to 0 is still given (and refused), not the default.
-		if gran = uint64(uint32(g)); gran == 0 && g != 0 {
-			gran = 1
-		}
+	gran, err := ParseBitmapGranularity(o.Granularity)
+	if err != nil {
+		return err
 	}
 	node, err := openImage(co, openSpec{filename: filename, format: o.Format, noBacking: true})
 	if err != nil {
@@ -103,6 +95,24 @@ func Bitmap(co *coroutine.Co, o BitmapOptions) error {
 		err = cerr
 	}
 	return err
+}
+
+// ParseBitmapGranularity parses -g ("" for the default, 0).
+func ParseBitmapGranularity(s string) (uint64, error) {
+	if s == "" {
+		return 0, nil
+	}
+	g, err := ParseSizeArg("granularity", s, 0, math.MaxInt64)
+	if err != nil {
+		return 0, err
+	}
+	// QMP's granularity is a uint32: larger values wrap, and one that
+	// wraps to 0 is still given (and refused), not the default.
+	gran := uint64(uint32(g))
+	if gran == 0 && g != 0 {
+		gran = 1
+	}
+	return gran, nil
 }
 
 // bitmapOp applies one operation to the image's bitmaps q (nil when its

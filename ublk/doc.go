@@ -64,6 +64,25 @@
 // else may write to it) and its files are never opened through a symbolic
 // link: a record names a process that detach signals.
 //
+// # Statistics and the control socket
+//
+// Each queue counts its requests by operation (requests, bytes, errors, a
+// latency histogram) in plain fields its own thread writes, and
+// [Device.Stats] collects copies made on the queues' loops (stats.go).
+// [ListenControl] serves a device's control socket, /run/ublkimg/ublkbN.sock:
+// a line-oriented JSON protocol after QEMU's QMP ({"execute": ...} ->
+// {"return": ...} or {"error": ...}, with {"event": ...} lines before the
+// reply), with the commands the device serves itself
+// ([Device.ControlCommands]: query-stats) and those its server adds (live
+// jobs, restart); [ConnectDevice] is the client side. docs/control.md
+// describes the protocol and every command.
+//
+// [Device.Pause] holds new requests on every queue (a flag tested on the
+// queue's own thread) and waits for those in flight, so that a job can
+// replace the node the device serves ([Device.SetNode]) or hand the device
+// to another server ([Device.Handover], for ublkimg restart) at a moment
+// when no request runs.
+//
 // The kernel interface this package relies on, with the kernel versions
 // that introduced each part, is described in docs/ublk-uapi.md.
 package ublk

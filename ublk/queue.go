@@ -32,6 +32,8 @@ type queue struct {
 	tags []tag
 	// armed is set by the control goroutine before the tags start.
 	armed bool
+	// ended is set, under Device.loopsMu, before the loop is closed.
+	ended bool
 
 	// live counts tag coroutines that have not returned; the last one
 	// closes done.
@@ -39,6 +41,18 @@ type queue struct {
 	done chan struct{}
 	// err is the first unexpected command failure (not ENODEV).
 	err error
+
+	// gate holds new requests while the device is paused (pause.go).
+	// Owned by the loop's thread.
+	gate struct {
+		paused bool
+		// held are the tags whose request waits for the resume.
+		held coroutine.Queue
+		// idle, when set, is closed once no request is in flight.
+		idle chan struct{}
+	}
+	// stats are written by the loop's thread only (stats.go).
+	stats queueStats
 }
 
 // tag is the state of one tag: its buffer and its request vector, reused by
@@ -198,9 +212,28 @@ func (q *queue) command(co *coroutine.Co, op uapi.CmdOp, t *tag, result int32) i
 	return co.Wait()
 }
 
-// handle performs one request on the image and returns the COMMIT result:
-// the bytes transferred, 0, or -errno.
+// handle serves one request: it waits while the device is paused, performs
+// the request and counts it, and returns the COMMIT result: the bytes
+// transferred, 0, or -errno.
 func (q *queue) handle(co *coroutine.Co, t *tag, d *uapi.IODesc) int32 {
+	for q.gate.paused {
+		q.gate.held.Wait(co, nil)
+	}
+	loop := co.Loop()
+	start := loop.WokeAt()
+	q.stats.inFlight++
+	res := q.perform(co, t, d)
+	q.stats.inFlight--
+	q.stats.record(statOpOf(d.Op()), int64(d.NrSectors)<<9, res, uint64(loop.WokeAt()-start))
+	if q.gate.idle != nil && q.stats.inFlight == 0 {
+		close(q.gate.idle)
+		q.gate.idle = nil
+	}
+	return res
+}
+
+// perform does one request on the image and returns its COMMIT result.
+func (q *queue) perform(co *coroutine.Co, t *tag, d *uapi.IODesc) int32 {
 	node := q.dev.node
 	off := int64(d.StartSector) << 9
 	n := int64(d.NrSectors) << 9

@@ -116,6 +116,15 @@ func RemoveRecord(id, pid int) error {
 	return err
 }
 
+// RecordIDs returns the ids of the devices ublkimg serves or served: those
+// the run directory has records of, in increasing order (none when it does
+// not exist).
+func RecordIDs() ([]int, error) {
+	ids, err := recordIDs()
+	sort.Ints(ids)
+	return ids, err
+}
+
 // recordIDs returns the ids of the devices the run directory has records
 // of (none when it does not exist).
 func recordIDs() ([]int, error) {
