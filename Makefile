@@ -13,13 +13,17 @@ build:
 # Everything: tools, static checks, unit tests with the race detector, the
 # tests the race detector shortens run in full without it, then the ublk
 # end-to-end tests in a VM (the host kernel has no ublk), then ublk
-# scenarios with race-enabled servers.
-test: deps check unit unit-norace vmtest vmtest-race
+# scenarios with race-enabled servers. The tests run against one throwaway
+# Ceph cluster (for the rbd driver, the VM scenarios included, race-enabled
+# or not), started before them and stopped after them
+# (scripts/ceph-cluster.sh; internal/cephtest).
+test: deps check
+	@scripts/ceph-cluster.sh run $(MAKE) --no-print-directory unit unit-norace vmtest vmtest-race
 	@echo "make test: all passed"
 
 # In the test targets a test whose oracle (qemu-img, qemu-io) is missing
 # fails instead of skipping (internal/qemutest).
-unit unit-norace vmtest: export UBLKIMG_REQUIRE_ORACLES = 1
+unit unit-norace vmtest vmtest-race: export UBLKIMG_REQUIRE_ORACLES = 1
 
 deps:
 	@scripts/deps.sh

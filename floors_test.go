@@ -47,7 +47,9 @@ var floors = []floor{
 	{pkg: "bdrv/bdrvtest", may: []string{"bdrv", "coroutine"}, tests: true},
 	{pkg: "internal/qemutest", tests: true},
 	{pkg: "internal/fuzzlimit", tests: true},
+	{pkg: "internal/cephtest", may: []string{"internal/qemutest"}, tests: true},
 	{pkg: "vmtest", may: []string{"internal/qemutest"}, tests: true},
+	{pkg: "vmtest/tcpfwd", tests: true},
 	{pkg: "cmd/vmdemo", may: []string{"vmtest"}},
 	{pkg: "bench/*", may: []string{"vmtest"}},
 }

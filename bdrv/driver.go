@@ -287,6 +287,16 @@ type (
 	BackingFileChanger interface {
 		ChangeBackingFile(co *coroutine.Co, name, format string) error
 	}
+	// OptionNamer is implemented by protocol drivers whose nodes QEMU
+	// names by their options ("json:{...}") rather than by a file name:
+	// their file names are parsed into options at the open, and
+	// bdrv_refresh_filename rebuilds the name from the strong ones (rbd;
+	// info and map name such images so).
+	OptionNamer interface {
+		// NameOptions are the node's strong options, in the driver's
+		// order.
+		NameOptions() [][2]string
+	}
 	// Snapshotter (snapshot.go) is implemented by drivers that take
 	// snapshots: formats with internal snapshots (qcow2), and protocols
 	// whose storage has its own (rbd), which snapshot calls reach through

@@ -117,6 +117,10 @@ type Format struct {
 	CreateOptions []OptionSpec
 	// SupportsBacking is true for formats that can have a backing file.
 	SupportsBacking bool
+	// FilenamePrefix, for a protocol whose file names start with it
+	// ("rbd:"), makes it the protocol of every such name: a format
+	// opening or creating its "file" there gets this protocol instead.
+	FilenamePrefix string
 	// DataOnly formats keep nothing of their own in their file (raw): they
 	// write it only when their user writes, so a reader may open one
 	// read-write over a read-only file (QEMU's raw passes its parent's
@@ -392,6 +396,18 @@ type opener struct{ names map[string]bool }
 func (o *opener) open(co *coroutine.Co, spec Spec) (*Node, error) {
 	protoName := "file"
 	topIsProto := false
+	if d := spec.Options["file.driver"]; d != "" {
+		// --image-opts driver=FMT,file.driver=PROTO,file.NAME=...
+		if f, err := LookupFormat(d); err == nil && f.Protocol {
+			protoName = d
+		}
+	}
+	if p := prefixedProtocol(spec.Filename); p != nil {
+		protoName = p.Name
+		if spec.Format == "file" {
+			spec.Format = p.Name
+		}
+	}
 	if spec.Format != "" {
 		if f, err := LookupFormat(spec.Format); err == nil && f.Protocol {
 			protoName, topIsProto = f.Name, true
@@ -612,10 +628,18 @@ func BackingOpenReason(err error) error {
 // does: absolute names and protocol URIs stay, relative names are relative
 // to the directory of image.
 func ResolveBacking(image, backing string) string {
-	if filepath.IsAbs(backing) || strings.Contains(backing, "://") {
+	if filepath.IsAbs(backing) || HasProtocol(backing) {
 		return backing
 	}
 	return filepath.Join(filepath.Dir(image), backing)
+}
+
+// HasProtocol reports whether name starts with a protocol ("rbd:",
+// "null-co://"): a ':' before any '/', as QEMU's path_has_protocol decides.
+// Such names are never relative to another image's directory.
+func HasProtocol(name string) bool {
+	i := strings.IndexAny(name, ":/")
+	return i >= 0 && name[i] == ':'
 }
 
 // openProtocol opens the protocol node of filename with its options (the
@@ -699,8 +723,40 @@ func (n *Node) Close(co *coroutine.Co) error {
 	return errors.Join(errs...)
 }
 
-// Create makes a new image of the named format.
+// ForFilename returns f as it creates filename. qemu-img offers a
+// format's create options together with those of the protocol the file is
+// created with; raw has nothing but size of its own, so a raw image's
+// options are its protocol's (an rbd image's cluster_size). Other formats
+// keep theirs.
+func (f *Format) ForFilename(filename string) *Format {
+	p := prefixedProtocol(filename)
+	if p == nil || f.Protocol || f.Name != "raw" {
+		return f
+	}
+	c := *f
+	c.CreateOptions = p.CreateOptions
+	return &c
+}
+
+// prefixedProtocol returns the protocol whose FilenamePrefix starts
+// filename, or nil.
+func prefixedProtocol(filename string) *Format {
+	formats.RLock()
+	defer formats.RUnlock()
+	for _, f := range formats.byName {
+		if f.FilenamePrefix != "" && strings.HasPrefix(filename, f.FilenamePrefix) {
+			return f
+		}
+	}
+	return nil
+}
+
+// Create makes a new image of the named format. Creating a "file" whose
+// name has a protocol's FilenamePrefix creates it with that protocol.
 func Create(co *coroutine.Co, format string, req *CreateRequest) error {
+	if p := prefixedProtocol(req.Filename); p != nil && format == "file" {
+		format = p.Name
+	}
 	f, err := LookupFormat(format)
 	if err != nil {
 		return err
@@ -708,7 +764,7 @@ func Create(co *coroutine.Co, format string, req *CreateRequest) error {
 	if f.Create == nil {
 		return fmt.Errorf("format '%s' does not support image creation", format)
 	}
-	if req.Options, err = ParseOptions(f.CreateOptions, req.Options); err != nil {
+	if req.Options, err = ParseOptions(f.ForFilename(req.Filename).CreateOptions, req.Options); err != nil {
 		return err
 	}
 	return f.Create(co, req)

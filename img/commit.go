@@ -6,7 +6,6 @@ import (
 	"io"
 	"maps"
 	"path/filepath"
-	"strings"
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
@@ -160,7 +159,7 @@ func openCommitChain(co *coroutine.Co, opts CommitOptions) (top, base *bdrv.Node
 // (bdrv_find_backing_image): protocol names compare as strings, file names
 // as canonical absolute paths, each relative to the overlay's directory.
 func sameBackingImage(overlay, backing, base string) bool {
-	if strings.Contains(base, "://") || strings.Contains(backing, "://") {
+	if bdrv.HasProtocol(base) || bdrv.HasProtocol(backing) {
 		return base == backing || base == bdrv.ResolveBacking(overlay, backing)
 	}
 	a, err := filepath.EvalSymlinks(bdrv.ResolveBacking(overlay, base))

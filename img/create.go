@@ -76,6 +76,7 @@ func create(co *coroutine.Co, opts CreateOptions, out io.Writer) error {
 	if f.Create == nil {
 		return fmt.Errorf("Format driver '%s' does not support image creation", fmtName)
 	}
+	f = f.ForFilename(opts.Filename)
 	o := bdrv.Options{}.Merge(opts.Options)
 	if err := checkOptionNames(f, o); err != nil {
 		return err

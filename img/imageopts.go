@@ -36,20 +36,29 @@ func ParseImageOpts(s string) (filename, format string, opts bdrv.Options, err e
 		return "", "", nil, err
 	}
 	format = o["driver"] // "" probes
-	if d, ok := o["file.driver"]; ok && d != "file" {
-		return "", "", nil, fmt.Errorf("Unknown protocol driver '%s'", d)
+	proto, ok := o["file.driver"]
+	if ok && proto != "file" && !isProtocol(proto) {
+		return "", "", nil, fmt.Errorf("Unknown protocol driver '%s'", proto)
 	}
-	if err := imageOptsFileError(o, format); err != nil {
+	// A protocol other than file (rbd, null-co) finds its image by its own
+	// options (pool=, image=, ...), named directly or as file.NAME.
+	byOptions := format != "file" && isProtocol(format) || proto != "file" && isProtocol(proto)
+	if err := imageOptsFileError(o, format, byOptions); err != nil {
 		return "", "", nil, err
 	}
 	filename = o["file.filename"]
-	if format == "file" {
+	if format == "file" || isProtocol(format) {
+		// A protocol at the top: its own filename option (rbd:...).
 		filename = o["filename"]
 	}
 	opts = bdrv.Options{}
 	for k, v := range o {
 		switch k {
-		case "driver", "file.driver", "file.filename", "filename":
+		case "driver", "file.filename", "filename":
+		case "file.driver":
+			if byOptions {
+				opts[k] = v // bdrv.Open picks the protocol by it
+			}
 		default:
 			opts[k] = v
 		}
@@ -58,8 +67,9 @@ func ParseImageOpts(s string) (filename, format string, opts bdrv.Options, err e
 }
 
 // imageOptsFileError is QEMU's refusal of options o that give the image
-// (of format driver, "" to probe) no file to open.
-func imageOptsFileError(o bdrv.Options, driver string) error {
+// (of format driver, "" to probe) no file to open. byOptions: the image's
+// protocol finds it by options of its own, without a file name.
+func imageOptsFileError(o bdrv.Options, driver string, byOptions bool) error {
 	const noName = "The 'file' block driver requires a file name"
 	if driver == "file" {
 		if o["filename"] == "" {
@@ -79,6 +89,8 @@ func imageOptsFileError(o bdrv.Options, driver string) error {
 		return errors.New("Cannot reference an existing block device with additional options or a new filename")
 	case isRef:
 		return fmt.Errorf("Cannot find device='%s' nor node-name='%s'", ref, ref)
+	case byOptions:
+		return nil
 	case named || driven:
 		if o["file.filename"] == "" {
 			return errors.New(noName)
@@ -88,6 +100,12 @@ func imageOptsFileError(o bdrv.Options, driver string) error {
 		return errors.New("Must specify either driver or file")
 	}
 	return errors.New("A block device must be specified for \"file\"")
+}
+
+// isProtocol reports whether name is a registered protocol driver.
+func isProtocol(name string) bool {
+	f, err := bdrv.LookupFormat(name)
+	return err == nil && f.Protocol
 }
 
 // resolveImageOpts turns a marked name in s into its file name, format and

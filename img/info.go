@@ -65,8 +65,14 @@ func Info(co *coroutine.Co, opts InfoOptions) ([]*ImageInfo, error) {
 			return nil, err
 		}
 		shown := filename
-		if strings.HasPrefix(filename, imageOptsMark) {
+		byOptions, ok := optionsName(n)
+		switch {
+		case strings.HasPrefix(filename, imageOptsMark) && (!ok || n.Filename != ""):
+			// A file name given in --image-opts stays, even a
+			// protocol's (filename=rbd:...), as in qemu-img.
 			shown = imageOptsShown(s, n)
+		case ok:
+			shown = byOptions
 		}
 		info, err := queryInfo(co, n, shown)
 		n.Close(co)
@@ -85,7 +91,8 @@ func Info(co *coroutine.Co, opts InfoOptions) ([]*ImageInfo, error) {
 // imageOptsShown is the name qemu-img gives an image opened by an
 // --image-opts string (bdrv_refresh_filename): the file it opens, or, when
 // a strong option of its format was given (bdrv.Format.StrongOptions),
-// "json:" and the options that matter.
+// "json:" and the options that matter (a protocol opened at the top, as
+// driver=null-co,size=1M, has no file member).
 func imageOptsShown(s openSpec, n *bdrv.Node) string {
 	if _, err := resolveImageOpts(&s); err != nil {
 		return n.Filename
@@ -97,12 +104,14 @@ func imageOptsShown(s openSpec, n *bdrv.Node) string {
 			continue
 		}
 		if d == nil {
-			file := NewDict()
-			file.Set("driver", "file")
-			file.Set("filename", n.Filename)
 			d = NewDict()
 			d.Set("driver", n.Format.Name)
-			d.Set("file", file)
+			if n.File != nil {
+				file := NewDict()
+				file.Set("driver", "file")
+				file.Set("filename", n.Filename)
+				d.Set("file", file)
+			}
 		}
 		d.Set(k, v)
 	}
@@ -156,7 +165,7 @@ func queryInfo(co *coroutine.Co, n *bdrv.Node, filename string) (*ImageInfo, err
 // names are taken relative to the directory part of base, kept verbatim
 // (no cleaning, so "dir/../b.img" stays as the user will recognise it).
 func pathCombine(base, name string) string {
-	if strings.HasPrefix(name, "/") || strings.Contains(name, "://") {
+	if strings.HasPrefix(name, "/") || bdrv.HasProtocol(name) {
 		return name
 	}
 	if i := strings.LastIndexByte(base, '/'); i >= 0 {

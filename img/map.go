@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"strings"
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
@@ -194,7 +193,9 @@ func mapStatus(co *coroutine.Co, n *bdrv.Node, off, bytes int64, names map[*bdrv
 		e.hasOffset, e.offset = true, st.Map
 		if st.File != nil {
 			e.filename = names[st.File]
-			if e.filename == "" {
+			if name, ok := optionsName(st.File); ok {
+				e.filename = name
+			} else if e.filename == "" {
 				e.filename = st.File.Filename
 			}
 		}
@@ -218,7 +219,7 @@ func chainNames(n *bdrv.Node, filename string) map[*bdrv.Node]string {
 		if p.BackingFile == "" {
 			break
 		}
-		if strings.Contains(p.BackingFile, "://") {
+		if bdrv.HasProtocol(p.BackingFile) {
 			name = p.BackingFile
 		} else {
 			name = pathCombine(name, p.BackingFile)

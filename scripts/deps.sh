@@ -25,6 +25,15 @@ have dash               || need+=(dash)
 have ldd                || need+=(libc-bin)
 # -race needs cgo: the unit tests and the race-enabled guest binaries.
 have gcc                || need+=(gcc libc6-dev)
+# The rbd driver: a throwaway Ceph cluster (scripts/ceph-cluster.sh), librbd
+# for ublkimg, qemu-img's rbd driver as the oracle, rbd-nbd for the bench.
+have ceph-mon           || need+=(ceph-mon)
+have ceph-osd           || need+=(ceph-osd)
+have rbd                || need+=(ceph-common)
+have rbd-nbd            || need+=(rbd-nbd)
+have ss                 || need+=(iproute2)
+dpkg -s librbd1 >/dev/null 2>&1 || need+=(librbd1)
+dpkg -s qemu-block-extra >/dev/null 2>&1 || need+=(qemu-block-extra)
 
 if [ ${#need[@]} -gt 0 ]; then
 	sudo=""

@@ -31,7 +31,7 @@ var guestTools = struct {
 	err   error
 }{}
 
-// tools returns the static ublkimg binary and the guest programs the
+// tools returns the ublkimg binary (built without cgo) and the guest programs the
 // scenarios use (mke2fs, e2fsck, fio, fstrim).
 func tools(t *testing.T) []vmtest.File {
 	t.Helper()

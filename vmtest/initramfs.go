@@ -92,7 +92,10 @@ func lookTool(name string) (string, error) {
 }
 
 // GoBinary builds the Go package pkg (an import path or a directory, as for
-// `go build`) as a static binary (CGO_ENABLED=0, -trimpath) and returns it
+// `go build`) without cgo (CGO_ENABLED=0, -trimpath): a static binary, or,
+// for a program that loads C libraries at run time (ublkimg's rbd driver,
+// through purego), one linked against the C library alone, whose libraries
+// the initramfs brings (see InitramfsOptions.Files). It returns it
 // as a File at /usr/local/bin/<last element of pkg>. Binaries are stored in
 // the cache by content, so an unchanged build reuses the cached initramfs.
 func GoBinary(ctx context.Context, pkg string) (File, error) {

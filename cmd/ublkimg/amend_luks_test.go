@@ -17,9 +17,9 @@ import (
 
 const luksAmendImages = `
 O="--object secret,id=s0,data=pw0 --object secret,id=s1,data=pw1"
-for try in 1 2 3 4; do qemu-img create -q -f qcow2 $O -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10,cluster_size=4k e.qcow2 1M && break; done
+pbkdf2_retry qemu-img create -q -f qcow2 $O -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10,cluster_size=4k e.qcow2 1M
 cp e.qcow2 single.qcow2
-for try in 1 2 3 4; do qemu-img amend $O -o encrypt.state=active,encrypt.new-secret=s1,encrypt.keyslot=3,encrypt.iter-time=10 --image-opts driver=qcow2,file.filename=e.qcow2,encrypt.key-secret=s0 && break; done
+pbkdf2_retry qemu-img amend $O -o encrypt.state=active,encrypt.new-secret=s1,encrypt.keyslot=3,encrypt.iter-time=10 --image-opts driver=qcow2,file.filename=e.qcow2,encrypt.key-secret=s0
 qemu-io $O --image-opts driver=qcow2,file.filename=e.qcow2,encrypt.key-secret=s0 -c "write -P 9 8k 100k" >/dev/null
 qemu-img create -q -f qcow2 p.qcow2 1M
 qemu-img create -q -f qcow2 $O -o encrypt.format=aes,encrypt.key-secret=s0 a.qcow2 1M

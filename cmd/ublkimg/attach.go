@@ -157,7 +157,13 @@ func attachAction(c *cli.Context) error {
 		if err := ublk.CheckCtrl(); err != nil {
 			return err
 		}
-		if _, err := os.Stat(o.image); err != nil && !strings.Contains(o.image, "://") {
+		// An image named by a protocol (rbd:pool/image), or by a
+		// protocol's options alone (--image-opts driver=rbd,pool=...),
+		// is no file: its open says what is wrong.
+		if bdrv.HasProtocol(o.image) || o.image == "" && o.imageOpts != "" {
+			return nil
+		}
+		if _, err := os.Stat(o.image); err != nil {
 			return fmt.Errorf("Could not open '%s': %w", o.image, errnoText(err))
 		}
 		return nil
@@ -259,7 +265,7 @@ func absImageArg(args []string, image string) []string {
 	from, to := image, image
 	if s, ok := strings.CutPrefix(image, img.ImageOptsName("")); ok {
 		from, to = s, absImageOpts(s)
-	} else if abs, err := filepath.Abs(image); err == nil && image != "" && !strings.Contains(image, "://") {
+	} else if abs, err := absImage(image); err == nil && image != "" {
 		to = abs
 	}
 	for i := len(args) - 1; i >= 0 && from != to; i-- {
@@ -281,7 +287,7 @@ func absImageOpts(s string) string {
 	}
 	changed := false
 	for _, k := range []string{"file.filename", "filename"} {
-		if v, ok := o[k]; ok && v != "" && !filepath.IsAbs(v) && !strings.Contains(v, "://") {
+		if v, ok := o[k]; ok && v != "" && !filepath.IsAbs(v) && !bdrv.HasProtocol(v) {
 			if abs, err := filepath.Abs(v); err == nil {
 				o[k], changed = abs, true
 			}
@@ -383,7 +389,7 @@ func serveImage(o *attachOptions) (err error) {
 		return err
 	}
 	cfg := dev.Config()
-	abs, _ := filepath.Abs(o.image)
+	abs, _ := absImage(o.image)
 	rec := ublk.Record{
 		ID: dev.ID(), Device: dev.Path(), Image: abs, Format: node.Format.Name, ImageOpts: o.imageOpts,
 		Queues: dev.Info().Queues, Depth: dev.Info().Depth, BlockSize: cfg.BlockSize,
@@ -568,7 +574,7 @@ func openUnlocked(image string, open func() (*bdrv.Node, error)) (*bdrv.Node, er
 	if !errors.Is(err, bdrv.ErrLocked) {
 		return node, err
 	}
-	abs, _ := filepath.Abs(image)
+	abs, _ := absImage(image)
 	rec, dead := ublk.DeadServerRecord(abs)
 	if !dead {
 		return node, err

@@ -18,8 +18,8 @@ import (
 
 const cryptChainImages = `
 O="--object secret,id=s0,data=pw0 --object secret,id=s1,data=pw1"
-for try in 1 2 3 4; do qemu-img create -q -f qcow2 $O -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10,cluster_size=4k base.qcow2 1M && break; done
-for try in 1 2 3 4; do qemu-img create -q -f qcow2 $O -o encrypt.format=luks,encrypt.key-secret=s1,encrypt.iter-time=10,cluster_size=4k -b base.qcow2 -F qcow2 top.qcow2 && break; done
+pbkdf2_retry qemu-img create -q -f qcow2 $O -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10,cluster_size=4k base.qcow2 1M
+pbkdf2_retry qemu-img create -q -f qcow2 $O -o encrypt.format=luks,encrypt.key-secret=s1,encrypt.iter-time=10,cluster_size=4k -b base.qcow2 -F qcow2 top.qcow2
 qemu-img create -q -f qcow2 plain.qcow2 1M
 qemu-io $O --image-opts driver=qcow2,file.filename=base.qcow2,encrypt.key-secret=s0 -c "write -P 3 0 512k" >/dev/null
 qemu-io $O --image-opts driver=qcow2,file.filename=top.qcow2,encrypt.key-secret=s1,backing.encrypt.key-secret=s0 -c "write -P 5 60k 100k" -c "write -z 300k 8k" >/dev/null
@@ -90,11 +90,12 @@ func TestEncryptedChainVerbs(t *testing.T) {
 	}
 }
 
-// makeImages runs the shell script in a new directory and returns it.
+// makeImages runs script with bash -e in a new temporary directory and
+// returns the directory; the script may call pbkdf2_retry.
 func makeImages(t *testing.T, script string) string {
 	t.Helper()
 	src := t.TempDir()
-	sh := exec.Command("bash", "-e", "-c", script)
+	sh := exec.Command("bash", "-e", "-c", qemutest.ShellRetryPBKDF2+script)
 	sh.Dir = src
 	if out, err := sh.CombinedOutput(); err != nil {
 		t.Fatalf("making images: %v\n%s", err, out)

@@ -16,7 +16,7 @@ import (
 const cryptImages = `
 printf 'correct horse' > pw
 head -c 1M /dev/urandom > plain.raw
-for try in 1 2 3 4; do qemu-img create -q -f qcow2 --object secret,id=s0,file=pw -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10,cluster_size=4k enc.qcow2 1M && break; done
+pbkdf2_retry qemu-img create -q -f qcow2 --object secret,id=s0,file=pw -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10,cluster_size=4k enc.qcow2 1M
 qemu-img convert -n --object secret,id=s0,file=pw -f raw plain.raw --target-image-opts driver=qcow2,file.filename=enc.qcow2,encrypt.key-secret=s0
 qemu-io --object secret,id=s0,file=pw --image-opts driver=qcow2,file.filename=enc.qcow2,encrypt.key-secret=s0 -c "write -z 64k 64k" -c "discard 256k 64k" >/dev/null
 qemu-img create -q -f qcow2 --object secret,id=s0,file=pw -o encrypt.format=aes,encrypt.key-secret=s0 aes.qcow2 1M

@@ -46,6 +46,9 @@ func TestImageOptsUnknown(t *testing.T) {
 		{"compare", "--image-opts", p + ",foo=1", r},
 		{"compare", "--image-opts", p, r + ",foo=1"},
 		{"convert", "-n", "--target-image-opts", "r.raw", p + ",foo=1"},
+		// A protocol that needs no file name opens by its options.
+		{"info", "--image-opts", "driver=null-co"},
+		{"info", "--image-opts", "driver=null-co,size=1M"},
 		// A format besides the options is refused, never preferred.
 		{"info", "-f", "qcow2", "--image-opts", p},
 		{"check", "-f", "raw", "--image-opts", p},

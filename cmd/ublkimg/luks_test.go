@@ -2,7 +2,6 @@ package main
 
 import (
 	"fmt"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -17,21 +16,16 @@ import (
 const luksImages = `
 printf 'correct horse' > pw
 head -c 1M /dev/urandom > plain.raw
-for try in 1 2 3 4; do qemu-img create -q -f luks --object secret,id=s0,file=pw -o key-secret=s0,iter-time=10 v.luks 1M && break; done
-for try in 1 2 3 4; do qemu-img create -q -f luks --object secret,id=s0,file=pw -o key-secret=s0,iter-time=10,cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv,hash-alg=sha1 cbc.luks 1M && break; done
+pbkdf2_retry qemu-img create -q -f luks --object secret,id=s0,file=pw -o key-secret=s0,iter-time=10 v.luks 1M
+pbkdf2_retry qemu-img create -q -f luks --object secret,id=s0,file=pw -o key-secret=s0,iter-time=10,cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv,hash-alg=sha1 cbc.luks 1M
 qemu-img convert -n --object secret,id=s0,file=pw -f raw plain.raw --target-image-opts driver=luks,file.filename=v.luks,key-secret=s0
 qemu-io --object secret,id=s0,file=pw --image-opts driver=luks,file.filename=cbc.luks,key-secret=s0 -c "write -P 9 4k 100k" >/dev/null
-for try in 1 2 3 4; do qemu-img create -q -f qcow2 --object secret,id=s0,file=pw -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 enc.qcow2 1M && break; done
+pbkdf2_retry qemu-img create -q -f qcow2 --object secret,id=s0,file=pw -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 enc.qcow2 1M
 `
 
 func TestLUKSVerbs(t *testing.T) {
 	qemutest.Require(t, "qemu-img")
-	src := t.TempDir()
-	sh := exec.Command("bash", "-e", "-c", luksImages)
-	sh.Dir = src
-	if out, err := sh.CombinedOutput(); err != nil {
-		t.Fatalf("making images: %v\n%s", err, out)
-	}
+	src := makeImages(t, luksImages)
 	const (
 		obj   = "secret,id=s0,file=pw"
 		v     = "driver=luks,file.filename=v.luks,key-secret=s0"

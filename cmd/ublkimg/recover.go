@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"maps"
 	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 
@@ -98,7 +97,7 @@ func recoverOptions(id int, image string, handover bool) (*attachOptions, error)
 			}
 			imageOpts = s
 		}
-		abs, err := filepath.Abs(image)
+		abs, err := absImage(image)
 		if err != nil {
 			return nil, err
 		}

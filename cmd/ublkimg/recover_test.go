@@ -17,7 +17,7 @@ import (
 
 const recoverImages = `
 printf 'correct horse' > pw
-for try in 1 2 3 4 5 6 7 8; do qemu-img create -q -f qcow2 --object secret,id=rs0,file=pw -o encrypt.format=luks,encrypt.key-secret=rs0,encrypt.iter-time=10,cluster_size=4k enc.qcow2 1M && break; sleep 0.$try; done
+pbkdf2_retry qemu-img create -q -f qcow2 --object secret,id=rs0,file=pw -o encrypt.format=luks,encrypt.key-secret=rs0,encrypt.iter-time=10,cluster_size=4k enc.qcow2 1M
 qemu-io --object secret,id=rs0,file=pw --image-opts driver=qcow2,file.filename=enc.qcow2,encrypt.key-secret=rs0 -c "write -P 0x5a 64k 100k" >/dev/null
 qemu-img convert --object secret,id=rs0,file=pw --image-opts driver=qcow2,file.filename=enc.qcow2,encrypt.key-secret=rs0 -O raw enc.raw
 qemu-img create -q -f qcow2 pl.qcow2 1M

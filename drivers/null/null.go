@@ -16,6 +16,8 @@ func init() {
 		Name:     "null-co",
 		Protocol: true,
 		Open:     open,
+		// QEMU's null_strong_runtime_opts.
+		StrongOptions: []string{OptSize, OptReadZeroes},
 	})
 }
 
@@ -39,6 +41,11 @@ func open(co *coroutine.Co, n *bdrv.Node, opts bdrv.Options) (bdrv.Driver, error
 		return nil, fmt.Errorf("null-co: %w", err)
 	}
 	n.SetLength(size)
+	if n.Filename == "" {
+		// Opened by options alone (--image-opts driver=null-co): QEMU
+		// names the node by its protocol.
+		n.Filename = "null-co://"
+	}
 	return &driver{node: n, readZeroes: opts.Bool(OptReadZeroes, true)}, nil
 }
 
@@ -76,3 +83,7 @@ func (d *driver) BlockStatus(co *coroutine.Co, wantZero bool, off, bytes int64) 
 // SupportedWriteFlags implements bdrv.WriteFlagser: FUA is free when
 // nothing is stored.
 func (d *driver) SupportedWriteFlags() bdrv.ReqFlags { return bdrv.ReqFUA }
+
+// AllocatedSize implements bdrv.AllocatedSizer: nothing is stored (info's
+// "disk size: 0 B", as QEMU's null-co).
+func (d *driver) AllocatedSize(co *coroutine.Co) (int64, error) { return 0, nil }

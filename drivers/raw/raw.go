@@ -144,3 +144,14 @@ func (d *driver) SupportedWriteFlags() bdrv.ReqFlags { return bdrv.ReqFUA }
 
 // RefreshLimits implements bdrv.LimitsRefresher: raw adds no constraint.
 func (d *driver) RefreshLimits() bdrv.Limits { return bdrv.Limits{} }
+
+// ClusterSize implements bdrv.ClusterSizer with its file's (0 when the
+// file has none): QEMU's raw answers bdrv_get_info with its file's, so a
+// raw image in RBD has the RBD object size as its cluster size (info, and
+// convert's alignment and target chunks).
+func (d *driver) ClusterSize() int64 {
+	if c, ok := d.file.Driver().(bdrv.ClusterSizer); ok {
+		return c.ClusterSize()
+	}
+	return 0
+}

@@ -53,3 +53,24 @@ func Text(seed uint64, n int) []byte {
 	}
 	return b[:n]
 }
+
+// ShellRetryPBKDF2 defines pbkdf2_retry for the bash scripts that make
+// test images: "pbkdf2_retry qemu-img create ..." runs the command again
+// while it fails with qemu-img's PBKDF2 timing failure, within the same
+// budget as RetryPBKDF2Timing, and otherwise fails as the command did.
+const ShellRetryPBKDF2 = `
+pbkdf2_retry() {
+	local deadline=$((SECONDS + 30)) out
+	while :; do
+		if out=$("$@" 2>&1); then
+			[ -z "$out" ] || printf '%s\n' "$out"
+			return 0
+		fi
+		case $out in
+		*"` + pbkdf2TimingFailure + `"*) [ $SECONDS -lt $deadline ] && { sleep 0.2; continue; } ;;
+		esac
+		printf '%s\n' "$out" >&2
+		return 1
+	done
+}
+`
