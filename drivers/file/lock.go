@@ -19,10 +19,16 @@ import (
 //
 // The locks belong to the open file description, which outlives close(2)
 // while anything else still references it: a child forked at that moment
-// (until its exec closes the O_CLOEXEC fd) or an io_uring request not yet
-// freed. So the bytes are unlocked explicitly before the fd is closed, as
-// QEMU drops its permissions before closing: once Close returns, another
-// process can take the image.
+// (until its exec closes the O_CLOEXEC fd), or an io_uring request that
+// an io-wq worker ran. The worker posts the completion and only then drops
+// its reference to the file, so a buffered write that had to allocate
+// blocks (ext4 cannot do that without waiting, and the ring hands it to a
+// worker) and is followed at once by close left the image locked for a
+// moment: an image created and reopened at once by this process was found
+// locked about once in 400 tries. No wait in Close can cover that, since
+// the completion has already arrived. So the bytes are unlocked explicitly
+// before the fd is closed, as QEMU drops its permissions before closing:
+// once Close returns, the image is free, whoever still holds the file.
 const (
 	lockPermBase   = 100
 	lockSharedBase = 200
