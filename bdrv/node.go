@@ -358,6 +358,11 @@ type Spec struct {
 	// chain itself with the "backing." options, so CheckOptions leaves
 	// them to it.
 	OwnBacking bool
+	// ShareWrite lets other processes write and resize the image while it
+	// is open, as qemu-img resize does: a raw image then opens beside a
+	// writer that shares writing too (qemu-io -f raw). A format with
+	// metadata in its file never shares that file's writing.
+	ShareWrite bool
 }
 
 // ErrNoFile wraps the error of an image that does not exist.
@@ -409,6 +414,13 @@ func (o *opener) open(co *coroutine.Co, spec Spec) (*Node, error) {
 		if err != nil {
 			return nil, err
 		}
+		// A caller that only reads (Spec.ReadOnly) claims a reader's
+		// permissions even when the read-only option opened the file
+		// read-write: they are its user's, as QEMU's BlockBackend
+		// takes them.
+		if err := setPerm(co, proto, usePerm(spec, proto.ReadOnly || spec.ReadOnly), sharedPerm(spec)); err != nil {
+			return nil, err
+		}
 		if spec.CheckOptions {
 			if err := checkProtocolOptions(proto, spec.Options, ""); err != nil {
 				proto.Close(co)
@@ -445,6 +457,9 @@ func (o *opener) open(co *coroutine.Co, spec Spec) (*Node, error) {
 		return nil, err
 	}
 	if f.Protocol {
+		if err := setPerm(co, proto, usePerm(spec, proto.ReadOnly), sharedPerm(spec)); err != nil {
+			return nil, err
+		}
 		return proto, nil
 	}
 	if !cfg.readOnly && proto.ReadOnly && (!f.DataOnly || !spec.ReadOnly) {
@@ -453,6 +468,15 @@ func (o *opener) open(co *coroutine.Co, spec Spec) (*Node, error) {
 		// user only reads.
 		proto.Close(co)
 		return nil, &FormatOpenError{Filename: spec.Filename, Err: ErrReadOnlyNode}
+	}
+	// The file's permissions are what the format node needs of it, not
+	// what the file was opened for: a read-only image over a file opened
+	// read-write (file.read-only=off) claims a reader's, and so does a
+	// read-write raw image that the caller only reads (raw needs of its
+	// file what its own users need).
+	onlyRead := cfg.readOnly || proto.ReadOnly || f.DataOnly && spec.ReadOnly
+	if err := setPerm(co, proto, usePerm(spec, onlyRead), childShared(f, sharedPerm(spec))); err != nil {
+		return nil, err
 	}
 	proto.child = true
 	n := &Node{Filename: spec.Filename, Format: f, File: proto, ReadOnly: cfg.readOnly, NoIO: spec.NoIO, Cache: cfg.cache,

@@ -44,6 +44,10 @@ type driver struct {
 	// fallocate modes, so later requests fall back without a syscall. Any
 	// queue's loop may set them while the others read them.
 	noZeroRange, noPunch atomic.Bool
+	// locking: the image locks are taken (the locking option), when the
+	// opener says what the node's users need (SetPerm). forceShare
+	// (force-share=on, read-only only) shares everything.
+	locking, forceShare bool
 	// locked: fd holds image lock bytes, released before it is closed.
 	locked bool
 	// inline: the file lives in memory (tmpfs, ramfs), where a read or
@@ -153,10 +157,10 @@ func (d *driver) setup(opts bdrv.Options) error {
 			return err
 		}
 	}
-	if opts.Bool(bdrv.OptLocking, true) {
-		if err := d.lock(opts.Bool(bdrv.OptForceShare, false)); err != nil {
-			return err
-		}
+	d.locking = opts.Bool(bdrv.OptLocking, true)
+	d.forceShare = opts.Bool(bdrv.OptForceShare, false)
+	if d.forceShare && !n.ReadOnly {
+		return fmt.Errorf("force-share=on can only be used with read-only images")
 	}
 	return nil
 }

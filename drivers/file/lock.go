@@ -36,31 +36,27 @@ const (
 
 // QEMU's BLK_PERM_* bits, in lock-byte order.
 const (
-	permConsistentRead = 1 << iota
-	permWrite
-	permWriteUnchanged
-	permResize
-	permAll = permConsistentRead | permWrite | permWriteUnchanged | permResize
+	permConsistentRead = int(bdrv.PermConsistentRead)
+	permWrite          = int(bdrv.PermWrite)
+	permWriteUnchanged = int(bdrv.PermWriteUnchanged)
+	permResize         = int(bdrv.PermResize)
+	permAll            = int(bdrv.PermAll)
 )
 
 var permNames = []string{"consistent read", "write", "write unchanged", "resize"}
 
-// lock claims an open image the way qemu-img does: readers need consistent
-// reads, writers also write and resize, and neither shares write or resize
-// unless forceShare (qemu-img -U, read-only only) shares everything.
-func (d *driver) lock(forceShare bool) error {
-	perm := permConsistentRead
-	if !d.node.ReadOnly {
-		perm |= permWrite | permResize
+// SetPerm implements bdrv.PermSetter: it claims the image for what the
+// node's users do (perm) and for what they do not let others do (every
+// permission not in shared, all shared with force-share). The opener
+// calls it once, before any write.
+func (d *driver) SetPerm(perm, shared bdrv.Perm) error {
+	if !d.locking {
+		return nil
 	}
-	shared := permConsistentRead | permWriteUnchanged
-	if forceShare {
-		if !d.node.ReadOnly {
-			return fmt.Errorf("force-share=on can only be used with read-only images")
-		}
-		shared = permAll
+	if d.forceShare {
+		shared = bdrv.PermAll
 	}
-	if err := lockPerms(d.fd, perm, shared, d.node.Filename); err != nil {
+	if err := lockPerms(d.fd, int(perm), int(shared), d.node.Filename); err != nil {
 		return err
 	}
 	d.locked = true

@@ -293,3 +293,53 @@ func dupFilesOf(t *testing.T, path string) []int {
 	}
 	return dups
 }
+
+// TestLockBytesFollowUsers: the lock bytes of an image's file are those of
+// what the image's users do, not of the mode the file was opened in, as
+// qemu-io 7.2 shows them: a read-only qcow2 image over a file opened
+// read-write (file.read-only=off) claims a reader's bytes.
+func TestLockBytesFollowUsers(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		readOnly bool
+		opts     bdrv.Options
+		qemuIO   []string // -r or not
+		fileRW   bool     // qemu-io opens with file.read-only=off
+	}{
+		{"read-write", false, nil, nil, false},
+		{"read-only", true, nil, []string{"-r"}, false},
+		{"read-only over a read-write file", true, bdrv.Options{"file.read-only": "off"}, []string{"-r"}, true},
+		{"read-only option over a read-write file", false, bdrv.Options{"read-only": "on", "file.read-only": "off"}, []string{"-r"}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path, _ := qcow2Image(t)
+			var want []int
+			t.Run("qemu-io", func(t *testing.T) {
+				image := "driver=qcow2,file.filename=" + path
+				if tc.fileRW {
+					image += ",file.read-only=off"
+				}
+				qemutest.HoldWithQemuIOOpts(t, path, nil, image, tc.qemuIO...)
+				var err error
+				if want, err = qemutest.LockedBytes(path); err != nil || len(want) == 0 {
+					t.Fatalf("qemu-io holds %v (%v)", want, err)
+				}
+			})
+			err := coroutine.Run(func(co *coroutine.Co) error {
+				n, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: "qcow2", ReadOnly: tc.readOnly, Options: tc.opts})
+				if err != nil {
+					return err
+				}
+				defer n.Close(co)
+				got, err := qemutest.LockedBytes(path)
+				if err == nil && !slices.Equal(got, want) {
+					err = fmt.Errorf("lock bytes %v, qemu-io's %v", got, want)
+				}
+				return err
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
