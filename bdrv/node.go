@@ -228,6 +228,13 @@ type Node struct {
 	DetectZeroes DetectZeroes
 	// NodeName is the node-name option, "" without one.
 	NodeName string
+	// AutoReadOnly lets a protocol driver open its file read-only, and
+	// make the node read-only, when it may not write it (QEMU's
+	// auto-read-only=on with read-only=off). The opener sets it only
+	// where the node's users only read: a writer's open fails as it
+	// would without the option, as in QEMU, whose file-posix reopens the
+	// file read-write for a writer.
+	AutoReadOnly bool
 
 	// child: the node is a format node's file or a backing file, which
 	// its parent's driver writes to.
@@ -410,7 +417,7 @@ func (o *opener) open(co *coroutine.Co, spec Spec) (*Node, error) {
 	}
 	flags := nodeFlags{readOnly: spec.ReadOnly, cache: spec.Cache, unmap: !spec.NoUnmap}
 	if topIsProto {
-		proto, err := o.openProtocol(co, protoName, spec.Filename, spec.Options, flags)
+		proto, err := o.openProtocol(co, protoName, spec.Filename, spec.Options, flags, spec.ReadOnly)
 		if err != nil {
 			return nil, err
 		}
@@ -433,7 +440,14 @@ func (o *opener) open(co *coroutine.Co, spec Spec) (*Node, error) {
 	// QEMU's bdrv_open_common does; the file inherits some of them first,
 	// and those fail there, in the same words.
 	cfg, cfgErr := parseNodeOptions(spec.Options, flags)
-	proto, err := o.openProtocol(co, protoName, spec.Filename, spec.Options.FileOptions(), cfg.childFlags())
+	// The file's users only read when the image is read-only, or when
+	// the caller only reads a data-only format (raw) above it. Before
+	// probing, the format is not known: its users may write.
+	onlyRead := cfg.readOnly
+	if f, err := LookupFormat(spec.Format); err == nil && f.DataOnly && spec.ReadOnly {
+		onlyRead = true
+	}
+	proto, err := o.openProtocol(co, protoName, spec.Filename, spec.Options.FileOptions(), cfg.childFlags(), onlyRead)
 	if err != nil {
 		return nil, err
 	}
@@ -474,7 +488,7 @@ func (o *opener) open(co *coroutine.Co, spec Spec) (*Node, error) {
 	// read-write (file.read-only=off) claims a reader's, and so does a
 	// read-write raw image that the caller only reads (raw needs of its
 	// file what its own users need).
-	onlyRead := cfg.readOnly || proto.ReadOnly || f.DataOnly && spec.ReadOnly
+	onlyRead = cfg.readOnly || proto.ReadOnly || f.DataOnly && spec.ReadOnly
 	if err := setPerm(co, proto, usePerm(spec, onlyRead), childShared(f, sharedPerm(spec))); err != nil {
 		return nil, err
 	}
@@ -643,8 +657,10 @@ func ResolveBacking(image, backing string) string {
 }
 
 // openProtocol opens the protocol node of filename with its options (the
-// ones addressed to it and those it inherited) over flags.
-func (o *opener) openProtocol(co *coroutine.Co, name, filename string, opts Options, flags nodeFlags) (*Node, error) {
+// ones addressed to it and those it inherited) over flags. onlyRead says
+// that the node's users only read it, whatever its read-only option: then
+// auto-read-only may make it read-only.
+func (o *opener) openProtocol(co *coroutine.Co, name, filename string, opts Options, flags nodeFlags, onlyRead bool) (*Node, error) {
 	f, err := LookupFormat(name)
 	if err != nil {
 		return nil, fmt.Errorf("bdrv: protocol driver %q is not registered: %w", name, err)
@@ -657,7 +673,7 @@ func (o *opener) openProtocol(co *coroutine.Co, name, filename string, opts Opti
 		return nil, &FormatOpenError{Filename: filename, Err: err}
 	}
 	n := &Node{Filename: filename, Format: f, ReadOnly: cfg.readOnly, Cache: cfg.cache, Unmap: cfg.unmap,
-		DetectZeroes: cfg.detectZeroes, NodeName: cfg.nodeName}
+		DetectZeroes: cfg.detectZeroes, NodeName: cfg.nodeName, AutoReadOnly: cfg.autoReadOnly && onlyRead}
 	drv, err := f.Open(co, n, opts)
 	if err != nil {
 		return nil, err

@@ -88,6 +88,15 @@ func open(co *coroutine.Co, n *bdrv.Node, opts bdrv.Options) (bdrv.Driver, error
 	// Opening is control-path work done before any I/O, like QEMU's
 	// raw_open; it does not go through the ring.
 	fd, err := openRetry(n.Filename, flags, 0)
+	if canDegrade(err) && n.AutoReadOnly && !n.ReadOnly {
+		// auto-read-only=on: a file that may not be written opens
+		// read-only, as QEMU's raw_open_common degrades it; the opener
+		// allows this only where the node's users just read.
+		flags = flags&^unix.O_RDWR | unix.O_RDONLY
+		if fd, err = openRetry(n.Filename, flags, 0); err == nil {
+			n.ReadOnly = true
+		}
+	}
 	if err != nil {
 		return nil, fmt.Errorf("Could not open '%s': %w", n.Filename, syscallErr(err))
 	}
@@ -97,6 +106,12 @@ func open(co *coroutine.Co, n *bdrv.Node, opts bdrv.Options) (bdrv.Driver, error
 		return nil, err
 	}
 	return d, nil
+}
+
+// canDegrade reports the errors of a read-write open that a read-only one
+// may not meet: no permission to write, or a read-only file system.
+func canDegrade(err error) bool {
+	return err == unix.EACCES || err == unix.EPERM || err == unix.EROFS
 }
 
 func openRetry(name string, flags int, perm uint32) (int, error) {
