@@ -175,15 +175,7 @@ func TestCloseReleasesLocks(t *testing.T) {
 				if i%2 == 1 {
 					return bdrv.Create(co, "raw", &bdrv.CreateRequest{Filename: path, Size: 1 << 20})
 				}
-				n, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: "raw"})
-				if err != nil {
-					return err
-				}
-				werr := n.Pwritev(co, 0, bdrv.IOVec{make([]byte, 4096)}, 0)
-				if err := n.Close(co); werr == nil {
-					werr = err
-				}
-				return werr
+				return openWriteClose(co, bdrv.Spec{Filename: path, Format: "raw"}, 4096)
 			})
 			if err != nil {
 				t.Fatalf("iteration %d: %v", i, err)
@@ -230,29 +222,13 @@ func TestCloseReleasesLocksAfterPuntedIO(t *testing.T) {
 			if err := os.Truncate(path, 1<<20); err != nil {
 				return err
 			}
-			n, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: "raw", Cache: bdrv.CacheUnsafe})
-			if err != nil {
-				return err
-			}
-			werr := n.Pwritev(co, 0, bdrv.IOVec{make([]byte, 4096)}, 0)
-			if err := n.Close(co); werr == nil {
-				werr = err
-			}
-			return werr
+			return openWriteClose(co, bdrv.Spec{Filename: path, Format: "raw", Cache: bdrv.CacheUnsafe}, 4096)
 		}},
 		{"qcow2 create, then open", 2000, func(co *coroutine.Co, path string) error {
 			if err := bdrv.Create(co, "qcow2", &bdrv.CreateRequest{Filename: path, Size: 4 << 20}); err != nil {
 				return fmt.Errorf("create: %w", err)
 			}
-			n, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: "qcow2", Cache: bdrv.CacheUnsafe})
-			if err != nil {
-				return fmt.Errorf("open: %w", err)
-			}
-			werr := n.Pwritev(co, 0, bdrv.IOVec{make([]byte, 65536)}, 0)
-			if err := n.Close(co); werr == nil {
-				werr = err
-			}
-			return werr
+			return openWriteClose(co, bdrv.Spec{Filename: path, Format: "qcow2", Cache: bdrv.CacheUnsafe}, 65536)
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -268,6 +244,19 @@ func TestCloseReleasesLocksAfterPuntedIO(t *testing.T) {
 			}
 		})
 	}
+}
+
+// openWriteClose opens spec, writes size bytes at its start and closes it.
+func openWriteClose(co *coroutine.Co, spec bdrv.Spec, size int) error {
+	n, err := bdrv.Open(co, spec)
+	if err != nil {
+		return err
+	}
+	werr := n.Pwritev(co, 0, bdrv.IOVec{make([]byte, size)}, 0)
+	if err := n.Close(co); werr == nil {
+		werr = err
+	}
+	return werr
 }
 
 // dupFilesOf duplicates every descriptor of this process open on path.
