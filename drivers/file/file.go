@@ -44,6 +44,10 @@ type driver struct {
 	// fallocate modes, so later requests fall back without a syscall. Any
 	// queue's loop may set them while the others read them.
 	noZeroRange, noPunch atomic.Bool
+	// locking: the image locks are taken (the locking option), when the
+	// opener says what the node's users need (SetPerm). forceShare
+	// (force-share=on, read-only only) shares everything.
+	locking, forceShare bool
 	// locked: fd holds image lock bytes, released before it is closed.
 	locked bool
 	// inline: the file lives in memory (tmpfs, ramfs), where a read or
@@ -84,6 +88,15 @@ func open(co *coroutine.Co, n *bdrv.Node, opts bdrv.Options) (bdrv.Driver, error
 	// Opening is control-path work done before any I/O, like QEMU's
 	// raw_open; it does not go through the ring.
 	fd, err := openRetry(n.Filename, flags, 0)
+	if canDegrade(err) && n.AutoReadOnly && !n.ReadOnly {
+		// auto-read-only=on: a file that may not be written opens
+		// read-only, as QEMU's raw_open_common degrades it; the opener
+		// allows this only where the node's users just read.
+		flags = flags&^unix.O_RDWR | unix.O_RDONLY
+		if fd, err = openRetry(n.Filename, flags, 0); err == nil {
+			n.ReadOnly = true
+		}
+	}
 	if err != nil {
 		return nil, fmt.Errorf("Could not open '%s': %w", n.Filename, syscallErr(err))
 	}
@@ -93,6 +106,12 @@ func open(co *coroutine.Co, n *bdrv.Node, opts bdrv.Options) (bdrv.Driver, error
 		return nil, err
 	}
 	return d, nil
+}
+
+// canDegrade reports the errors of a read-write open that a read-only one
+// may not meet: no permission to write, or a read-only file system.
+func canDegrade(err error) bool {
+	return err == unix.EACCES || err == unix.EPERM || err == unix.EROFS
 }
 
 func openRetry(name string, flags int, perm uint32) (int, error) {
@@ -153,10 +172,10 @@ func (d *driver) setup(opts bdrv.Options) error {
 			return err
 		}
 	}
-	if opts.Bool(bdrv.OptLocking, true) {
-		if err := d.lock(opts.Bool(bdrv.OptForceShare, false)); err != nil {
-			return err
-		}
+	d.locking = opts.Bool(bdrv.OptLocking, true)
+	d.forceShare = opts.Bool(bdrv.OptForceShare, false)
+	if d.forceShare && !n.ReadOnly {
+		return fmt.Errorf("force-share=on can only be used with read-only images")
 	}
 	return nil
 }
