@@ -17,23 +17,28 @@ import (
 // backing file that is missing, or that another process writes, makes
 // them refuse and leave the image as it was; one that another process
 // only reads does not. The backing file's format is the one the image
-// records, or probed.
+// records, or probed. Growing an image over a longer backing file (resize,
+// amend -o size) zeroes the new area, so that the backing file's data
+// there does not show through.
 
-// chainImages: top.qcow2 over base.qcow2, top2.qcow2 over top.qcow2,
-// overraw.qcow2 over base.raw, probed.qcow2 over base.qcow2 with no backing
-// format recorded (its backing file's format is probed). Each overlay has
-// data of its own, and all but probed.qcow2 a snapshot s1; src.raw is what
-// convert copies.
+// chainImages: top.qcow2 (1 MiB) over base.qcow2 (2 MiB), top2.qcow2 over
+// top.qcow2, overraw.qcow2 (1 MiB) over base.raw (2 MiB), probed.qcow2 over
+// base.qcow2 with no backing format recorded (its backing file's format is
+// probed), v2.qcow2 (1 MiB, compat 0.10) over base.qcow2. Each overlay has
+// data of its own, and top, top2 and overraw a snapshot s1; src.raw is
+// what convert copies.
 const chainImages = `
-qemu-img create -q -f qcow2 base.qcow2 1M
-qemu-io -c "write -P 1 0 1M" base.qcow2 >/dev/null
-qemu-img create -q -f raw base.raw 1M
-qemu-io -f raw -c "write -P 2 0 1M" base.raw >/dev/null
-qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2
+qemu-img create -q -f qcow2 base.qcow2 2M
+qemu-io -c "write -P 1 0 2M" base.qcow2 >/dev/null
+qemu-img create -q -f raw base.raw 2M
+qemu-io -f raw -c "write -P 2 0 2M" base.raw >/dev/null
+qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2 1M
 qemu-io -c "write -P 3 64k 64k" top.qcow2 >/dev/null
 qemu-img create -q -f qcow2 -b top.qcow2 -F qcow2 top2.qcow2
 qemu-io -c "write -P 4 128k 64k" top2.qcow2 >/dev/null
-qemu-img create -q -f qcow2 -b base.raw -F raw overraw.qcow2
+qemu-img create -q -f qcow2 -b base.raw -F raw overraw.qcow2 1M
+qemu-img create -q -f qcow2 -o compat=0.10 -b base.qcow2 -F qcow2 v2.qcow2 1M
+qemu-io -c "write -P 8 64k 64k" v2.qcow2 >/dev/null
 qemu-io -c "write -P 5 64k 64k" overraw.qcow2 >/dev/null
 qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 probed.qcow2
 qemu-io -c "write -P 6 64k 64k" probed.qcow2 >/dev/null
@@ -90,6 +95,13 @@ func TestBackingChainOpened(t *testing.T) {
 		[]string{"amend", "-o", "backing_file=base.qcow2,backing_fmt=qcow2", "%s"},
 		[]string{"amend", "-o", "backing_file=base.raw", "%s"},
 		[]string{"amend", "-o", "backing_fmt=raw", "%s"},
+		// Growing over a longer backing file zeroes the new area, as
+		// resize does: zero clusters, and zeros written to the part of a
+		// cluster the old end falls in.
+		[]string{"amend", "-o", "size=2M", "%s"},
+		[]string{"amend", "-o", "size=1049088", "%s"},
+		[]string{"resize", "%s", "2M"},
+		[]string{"resize", "%s", "+512"},
 		[]string{"snapshot", "-l", "%s"},
 		[]string{"snapshot", "-c", "s2", "%s"},
 		[]string{"snapshot", "-a", "s1", "%s"},
@@ -116,12 +128,22 @@ func TestBackingChainOpened(t *testing.T) {
 		[]string{"snapshot", "-c", "s1", "%s"},
 		[]string{"convert", "-n", "-O", "qcow2", "src.raw", "%s"},
 	)
+	// Version 2 has no zero clusters: growing over a longer backing file
+	// is refused.
+	add("v2.qcow2", "base.qcow2",
+		[]string{"amend", "-o", "size=2M", "%s"},
+		[]string{"resize", "%s", "2M"},
+		[]string{"amend", "-o", "lazy_refcounts=off", "%s"},
+		[]string{"snapshot", "-c", "s1", "%s"},
+		[]string{"convert", "-n", "-O", "qcow2", "src.raw", "%s"},
+	)
 	add("overraw.qcow2", "base.raw",
 		[]string{"amend", "-o", "lazy_refcounts=on", "%s"},
 		[]string{"snapshot", "-l", "%s"},
 		[]string{"snapshot", "-c", "s2", "%s"},
 		[]string{"snapshot", "-a", "s1", "%s"},
 		[]string{"convert", "-n", "-O", "qcow2", "src.raw", "%s"},
+		[]string{"amend", "-o", "size=2M", "%s"},
 	)
 	states := []string{"ok", "missing", "held rw", "held ro"}
 	i := 0

@@ -440,7 +440,7 @@ func (img *Image) ApplySnapshot(co *coroutine.Co, idOrName string) error {
 		if sn.DiskSize%512 != 0 || sn.DiskSize > math.MaxInt64 {
 			return fmt.Errorf("qcow2: snapshot %s: invalid disk size %d: %w", sn.ID, sn.DiskSize, unix.EINVAL)
 		}
-		if err := img.truncateLocked(co, int64(sn.DiskSize), true, bdrv.PreallocOff); err != nil {
+		if err := img.truncateLocked(co, int64(sn.DiskSize), true, bdrv.PreallocOff, false); err != nil {
 			return err
 		}
 	}
