@@ -200,6 +200,14 @@ type (
 	Truncater interface {
 		Truncate(co *coroutine.Co, size int64, exact bool, prealloc Prealloc) error
 	}
+	// ZeroTruncater grows the node with the new area reading as zeros
+	// whatever the backing file holds there (QEMU's truncate with
+	// BDRV_REQ_ZERO_WRITE). Node.Truncate asks for it when the backing
+	// file is longer than the node was, so that growing shows no backing
+	// data.
+	ZeroTruncater interface {
+		TruncateZeroed(co *coroutine.Co, size int64, exact bool, prealloc Prealloc) error
+	}
 	// AllocatedSizer reports the host bytes the node uses ("disk size").
 	AllocatedSizer interface {
 		AllocatedSize(co *coroutine.Co) (int64, error)

@@ -30,6 +30,7 @@ func snapshotCommand() *cli.Command {
 			&cli.StringFlag{Name: "a", Usage: "apply snapshot `NAME`"},
 			&cli.StringFlag{Name: "d", Usage: "delete snapshot `NAME`"},
 			&cli.BoolFlag{Name: "q", Aliases: []string{"quiet"}, Usage: "quiet: print nothing but errors and the list"},
+			&cli.BoolFlag{Name: "U", Aliases: []string{"force-share"}, Usage: "force share: list the snapshots of an image another process uses (-l only)"},
 			&cli.BoolFlag{Name: "live", Usage: "external snapshot of an attached device: ublkimg snapshot --live DEV OVERLAY"},
 		},
 		Action: snapshotAction,
@@ -38,12 +39,12 @@ func snapshotCommand() *cli.Command {
 
 func snapshotAction(c *cli.Context) error {
 	if c.Bool("live") {
-		if f := setFlag(c, "l", "c", "a", "d", "f", "image-opts"); f != "" {
+		if f := setFlag(c, "l", "c", "a", "d", "f", "U", "image-opts"); f != "" {
 			return fmt.Errorf("snapshot --live: %s does not apply to a live snapshot", f)
 		}
 		return liveSnapshot(c)
 	}
-	opts := img.SnapshotOptions{Format: c.String("f"), Op: img.SnapshotListOp}
+	opts := img.SnapshotOptions{Format: c.String("f"), Op: img.SnapshotListOp, ForceShare: c.Bool("U")}
 	n := 0
 	if c.Bool("l") {
 		n++
