@@ -623,3 +623,44 @@ func TestBitmapMergeAndSnapshot(t *testing.T) {
 		t.Errorf("the base lost its bitmaps:\n%s", out)
 	}
 }
+
+// TestOverlayOptions: what a live snapshot's overlay is created and
+// opened with, for the images a device may serve with --image-opts.
+func TestOverlayOptions(t *testing.T) {
+	for _, tc := range []struct {
+		name, format string
+		opts         bdrv.Options
+		create, open string // fmt.Sprint of the maps
+		err          string
+	}{
+		{"no options", "qcow2", nil, "map[]", "map[]", ""},
+		{"encrypted qcow2", "qcow2", bdrv.Options{"encrypt.key-secret": "s", "l2-cache-size": "4M", "file.aio": "threads", "discard": "unmap"},
+			"map[encrypt.format:luks encrypt.key-secret:s]",
+			"map[backing.discard:unmap backing.encrypt.key-secret:s backing.file.aio:threads backing.l2-cache-size:4M discard:unmap encrypt.key-secret:s file.aio:threads]", ""},
+		{"luks", "luks", bdrv.Options{"key-secret": "s", "cache.direct": "on"},
+			"map[encrypt.format:luks encrypt.key-secret:s]",
+			"map[backing.cache.direct:on backing.key-secret:s cache.direct:on encrypt.key-secret:s]", ""},
+		{"raw", "raw", bdrv.Options{"detect-zeroes": "on"}, "map[]", "map[backing.detect-zeroes:on detect-zeroes:on]", ""},
+		{"raw with offset", "raw", bdrv.Options{"offset": "512"}, "", "",
+			"live snapshot: '/d.img' is opened with the raw option offset, which the overlay's backing file name cannot carry"},
+	} {
+		base := &bdrv.Node{Filename: "/d.img", Format: &bdrv.Format{Name: tc.format}}
+		create, open, err := overlayOptions(base, tc.opts)
+		if tc.err != "" {
+			if err == nil || err.Error() != tc.err {
+				t.Errorf("%s: %v, want %q", tc.name, err, tc.err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("%s: %v", tc.name, err)
+			continue
+		}
+		if got := fmt.Sprint(create); got != tc.create {
+			t.Errorf("%s: created with %s, want %s", tc.name, got, tc.create)
+		}
+		if got := fmt.Sprint(open); got != tc.open {
+			t.Errorf("%s: opened with %s, want %s", tc.name, got, tc.open)
+		}
+	}
+}
