@@ -177,11 +177,45 @@ func (s *liveServer) snapshot(ctx context.Context, r *ublk.ControlRequest) (any,
 		return nil, err
 	}
 	t0 := time.Now()
-	if err := jobs.Snapshot(ctx, s.dev, a.Overlay, o, s.pivot); err != nil {
+	dev := &pauseTimer{Device: s.dev}
+	if err := jobs.Snapshot(ctx, dev, a.Overlay, o, s.pivot); err != nil {
 		return nil, err
 	}
-	s.logf("%s: live snapshot: now serving %s in %v", s.dev.Path(), a.Overlay, time.Since(t0).Round(time.Millisecond))
+	s.logf("%s: live snapshot: now serving %s in %v (%s)", s.dev.Path(), a.Overlay, time.Since(t0).Round(time.Millisecond), dev)
 	return jobResult{Image: a.Overlay, Seconds: time.Since(t0).Seconds()}, nil
+}
+
+// pauseTimer is the device as a job sees it, timing the job's pauses for
+// the log: from the call of Pause, which holds new requests, to Resume.
+// A job pauses and resumes one at a time, so the fields need no lock.
+type pauseTimer struct {
+	jobs.Device
+	since          time.Time
+	n              int
+	total, longest time.Duration
+}
+
+func (p *pauseTimer) Pause(ctx context.Context) error {
+	p.since = time.Now()
+	return p.Device.Pause(ctx)
+}
+
+func (p *pauseTimer) Resume() {
+	d := time.Since(p.since)
+	p.n++
+	p.total += d
+	p.longest = max(p.longest, d)
+	p.Device.Resume()
+}
+
+// String says how long the device was paused: "2 pauses, 41ms in all,
+// the longest 35ms".
+func (p *pauseTimer) String() string {
+	pauses := "pauses"
+	if p.n == 1 {
+		pauses = "pause"
+	}
+	return fmt.Sprintf("%d %s, %v in all, the longest %v", p.n, pauses, p.total.Round(time.Microsecond), p.longest.Round(time.Microsecond))
 }
 
 // jobResult is the reply of the jobs.
@@ -202,13 +236,14 @@ func (s *liveServer) commit(ctx context.Context, r *ublk.ControlRequest) (any, e
 	}
 	t0 := time.Now()
 	progress, stop := progressEvents(r)
-	err = jobs.Commit(ctx, s.dev, o, s.pivot, progress)
+	dev := &pauseTimer{Device: s.dev}
+	err = jobs.Commit(ctx, dev, o, s.pivot, progress)
 	stop()
 	if err != nil {
 		return nil, err
 	}
 	image := s.record().Image
-	s.logf("%s: live commit: now serving %s after %v", s.dev.Path(), image, time.Since(t0).Round(time.Millisecond))
+	s.logf("%s: live commit: now serving %s after %v (%s)", s.dev.Path(), image, time.Since(t0).Round(time.Millisecond), dev)
 	return jobResult{Image: image, Seconds: time.Since(t0).Seconds()}, nil
 }
 
@@ -245,13 +280,14 @@ func (s *liveServer) backup(ctx context.Context, r *ublk.ControlRequest) (any, e
 		}
 		events(done, total)
 	}
-	err := jobs.Backup(ctx, s.dev, o, progress)
+	dev := &pauseTimer{Device: s.dev}
+	err := jobs.Backup(ctx, dev, o, progress)
 	stop()
 	if err != nil {
 		return nil, err
 	}
-	s.logf("%s: backup to %s: point in time %v after the start, %d bytes to copy, done in %v", s.dev.Path(), a.Target,
-		pit.Round(time.Millisecond), toCopy, time.Since(t0).Round(time.Millisecond))
+	s.logf("%s: backup to %s: point in time %v after the start, %d bytes to copy, done in %v (%s)", s.dev.Path(), a.Target,
+		pit.Round(time.Millisecond), toCopy, time.Since(t0).Round(time.Millisecond), dev)
 	return jobResult{Image: a.Target, Seconds: time.Since(t0).Seconds()}, nil
 }
 
