@@ -48,22 +48,8 @@ type BitmapOptions struct {
 // "Operation OP on bitmap NAME failed: reason", and what was done before
 // it is kept. Usage errors and messages are qemu-img 7.2's.
 func Bitmap(co *coroutine.Co, o BitmapOptions) error {
-	var add, merge bool
-	for _, op := range o.Ops {
-		add = add || op.Action == BitmapAdd
-		merge = merge || op.Action == BitmapMerge
-	}
-	switch {
-	case len(o.Ops) == 0:
-		return errors.New("Need at least one of --add, --remove, --clear, --enable, --disable, or --merge")
-	case o.Granularity != "" && !add:
-		return errors.New("granularity only supported with --add")
-	case o.SourceFormat != "" && o.SourceFile == "":
-		return errors.New("-F only supported with -b")
-	case o.SourceFile != "" && !merge:
-		return errors.New("Merge bitmap source file only supported with --merge")
-	case len(o.Args) != 2:
-		return errors.New("Expecting filename and bitmap name")
+	if err := o.Check(); err != nil {
+		return err
 	}
 	filename, name := o.Args[0], o.Args[1]
 	gran, err := ParseBitmapGranularity(o.Granularity)
@@ -95,6 +81,29 @@ func Bitmap(co *coroutine.Co, o BitmapOptions) error {
 		err = cerr
 	}
 	return err
+}
+
+// Check refuses the usage errors of qemu-img bitmap's arguments, in its
+// words.
+func (o BitmapOptions) Check() error {
+	var add, merge bool
+	for _, op := range o.Ops {
+		add = add || op.Action == BitmapAdd
+		merge = merge || op.Action == BitmapMerge
+	}
+	switch {
+	case len(o.Ops) == 0:
+		return errors.New("Need at least one of --add, --remove, --clear, --enable, --disable, or --merge")
+	case o.Granularity != "" && !add:
+		return errors.New("granularity only supported with --add")
+	case o.SourceFormat != "" && o.SourceFile == "":
+		return errors.New("-F only supported with -b")
+	case o.SourceFile != "" && !merge:
+		return errors.New("Merge bitmap source file only supported with --merge")
+	case len(o.Args) != 2:
+		return errors.New("Expecting filename and bitmap name")
+	}
+	return nil
 }
 
 // ParseBitmapGranularity parses -g ("" for the default, 0).

@@ -71,10 +71,11 @@ func Backup(ctx context.Context, dev Device, o BackupOptions, progress Progress)
 		bm, _ := image.Driver().(bdrv.PersistentBitmaps)
 		if o.Bitmap != "" {
 			if bm == nil {
-				return fmt.Errorf("Dirty bitmap '%s' not found: '%s' is %s and holds no bitmaps", o.Bitmap, image.Filename, image.Format.Name)
+				return inBacking(co, image, o.Bitmap,
+					fmt.Errorf("Dirty bitmap '%s' not found: '%s' is %s and holds no bitmaps", o.Bitmap, image.Filename, image.Format.Name))
 			}
 			if err := bm.CheckBitmap(co, o.Bitmap); err != nil {
-				return err
+				return inBacking(co, image, o.Bitmap, err)
 			}
 			// Taking it clears it: the image must be writable.
 			if image.ReadOnly {

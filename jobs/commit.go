@@ -87,7 +87,7 @@ func (j *commitJob) run(co *coroutine.Co, pivot PivotFunc) error {
 	if err := pause(co, j.ctx, j.dev); err != nil {
 		return err
 	}
-	base, err := switchMode(co, j.dev, j.top.Backing, false, j.o)
+	base, err := switchMode(co, j.dev, j.top.Backing, false, j.o, j.baseOpts())
 	if base != nil {
 		j.top.Backing = base
 	}
@@ -130,7 +130,7 @@ func (j *commitJob) run(co *coroutine.Co, pivot PivotFunc) error {
 	if err := base.Flush(co); err != nil {
 		return fmt.Errorf("flushing '%s': %w", base.Filename, err)
 	}
-	if err := pivot(base.Filename, base.Format.Name); err != nil {
+	if err := pivot(base.Filename, base.Format.Name, j.baseOpts()); err != nil {
 		return err
 	}
 	removeFilter(j.dev, j.f)
@@ -141,6 +141,16 @@ func (j *commitJob) run(co *coroutine.Co, pivot PivotFunc) error {
 		return fmt.Errorf("the device serves '%s'; closing the overlay '%s': %w", base.Filename, j.top.Filename, err)
 	}
 	return nil
+}
+
+// baseOpts are the options of the backing file: the overlay's "backing."
+// ones and those it inherits (bdrv.Options.ChainOptions), nil for a
+// device opened without options.
+func (j *commitJob) baseOpts() bdrv.Options {
+	if j.o.Image == nil {
+		return nil
+	}
+	return j.o.Image.ChainOptions()
 }
 
 // markAllocated marks the granules the overlay holds above its backing
@@ -206,7 +216,7 @@ func (j *commitJob) undo(co *coroutine.Co) error {
 	if err := j.base.Flush(co); err != nil {
 		return fmt.Errorf("flushing '%s': %w", j.base.Filename, err)
 	}
-	ro, err := switchMode(co, j.dev, j.base, true, j.o)
+	ro, err := switchMode(co, j.dev, j.base, true, j.o, j.baseOpts())
 	if ro != nil {
 		j.top.Backing = ro
 	}

@@ -29,6 +29,13 @@ type OpenOptions struct {
 	// Options are driver options for every image opened (the recovery
 	// option of a device attached with --recovery).
 	Options bdrv.Options
+	// Image are the options the device's image was opened with (those of
+	// an --image-opts string but the driver and the file name: encryption
+	// secret, cache, discard, "file." ones for its file, "backing." ones
+	// for its backing chain), nil for none. A job reopens the image with
+	// them, and derives from them those of the image it switches to
+	// (PivotFunc).
+	Image bdrv.Options
 }
 
 // Progress receives a job's progress: done bytes of total, total growing
@@ -36,10 +43,11 @@ type OpenOptions struct {
 type Progress func(done, total int64)
 
 // PivotFunc is told, while the device is paused, which image the device
-// is about to serve (after a snapshot or a commit), so that the caller
-// records it before any write reaches that image; an error aborts the
-// job, which then leaves the device on its image.
-type PivotFunc func(image, format string) error
+// is about to serve (after a snapshot or a commit) and the options it was
+// opened with (OpenOptions.Image for it: nil when the device's were nil),
+// so that the caller records them before any write reaches that image; an
+// error aborts the job, which then leaves the device on its image.
+type PivotFunc func(image, format string, opts bdrv.Options) error
 
 // ErrJobCancelled is matched by the error of a job whose context ended.
 var ErrJobCancelled = errors.New("job cancelled")
@@ -91,9 +99,11 @@ func checkNew(path, what string) error {
 }
 
 // reopen opens image n again (same file and format, with its backing
-// chain, taking discards as n did), read-only or read-write: the way a job
-// changes an image's mode, after closing n.
-func reopen(co *coroutine.Co, n *bdrv.Node, readOnly bool, o OpenOptions) (*bdrv.Node, error) {
+// chain, taking discards as n did) with its options opts, read-only or
+// read-write: the way a job changes an image's mode, after closing n.
+func reopen(co *coroutine.Co, n *bdrv.Node, readOnly bool, o OpenOptions, opts bdrv.Options) (*bdrv.Node, error) {
+	all := opts.Merge(o.Options)
+	delete(all, bdrv.OptReadOnly) // the mode is the job's
 	return bdrv.Open(co, bdrv.Spec{Filename: n.Filename, Format: n.Format.Name, Cache: o.Cache,
-		ReadOnly: readOnly, NoUnmap: !n.Unmap, Options: o.Options})
+		ReadOnly: readOnly, NoUnmap: !n.Unmap, Options: all})
 }

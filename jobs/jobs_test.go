@@ -17,6 +17,7 @@ import (
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
 	_ "ublkimg/drivers/file"
+	_ "ublkimg/drivers/luks"
 	_ "ublkimg/drivers/qcow2"
 	_ "ublkimg/drivers/raw"
 	"ublkimg/internal/qemutest"
@@ -122,25 +123,38 @@ func fill(r *rand.Rand, b []byte) {
 }
 
 // newGuestDevice creates a qcow2 image of size bytes whose first half is
-// random data, opens it read-write as a device would and returns it.
+// random data (and the rest zeros), opens it read-write as a device would and returns it.
 func newGuestDevice(t *testing.T, dir string, size int64) *guestDevice {
 	t.Helper()
-	path := filepath.Join(dir, "disk.qcow2")
+	return newGuestDeviceOpts(t, dir, size, "qcow2", nil, nil)
+}
+
+// newGuestDeviceOpts is newGuestDevice with an image of format (disk.FMT),
+// its creation options, and options to open it with.
+func newGuestDeviceOpts(t *testing.T, dir string, size int64, format string, create, opts bdrv.Options) *guestDevice {
+	t.Helper()
+	path := filepath.Join(dir, "disk."+format)
 	d := &guestDevice{model: make([]byte, size)}
 	fill(rand.New(rand.NewPCG(1, 2)), d.model[:size/2])
 	// Created and opened at once by this process: the file driver's
 	// Close releases the image locks before the io_uring requests let go
 	// of the file (drivers/file TestCloseReleasesLocksAfterPuntedIO).
 	err := coroutine.Run(func(co *coroutine.Co) error {
-		if err := bdrv.Create(co, "qcow2", &bdrv.CreateRequest{Filename: path, Size: size}); err != nil {
+		if err := bdrv.Create(co, format, &bdrv.CreateRequest{Filename: path, Size: size, Options: create}); err != nil {
 			return err
 		}
-		n, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: "qcow2", Cache: bdrv.CacheWriteback})
+		n, err := bdrv.Open(co, bdrv.Spec{Filename: path, Format: format, Cache: bdrv.CacheWriteback, Options: opts})
 		if err != nil {
 			return err
 		}
 		d.node = n
-		data := bdrv.AlignedBuffer(int(size/2), 4096)
+		// A luks image reads what its zeroed file decrypts to until
+		// written: its second half gets the model's zeros too.
+		written := size / 2
+		if format == "luks" {
+			written = size
+		}
+		data := bdrv.AlignedBuffer(int(written), 4096)
 		copy(data, d.model)
 		return n.Pwritev(co, 0, bdrv.IOVec{data}, 0)
 	})
@@ -164,9 +178,15 @@ func (d *guestDevice) close(t *testing.T) {
 // readImage reads an image file (with its backing chain) whole.
 func readImage(t *testing.T, path string) []byte {
 	t.Helper()
+	return readImageOpts(t, path, nil)
+}
+
+// readImageOpts reads an image file opened with opts whole.
+func readImageOpts(t *testing.T, path string, opts bdrv.Options) []byte {
+	t.Helper()
 	var data []byte
 	err := coroutine.Run(func(co *coroutine.Co) error {
-		n, err := bdrv.Open(co, bdrv.Spec{Filename: path, ReadOnly: true})
+		n, err := bdrv.Open(co, bdrv.Spec{Filename: path, ReadOnly: true, Options: opts})
 		if err != nil {
 			return err
 		}
@@ -306,7 +326,7 @@ func TestSnapshotCommitUnderWrites(t *testing.T) {
 	base := d.node.Filename
 	ctx := t.Context()
 	var pivots []string
-	pivot := func(image, format string) error {
+	pivot := func(image, format string, _ bdrv.Options) error {
 		pivots = append(pivots, filepath.Base(image)+":"+format)
 		return nil
 	}
@@ -346,6 +366,101 @@ func TestSnapshotCommitUnderWrites(t *testing.T) {
 	sameData(t, "base after the commit", readImage(t, base), want)
 }
 
+// TestSnapshotCommitEncrypted: a live snapshot and a live commit of an
+// encrypted image opened with its secret (attach --image-opts
+// driver=qcow2,file.filename=X,encrypt.key-secret=ID, or driver=luks and
+// key-secret=ID), under guest writes: the overlay is encrypted with the
+// same secret and opened with it and with the image's options as
+// "backing." ones, which pivot is told; the commit reopens the base with
+// those and tells pivot the image's own options again. Nothing the guests
+// wrote is in clear in either file; qemu-img check reads them with the
+// secret (but a luks base, which it cannot check).
+func TestSnapshotCommitEncrypted(t *testing.T) {
+	qemutest.Require(t, "qemu-img")
+	overlayIterTime = "10"
+	t.Cleanup(func() { overlayIterTime = "" })
+	const id, pass = "jobs-enc-sec", "correct horse"
+	if err := bdrv.AddSecret(id, []byte(pass)); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { bdrv.RemoveSecret(id) })
+	obj := "secret,id=" + id + ",data=" + pass
+	for _, tc := range []struct {
+		format, create, secretKey string
+	}{
+		{"qcow2", "encrypt.format=luks,encrypt.key-secret=" + id + ",encrypt.iter-time=10", "encrypt.key-secret"},
+		{"luks", "key-secret=" + id + ",iter-time=10", "key-secret"},
+	} {
+		t.Run(tc.format, func(t *testing.T) {
+			dir := t.TempDir()
+			const size = 8 << 20
+			opts := bdrv.Options{tc.secretKey: id, "cache.no-flush": "off", "file.locking": "on"}
+			create, err := bdrv.ParseOptionString(tc.create)
+			if err != nil {
+				t.Fatal(err)
+			}
+			d := newGuestDeviceOpts(t, dir, size, tc.format, create, opts)
+			base := d.node.Filename
+			overlay := filepath.Join(dir, "top.qcow2")
+			var pivots []string
+			var last bdrv.Options
+			pivot := func(image, format string, o bdrv.Options) error {
+				pivots = append(pivots, filepath.Base(image)+":"+format)
+				last = o
+				return nil
+			}
+			stop := make(chan struct{})
+			wait := d.guests(t, 2, stop)
+			err = Snapshot(t.Context(), d, overlay, OpenOptions{Cache: bdrv.CacheWriteback, Image: opts}, pivot)
+			topOpts := last
+			if err == nil {
+				want := bdrv.Options{"encrypt.key-secret": id, "cache.no-flush": "off", "file.locking": "on",
+					"backing." + tc.secretKey: id, "backing.cache.no-flush": "off", "backing.file.locking": "on"}
+				if fmt.Sprint(topOpts) != fmt.Sprint(want) {
+					err = fmt.Errorf("the overlay's options %v, want %v", topOpts, want)
+				}
+			}
+			if err == nil {
+				err = Commit(t.Context(), d, OpenOptions{Cache: bdrv.CacheWriteback, Image: topOpts}, pivot, nil)
+			}
+			close(stop)
+			if gerr := wait(); gerr != nil {
+				t.Fatalf("guest write: %v", gerr)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if want := "top.qcow2:qcow2 disk." + tc.format + ":" + tc.format; strings.Join(pivots, " ") != want || d.node.Filename != base {
+				t.Fatalf("pivots %v; the device serves %s", pivots, d.node.Filename)
+			}
+			if want := opts.Merge(nil); fmt.Sprint(last) != fmt.Sprint(want) {
+				t.Errorf("the base's options after the commit %v, want %v", last, want)
+			}
+			want := bytes.Clone(d.model)
+			d.close(t)
+			topString := "driver=qcow2,file.filename=" + overlay + ",encrypt.key-secret=" + id
+			// qemu-img info opens no backing file, and takes no option for one.
+			if out := qemuImg(t, "info", "--object", obj, "--image-opts", topString); !strings.Contains(out, "encrypted: yes") {
+				t.Errorf("the overlay is not encrypted:\n%s", out)
+			}
+			if tc.format == "qcow2" { // qemu-img checks no luks image
+				qemuImg(t, "check", "--object", obj, "--image-opts", "driver=qcow2,file.filename="+base+",encrypt.key-secret="+id)
+			}
+			qemuImg(t, "check", "--object", obj, "--image-opts", topString+",backing."+tc.secretKey+"="+id)
+			sameData(t, "base after the commit", readImageOpts(t, base, bdrv.Options{tc.secretKey: id}), want)
+			for _, f := range []string{base, overlay} {
+				raw, err := os.ReadFile(f)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if bytes.Contains(raw, want[size/2-4096:size/2]) || bytes.Contains(raw, want[:4096]) {
+					t.Errorf("%s holds guest data in clear", f)
+				}
+			}
+		})
+	}
+}
+
 // TestJobRefusals: each bad request is one line and changes nothing.
 func TestJobRefusals(t *testing.T) {
 	qemutest.Require(t, "qemu-img")
@@ -357,7 +472,7 @@ func TestJobRefusals(t *testing.T) {
 	}
 	ctx := t.Context()
 	o := OpenOptions{Cache: bdrv.CacheWriteback}
-	noPivot := func(string, string) error { return errors.New("pivot called") }
+	noPivot := func(string, string, bdrv.Options) error { return errors.New("pivot called") }
 	for _, tc := range []struct {
 		name string
 		run  func() error
@@ -433,9 +548,18 @@ func TestBackupFailureKeepsBitmap(t *testing.T) {
 	if bdrv.Unfiltered(d.node) != d.node {
 		t.Error("the device still serves through the backup's filter")
 	}
+	if dirty, want := dirtyRanges(t, d.node, "b0"), "1048576+65536 5242880+65536"; dirty != want {
+		t.Errorf("bitmap after the failed backup: dirty %v, want %v", dirty, want)
+	}
+}
+
+// dirtyRanges lists the dirty ranges of bitmap name of image n as
+// "start+length" words.
+func dirtyRanges(t *testing.T, n *bdrv.Node, name string) string {
+	t.Helper()
 	var dirty []string
-	err = coroutine.Run(func(co *coroutine.Co) error {
-		data, err := pb.ExportBitmap(co, "b0")
+	err := coroutine.Run(func(co *coroutine.Co) error {
+		data, err := n.Driver().(bdrv.PersistentBitmaps).ExportBitmap(co, name)
 		if err != nil {
 			return err
 		}
@@ -451,7 +575,115 @@ func TestBackupFailureKeepsBitmap(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := []string{"1048576+65536", "5242880+65536"}; strings.Join(dirty, " ") != strings.Join(want, " ") {
-		t.Errorf("bitmap after the failed backup: dirty %v, want %v", dirty, want)
+	return strings.Join(dirty, " ")
+}
+
+// TestBitmapMergeAndSnapshot: a merge on a served image sets in its
+// target what the source marked, from the image itself or from another
+// file (-b); a merge from a missing bitmap is qemu-img's one line. After a
+// live snapshot the bitmaps stay in the base, read-only: backup --bitmap
+// and bitmap --clear say where the bitmap is.
+func TestBitmapMergeAndSnapshot(t *testing.T) {
+	qemutest.Require(t, "qemu-img", "qemu-io")
+	dir := t.TempDir()
+	d := newGuestDevice(t, dir, 8<<20)
+	other := filepath.Join(dir, "other.qcow2")
+	qemuImg(t, "create", "-q", "-f", "qcow2", other, "8M")
+	qemuImg(t, "bitmap", "--add", other, "ob")
+	// qemu-io's write is recorded by ob, enabled.
+	if out, err := exec.Command("qemu-io", "-f", "qcow2", "-c", "write 5M 4k", other).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-io: %v\n%s", err, out)
+	}
+	ctx := t.Context()
+	add := []BitmapOp{{Action: BitmapAdd, Granularity: 65536}}
+	for _, name := range []string{"b0", "b1"} {
+		if err := Bitmap(ctx, d, name, add, BitmapSource{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	loop, err := coroutine.Start(coroutine.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer loop.Close()
+	if err := d.write(loop, 3<<20, bdrv.AlignedBuffer(4096, 4096)); err != nil {
+		t.Fatal(err)
+	}
+	merge := []BitmapOp{{Action: BitmapMerge, Source: "b0"}}
+	if err := Bitmap(ctx, d, "b1", []BitmapOp{{Action: BitmapClear}}, BitmapSource{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := Bitmap(ctx, d, "b1", merge, BitmapSource{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := Bitmap(ctx, d, "b1", []BitmapOp{{Action: BitmapMerge, Source: "ob"}}, BitmapSource{File: other, Format: "qcow2"}); err != nil {
+		t.Fatal(err)
+	}
+	err = Bitmap(ctx, d, "b1", []BitmapOp{{Action: BitmapMerge, Source: "nope"}}, BitmapSource{})
+	if want := "Operation merge on bitmap b1 failed: Dirty bitmap 'nope' not found"; err == nil || err.Error() != want {
+		t.Errorf("merge from a missing bitmap: %v, want %q", err, want)
+	}
+	if dirty, want := dirtyRanges(t, d.node, "b1"), "3145728+65536 5242880+65536"; dirty != want {
+		t.Errorf("b1 after the merges: dirty %v, want %v", dirty, want)
+	}
+
+	base := d.node.Filename
+	top := filepath.Join(dir, "top.qcow2")
+	if err := Snapshot(ctx, d, top, OpenOptions{Cache: bdrv.CacheWriteback}, func(string, string, bdrv.Options) error { return nil }); err != nil {
+		t.Fatal(err)
+	}
+	hint := ": it is in the backing file '" + base + "', read-only since a live snapshot and recording no writes (ublkimg bitmap --add adds one to '" + top + "')"
+	err = Backup(ctx, d, BackupOptions{Target: filepath.Join(dir, "b.qcow2"), Bitmap: "b0"}, nil)
+	if want := "Dirty bitmap 'b0' not found" + hint; err == nil || err.Error() != want {
+		t.Errorf("backup from a bitmap of the base: %v, want %q", err, want)
+	}
+	err = Bitmap(ctx, d, "b0", []BitmapOp{{Action: BitmapClear}}, BitmapSource{})
+	if want := "Operation clear on bitmap b0 failed: Dirty bitmap 'b0' not found" + hint; err == nil || err.Error() != want {
+		t.Errorf("clear of a bitmap of the base: %v, want %q", err, want)
+	}
+	d.close(t)
+	if out := qemuImg(t, "info", base); !strings.Contains(out, "name: b1") {
+		t.Errorf("the base lost its bitmaps:\n%s", out)
+	}
+}
+
+// TestOverlayOptions: what a live snapshot's overlay is created and
+// opened with, for the images a device may serve with --image-opts.
+func TestOverlayOptions(t *testing.T) {
+	for _, tc := range []struct {
+		name, format string
+		opts         bdrv.Options
+		create, open string // fmt.Sprint of the maps
+		err          string
+	}{
+		{"no options", "qcow2", nil, "map[]", "map[]", ""},
+		{"encrypted qcow2", "qcow2", bdrv.Options{"encrypt.key-secret": "s", "l2-cache-size": "4M", "file.aio": "threads", "discard": "unmap"},
+			"map[encrypt.format:luks encrypt.key-secret:s]",
+			"map[backing.discard:unmap backing.encrypt.key-secret:s backing.file.aio:threads backing.l2-cache-size:4M discard:unmap encrypt.key-secret:s file.aio:threads]", ""},
+		{"luks", "luks", bdrv.Options{"key-secret": "s", "cache.direct": "on"},
+			"map[encrypt.format:luks encrypt.key-secret:s]",
+			"map[backing.cache.direct:on backing.key-secret:s cache.direct:on encrypt.key-secret:s]", ""},
+		{"raw", "raw", bdrv.Options{"detect-zeroes": "on"}, "map[]", "map[backing.detect-zeroes:on detect-zeroes:on]", ""},
+		{"raw with offset", "raw", bdrv.Options{"offset": "512"}, "", "",
+			"live snapshot: '/d.img' is opened with the raw option offset, which the overlay's backing file name cannot carry"},
+	} {
+		base := &bdrv.Node{Filename: "/d.img", Format: &bdrv.Format{Name: tc.format}}
+		create, open, err := overlayOptions(base, tc.opts)
+		if tc.err != "" {
+			if err == nil || err.Error() != tc.err {
+				t.Errorf("%s: %v, want %q", tc.name, err, tc.err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("%s: %v", tc.name, err)
+			continue
+		}
+		if got := fmt.Sprint(create); got != tc.create {
+			t.Errorf("%s: created with %s, want %s", tc.name, got, tc.create)
+		}
+		if got := fmt.Sprint(open); got != tc.open {
+			t.Errorf("%s: opened with %s, want %s", tc.name, got, tc.open)
+		}
 	}
 }

@@ -296,6 +296,12 @@ func absImageOpts(s string) string {
 	if !changed {
 		return s
 	}
+	return optionString(o)
+}
+
+// optionString writes options o as an option string, sorted by name, a
+// comma in a value doubled.
+func optionString(o bdrv.Options) string {
 	parts := make([]string, 0, len(o))
 	for _, k := range slices.Sorted(maps.Keys(o)) {
 		parts = append(parts, k+"="+strings.ReplaceAll(o[k], ",", ",,"))

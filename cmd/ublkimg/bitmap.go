@@ -56,8 +56,7 @@ func bitmapCommand() *cli.Command {
 			"them. --add creates an enabled bitmap (-g sets its granularity; add --disable\n" +
 			"to create it disabled); --merge SRC sets every bit set in bitmap SRC, of FILE\n" +
 			"or of the image -b names. FILE may be an attached image or its device\n" +
-			"(/dev/ublkbN): its server then makes the change between two requests (--merge\n" +
-			"excepted).",
+			"(/dev/ublkbN): its server then makes the changes between two requests.",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "f", Aliases: []string{"format"}, Usage: "`FMT` of the image (default: probed)"},
 			op(img.BitmapAdd, "create the bitmap", false),
@@ -75,7 +74,7 @@ func bitmapCommand() *cli.Command {
 				Granularity: c.String("g"), SourceFile: c.String("b"), SourceFormat: c.String("F")}
 			// An attached image (or its device) is changed by its
 			// server, between two of its requests.
-			if len(o.Args) == 2 && len(o.Ops) > 0 && o.SourceFile == "" {
+			if len(o.Args) == 2 && len(o.Ops) > 0 {
 				if id, ok, err := attachedDevice(o.Args[0]); err != nil {
 					return err
 				} else if ok {

@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"ublkimg/bdrv"
 	"ublkimg/img"
 	"ublkimg/jobs"
 	"ublkimg/ublk"
@@ -76,29 +77,41 @@ func (s *liveServer) commands() map[string]ublk.ControlCommand {
 }
 
 // openOptions are how the jobs open images: with the device's cache mode,
-// and the recovery option when the device has recovery.
-func (s *liveServer) openOptions() jobs.OpenOptions {
+// the recovery option when the device has recovery, and the options of
+// the record's --image-opts string for the image it serves.
+func (s *liveServer) openOptions() (jobs.OpenOptions, error) {
+	rec := s.record()
 	o := jobs.OpenOptions{Cache: s.opts.cache}
-	if s.record().Recovery {
+	if rec.Recovery {
 		o.Options = recoveryOptions(nil)
 	}
-	return o
+	if rec.ImageOpts != "" {
+		_, _, opts, err := img.ParseImageOpts(rec.ImageOpts)
+		if err != nil {
+			return o, fmt.Errorf("record of %s: %w", s.dev.Path(), err)
+		}
+		o.Image = opts
+	}
+	return o, nil
 }
 
 // pivot records image as the device's image (a live snapshot or commit
-// switches to it).
-func (s *liveServer) pivot(image, format string) error {
-	return s.updateRecord(func(r *ublk.Record) { r.Image, r.Format = image, format })
+// switches to it), and, for a device attached with --image-opts, the
+// options it is opened with as its option string, which recover and
+// restart open it with.
+func (s *liveServer) pivot(image, format string, opts bdrv.Options) error {
+	return s.updateRecord(func(r *ublk.Record) {
+		r.Image, r.Format = image, format
+		if r.ImageOpts != "" {
+			r.ImageOpts = imageOptsString(image, format, opts)
+		}
+	})
 }
 
-// checkPlainImage refuses the jobs that change which image the device
-// serves on a device attached with --image-opts: its record's option
-// string names the image it was attached with.
-func (s *liveServer) checkPlainImage(what string) error {
-	if s.record().ImageOpts != "" {
-		return fmt.Errorf("%s of %s: not supported for a device attached with --image-opts", what, s.dev.Path())
-	}
-	return nil
+// imageOptsString is the --image-opts string of image in format, opened
+// with opts.
+func imageOptsString(image, format string, opts bdrv.Options) string {
+	return optionString(opts.Merge(bdrv.Options{"driver": format, "file.filename": image}))
 }
 
 // progressEvents sends a job's progress as events from a goroutine of its
@@ -159,15 +172,50 @@ func (s *liveServer) snapshot(ctx context.Context, r *ublk.ControlRequest) (any,
 	if !filepath.IsAbs(a.Overlay) {
 		return nil, fmt.Errorf("snapshot-live: the overlay must be an absolute path, not '%s'", a.Overlay)
 	}
-	if err := s.checkPlainImage("live snapshot"); err != nil {
+	o, err := s.openOptions()
+	if err != nil {
 		return nil, err
 	}
 	t0 := time.Now()
-	if err := jobs.Snapshot(ctx, s.dev, a.Overlay, s.openOptions(), s.pivot); err != nil {
+	dev := &pauseTimer{Device: s.dev}
+	if err := jobs.Snapshot(ctx, dev, a.Overlay, o, s.pivot); err != nil {
 		return nil, err
 	}
-	s.logf("%s: live snapshot: now serving %s in %v", s.dev.Path(), a.Overlay, time.Since(t0).Round(time.Millisecond))
+	s.logf("%s: live snapshot: now serving %s in %v (%s)", s.dev.Path(), a.Overlay, time.Since(t0).Round(time.Millisecond), dev)
 	return jobResult{Image: a.Overlay, Seconds: time.Since(t0).Seconds()}, nil
+}
+
+// pauseTimer is the device as a job sees it, timing the job's pauses for
+// the log: from the call of Pause, which holds new requests, to Resume.
+// A job pauses and resumes one at a time, so the fields need no lock.
+type pauseTimer struct {
+	jobs.Device
+	since          time.Time
+	n              int
+	total, longest time.Duration
+}
+
+func (p *pauseTimer) Pause(ctx context.Context) error {
+	p.since = time.Now()
+	return p.Device.Pause(ctx)
+}
+
+func (p *pauseTimer) Resume() {
+	d := time.Since(p.since)
+	p.n++
+	p.total += d
+	p.longest = max(p.longest, d)
+	p.Device.Resume()
+}
+
+// String says how long the device was paused: "2 pauses, 41ms in all,
+// the longest 35ms".
+func (p *pauseTimer) String() string {
+	pauses := "pauses"
+	if p.n == 1 {
+		pauses = "pause"
+	}
+	return fmt.Sprintf("%d %s, %v in all, the longest %v", p.n, pauses, p.total.Round(time.Microsecond), p.longest.Round(time.Microsecond))
 }
 
 // jobResult is the reply of the jobs.
@@ -182,18 +230,20 @@ func (s *liveServer) commit(ctx context.Context, r *ublk.ControlRequest) (any, e
 	if err := r.Args(&struct{}{}); err != nil {
 		return nil, err
 	}
-	if err := s.checkPlainImage("live commit"); err != nil {
+	o, err := s.openOptions()
+	if err != nil {
 		return nil, err
 	}
 	t0 := time.Now()
 	progress, stop := progressEvents(r)
-	err := jobs.Commit(ctx, s.dev, s.openOptions(), s.pivot, progress)
+	dev := &pauseTimer{Device: s.dev}
+	err = jobs.Commit(ctx, dev, o, s.pivot, progress)
 	stop()
 	if err != nil {
 		return nil, err
 	}
 	image := s.record().Image
-	s.logf("%s: live commit: now serving %s after %v", s.dev.Path(), image, time.Since(t0).Round(time.Millisecond))
+	s.logf("%s: live commit: now serving %s after %v (%s)", s.dev.Path(), image, time.Since(t0).Round(time.Millisecond), dev)
 	return jobResult{Image: image, Seconds: time.Since(t0).Seconds()}, nil
 }
 
@@ -230,20 +280,23 @@ func (s *liveServer) backup(ctx context.Context, r *ublk.ControlRequest) (any, e
 		}
 		events(done, total)
 	}
-	err := jobs.Backup(ctx, s.dev, o, progress)
+	dev := &pauseTimer{Device: s.dev}
+	err := jobs.Backup(ctx, dev, o, progress)
 	stop()
 	if err != nil {
 		return nil, err
 	}
-	s.logf("%s: backup to %s: point in time %v after the start, %d bytes to copy, done in %v", s.dev.Path(), a.Target,
-		pit.Round(time.Millisecond), toCopy, time.Since(t0).Round(time.Millisecond))
+	s.logf("%s: backup to %s: point in time %v after the start, %d bytes to copy, done in %v (%s)", s.dev.Path(), a.Target,
+		pit.Round(time.Millisecond), toCopy, time.Since(t0).Round(time.Millisecond), dev)
 	return jobResult{Image: a.Target, Seconds: time.Since(t0).Seconds()}, nil
 }
 
-// bitmapArgs are bitmap's arguments.
+// bitmapArgs are bitmap's arguments: Source is where merges read their
+// source bitmap (the image itself by default).
 type bitmapArgs struct {
-	Name string          `json:"name"`
-	Ops  []jobs.BitmapOp `json:"ops"`
+	Name   string            `json:"name"`
+	Ops    []jobs.BitmapOp   `json:"ops"`
+	Source jobs.BitmapSource `json:"source,omitzero"`
 }
 
 func (s *liveServer) bitmap(ctx context.Context, r *ublk.ControlRequest) (any, error) {
@@ -251,7 +304,10 @@ func (s *liveServer) bitmap(ctx context.Context, r *ublk.ControlRequest) (any, e
 	if err := r.Args(&a); err != nil {
 		return nil, err
 	}
-	return struct{}{}, jobs.Bitmap(ctx, s.dev, a.Name, a.Ops)
+	if a.Source.File != "" && !filepath.IsAbs(a.Source.File) {
+		return nil, fmt.Errorf("bitmap: the source file must be an absolute path, not '%s'", a.Source.File)
+	}
+	return struct{}{}, jobs.Bitmap(ctx, s.dev, a.Name, a.Ops, a.Source)
 }
 
 // resizeArgs are resize's arguments: the size as resize takes it

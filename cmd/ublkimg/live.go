@@ -196,22 +196,26 @@ func backupCommand() *cli.Command {
 }
 
 // liveBitmap runs bitmap's operations on an attached image through its
-// server.
+// server; merges read the image's own bitmaps, or those of -b's image.
 func liveBitmap(c *cli.Context, id int, name string, o img.BitmapOptions) error {
-	a := bitmapArgs{Name: name}
+	if err := o.Check(); err != nil {
+		return err
+	}
+	gran, err := img.ParseBitmapGranularity(o.Granularity)
+	if err != nil {
+		return err
+	}
+	src, err := absPath(o.SourceFile)
+	if err != nil {
+		return err
+	}
+	a := bitmapArgs{Name: name, Source: jobs.BitmapSource{File: src, Format: o.SourceFormat}}
 	for _, op := range o.Ops {
-		switch op.Action {
-		case img.BitmapMerge:
-			return errors.New("bitmap --merge is not supported on an attached image")
-		case img.BitmapAdd:
-			gran, err := img.ParseBitmapGranularity(o.Granularity)
-			if err != nil {
-				return err
-			}
-			a.Ops = append(a.Ops, jobsBitmapOp(op.Action, gran))
-		default:
-			a.Ops = append(a.Ops, jobsBitmapOp(op.Action, 0))
+		j := jobs.BitmapOp{Action: jobs.BitmapAction(op.Action), Source: op.Source}
+		if op.Action == img.BitmapAdd {
+			j.Granularity = gran
 		}
+		a.Ops = append(a.Ops, j)
 	}
 	return callDevice(c, id, "bitmap", a, nil, false)
 }
@@ -228,8 +232,4 @@ func liveResize(c *cli.Context, id int, size string) error {
 		fmt.Fprintln(c.App.Writer, "Image resized.")
 	}
 	return nil
-}
-
-func jobsBitmapOp(a img.BitmapAction, gran uint64) jobs.BitmapOp {
-	return jobs.BitmapOp{Action: jobs.BitmapAction(a), Granularity: gran}
 }

@@ -4,6 +4,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"ublkimg/ublk"
 )
@@ -74,6 +75,22 @@ func TestAttachedDevice(t *testing.T) {
 		id, ok, err := attachedDevice(tc.arg)
 		if err != nil || id != tc.id || ok != tc.ok {
 			t.Errorf("%s: %d, %v, %v; want %d, %v", tc.arg, id, ok, err, tc.id, tc.ok)
+		}
+	}
+}
+
+// TestPauseTimerString: the log's account of a job's pauses.
+func TestPauseTimerString(t *testing.T) {
+	for _, tc := range []struct {
+		p    pauseTimer
+		want string
+	}{
+		{pauseTimer{}, "0 pauses, 0s in all, the longest 0s"},
+		{pauseTimer{n: 1, total: 46343 * time.Microsecond, longest: 46343 * time.Microsecond}, "1 pause, 46.343ms in all, the longest 46.343ms"},
+		{pauseTimer{n: 2, total: 80830 * time.Microsecond, longest: 51910 * time.Microsecond}, "2 pauses, 80.83ms in all, the longest 51.91ms"},
+	} {
+		if got := tc.p.String(); got != tc.want {
+			t.Errorf("%+v: %q, want %q", tc.p, got, tc.want)
 		}
 	}
 }
