@@ -64,7 +64,7 @@ func (d *driver) rw(co *coroutine.Co, write bool, off int64, iov bdrv.IOVec) err
 	retries := 0
 	for len(iov) > 0 {
 		var res int32
-		if d.inline {
+		if d.inline || write && d.inlineWrite(off, iov) {
 			res = d.rwInline(write, off, iov)
 		} else {
 			if write {
@@ -102,9 +102,21 @@ func (d *driver) rw(co *coroutine.Co, write bool, off int64, iov bdrv.IOVec) err
 	return nil
 }
 
+// inlineWrite reports whether a write goes out synchronously on a file
+// system whose buffered writes io_uring would punt (d.inlineWrites): only
+// whole pages, which the kernel fills without reading them first. A write
+// of part of a page that is not in the page cache reads it from the disk,
+// and that stays off the loop.
+func (d *driver) inlineWrite(off int64, iov bdrv.IOVec) bool {
+	return d.inlineWrites && (off|iov.Len())&(pageSize-1) == 0
+}
+
+var pageSize = int64(unix.Getpagesize())
+
 // rwInline is one pread or pwrite (preadv, pwritev for several buffers) on
-// the calling thread, for files in memory: its result as a CQE would carry
-// it. The kernel is done with the buffers when it returns.
+// the calling thread, for files in memory and whole-page writes
+// (inlineWrite): its result as a CQE would carry it. The kernel is done
+// with the buffers when it returns.
 func (d *driver) rwInline(write bool, off int64, iov bdrv.IOVec) int32 {
 	for {
 		var n int
