@@ -103,7 +103,7 @@ func main() {
 	out := flag.String("out", "bench/results", "output directory")
 	cpus := flag.Int("cpus", 2, "guest vCPUs")
 	cli := flag.String("ublkimg", "ublkimg/cmd/ublkimg", "package of the ublkimg command")
-	only := flag.String("jobs", "", "comma-separated job names to run (default: all)")
+	only := flag.String("jobs", "", "comma-separated job names to run (default: all; none: only the attach and detach times)")
 	storage := flag.String("storage", "disk", "where the images live: disk (ext4 on a virtio disk) or tmpfs")
 	passes := flag.Int("passes", 2, "runs of every device and job; the best counts")
 	attach := flag.Int("attach", 10, "rounds of attach/detach timing per device kind (ublk, loop, nbd); 0: none")
@@ -256,8 +256,10 @@ func run(devices string, runtime, passes int, size, storage, out string, cpus in
 		return err
 	}
 	printTable(rep)
-	if err := chart(rep, out); err != nil {
-		fmt.Fprintln(os.Stderr, "vmbench: chart:", err)
+	if len(rep.Results) > 0 { // none with -jobs none: attach times only
+		if err := chart(rep, out); err != nil {
+			fmt.Fprintln(os.Stderr, "vmbench: chart:", err)
+		}
 	}
 	if len(rep.Failures) > 0 {
 		return errors.New(strings.Join(rep.Failures, "; "))

@@ -4,13 +4,17 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"maps"
+	"math"
 	"net"
 	"net/http"
 	"os/signal"
+	"slices"
+	"strconv"
+	"strings"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/urfave/cli/v2"
 	"golang.org/x/sys/unix"
 
@@ -65,15 +69,17 @@ func metricsAction(c *cli.Context) error {
 
 // metricsHandler serves /metrics for every device of the host.
 func metricsHandler() http.Handler {
-	return metricsHandlerFor(deviceCollector{source: queryAllDevices})
+	return metricsHandlerFor(queryAllDevices)
 }
 
-// metricsHandlerFor serves /metrics with the figures c collects.
-func metricsHandlerFor(c prometheus.Collector) http.Handler {
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(c)
+// metricsHandlerFor serves /metrics with the figures source gathers on
+// every scrape.
+func metricsHandlerFor(source func() []deviceScrape) http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError}))
+	mux.HandleFunc("/metrics", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+		scrapeMetrics(source()).WriteTo(w)
+	})
 	return mux
 }
 
@@ -113,25 +119,22 @@ func queryAllDevices() []deviceScrape {
 	return out
 }
 
-var (
-	deviceLabels = []string{"device", "image"}
-	queueLabels  = []string{"device", "image", "queue"}
-	opLabels     = []string{"device", "image", "queue", "op"}
-
-	descUp = prometheus.NewDesc("ublkimg_device_up",
-		"Whether the server of the device answered this scrape (1) or not (0).", deviceLabels, nil)
-	descUptime = prometheus.NewDesc("ublkimg_server_uptime_seconds",
-		"Time since the device's server started serving it.", deviceLabels, nil)
-	descRequests = prometheus.NewDesc("ublkimg_requests_total",
-		"Requests served since the server started, by queue and operation.", opLabels, nil)
-	descBytes = prometheus.NewDesc("ublkimg_request_bytes_total",
-		"Bytes moved (read, write) or covered (discard, write-zeroes) by successful requests.", opLabels, nil)
-	descErrors = prometheus.NewDesc("ublkimg_request_errors_total",
-		"Requests that failed.", opLabels, nil)
-	descLatency = prometheus.NewDesc("ublkimg_request_duration_seconds",
-		"Time from a request's arrival at the server to the completion of its last I/O.", opLabels, nil)
-	descInFlight = prometheus.NewDesc("ublkimg_requests_in_flight",
-		"Requests the queue is serving now.", queueLabels, nil)
+// The metrics' names and help texts.
+const (
+	nameUp       = "ublkimg_device_up"
+	helpUp       = "Whether the server of the device answered this scrape (1) or not (0)."
+	nameUptime   = "ublkimg_server_uptime_seconds"
+	helpUptime   = "Time since the device's server started serving it."
+	nameRequests = "ublkimg_requests_total"
+	helpRequests = "Requests served since the server started, by queue and operation."
+	nameBytes    = "ublkimg_request_bytes_total"
+	helpBytes    = "Bytes moved (read, write) or covered (discard, write-zeroes) by successful requests."
+	nameErrors   = "ublkimg_request_errors_total"
+	helpErrors   = "Requests that failed."
+	nameLatency  = "ublkimg_request_duration_seconds"
+	helpLatency  = "Time from a request's arrival at the server to the completion of its last I/O."
+	nameInFlight = "ublkimg_requests_in_flight"
+	helpInFlight = "Requests the queue is serving now."
 )
 
 // latencyBounds are the histogram's upper bounds exported, in nanoseconds:
@@ -145,54 +148,156 @@ var latencyBounds = func() []uint64 {
 	return b
 }()
 
-// deviceCollector is the Prometheus collector of every device's figures.
-// It is unchecked (Describe sends nothing): the format counters a device
-// has are known only once its server answered.
-type deviceCollector struct {
-	source func() []deviceScrape
+// exposition builds a scrape in Prometheus' text format (version 0.0.4).
+// It is written here rather than with client_golang, whose package
+// initialisation (a default registry with Go and process collectors) every
+// ublkimg process would pay for at start: attach runs two.
+type exposition struct {
+	families map[string]*family
 }
 
-func (deviceCollector) Describe(chan<- *prometheus.Desc) {}
+// family is one metric's HELP and TYPE lines and its samples.
+type family struct {
+	help, typ string
+	samples   strings.Builder
+}
 
-func (dc deviceCollector) Collect(ch chan<- prometheus.Metric) {
-	for _, d := range dc.source() {
+// family returns metric name's family, made on first use.
+func (e *exposition) family(name, typ, help string) *family {
+	if e.families == nil {
+		e.families = map[string]*family{}
+	}
+	f := e.families[name]
+	if f == nil {
+		f = &family{help: help, typ: typ}
+		e.families[name] = f
+	}
+	return f
+}
+
+// sample adds the sample name{labels} value to f (name is f's metric or,
+// for a histogram, one of its _bucket, _sum and _count series). labels are
+// name, value pairs, in the order client_golang writes them: by name, le
+// last.
+func (f *family) sample(name string, labels []string, value float64) {
+	b := &f.samples
+	b.WriteString(name)
+	for i := 0; i+1 < len(labels); i += 2 {
+		if i == 0 {
+			b.WriteByte('{')
+		} else {
+			b.WriteByte(',')
+		}
+		b.WriteString(labels[i])
+		b.WriteString(`="`)
+		b.WriteString(labelEscaper.Replace(labels[i+1]))
+		b.WriteByte('"')
+	}
+	if len(labels) > 0 {
+		b.WriteByte('}')
+	}
+	b.WriteByte(' ')
+	b.WriteString(formatFloat(value))
+	b.WriteByte('\n')
+}
+
+// add adds a counter's or a gauge's sample.
+func (e *exposition) add(name, typ, help string, value float64, labels ...string) {
+	e.family(name, typ, help).sample(name, labels, value)
+}
+
+// histogram adds a histogram's samples: its cumulative buckets (upper
+// bound in seconds, count; the +Inf bucket is count), sum and count.
+func (e *exposition) histogram(name, help string, buckets []bucket, sum float64, count uint64, labels ...string) {
+	f := e.family(name, "histogram", help)
+	le := append(slices.Clip(labels), "le", "")
+	for _, b := range buckets {
+		le[len(le)-1] = formatFloat(b.le)
+		f.sample(name+"_bucket", le, float64(b.count))
+	}
+	le[len(le)-1] = "+Inf"
+	f.sample(name+"_bucket", le, float64(count))
+	f.sample(name+"_sum", labels, sum)
+	f.sample(name+"_count", labels, float64(count))
+}
+
+// WriteTo writes the families, sorted by name.
+func (e *exposition) WriteTo(w io.Writer) (int64, error) {
+	var b strings.Builder
+	for _, name := range slices.Sorted(maps.Keys(e.families)) {
+		f := e.families[name]
+		fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s %s\n", name, helpEscaper.Replace(f.help), name, f.typ)
+		b.WriteString(f.samples.String())
+	}
+	n, err := io.WriteString(w, b.String())
+	return int64(n), err
+}
+
+var (
+	labelEscaper = strings.NewReplacer(`\`, `\\`, "\n", `\n`, `"`, `\"`)
+	helpEscaper  = strings.NewReplacer(`\`, `\\`, "\n", `\n`)
+)
+
+// formatFloat formats v as the text format wants it: Go's shortest
+// representation, +Inf, -Inf, NaN.
+func formatFloat(v float64) string {
+	switch {
+	case math.IsInf(v, 1):
+		return "+Inf"
+	case math.IsInf(v, -1):
+		return "-Inf"
+	case math.IsNaN(v):
+		return "NaN"
+	}
+	return strconv.FormatFloat(v, 'g', -1, 64)
+}
+
+// bucket is a histogram bucket: requests at most le seconds long.
+type bucket struct {
+	le    float64
+	count uint64
+}
+
+// scrapeMetrics returns the exposition of the devices' figures.
+func scrapeMetrics(devices []deviceScrape) *exposition {
+	e := &exposition{}
+	for _, d := range devices {
 		dev := fmt.Sprintf("ublkb%d", d.rec.ID)
 		image := d.rec.Image
 		if d.stats == nil {
-			ch <- prometheus.MustNewConstMetric(descUp, prometheus.GaugeValue, 0, dev, image)
+			e.add(nameUp, "gauge", helpUp, 0, "device", dev, "image", image)
 			continue
 		}
 		s := d.stats
 		if s.Image != "" {
 			image = s.Image
 		}
-		ch <- prometheus.MustNewConstMetric(descUp, prometheus.GaugeValue, 1, dev, image)
-		ch <- prometheus.MustNewConstMetric(descUptime, prometheus.GaugeValue, float64(s.UptimeNs)/1e9, dev, image)
+		e.add(nameUp, "gauge", helpUp, 1, "device", dev, "image", image)
+		e.add(nameUptime, "gauge", helpUptime, float64(s.UptimeNs)/1e9, "device", dev, "image", image)
 		for _, q := range s.Queues {
-			queue := fmt.Sprint(q.Queue)
-			ch <- prometheus.MustNewConstMetric(descInFlight, prometheus.GaugeValue, float64(q.InFlight), dev, image, queue)
+			queue := strconv.Itoa(q.Queue)
+			e.add(nameInFlight, "gauge", helpInFlight, float64(q.InFlight), "device", dev, "image", image, "queue", queue)
 			for op := range ublk.NumStatOps {
 				o := q.Op(op)
-				labels := []string{dev, image, queue, op.String()}
-				ch <- prometheus.MustNewConstMetric(descRequests, prometheus.CounterValue, float64(o.Requests), labels...)
-				ch <- prometheus.MustNewConstMetric(descBytes, prometheus.CounterValue, float64(o.Bytes), labels...)
-				ch <- prometheus.MustNewConstMetric(descErrors, prometheus.CounterValue, float64(o.Errors), labels...)
-				ch <- prometheus.MustNewConstHistogram(descLatency, o.Requests, float64(o.LatencySumNs)/1e9,
-					cumulativeBuckets(o), labels...)
+				labels := []string{"device", dev, "image", image, "op", op.String(), "queue", queue}
+				e.add(nameRequests, "counter", helpRequests, float64(o.Requests), labels...)
+				e.add(nameBytes, "counter", helpBytes, float64(o.Bytes), labels...)
+				e.add(nameErrors, "counter", helpErrors, float64(o.Errors), labels...)
+				e.histogram(nameLatency, helpLatency, cumulativeBuckets(o), float64(o.LatencySumNs)/1e9, o.Requests, labels...)
 			}
 		}
 		for _, c := range s.FormatCounters {
-			desc := prometheus.NewDesc(fmt.Sprintf("ublkimg_%s_%s_total", metricName(s.Format), c.Name),
-				fmt.Sprintf("The %s driver's %s counter.", s.Format, c.Name), deviceLabels, nil)
-			ch <- prometheus.MustNewConstMetric(desc, prometheus.CounterValue, float64(c.Value), dev, image)
+			e.add(fmt.Sprintf("ublkimg_%s_%s_total", metricName(s.Format), c.Name), "counter",
+				fmt.Sprintf("The %s driver's %s counter.", s.Format, c.Name), float64(c.Value), "device", dev, "image", image)
 		}
 	}
+	return e
 }
 
 // cumulativeBuckets returns o's latency histogram as Prometheus wants it:
-// upper bound in seconds -> requests at most that long.
-func cumulativeBuckets(o ublk.OpStats) map[float64]uint64 {
-	out := make(map[float64]uint64, len(latencyBounds))
+// upper bound in seconds -> requests at most that long, by bound.
+func cumulativeBuckets(o ublk.OpStats) []bucket {
+	out := make([]bucket, 0, len(latencyBounds))
 	var cum uint64
 	i := 0
 	for _, bound := range latencyBounds {
@@ -200,7 +305,7 @@ func cumulativeBuckets(o ublk.OpStats) map[float64]uint64 {
 			cum += o.Latency[i].Count
 			i++
 		}
-		out[float64(bound)/1e9] = cum
+		out = append(out, bucket{le: float64(bound) / 1e9, count: cum})
 	}
 	return out
 }
