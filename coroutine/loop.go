@@ -38,7 +38,7 @@ type Config struct {
 //
 //	kindOp:       kind | slot<<32 | coroutine id
 //	kindWake:     kind | coroutine id                      (on the target ring)
-//	kindWakeSent: kind | target loop id<<32 | coroutine id (source ring, failures only)
+//	kindWakeSent: kind | target loop id<<32 | coroutine id (source ring)
 const (
 	kindIgnore uint64 = iota
 	kindOp
@@ -88,6 +88,13 @@ type Loop struct {
 	}
 	stopping atomic.Bool
 	done     chan struct{}
+
+	// wakesSent counts the MSG_RING wakes this loop submitted whose own
+	// completion it has not reaped: the loop does not end before each
+	// is known to have reached its target or gone through the target's
+	// inbox, or a coroutine woken by the last coroutines of a closing
+	// loop would stay parked for good.
+	wakesSent int
 
 	pollMax time.Duration // Config.PollMax
 	pollNow time.Duration // current poll time, 0 to pollMax
@@ -180,6 +187,10 @@ func (l *Loop) run() {
 		clear(l.yielded)
 		l.yielded = l.yielded[:0]
 		if l.live == 0 && l.stopping.Load() {
+			if l.wakesSent > 0 {
+				l.enter(1) // submits them too, if still queued
+				continue
+			}
 			if l.closeInbox() {
 				return
 			}
@@ -304,6 +315,10 @@ func (l *Loop) dispatch(cqe *uring.CQE) {
 	case kindWake:
 		l.ready = append(l.ready, l.cos[id])
 	case kindWakeSent:
+		l.wakesSent--
+		if cqe.Res >= 0 {
+			return
+		}
 		// MSG_RING failed (target ring full or gone): fall back to the
 		// target's inbox, which cannot fail while the loop lives. The
 		// target's coroutine table belongs to the target's thread: pass
@@ -429,8 +444,10 @@ func (l *Loop) signalLocked() {
 func (l *Loop) sendWake(co *Co) {
 	sqe := l.getSQE()
 	sqe.PrepMsgRing(int32(co.loop.ring.Fd()), 0, userData(kindWake, 0, co.id), 0)
-	sqe.Flags |= uring.SQECQESkipSuccess
+	// No IOSQE_CQE_SKIP_SUCCESS: the completion of every wake tells the
+	// loop it is done with it (wakesSent).
 	sqe.UserData = userData(kindWakeSent, co.loop.id, co.id)
+	l.wakesSent++
 }
 
 // Go creates a coroutine running fn and makes it runnable; it starts after
