@@ -29,9 +29,41 @@ type BackupOptions struct {
 	// Incremental names the previous backup of the chain: the target is
 	// a qcow2 image backed by it that receives only what Bitmap marks.
 	Incremental string
-	// Open is how the target is opened (cache mode).
+	// Open is how the target is opened (cache mode), and Open.Image the
+	// options the device's image was opened with, where its secret is.
 	Open OpenOptions
+	// Plaintext lets the backup of an encrypted image be written in
+	// clear. Without it, such a backup is a qcow2 image encrypted with
+	// LUKS under the image's secret (backupIterTime), and a raw target is
+	// refused: nothing the guest wrote encrypted reaches a backup in
+	// clear unless the user asked for it.
+	Plaintext bool
 }
+
+// BackupResult says how to open the backup written.
+type BackupResult struct {
+	// Secret is the ID of the secret the target is encrypted with (the
+	// secret of the device's image), "" for a target in clear.
+	Secret string
+	// Plaintext: the device's image is encrypted and the target is not
+	// (BackupOptions.Plaintext).
+	Plaintext bool
+	// Options are the options to open the target with: its secret and
+	// those of the encrypted images of its backing chain, as "backing."
+	// ones (backing.encrypt.key-secret=ID, backing.backing....); nil for
+	// none.
+	Options bdrv.Options
+}
+
+// backupIterTime is the encrypt.iter-time of an encrypted backup, ""
+// for QEMU's default: 2 s of PBKDF2 at the creation and again at every
+// open. The backup is the copy of the data that leaves the machine, the
+// one an attacker is the likeliest to get: its key slot keeps the full
+// default cost against guessing the passphrase. The job pays it before
+// the point in time (creation, then the open), never while the device
+// pauses; each image of an incremental chain costs it again when the
+// chain is opened. The tests shorten it.
+var backupIterTime = ""
 
 // Backup writes a copy of the device's image as it is at the call's
 // point in time (QEMU's drive-backup with sync=full, or sync=incremental
@@ -49,10 +81,16 @@ type BackupOptions struct {
 // did not. A copy the filter cannot make fails the backup, never the
 // guest's write (QEMU's on-cbw-error=break-snapshot). The image itself is
 // never written by the job.
-func Backup(ctx context.Context, dev Device, o BackupOptions, progress Progress) error {
+//
+// The backup of an encrypted image (qcow2 with encrypt.key-secret, luks
+// with key-secret, or any image of its backing chain encrypted) is
+// encrypted with LUKS under the image's secret, unless o.Plaintext; the
+// result says which secret opens it, and with which options.
+func Backup(ctx context.Context, dev Device, o BackupOptions, progress Progress) (BackupResult, error) {
+	var res BackupResult
 	image, err := activeImage(dev, "backup", true)
 	if err != nil {
-		return err
+		return res, err
 	}
 	if o.Format == "" {
 		o.Format = "qcow2"
@@ -61,13 +99,26 @@ func Backup(ctx context.Context, dev Device, o BackupOptions, progress Progress)
 		progress = func(int64, int64) {}
 	}
 	if err := o.check(); err != nil {
-		return err
+		return res, err
 	}
+	encrypted, secret := chainSecret(image, o.Open.Image)
+	if encrypted && !o.Plaintext {
+		if o.Format != "qcow2" {
+			return res, fmt.Errorf("backup: the device's image is encrypted and a %s target would hold its data in clear: "+
+				"use -f qcow2 (encrypted with the image's secret), or --plaintext to write it in clear", o.Format)
+		}
+		if secret == "" {
+			return res, fmt.Errorf("backup: the device's image is encrypted, but it was not opened with a secret " +
+				"that the backup could be encrypted with: use --plaintext to write it in clear")
+		}
+		res.Secret = secret
+	}
+	res.Plaintext = encrypted && o.Plaintext
 	target, err := filepath.Abs(o.Target)
 	if err != nil {
-		return err
+		return res, err
 	}
-	return coroutine.Run(func(co *coroutine.Co) error {
+	err = coroutine.Run(func(co *coroutine.Co) error {
 		bm, _ := image.Driver().(bdrv.PersistentBitmaps)
 		if o.Bitmap != "" {
 			if bm == nil {
@@ -84,13 +135,20 @@ func Backup(ctx context.Context, dev Device, o BackupOptions, progress Progress)
 		}
 		size := image.Length()
 		var prevFormat string
+		open := bdrv.Options{}
+		if res.Secret != "" {
+			open[secretOption("qcow2")] = res.Secret
+		}
 		if o.Incremental != "" {
 			var err error
-			if prevFormat, err = checkPrevious(co, o.Incremental, size); err != nil {
+			if prevFormat, err = checkPrevious(co, o.Incremental, size, secret, open); err != nil {
 				return err
 			}
 		}
-		tgt, err := createTarget(co, target, o, prevFormat, size)
+		if len(open) > 0 {
+			res.Options = open
+		}
+		tgt, err := createTarget(co, target, o, prevFormat, size, res)
 		if err != nil {
 			return err
 		}
@@ -105,6 +163,44 @@ func Backup(ctx context.Context, dev Device, o BackupOptions, progress Progress)
 		}
 		return err
 	})
+	return res, err
+}
+
+// chainSecret says whether an image of n's chain (n, its backing file,
+// ...) is encrypted, and returns the secret of the topmost encrypted one
+// as opts, the options n was opened with, give it ("" when they do not).
+func chainSecret(n *bdrv.Node, opts bdrv.Options) (encrypted bool, secret string) {
+	prefix := ""
+	for ; n != nil; n, prefix = n.Backing, prefix+"backing." {
+		if !isEncrypted(n) {
+			continue
+		}
+		return true, opts[prefix+secretOption(n.Format.Name)]
+	}
+	return false, ""
+}
+
+func isEncrypted(n *bdrv.Node) bool {
+	e, ok := n.Driver().(bdrv.EncryptionReporter)
+	return ok && e.IsEncrypted()
+}
+
+// secretOption is the option that gives an image of format its secret.
+func secretOption(format string) string {
+	if format == "luks" {
+		return "key-secret"
+	}
+	return "encrypt.key-secret"
+}
+
+// luksOptions adds to create the options that encrypt a new qcow2 image
+// with LUKS under secret, with a PBKDF2 cost of iterTime milliseconds
+// ("" for QEMU's default).
+func luksOptions(create bdrv.Options, secret, iterTime string) {
+	create["encrypt.format"], create["encrypt.key-secret"] = "luks", secret
+	if iterTime != "" {
+		create["encrypt.iter-time"] = iterTime
+	}
 }
 
 // check refuses the options that cannot work, before anything is done.
@@ -128,10 +224,13 @@ func (o *BackupOptions) check() error {
 	return checkNew(o.Target, "backup target")
 }
 
-// checkPrevious opens the previous backup to learn its format and check
-// that it is an image of the device's size.
-func checkPrevious(co *coroutine.Co, prev string, size int64) (string, error) {
-	n, err := bdrv.Open(co, bdrv.Spec{Filename: prev, ReadOnly: true, NoIO: true, NoBacking: true})
+// checkPrevious opens the previous backup (its metadata, with its backing
+// chain) to learn its format and check that it is an image of the
+// device's size; it adds to open the options that give each encrypted
+// image of the chain secret (backing.encrypt.key-secret=ID, ...), which
+// the target is opened with.
+func checkPrevious(co *coroutine.Co, prev string, size int64, secret string, open bdrv.Options) (string, error) {
+	n, err := bdrv.Open(co, bdrv.Spec{Filename: prev, ReadOnly: true, NoIO: true})
 	if err != nil {
 		return "", fmt.Errorf("backup: previous backup: %w", err)
 	}
@@ -139,24 +238,38 @@ func checkPrevious(co *coroutine.Co, prev string, size int64) (string, error) {
 	if n.Length() != size {
 		return "", fmt.Errorf("backup: previous backup '%s' is %d bytes, the device %d", prev, n.Length(), size)
 	}
+	prefix := "backing."
+	for b := n; b != nil; b, prefix = b.Backing, prefix+"backing." {
+		if !isEncrypted(b) {
+			continue
+		}
+		if secret == "" {
+			return "", fmt.Errorf("backup: previous backup '%s' is encrypted (%s) and the device's image is not: no secret opens it", prev, b.Filename)
+		}
+		open[prefix+secretOption(b.Format.Name)] = secret
+	}
 	return n.Format.Name, nil
 }
 
-// createTarget creates and opens the backup image: size bytes, backed by
-// the previous backup when incremental (opened with it, read-only).
-func createTarget(co *coroutine.Co, target string, o BackupOptions, prevFormat string, size int64) (*bdrv.Node, error) {
-	req := &bdrv.CreateRequest{Filename: target, Size: size}
+// createTarget creates and opens the backup image: size bytes, encrypted
+// under res.Secret when it names one, backed by the previous backup when
+// incremental (opened with it, read-only), opened with res.Options.
+func createTarget(co *coroutine.Co, target string, o BackupOptions, prevFormat string, size int64, res BackupResult) (*bdrv.Node, error) {
+	req := &bdrv.CreateRequest{Filename: target, Size: size, Options: bdrv.Options{}}
 	if o.Incremental != "" {
 		prev, err := filepath.Abs(o.Incremental)
 		if err != nil {
 			return nil, err
 		}
-		req.Options = bdrv.Options{"backing_file": prev, "backing_fmt": prevFormat}
+		req.Options["backing_file"], req.Options["backing_fmt"] = prev, prevFormat
+	}
+	if res.Secret != "" {
+		luksOptions(req.Options, res.Secret, backupIterTime)
 	}
 	if err := bdrv.Create(co, o.Format, req); err != nil {
 		return nil, fmt.Errorf("creating '%s': %w", target, err)
 	}
-	n, err := bdrv.Open(co, bdrv.Spec{Filename: target, Format: o.Format, Cache: o.Open.Cache})
+	n, err := bdrv.Open(co, bdrv.Spec{Filename: target, Format: o.Format, Cache: o.Open.Cache, Options: res.Options})
 	if err != nil {
 		os.Remove(target)
 		return nil, fmt.Errorf("opening '%s': %w", target, err)

@@ -6,10 +6,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -235,19 +237,14 @@ func TestBackupUnderWrites(t *testing.T) {
 	const size = 32 << 20
 	d := newGuestDevice(t, dir, size)
 	ctx := t.Context()
-	err := coroutine.Run(func(co *coroutine.Co) error {
-		return d.node.Driver().(bdrv.PersistentBitmaps).AddBitmap(co, "b0", 0, false)
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	addBitmap(t, d.node, "b0", 0)
 	backup := func(o BackupOptions) []byte {
 		t.Helper()
 		stop := make(chan struct{})
 		wait := d.guests(t, 4, stop)
 		first := len(d.pauses)
 		var last int64
-		err := Backup(ctx, d, o, func(done, total int64) { last = done })
+		_, err := Backup(ctx, d, o, func(done, total int64) { last = done })
 		close(stop)
 		if gerr := wait(); gerr != nil {
 			t.Fatalf("guest write: %v", gerr)
@@ -366,6 +363,28 @@ func TestSnapshotCommitUnderWrites(t *testing.T) {
 	sameData(t, "base after the commit", readImage(t, base), want)
 }
 
+// encryptedImage is an encrypted image format of the tests: its creation
+// options under a secret, and the option that opens it with one.
+type encryptedImage struct{ format, create, secretKey string }
+
+// withSecret registers secret id for the test, and returns its --object
+// definition and the encrypted formats created under it. The images, and
+// those the jobs encrypt meanwhile, take 10 ms of key derivation, not 2 s.
+func withSecret(t *testing.T, id string) (obj string, images []encryptedImage) {
+	t.Helper()
+	overlayIterTime, backupIterTime = "10", "10"
+	t.Cleanup(func() { overlayIterTime, backupIterTime = "", "" })
+	const pass = "correct horse"
+	if err := bdrv.AddSecret(id, []byte(pass)); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { bdrv.RemoveSecret(id) })
+	return "secret,id=" + id + ",data=" + pass, []encryptedImage{
+		{"qcow2", "encrypt.format=luks,encrypt.key-secret=" + id + ",encrypt.iter-time=10", "encrypt.key-secret"},
+		{"luks", "key-secret=" + id + ",iter-time=10", "key-secret"},
+	}
+}
+
 // TestSnapshotCommitEncrypted: a live snapshot and a live commit of an
 // encrypted image opened with its secret (attach --image-opts
 // driver=qcow2,file.filename=X,encrypt.key-secret=ID, or driver=luks and
@@ -377,20 +396,9 @@ func TestSnapshotCommitUnderWrites(t *testing.T) {
 // secret (but a luks base, which it cannot check).
 func TestSnapshotCommitEncrypted(t *testing.T) {
 	qemutest.Require(t, "qemu-img")
-	overlayIterTime = "10"
-	t.Cleanup(func() { overlayIterTime = "" })
-	const id, pass = "jobs-enc-sec", "correct horse"
-	if err := bdrv.AddSecret(id, []byte(pass)); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { bdrv.RemoveSecret(id) })
-	obj := "secret,id=" + id + ",data=" + pass
-	for _, tc := range []struct {
-		format, create, secretKey string
-	}{
-		{"qcow2", "encrypt.format=luks,encrypt.key-secret=" + id + ",encrypt.iter-time=10", "encrypt.key-secret"},
-		{"luks", "key-secret=" + id + ",iter-time=10", "key-secret"},
-	} {
+	const id = "jobs-enc-sec"
+	obj, images := withSecret(t, id)
+	for _, tc := range images {
 		t.Run(tc.format, func(t *testing.T) {
 			dir := t.TempDir()
 			const size = 8 << 20
@@ -461,6 +469,162 @@ func TestSnapshotCommitEncrypted(t *testing.T) {
 	}
 }
 
+// TestBackupEncrypted: backups of an encrypted image (qcow2 with
+// encrypt.key-secret, luks with key-secret) under guest writes. A raw
+// target is refused in one line, before anything is done; the default
+// qcow2 target is encrypted with LUKS under the image's secret, and so
+// are the incremental ones over it (qcow2 only: luks holds no bitmaps),
+// whose backing chain the result's options open (backing.encrypt.key-secret,
+// backing.backing....). qemu-img check and compare, given the secret and
+// those options, find each backup equal to the device at its point in
+// time; a marker the guest wrote is in none of them in clear, but in the
+// raw backup written in clear when asked (Plaintext), which shows the
+// search finds it where it is.
+func TestBackupEncrypted(t *testing.T) {
+	qemutest.Require(t, "qemu-img")
+	const id = "jobs-bk-sec"
+	obj, images := withSecret(t, id)
+	marker := []byte("MARKER-of-the-guest-in-clear-0123456789")
+	for _, tc := range images {
+		t.Run(tc.format, func(t *testing.T) {
+			dir := t.TempDir()
+			const size = 8 << 20
+			opts := bdrv.Options{tc.secretKey: id}
+			create, err := bdrv.ParseOptionString(tc.create)
+			if err != nil {
+				t.Fatal(err)
+			}
+			d := newGuestDeviceOpts(t, dir, size, tc.format, create, opts)
+			ctx := t.Context()
+			open := OpenOptions{Cache: bdrv.CacheWriteback, Image: opts}
+			incremental := tc.format == "qcow2"
+			if incremental {
+				addBitmap(t, d.node, "b0", 0)
+			}
+			loop, err := coroutine.Start(coroutine.Config{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer loop.Close()
+			// The guest writes a fresh marker before each backup, where
+			// no guest goroutine writes: three guests write the 64 KiB
+			// chunks up to 3*(128/3)-1 = 125 of the 128, not the last.
+			writeMarker := func(n int) []byte {
+				t.Helper()
+				m := fmt.Appendf(nil, "%s-%d", marker, n)
+				buf := bdrv.AlignedBuffer(4096, 4096)
+				for i := 0; i+len(m) <= len(buf); i += len(m) {
+					copy(buf[i:], m)
+				}
+				if err := d.write(loop, size-4096, buf); err != nil {
+					t.Fatal(err)
+				}
+				return m
+			}
+			backup := func(o BackupOptions) (BackupResult, []byte) {
+				t.Helper()
+				o.Open = open
+				stop := make(chan struct{})
+				wait := d.guests(t, 3, stop)
+				first := len(d.pauses)
+				res, err := Backup(ctx, d, o, nil)
+				close(stop)
+				if gerr := wait(); gerr != nil {
+					t.Fatalf("guest write: %v", gerr)
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+				return res, d.pauses[first]
+			}
+			// check compares the backup, opened with res's options, with
+			// want through qemu-img, and looks for marker m in clear.
+			check := func(name string, res BackupResult, want, m []byte) {
+				t.Helper()
+				path := filepath.Join(dir, name)
+				wantRaw := filepath.Join(dir, name+".want")
+				if err := os.WriteFile(wantRaw, want, 0o644); err != nil {
+					t.Fatal(err)
+				}
+				imageOpts := "driver=qcow2,file.filename=" + path
+				for _, k := range slices.Sorted(maps.Keys(res.Options)) {
+					imageOpts += "," + k + "=" + res.Options[k]
+				}
+				// qemu-img info opens no backing file, and takes no option for one.
+				info := "driver=qcow2,file.filename=" + path + ",encrypt.key-secret=" + res.Secret
+				if out := qemuImg(t, "info", "--object", obj, "--image-opts", info); !strings.Contains(out, "encrypted: yes") {
+					t.Errorf("%s is not encrypted:\n%s", name, out)
+				}
+				qemuImg(t, "check", "--object", obj, "--image-opts", imageOpts)
+				qemuImg(t, "compare", "--object", obj, "--image-opts", imageOpts, "driver=raw,file.filename="+wantRaw)
+				sameData(t, name, readImageOpts(t, path, res.Options), want)
+				if !bytes.Contains(want, m) {
+					t.Fatalf("%s: the marker is not on the device at the point in time", name)
+				}
+				if raw, err := os.ReadFile(path); err != nil {
+					t.Fatal(err)
+				} else if bytes.Contains(raw, m) || bytes.Contains(raw, want[:4096]) {
+					t.Errorf("%s holds guest data in clear", name)
+				}
+			}
+
+			// Refused: nothing paused, nothing left.
+			rawTarget := filepath.Join(dir, "full.raw")
+			_, err = Backup(ctx, d, BackupOptions{Target: rawTarget, Format: "raw", Open: open}, nil)
+			wantErr := "backup: the device's image is encrypted and a raw target would hold its data in clear: " +
+				"use -f qcow2 (encrypted with the image's secret), or --plaintext to write it in clear"
+			if err == nil || err.Error() != wantErr {
+				t.Fatalf("raw backup: %v, want %q", err, wantErr)
+			}
+			if _, err := os.Lstat(rawTarget); err == nil || len(d.pauses) != 0 {
+				t.Fatalf("the refused backup left %s or paused the device (%d pauses)", rawTarget, len(d.pauses))
+			}
+
+			m := writeMarker(0)
+			full := filepath.Join(dir, "full.qcow2")
+			o := BackupOptions{Target: full}
+			if incremental {
+				o.Bitmap = "b0"
+			}
+			res, want := backup(o)
+			if wantRes := (BackupResult{Secret: id, Options: bdrv.Options{"encrypt.key-secret": id}}); fmt.Sprint(res) != fmt.Sprint(wantRes) {
+				t.Fatalf("full backup: %+v, want %+v", res, wantRes)
+			}
+			check("full.qcow2", res, want, m)
+
+			m = writeMarker(1)
+			res, want = backup(BackupOptions{Target: rawTarget, Format: "raw", Plaintext: true})
+			if wantRes := (BackupResult{Plaintext: true}); fmt.Sprint(res) != fmt.Sprint(wantRes) {
+				t.Fatalf("raw backup in clear: %+v, want %+v", res, wantRes)
+			}
+			sameData(t, "raw backup in clear", readImage(t, rawTarget), want)
+			if raw, err := os.ReadFile(rawTarget); err != nil || !bytes.Contains(raw, m) {
+				t.Fatalf("the raw backup in clear does not hold the marker (%v)", err)
+			}
+			if !incremental {
+				return
+			}
+
+			prev := full
+			for i, backing := range []string{"backing.", "backing.backing."} {
+				m = writeMarker(2 + i)
+				name := fmt.Sprintf("inc%d.qcow2", i)
+				path := filepath.Join(dir, name)
+				res, want = backup(BackupOptions{Target: path, Bitmap: "b0", Incremental: prev})
+				wantOpts := bdrv.Options{"encrypt.key-secret": id, "backing.encrypt.key-secret": id, backing + "encrypt.key-secret": id}
+				if wantRes := (BackupResult{Secret: id, Options: wantOpts}); fmt.Sprint(res) != fmt.Sprint(wantRes) {
+					t.Fatalf("%s: %+v, want %+v", name, res, wantRes)
+				}
+				check(name, res, want, m)
+				if !strings.Contains(qemuImg(t, "info", path), "backing file: "+prev) {
+					t.Errorf("%s is not backed by %s", name, prev)
+				}
+				prev = path
+			}
+		})
+	}
+}
+
 // TestJobRefusals: each bad request is one line and changes nothing.
 func TestJobRefusals(t *testing.T) {
 	qemutest.Require(t, "qemu-img")
@@ -473,6 +637,10 @@ func TestJobRefusals(t *testing.T) {
 	ctx := t.Context()
 	o := OpenOptions{Cache: bdrv.CacheWriteback}
 	noPivot := func(string, string, bdrv.Options) error { return errors.New("pivot called") }
+	backup := func(bo BackupOptions) error {
+		_, err := Backup(ctx, d, bo, nil)
+		return err
+	}
 	for _, tc := range []struct {
 		name string
 		run  func() error
@@ -482,19 +650,19 @@ func TestJobRefusals(t *testing.T) {
 			"overlay '" + exists + "' already exists: give a new file name"},
 		{"commit without backing", func() error { return Commit(ctx, d, o, noPivot, nil) },
 			"live commit: '" + d.node.Filename + "' has no backing file to commit into"},
-		{"target exists", func() error { return Backup(ctx, d, BackupOptions{Target: exists}, nil) },
+		{"target exists", func() error { return backup(BackupOptions{Target: exists}) },
 			"backup target '" + exists + "' already exists: give a new file name"},
 		{"missing bitmap", func() error {
-			return Backup(ctx, d, BackupOptions{Target: filepath.Join(dir, "b.qcow2"), Bitmap: "nope"}, nil)
+			return backup(BackupOptions{Target: filepath.Join(dir, "b.qcow2"), Bitmap: "nope"})
 		}, "Dirty bitmap 'nope' not found"},
 		{"incremental without bitmap", func() error {
-			return Backup(ctx, d, BackupOptions{Target: filepath.Join(dir, "b.qcow2"), Incremental: exists}, nil)
+			return backup(BackupOptions{Target: filepath.Join(dir, "b.qcow2"), Incremental: exists})
 		}, "backup: an incremental backup needs the bitmap that recorded the changes (--bitmap)"},
 		{"raw incremental", func() error {
-			return Backup(ctx, d, BackupOptions{Target: filepath.Join(dir, "b.raw"), Format: "raw", Bitmap: "x", Incremental: exists}, nil)
+			return backup(BackupOptions{Target: filepath.Join(dir, "b.raw"), Format: "raw", Bitmap: "x", Incremental: exists})
 		}, "backup: an incremental backup is a qcow2 image backed by the previous one (-f qcow2)"},
 		{"bad format", func() error {
-			return Backup(ctx, d, BackupOptions{Target: filepath.Join(dir, "b.vmdk"), Format: "vmdk"}, nil)
+			return backup(BackupOptions{Target: filepath.Join(dir, "b.vmdk"), Format: "vmdk"})
 		}, "backup: unsupported target format 'vmdk' (qcow2, raw)"},
 	} {
 		err := tc.run()
@@ -520,11 +688,7 @@ func TestBackupFailureKeepsBitmap(t *testing.T) {
 	qemutest.Require(t, "qemu-img")
 	dir := t.TempDir()
 	d := newGuestDevice(t, dir, 8<<20)
-	pb := d.node.Driver().(bdrv.PersistentBitmaps)
-	err := coroutine.Run(func(co *coroutine.Co) error { return pb.AddBitmap(co, "b0", 65536, false) })
-	if err != nil {
-		t.Fatal(err)
-	}
+	addBitmap(t, d.node, "b0", 65536)
 	loop, err := coroutine.Start(coroutine.Config{})
 	if err != nil {
 		t.Fatal(err)
@@ -538,7 +702,7 @@ func TestBackupFailureKeepsBitmap(t *testing.T) {
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
 	target := filepath.Join(dir, "b.qcow2")
-	err = Backup(ctx, d, BackupOptions{Target: target, Bitmap: "b0"}, func(done, total int64) { cancel() })
+	_, err = Backup(ctx, d, BackupOptions{Target: target, Bitmap: "b0"}, func(done, total int64) { cancel() })
 	if !errors.Is(err, ErrJobCancelled) {
 		t.Fatalf("backup: %v, want it cancelled", err)
 	}
@@ -550,6 +714,18 @@ func TestBackupFailureKeepsBitmap(t *testing.T) {
 	}
 	if dirty, want := dirtyRanges(t, d.node, "b0"), "1048576+65536 5242880+65536"; dirty != want {
 		t.Errorf("bitmap after the failed backup: dirty %v, want %v", dirty, want)
+	}
+}
+
+// addBitmap adds an enabled persistent bitmap to image n (granularity
+// 0: the default).
+func addBitmap(t *testing.T, n *bdrv.Node, name string, granularity uint64) {
+	t.Helper()
+	err := coroutine.Run(func(co *coroutine.Co) error {
+		return n.Driver().(bdrv.PersistentBitmaps).AddBitmap(co, name, granularity, false)
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -633,7 +809,7 @@ func TestBitmapMergeAndSnapshot(t *testing.T) {
 		t.Fatal(err)
 	}
 	hint := ": it is in the backing file '" + base + "', read-only since a live snapshot and recording no writes (ublkimg bitmap --add adds one to '" + top + "')"
-	err = Backup(ctx, d, BackupOptions{Target: filepath.Join(dir, "b.qcow2"), Bitmap: "b0"}, nil)
+	_, err = Backup(ctx, d, BackupOptions{Target: filepath.Join(dir, "b.qcow2"), Bitmap: "b0"}, nil)
 	if want := "Dirty bitmap 'b0' not found" + hint; err == nil || err.Error() != want {
 		t.Errorf("backup from a bitmap of the base: %v, want %q", err, want)
 	}

@@ -137,16 +137,9 @@ func overlayOptions(base *bdrv.Node, opts bdrv.Options) (create, open bdrv.Optio
 		}
 		open["backing."+k] = v
 	}
-	secret := opts["encrypt.key-secret"]
-	if base.Format.Name == "luks" {
-		secret = opts["key-secret"]
-	}
-	if secret != "" {
-		create["encrypt.format"], create["encrypt.key-secret"] = "luks", secret
-		if overlayIterTime != "" {
-			create["encrypt.iter-time"] = overlayIterTime
-		}
-		open["encrypt.key-secret"] = secret
+	if secret := opts[secretOption(base.Format.Name)]; secret != "" {
+		luksOptions(create, secret, overlayIterTime)
+		open[secretOption("qcow2")] = secret
 	}
 	return create, open, nil
 }

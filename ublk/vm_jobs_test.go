@@ -17,19 +17,12 @@ wait_log() {
 	i=0; while ! grep -qF "$1" $LOG && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
 	grep -qF "$1" $LOG
 }
-`
-
-// jobsScript: on a qcow2 device with a mounted ext4 that fio writes and
-// verifies throughout, a bitmap added through the server, a full backup
-// that resets it and an incremental one from it, each started while the
-// file system is frozen next to a reference copy (qemu-img convert of the
-// device) and finished after the thaw, under writes; a live snapshot and a
-// live commit back into the base. Every backup equals its reference
-// (qemu-img compare), every image passes qemu-img check, fio verifies,
-// e2fsck is clean. Then the refusals, each one line that changes nothing.
-const jobsScript = jobsHelpers + `
 # backup_frozen NAME ARGS...: freeze the file system, copy the device as the
-# reference, start the backup, thaw once its point in time is taken, wait.
+# reference, start the backup, thaw once its point in time is taken, wait;
+# then bk_check NAME and bk_compare NAME (qemu-img check of the backup, and
+# compare with its reference), which a script may redefine.
+bk_check() { qemu-img check /tmp/$1.qcow2; }
+bk_compare() { qemu-img compare /tmp/$1.ref.qcow2 /tmp/$1.qcow2; }
 backup_frozen() {
 	_n=$1; shift
 	check $_n-freeze fsfreeze --freeze /mnt
@@ -41,13 +34,23 @@ backup_frozen() {
 	check $_n-thaw fsfreeze --unfreeze /mnt
 	wait $bk
 	rc=$?
-	tail -c 300 /tmp/$_n.out | tr '\r' '\n' | tail -n 2
+	tail -c 400 /tmp/$_n.out | tr '\r' '\n' | tail -n 2
 	metric ${_n}_ms $(($(ms) - t0))
 	check $_n-done test $rc -eq 0
-	check $_n-check qemu-img check /tmp/$_n.qcow2
-	check $_n-equal qemu-img compare /tmp/$_n.ref.qcow2 /tmp/$_n.qcow2
+	check $_n-check bk_check $_n
+	check $_n-equal bk_compare $_n
 }
+`
 
+// jobsScript: on a qcow2 device with a mounted ext4 that fio writes and
+// verifies throughout, a bitmap added through the server, a full backup
+// that resets it and an incremental one from it, each started while the
+// file system is frozen next to a reference copy (qemu-img convert of the
+// device) and finished after the thaw, under writes; a live snapshot and a
+// live commit back into the base. Every backup equals its reference
+// (qemu-img compare), every image passes qemu-img check, fio verifies,
+// e2fsck is clean. Then the refusals, each one line that changes nothing.
+const jobsScript = jobsHelpers + `
 check create ublkimg create -f qcow2 /tmp/d.qcow2 128M
 dev=$(ublkimg attach /tmp/d.qcow2)
 check attach test -b "$dev" || exit 1
@@ -179,16 +182,57 @@ check restart ublkimg restart $SEC $dev
 metric restart_ms $(($(ms) - t0))
 check restart-record grep -q '"image": "/tmp/e-top.qcow2"' /run/ublkimg/ublkb0.json
 
-# A second job while a backup runs: refused, the backup goes on.
-ublkimg backup -p $dev /tmp/bk.qcow2 >/tmp/bk.out 2>&1 &
+# Backups of the encrypted device: the CLI prints the --image-opts that open
+# them (secret, and the backing chain's); check and compare read them so.
+bk_opts() { sed -n "s/.*--image-opts '\([^']*\)'.*/\1/p" /tmp/$1.out; }
+bk_check() { qemu-img check $SEC --image-opts "$(bk_opts $1)"; }
+bk_compare() { qemu-img compare $SEC --image-opts driver=qcow2,file.filename=/tmp/$1.ref.qcow2 "$(bk_opts $1)"; }
+check bitmap-add ublkimg bitmap --add $dev b0
+# A full backup, its point in time with the file system frozen next to a
+# reference copy; a second job while it runs: refused, the backup goes on.
+check bk-freeze fsfreeze --freeze /mnt
+check bk-reference qemu-img convert -f raw -T none -O qcow2 $dev /tmp/bk.ref.qcow2
+check marker-in-reference grep -q MARKER-written-after /tmp/bk.ref.qcow2
+t0=$(ms)
+ublkimg backup -p $dev /tmp/bk.qcow2 --bitmap b0 >/tmp/bk.out 2>&1 &
 bk=$!
 check backup-started wait_log "backup to /tmp/bk.qcow2: point in time taken"
+check bk-thaw fsfreeze --unfreeze /mnt
 expect_fail second-commit "/dev/ublkb0 is busy with a backup job: wait for it to end" ublkimg commit --live $dev
 expect_fail second-snapshot "/dev/ublkb0 is busy with a backup job: wait for it to end" ublkimg snapshot --live $dev /tmp/x.qcow2
 check second-nothing-left test ! -e /tmp/x.qcow2
 wait $bk
 check backup-done test $? -eq 0
-check backup-check qemu-img check /tmp/bk.qcow2
+metric backup_ms $(($(ms) - t0))
+tail -c 400 /tmp/bk.out | tr '\r' '\n' | tail -n 2
+check backup-secret-told grep -q "Backup encrypted (LUKS) with the device's secret 'sec0': open it with --object secret,id=sec0,... --image-opts 'driver=qcow2,encrypt.key-secret=sec0,file.filename=/tmp/bk.qcow2'" /tmp/bk.out
+check backup-encrypted sh -c "qemu-img info $SEC --image-opts '$(bk_opts bk)' | grep -q 'encrypted: yes'"
+check backup-check bk_check bk
+check backup-equal bk_compare bk
+rm -f /tmp/bk.ref.qcow2
+
+# An incremental one over it, encrypted too, opened with its backing's secret.
+echo MARKER-before-the-incremental-0123456789 >/mnt/marker2
+sync /mnt/marker2
+sleep 1
+backup_frozen bkinc --bitmap b0 --incremental /tmp/bk.qcow2
+check inc-marker-in-reference grep -q MARKER-before-the-incremental /tmp/bkinc.ref.qcow2
+check inc-opts grep -q "open it with --object secret,id=sec0,... --image-opts 'backing.encrypt.key-secret=sec0,driver=qcow2,encrypt.key-secret=sec0,file.filename=/tmp/bkinc.qcow2'" /tmp/bkinc.out
+check inc-backing sh -c "qemu-img info $SEC --image-opts 'driver=qcow2,file.filename=/tmp/bkinc.qcow2,encrypt.key-secret=sec0' | grep -q 'backing file: /tmp/bk.qcow2'"
+rm -f /tmp/bkinc.ref.qcow2
+metric bk_kib $(du -k /tmp/bk.qcow2 | cut -f1)
+metric bk_inc_kib $(du -k /tmp/bkinc.qcow2 | cut -f1)
+
+# Raw: refused in one line unless asked for in clear.
+expect_fail raw-refused "backup: the device's image is encrypted and a raw target would hold its data in clear: use -f qcow2 \(encrypted with the image's secret\), or --plaintext to write it in clear$" \
+	ublkimg backup -f raw $dev /tmp/bk.raw
+check raw-refused-nothing-left test ! -e /tmp/bk.raw
+t0=$(ms)
+check raw-plaintext ublkimg backup -f raw --plaintext $dev /tmp/bk.raw
+metric raw_ms $(($(ms) - t0))
+check raw-in-clear grep -q MARKER-before-the-incremental /tmp/bk.raw
+rm -f /tmp/bk.raw
+check bitmap-remove ublkimg bitmap --remove $dev b0
 
 t0=$(ms)
 check commit ublkimg commit --live -p $dev
@@ -207,7 +251,7 @@ check detach ublkimg detach "$dev"
 check qemu-check qemu-img check $SEC --image-opts "$OPTS"
 check qemu-check-top qemu-img check $SEC --image-opts "$TOPOPTS,backing.encrypt.key-secret=sec0"
 check qemu-compare qemu-img compare $SEC --image-opts "$OPTS" driver=raw,file.filename=/tmp/dev.raw
-check no-plaintext sh -c "! grep -q MARKER-written-after /tmp/e.qcow2 /tmp/e-top.qcow2"
+check no-plaintext sh -c "! grep -q -e MARKER-written-after -e MARKER-before-the-incremental /tmp/e.qcow2 /tmp/e-top.qcow2 /tmp/bk.qcow2 /tmp/bkinc.qcow2"
 `
 
 // TestVMLiveEncrypted runs liveEncryptedScript.
@@ -216,12 +260,14 @@ func TestVMLiveEncrypted(t *testing.T) {
 	res := run(t, liveEncryptedScript, vmtest.RunOptions{Files: []vmtest.File{qemuImg}})
 	for _, name := range []string{"snapshot", "record-opts", "top-encrypted", "restart", "second-commit", "second-snapshot",
 		"backup-done", "commit", "commit-record", "fio-verified", "fsck", "qemu-check",
-		"qemu-check-top", "qemu-compare", "no-plaintext"} {
+		"qemu-check-top", "qemu-compare", "no-plaintext", "marker-in-reference", "backup-secret-told", "backup-encrypted",
+		"backup-check", "backup-equal", "bkinc-done", "bkinc-check", "bkinc-equal", "inc-marker-in-reference",
+		"inc-opts", "inc-backing", "raw-refused", "raw-refused-nothing-left", "raw-plaintext", "raw-in-clear"} {
 		if !strings.Contains(res.Log, "RESULT "+name+" PASS") {
 			t.Errorf("%s did not pass", name)
 		}
 	}
-	for _, m := range []string{"snapshot_ms", "restart_ms", "commit_ms", "jobs_log"} {
+	for _, m := range []string{"snapshot_ms", "restart_ms", "backup_ms", "bkinc_ms", "raw_ms", "bk_kib", "bk_inc_kib", "commit_ms", "jobs_log"} {
 		t.Logf("%s: %s", m, res.Metrics[m])
 	}
 }

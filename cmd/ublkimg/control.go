@@ -224,6 +224,13 @@ type jobResult struct {
 	// commit) or the target written (backup).
 	Image   string  `json:"image"`
 	Seconds float64 `json:"seconds"`
+	// Secret is the secret a backup is encrypted with, and ImageOpts the
+	// --image-opts string that opens it (with its backing chain);
+	// Plaintext says that the backup of an encrypted device was written
+	// in clear, as asked.
+	Secret    string `json:"secret,omitempty"`
+	ImageOpts string `json:"image-opts,omitempty"`
+	Plaintext bool   `json:"plaintext,omitempty"`
 }
 
 func (s *liveServer) commit(ctx context.Context, r *ublk.ControlRequest) (any, error) {
@@ -253,6 +260,7 @@ type backupArgs struct {
 	Format      string `json:"format,omitempty"`
 	Bitmap      string `json:"bitmap,omitempty"`
 	Incremental string `json:"incremental,omitempty"`
+	Plaintext   bool   `json:"plaintext,omitempty"`
 }
 
 func (s *liveServer) backup(ctx context.Context, r *ublk.ControlRequest) (any, error) {
@@ -265,9 +273,15 @@ func (s *liveServer) backup(ctx context.Context, r *ublk.ControlRequest) (any, e
 			return nil, fmt.Errorf("backup: paths must be absolute, not '%s'", p)
 		}
 	}
+	open, err := s.openOptions()
+	if err != nil {
+		return nil, err
+	}
 	t0 := time.Now()
+	// The target is opened with the device's cache mode; the image's
+	// options tell the job the secret it is encrypted with.
 	o := jobs.BackupOptions{Target: a.Target, Format: a.Format, Bitmap: a.Bitmap, Incremental: a.Incremental,
-		Open: jobs.OpenOptions{Cache: s.opts.cache}}
+		Open: jobs.OpenOptions{Cache: open.Cache, Image: open.Image}, Plaintext: a.Plaintext}
 	events, stop := progressEvents(r)
 	var pit time.Duration
 	var toCopy int64
@@ -281,14 +295,26 @@ func (s *liveServer) backup(ctx context.Context, r *ublk.ControlRequest) (any, e
 		events(done, total)
 	}
 	dev := &pauseTimer{Device: s.dev}
-	err := jobs.Backup(ctx, dev, o, progress)
+	res, err := jobs.Backup(ctx, dev, o, progress)
 	stop()
 	if err != nil {
 		return nil, err
 	}
-	s.logf("%s: backup to %s: point in time %v after the start, %d bytes to copy, done in %v (%s)", s.dev.Path(), a.Target,
-		pit.Round(time.Millisecond), toCopy, time.Since(t0).Round(time.Millisecond), dev)
-	return jobResult{Image: a.Target, Seconds: time.Since(t0).Seconds()}, nil
+	out := jobResult{Image: a.Target, Seconds: time.Since(t0).Seconds(), Secret: res.Secret, Plaintext: res.Plaintext}
+	if res.Options != nil {
+		// An incremental backup is qcow2, and so is an encrypted one.
+		out.ImageOpts = imageOptsString(a.Target, "qcow2", res.Options)
+	}
+	crypt := ""
+	switch {
+	case res.Secret != "":
+		crypt = ", encrypted with secret " + res.Secret
+	case res.Plaintext:
+		crypt = ", in clear as asked (--plaintext)"
+	}
+	s.logf("%s: backup to %s: point in time %v after the start, %d bytes to copy, done in %v (%s)%s", s.dev.Path(), a.Target,
+		pit.Round(time.Millisecond), toCopy, time.Since(t0).Round(time.Millisecond), dev, crypt)
+	return out, nil
 }
 
 // bitmapArgs are bitmap's arguments: Source is where merges read their

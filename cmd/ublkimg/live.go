@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os/signal"
 	"path/filepath"
 	"strings"
@@ -165,11 +166,17 @@ func backupCommand() *cli.Command {
 			"--incremental PREV only what the bitmap marks is copied, into a qcow2 image\n" +
 			"backed by PREV, the previous backup (full or incremental). If the backup fails\n" +
 			"or is interrupted, TARGET is removed and the bitmap keeps its marks.\n" +
+			"The backup of an encrypted device (attached with --image-opts and its secret)\n" +
+			"is encrypted with LUKS under the same secret (2 s of key derivation, QEMU's\n" +
+			"default iter-time), its backing chain opened with it; the command prints the\n" +
+			"--image-opts that open it. A raw backup of an encrypted device is refused:\n" +
+			"--plaintext writes the backup in clear, only when asked.\n" +
 			"DEV is /dev/ublkbN or an attached image.",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "f", Aliases: []string{"format"}, Value: "qcow2", Usage: "`FMT` of TARGET: qcow2 or raw"},
 			&cli.StringFlag{Name: "bitmap", Usage: "persistent dirty bitmap `NAME` to reset at the backup's point in time"},
 			&cli.StringFlag{Name: "incremental", Usage: "copy only what --bitmap marks, over the previous backup `PREV`"},
+			&cli.BoolFlag{Name: "plaintext", Usage: "write the backup of an encrypted device in clear (unencrypted)"},
 			&cli.BoolFlag{Name: "p", Usage: "show progress"},
 			&cli.BoolFlag{Name: "q", Aliases: []string{"quiet"}, Usage: "quiet: print nothing but errors"},
 		},
@@ -189,9 +196,32 @@ func backupCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
-			a := backupArgs{Target: target, Format: c.String("f"), Bitmap: c.String("bitmap"), Incremental: prev}
-			return callDevice(c, id, "backup", a, nil, c.Bool("p") && !c.Bool("q"))
+			a := backupArgs{Target: target, Format: c.String("f"), Bitmap: c.String("bitmap"), Incremental: prev,
+				Plaintext: c.Bool("plaintext")}
+			var res jobResult
+			if err := callDevice(c, id, "backup", a, &res, c.Bool("p") && !c.Bool("q")); err != nil {
+				return err
+			}
+			if !c.Bool("q") {
+				printBackupKey(c.App.Writer, res)
+			}
+			return nil
 		},
+	}
+}
+
+// printBackupKey tells the user what opens a backup of an encrypted
+// device: its secret, or that it is in clear as asked.
+func printBackupKey(w io.Writer, res jobResult) {
+	switch {
+	case res.Secret != "":
+		fmt.Fprintf(w, "Backup encrypted (LUKS) with the device's secret '%s': open it with --object secret,id=%s,... --image-opts '%s'\n",
+			res.Secret, res.Secret, res.ImageOpts)
+	case res.Plaintext:
+		fmt.Fprintf(w, "Backup of an encrypted device written in clear (--plaintext): %s holds its data unencrypted\n", res.Image)
+	}
+	if res.Secret == "" && res.ImageOpts != "" {
+		fmt.Fprintf(w, "Its backing chain is encrypted: open it with --image-opts '%s'\n", res.ImageOpts)
 	}
 }
 
