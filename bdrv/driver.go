@@ -245,6 +245,8 @@ type (
 	// A ublk server with user copy hands them to the kernel, one copy
 	// instead of two. See Node.MappedRange.
 	Mapper interface {
+		// Mappable reports whether MappedRange may hand out anything.
+		Mappable() bool
 		MappedRange(off, bytes int64) []byte
 	}
 )

@@ -280,6 +280,13 @@ func (n *Node) Limits() Limits { return n.limits }
 // Length is the node's size in bytes.
 func (n *Node) Length() int64 { return n.length.Load() }
 
+// Mappable reports whether MappedRange may hand out the node's data (a raw
+// image in tmpfs): ublk devices of such nodes use user copy.
+func (n *Node) Mappable() bool {
+	m, ok := n.drv.(Mapper)
+	return ok && m.Mappable()
+}
+
 // MappedRange returns the node's data [off, off+bytes) as memory, when its
 // driver can hand it out (Mapper) and the range lies within the node; nil
 // otherwise. The caller copies from it at once, without yielding: it is

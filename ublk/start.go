@@ -76,7 +76,11 @@ func (d *Device) start() error {
 		return err
 	}
 	var flags Features
-	if cfg.UserCopy {
+	// A node that hands out its data as memory (a raw image in tmpfs)
+	// gets user copy whenever the kernel has it: a READ is then one copy,
+	// from the image's pages into the request's (queue.readMapped).
+	autoCopy := d.node.Mappable() && d.ctrl.features.Has(FeatureUserCopy)
+	if cfg.UserCopy || autoCopy {
 		if !d.ctrl.features.Has(FeatureUserCopy) {
 			return &UnsupportedFeatureError{Name: "UBLK_F_USER_COPY"}
 		}

@@ -89,6 +89,13 @@ func (d *driver) MappedRange(off, bytes int64) []byte {
 	return m.mem[off:end:end]
 }
 
+// Mappable implements bdrv.Mapper: a file in tmpfs, not empty, not larger
+// than maxMapped.
+func (d *driver) Mappable() bool {
+	size := d.node.Length()
+	return d.mappable && size > 0 && size <= maxMapped
+}
+
 // mapFile maps the file once, at its current length; nil if it cannot be
 // mapped (empty, too large, or mmap failed: reads then take the usual
 // path, which is always correct).
@@ -100,7 +107,7 @@ func (d *driver) mapFile() *mapping {
 	}
 	d.maps.tried = true
 	size := d.node.Length()
-	if size <= 0 || size > maxMapped || d.fd < 0 {
+	if !d.Mappable() || d.fd < 0 {
 		return nil
 	}
 	mem, err := unix.Mmap(d.fd, 0, int(size), unix.PROT_READ, unix.MAP_SHARED)

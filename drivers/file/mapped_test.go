@@ -55,7 +55,7 @@ func TestMappedRange(t *testing.T) {
 
 	t.Run("disk", func(t *testing.T) {
 		node := openFile(t, l, mkImage(t, dirs["ring"]))
-		if b := node.MappedRange(0, 4096); b != nil {
+		if node.Mappable() || node.MappedRange(0, 4096) != nil {
 			t.Errorf("a file on the disk's file system is mapped")
 		}
 	})
@@ -63,6 +63,9 @@ func TestMappedRange(t *testing.T) {
 	t.Run("tmpfs", func(t *testing.T) {
 		path := mkImage(t, dirs["inline"])
 		node := openFile(t, l, path)
+		if !node.Mappable() {
+			t.Error("a file in tmpfs is not mappable")
+		}
 		before := blocks(t, path)
 		for _, c := range []struct {
 			off, n int64
@@ -163,6 +166,9 @@ func TestMappedRange(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer l.Call(func(co *coroutine.Co) error { return node.Close(co) })
+		if !node.Mappable() {
+			t.Error("raw over a file in tmpfs is not mappable")
+		}
 		if b := node.MappedRange(4096, 4096); !bytes.Equal(b, data[516<<10:520<<10]) {
 			t.Error("raw with an offset: not mapped, or other bytes")
 		}
