@@ -118,8 +118,9 @@ type Config struct {
 	// per-tag buffers during FETCH and COMMIT. Off by default (see the
 	// package doc), except for nodes that hand out their data as memory
 	// (bdrv.Node.Mappable: a raw image in tmpfs), which get it whenever
-	// the kernel has it. Start fails with an error matching
-	// ErrNotSupported when it is asked for and the kernel lacks it.
+	// the kernel has it (Device.Config says whether a device uses it).
+	// Start fails with an error matching ErrNotSupported when it is
+	// asked for and the kernel lacks it.
 	UserCopy bool
 	// PollMax lets each queue thread poll its ring for up to this long
 	// before it sleeps (adaptive, as QEMU's IOThread poll-max-ns: see

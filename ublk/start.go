@@ -107,6 +107,8 @@ func (d *Device) start() error {
 	if cfg.UserCopy && !d.userCopy {
 		return &UnsupportedFeatureError{Name: "UBLK_F_USER_COPY"}
 	}
+	// The configuration says what the device does (Config, records).
+	cfg.UserCopy = d.userCopy
 	if cfg.Recovery && !d.info.Flags.Has(FeatureUserRecovery|FeatureUserRecoveryReissue) {
 		// Unprivileged devices lose the recovery flags in ADD_DEV.
 		return &UnsupportedFeatureError{Name: "UBLK_F_USER_RECOVERY_REISSUE"}
