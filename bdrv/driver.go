@@ -239,6 +239,16 @@ type (
 	Filter interface {
 		FilteredChild() *Node
 	}
+	// Mapper hands out the node's data as memory the caller copies from
+	// (the file driver maps files in tmpfs): MappedRange returns the
+	// bytes [off, off+bytes) or nil, and the caller reads with Preadv.
+	// A ublk server with user copy hands them to the kernel, one copy
+	// instead of two. See Node.MappedRange.
+	Mapper interface {
+		// Mappable reports whether MappedRange may hand out anything.
+		Mappable() bool
+		MappedRange(off, bytes int64) []byte
+	}
 )
 
 // Optional capabilities of format drivers that the image verbs use (the

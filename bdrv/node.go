@@ -280,6 +280,27 @@ func (n *Node) Limits() Limits { return n.limits }
 // Length is the node's size in bytes.
 func (n *Node) Length() int64 { return n.length.Load() }
 
+// Mappable reports whether MappedRange may hand out the node's data (a raw
+// image in tmpfs): ublk devices of such nodes use user copy.
+func (n *Node) Mappable() bool {
+	m, ok := n.drv.(Mapper)
+	return ok && m.Mappable()
+}
+
+// MappedRange returns the node's data [off, off+bytes) as memory, when its
+// driver can hand it out (Mapper) and the range lies within the node; nil
+// otherwise. The caller copies from it at once, without yielding: it is
+// not a request (drains do not wait for it), the bytes are the image's
+// current ones, and a copy that a concurrent truncation outran fails
+// with EFAULT, after which the caller reads with Preadv.
+func (n *Node) MappedRange(off, bytes int64) []byte {
+	m, ok := n.drv.(Mapper)
+	if !ok || off < 0 || bytes <= 0 || off+bytes > n.Length() {
+		return nil
+	}
+	return m.MappedRange(off, bytes)
+}
+
 // SectorLength is the node's size as QEMU's bdrv_getlength reports it:
 // QEMU keeps lengths in 512-byte sectors, so a 1000-byte raw file is a
 // 1024-byte image to qemu-img's verbs; the part past the file's end reads

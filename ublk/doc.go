@@ -21,11 +21,14 @@
 // ENODEV when the device stops. Request data lives in per-tag buffers of
 // anonymous memory outside the Go heap, which the kernel copies to and from
 // during FETCH and COMMIT (copy mode); with Config.UserCopy the queue moves
-// it itself with reads and writes of /dev/ublkcN on the same ring. Copy
-// mode is the default because it measured faster: on Debian's 6.12 in the
-// test VM (bench/vmbench, 4 KiB random I/O at depth 16) USER_COPY served
-// 20-60% fewer requests, since the extra read or write of /dev/ublkcN is
-// one more ring operation, which io_uring completes on a worker thread.
+// it itself with pread and pwrite of /dev/ublkcN on its thread (through the
+// ring, io_uring handed every one to a worker thread: 5-6x slower in the
+// test VM). Copy mode is the default: user copy is one more system call
+// per request for the same two copies. The exception is a node that hands
+// out its data as memory (bdrv.Node.Mappable: a raw image in tmpfs), where
+// a READ with user copy is one copy from the image's pages into the
+// request's, without the read into a buffer: such devices use user copy
+// whenever the kernel has it (bench/README.md has the figures).
 //
 // START_DEV is sent from the control goroutine only once every queue has
 // issued FETCH for every tag and waits in io_uring_enter: the kernel scans

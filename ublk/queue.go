@@ -243,15 +243,18 @@ func (q *queue) perform(co *coroutine.Co, t *tag, d *uapi.IODesc) int32 {
 		if n > int64(len(t.buf)) {
 			return -int32(unix.EINVAL)
 		}
+		if d.Op() == uapi.IOOpRead && q.dev.userCopy && q.readMapped(t, node, off, n) {
+			return int32(n)
+		}
 		t.iov[0] = t.buf[:n]
 		if d.Op() == uapi.IOOpRead {
 			err = node.Preadv(co, off, t.iov, 0)
 			if err == nil && q.dev.userCopy {
-				err = q.userCopy(co, t, true, n)
+				err = q.userCopy(t, true, t.buf[:n])
 			}
 		} else {
 			if q.dev.userCopy {
-				err = q.userCopy(co, t, false, n)
+				err = q.userCopy(t, false, t.buf[:n])
 			}
 			var flags bdrv.ReqFlags
 			if d.Flags()&uapi.IOFFUA != 0 {
@@ -284,26 +287,43 @@ func (q *queue) perform(co *coroutine.Co, t *tag, d *uapi.IODesc) int32 {
 	return resultOf(err)
 }
 
-// userCopy moves a request's data between t.buf and the kernel's request
-// pages with read (toKernel false: a WRITE's data) or write (toKernel true:
-// a READ's data) on /dev/ublkcN at the request's USER_COPY position,
-// through the queue's ring.
-func (q *queue) userCopy(co *coroutine.Co, t *tag, toKernel bool, n int64) error {
-	for done := int64(0); done < n; {
+// readMapped serves a READ with user copy from the image's own memory when
+// the node hands it out (bdrv.Node.MappedRange: a raw image in tmpfs): one
+// copy, from the file's pages into the request's, instead of a read into
+// t.buf and a copy from there. It reports whether it did; a copy that
+// failed (EFAULT: the file shrank under the mapping) leaves the request
+// to the usual path, whose errors are the ones to report.
+func (q *queue) readMapped(t *tag, node *bdrv.Node, off, n int64) bool {
+	b := node.MappedRange(off, n)
+	return b != nil && q.userCopy(t, true, b) == nil
+}
+
+// userCopy moves a request's data between b and the kernel's request pages
+// with pwrite (toKernel: a READ's data) or pread (a WRITE's data) on
+// /dev/ublkcN at the request's USER_COPY position. The calls are made on
+// the queue's thread: they copy between memory and never wait for a
+// device, and io_uring would hand them to an io-wq worker (the character
+// device cannot do non-blocking I/O), a thread hop per request.
+func (q *queue) userCopy(t *tag, toKernel bool, b []byte) error {
+	fd := q.dev.charFd
+	for done := 0; done < len(b); {
 		pos := uapi.UserCopyOffset(q.id, t.id, uint32(done))
+		var res int
+		var err error
 		if toKernel {
-			co.Write(int32(q.dev.charFd), t.buf[done:n], uint64(pos))
+			res, err = unix.Pwrite(fd, b[done:], pos)
 		} else {
-			co.Read(int32(q.dev.charFd), t.buf[done:n], uint64(pos))
+			res, err = unix.Pread(fd, b[done:], pos)
 		}
-		res := co.Wait()
-		if res < 0 {
-			return uring.ResultError(res)
-		}
-		if res == 0 {
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err != nil:
+			return err
+		case res == 0:
 			return unix.EIO
 		}
-		done += int64(res)
+		done += res
 	}
 	return nil
 }

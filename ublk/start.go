@@ -76,7 +76,11 @@ func (d *Device) start() error {
 		return err
 	}
 	var flags Features
-	if cfg.UserCopy {
+	// A node that hands out its data as memory (a raw image in tmpfs)
+	// gets user copy whenever the kernel has it: a READ is then one copy,
+	// from the image's pages into the request's (queue.readMapped).
+	autoCopy := d.node.Mappable() && d.ctrl.features.Has(FeatureUserCopy)
+	if cfg.UserCopy || autoCopy {
 		if !d.ctrl.features.Has(FeatureUserCopy) {
 			return &UnsupportedFeatureError{Name: "UBLK_F_USER_COPY"}
 		}
@@ -103,6 +107,8 @@ func (d *Device) start() error {
 	if cfg.UserCopy && !d.userCopy {
 		return &UnsupportedFeatureError{Name: "UBLK_F_USER_COPY"}
 	}
+	// The configuration says what the device does (Config, records).
+	cfg.UserCopy = d.userCopy
 	if cfg.Recovery && !d.info.Flags.Has(FeatureUserRecovery|FeatureUserRecoveryReissue) {
 		// Unprivileged devices lose the recovery flags in ADD_DEV.
 		return &UnsupportedFeatureError{Name: "UBLK_F_USER_RECOVERY_REISSUE"}

@@ -64,6 +64,10 @@ type driver struct {
 	// the calling thread too, on file systems where io_uring would hand
 	// every buffered write to an io-wq worker (see puntsBufferedWrites).
 	inlineWrites bool
+	// mappable: the file is in tmpfs, whose pages MappedRange hands out
+	// (mapped.go).
+	mappable bool
+	maps     mapState
 	// eof orders the requests that extend the file, as QEMU's
 	// raw_do_pwrite_zeroes does: a write-zeroes past the end of the
 	// file (fallocate growing it) runs alone, writes past the end share
@@ -177,6 +181,7 @@ func (d *driver) setup(opts bdrv.Options) error {
 	if mode == unix.S_IFREG {
 		fsType := fileSystem(d.fd)
 		d.inline = fsType == tmpfsMagic || fsType == ramfsMagic
+		d.mappable = fsType == tmpfsMagic
 		d.inlineWrites = !d.direct && !d.inline && puntsBufferedWrites(fsType)
 	}
 	if d.direct {
@@ -283,9 +288,11 @@ func (d *driver) Close(co *coroutine.Co) error {
 	if d.fd < 0 {
 		return nil
 	}
-	var err error
+	err := d.unmapFile()
 	if d.locked {
-		err = unlockAll(d.fd)
+		if uerr := unlockAll(d.fd); err == nil {
+			err = uerr
+		}
 		d.locked = false
 	}
 	if cerr := unix.Close(d.fd); err == nil {

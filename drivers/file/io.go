@@ -37,7 +37,11 @@ func (d *driver) Pwritev(co *coroutine.Co, off int64, iov bdrv.IOVec, flags bdrv
 		iov.CopyTo(buf, 0)
 		iov = bdrv.IOVec{buf}
 	}
-	return d.rw(co, true, off, iov)
+	if err := d.rw(co, true, off, iov); err != nil {
+		return err
+	}
+	d.wrote(off, iov.Len())
+	return nil
 }
 
 // needsBounce reports whether O_DIRECT would reject iov's memory: every
@@ -226,6 +230,7 @@ func (d *driver) PwriteZeroes(co *coroutine.Co, off, bytes int64, flags bdrv.Req
 	if flags&bdrv.ReqMayUnmap != 0 && !d.noPunch.Load() && (d.blockDev || end <= d.node.Length()) {
 		err := d.fallocate(co, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, bytes)
 		if err == nil {
+			d.punched(off, bytes)
 			return nil
 		}
 		if !unsupported(err) {
@@ -268,6 +273,9 @@ func (d *driver) Pdiscard(co *coroutine.Co, off, bytes int64) error {
 	if err != nil && unsupported(err) {
 		d.noPunch.Store(true)
 		return bdrv.ErrNotSupported
+	}
+	if err == nil {
+		d.punched(off, bytes)
 	}
 	return err
 }
@@ -340,6 +348,7 @@ func (d *driver) Truncate(co *coroutine.Co, size int64, exact bool, prealloc bdr
 		return err
 	}
 	d.node.SetLength(size)
+	d.resized(cur, size)
 	return nil
 }
 
