@@ -38,9 +38,10 @@ var floors = []floor{
 	{pkg: "drivers/lukscrypto"},
 	{pkg: "drivers/*", may: []string{"bdrv", "coroutine", "uring", "drivers/lukscrypto"}},
 	{pkg: "img", may: []string{"bdrv", "coroutine"}},
+	{pkg: "jobs", may: []string{"bdrv", "coroutine"}},
 	{pkg: "ublk/internal/*", may: []string{"uring"}},
 	{pkg: "ublk", may: []string{"bdrv", "coroutine", "uring", "ublk/internal/*"}},
-	{pkg: "cmd/ublkimg", may: []string{"bdrv", "coroutine", "uring", "img", "ublk", "!drivers/*"}},
+	{pkg: "cmd/ublkimg", may: []string{"bdrv", "coroutine", "uring", "img", "jobs", "ublk", "!drivers/*"}},
 
 	// Test support and the harness around it.
 	{pkg: "bdrv/bdrvtest", may: []string{"bdrv", "coroutine"}, tests: true},
@@ -173,7 +174,7 @@ func moduleImports(t *testing.T, root string) map[string][]imp {
 
 func TestFloors(t *testing.T) {
 	pkgs := moduleImports(t, ".")
-	for _, p := range []string{"uring", "bdrv", "drivers/qcow2", "img", "ublk", "cmd/ublkimg"} {
+	for _, p := range []string{"uring", "bdrv", "drivers/qcow2", "img", "jobs", "ublk", "cmd/ublkimg"} {
 		if _, ok := pkgs[p]; !ok {
 			t.Fatalf("package %s not found: the walk is broken", p)
 		}
@@ -213,6 +214,8 @@ func TestFloorsCatch(t *testing.T) {
 		{"drivers/qcow2", imp{file: "drivers/qcow2/a.go", path: "ublkimg/drivers/file"}, "drivers/qcow2 may not import drivers/file"},
 		{"drivers/rbd", imp{file: "drivers/rbd/rbd.go", path: "ublkimg/img"}, "drivers/rbd may not import img"},
 		{"ublk", imp{file: "ublk/q.go", path: "ublkimg/img"}, "ublk may not import img"},
+		{"jobs", imp{file: "jobs/backup.go", path: "ublkimg/drivers/qcow2"}, "jobs may not import drivers/qcow2"},
+		{"jobs", imp{file: "jobs/backup.go", path: "ublkimg/ublk"}, "jobs may not import ublk"},
 		{"cmd/ublkimg", imp{file: "cmd/ublkimg/attach.go", path: "ublkimg/drivers/qcow2"}, "cmd/ublkimg may not import drivers/qcow2"},
 		{"bdrv", imp{file: "bdrv/node.go", path: "ublkimg/internal/qemutest"}, "imports test support internal/qemutest outside a test"},
 		{"newpkg", imp{file: "newpkg/a.go", path: "ublkimg/bdrv"}, "newpkg: on no floor"},

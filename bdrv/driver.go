@@ -200,6 +200,14 @@ type (
 	Truncater interface {
 		Truncate(co *coroutine.Co, size int64, exact bool, prealloc Prealloc) error
 	}
+	// ZeroTruncater grows the node with the new area reading as zeros
+	// whatever the backing file holds there (QEMU's truncate with
+	// BDRV_REQ_ZERO_WRITE). Node.Truncate asks for it when the backing
+	// file is longer than the node was, so that growing shows no backing
+	// data.
+	ZeroTruncater interface {
+		TruncateZeroed(co *coroutine.Co, size int64, exact bool, prealloc Prealloc) error
+	}
 	// AllocatedSizer reports the host bytes the node uses ("disk size").
 	AllocatedSizer interface {
 		AllocatedSize(co *coroutine.Co) (int64, error)
@@ -215,6 +223,31 @@ type (
 	// possibly on several loops at once: it must not block or yield.
 	WriteTracker interface {
 		WriteDone(off, bytes int64)
+	}
+	// CounterReporter reports figures the driver keeps about its work
+	// since the open (qcow2: metadata cache hits and misses, clusters
+	// allocated, copy-on-write bytes), for `ublkimg stats` and the
+	// metrics endpoint. It may be called from any goroutine while
+	// requests run: the figures are read atomically, each on its own
+	// (see StatCounter). Without it a node reports none.
+	CounterReporter interface {
+		Counters() []Counter
+	}
+	// Filter is implemented by the drivers of filter nodes (NewFilter):
+	// FilteredChild is the node every request goes on to. Unfiltered
+	// looks through filters with it.
+	Filter interface {
+		FilteredChild() *Node
+	}
+	// Mapper hands out the node's data as memory the caller copies from
+	// (the file driver maps files in tmpfs): MappedRange returns the
+	// bytes [off, off+bytes) or nil, and the caller reads with Preadv.
+	// A ublk server with user copy hands them to the kernel, one copy
+	// instead of two. See Node.MappedRange.
+	Mapper interface {
+		// Mappable reports whether MappedRange may hand out anything.
+		Mappable() bool
+		MappedRange(off, bytes int64) []byte
 	}
 )
 
@@ -304,10 +337,15 @@ type (
 	// PersistentBitmaps is implemented by formats that store dirty bitmaps
 	// in the image (QEMU's persistent BdrvDirtyBitmaps as qemu-img bitmap
 	// and convert --bitmaps use them, through the block-dirty-bitmap-*
-	// commands). Changes are the image's, stored by the time it is closed;
-	// a bitmap that cannot be stored then makes Close fail with an error
+	// commands, and as the live jobs of ublkimg/jobs use them on a served
+	// image). Changes are the image's, made in memory with the bitmap
+	// marked in use on disk first, and stored by the time it is closed; a
+	// bitmap that cannot be stored then makes Close fail with an error
 	// matching ErrBitmapsLost. Errors are QEMU's messages ("Dirty bitmap
-	// 'x' not found").
+	// 'x' not found"). The methods take the driver's metadata lock, so
+	// they may run while requests do; a caller that needs a change at a
+	// point in time between two requests pauses the writers around it
+	// (backup's TakeBitmap).
 	PersistentBitmaps interface {
 		// SupportsBitmaps reports whether the image can hold persistent
 		// bitmaps (QEMU's bdrv_supports_persistent_dirty_bitmap).
@@ -333,5 +371,11 @@ type (
 		// size, of any format and granularity (QEMU's
 		// block-dirty-bitmap-merge).
 		MergeBitmap(co *coroutine.Co, dst string, src BitmapData) error
+		// TakeBitmap returns a usable bitmap's content, a copy that
+		// stays valid, and clears the bitmap, in one step: a write that
+		// completes after it is in the cleared bitmap, one before it in
+		// the copy. A backup takes its bitmap so at its point in time,
+		// and merges the copy back (MergeBitmap) if it fails.
+		TakeBitmap(co *coroutine.Co, name string) (BitmapData, error)
 	}
 )

@@ -20,9 +20,10 @@ type DirtyBitmap struct {
 	Inconsistent bool
 }
 
-// BitmapData is a dirty bitmap's content detached from its image
-// (PersistentBitmaps.ExportBitmap): a view, valid until the bitmap next
-// changes, for merging into a bitmap of the same or of another image.
+// BitmapData is a dirty bitmap's content detached from its image: a view,
+// valid until the bitmap next changes (PersistentBitmaps.ExportBitmap), or
+// a copy that stays valid (TakeBitmap), for merging into a bitmap of the
+// same or of another image.
 type BitmapData interface {
 	// Size is the disk bytes the bitmap covers.
 	Size() uint64

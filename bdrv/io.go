@@ -2,6 +2,7 @@ package bdrv
 
 import (
 	"errors"
+	"fmt"
 	"sync"
 
 	"golang.org/x/sys/unix"
@@ -407,7 +408,10 @@ func (n *Node) Flush(co *coroutine.Co) error {
 }
 
 // Truncate resizes the node. Shrinking with preallocation is refused, as in
-// QEMU.
+// QEMU. Growing a node whose open backing file is longer than the node was
+// zeroes the new area (ZeroTruncater), as QEMU's bdrv_co_truncate does:
+// the backing file's data there must not show through. A node opened
+// without its backing file is grown as it is.
 func (n *Node) Truncate(co *coroutine.Co, size int64, exact bool, prealloc Prealloc) error {
 	if n.ReadOnly {
 		return unix.EROFS
@@ -419,9 +423,18 @@ func (n *Node) Truncate(co *coroutine.Co, size int64, exact bool, prealloc Preal
 	if !ok {
 		return ErrNotSupported
 	}
+	old := n.Length()
+	zero := size > old && n.Backing != nil && n.Backing.Length() > old
+	zt, canZero := n.drv.(ZeroTruncater)
+	if zero && !canZero {
+		return fmt.Errorf("Block driver does not support requested flags: %w", unix.ENOTSUP)
+	}
 	n.beginRequest()
 	defer n.endRequest(co)
 	defer n.writeGen.Add(1)
+	if zero {
+		return zt.TruncateZeroed(co, size, exact, prealloc)
+	}
 	return t.Truncate(co, size, exact, prealloc)
 }
 

@@ -232,6 +232,13 @@ type Node struct {
 	DetectZeroes DetectZeroes
 	// NodeName is the node-name option, "" without one.
 	NodeName string
+	// AutoReadOnly lets a protocol driver open its file read-only, and
+	// make the node read-only, when it may not write it (QEMU's
+	// auto-read-only=on with read-only=off). The opener sets it only
+	// where the node's users only read: a writer's open fails as it
+	// would without the option, as in QEMU, whose file-posix reopens the
+	// file read-write for a writer.
+	AutoReadOnly bool
 
 	// child: the node is a format node's file or a backing file, which
 	// its parent's driver writes to.
@@ -272,6 +279,27 @@ func (n *Node) Limits() Limits { return n.limits }
 
 // Length is the node's size in bytes.
 func (n *Node) Length() int64 { return n.length.Load() }
+
+// Mappable reports whether MappedRange may hand out the node's data (a raw
+// image in tmpfs): ublk devices of such nodes use user copy.
+func (n *Node) Mappable() bool {
+	m, ok := n.drv.(Mapper)
+	return ok && m.Mappable()
+}
+
+// MappedRange returns the node's data [off, off+bytes) as memory, when its
+// driver can hand it out (Mapper) and the range lies within the node; nil
+// otherwise. The caller copies from it at once, without yielding: it is
+// not a request (drains do not wait for it), the bytes are the image's
+// current ones, and a copy that a concurrent truncation outran fails
+// with EFAULT, after which the caller reads with Preadv.
+func (n *Node) MappedRange(off, bytes int64) []byte {
+	m, ok := n.drv.(Mapper)
+	if !ok || off < 0 || bytes <= 0 || off+bytes > n.Length() {
+		return nil
+	}
+	return m.MappedRange(off, bytes)
+}
 
 // SectorLength is the node's size as QEMU's bdrv_getlength reports it:
 // QEMU keeps lengths in 512-byte sectors, so a 1000-byte raw file is a
@@ -362,6 +390,11 @@ type Spec struct {
 	// chain itself with the "backing." options, so CheckOptions leaves
 	// them to it.
 	OwnBacking bool
+	// ShareWrite lets other processes write and resize the image while it
+	// is open, as qemu-img resize does: a raw image then opens beside a
+	// writer that shares writing too (qemu-io -f raw). A format with
+	// metadata in its file never shares that file's writing.
+	ShareWrite bool
 }
 
 // ErrNoFile wraps the error of an image that does not exist.
@@ -421,8 +454,15 @@ func (o *opener) open(co *coroutine.Co, spec Spec) (*Node, error) {
 	}
 	flags := nodeFlags{readOnly: spec.ReadOnly, cache: spec.Cache, unmap: !spec.NoUnmap}
 	if topIsProto {
-		proto, err := o.openProtocol(co, protoName, spec.Filename, spec.Options, flags)
+		proto, err := o.openProtocol(co, protoName, spec.Filename, spec.Options, flags, spec.ReadOnly)
 		if err != nil {
+			return nil, err
+		}
+		// A caller that only reads (Spec.ReadOnly) claims a reader's
+		// permissions even when the read-only option opened the file
+		// read-write: they are its user's, as QEMU's BlockBackend
+		// takes them.
+		if err := setPerm(co, proto, usePerm(spec, proto.ReadOnly || spec.ReadOnly), sharedPerm(spec)); err != nil {
 			return nil, err
 		}
 		if spec.CheckOptions {
@@ -437,7 +477,14 @@ func (o *opener) open(co *coroutine.Co, spec Spec) (*Node, error) {
 	// QEMU's bdrv_open_common does; the file inherits some of them first,
 	// and those fail there, in the same words.
 	cfg, cfgErr := parseNodeOptions(spec.Options, flags)
-	proto, err := o.openProtocol(co, protoName, spec.Filename, spec.Options.FileOptions(), cfg.childFlags())
+	// The file's users only read when the image is read-only, or when
+	// the caller only reads a data-only format (raw) above it. Before
+	// probing, the format is not known: its users may write.
+	onlyRead := cfg.readOnly
+	if f, err := LookupFormat(spec.Format); err == nil && f.DataOnly && spec.ReadOnly {
+		onlyRead = true
+	}
+	proto, err := o.openProtocol(co, protoName, spec.Filename, spec.Options.FileOptions(), cfg.childFlags(), onlyRead)
 	if err != nil {
 		return nil, err
 	}
@@ -461,6 +508,9 @@ func (o *opener) open(co *coroutine.Co, spec Spec) (*Node, error) {
 		return nil, err
 	}
 	if f.Protocol {
+		if err := setPerm(co, proto, usePerm(spec, proto.ReadOnly), sharedPerm(spec)); err != nil {
+			return nil, err
+		}
 		return proto, nil
 	}
 	if !cfg.readOnly && proto.ReadOnly && (!f.DataOnly || !spec.ReadOnly) {
@@ -469,6 +519,15 @@ func (o *opener) open(co *coroutine.Co, spec Spec) (*Node, error) {
 		// user only reads.
 		proto.Close(co)
 		return nil, &FormatOpenError{Filename: spec.Filename, Err: ErrReadOnlyNode}
+	}
+	// The file's permissions are what the format node needs of it, not
+	// what the file was opened for: a read-only image over a file opened
+	// read-write (file.read-only=off) claims a reader's, and so does a
+	// read-write raw image that the caller only reads (raw needs of its
+	// file what its own users need).
+	onlyRead = cfg.readOnly || proto.ReadOnly || f.DataOnly && spec.ReadOnly
+	if err := setPerm(co, proto, usePerm(spec, onlyRead), childShared(f, sharedPerm(spec))); err != nil {
+		return nil, err
 	}
 	proto.child = true
 	n := &Node{Filename: spec.Filename, Format: f, File: proto, ReadOnly: cfg.readOnly, NoIO: spec.NoIO, Cache: cfg.cache,
@@ -643,8 +702,10 @@ func HasProtocol(name string) bool {
 }
 
 // openProtocol opens the protocol node of filename with its options (the
-// ones addressed to it and those it inherited) over flags.
-func (o *opener) openProtocol(co *coroutine.Co, name, filename string, opts Options, flags nodeFlags) (*Node, error) {
+// ones addressed to it and those it inherited) over flags. onlyRead says
+// that the node's users only read it, whatever its read-only option: then
+// auto-read-only may make it read-only.
+func (o *opener) openProtocol(co *coroutine.Co, name, filename string, opts Options, flags nodeFlags, onlyRead bool) (*Node, error) {
 	f, err := LookupFormat(name)
 	if err != nil {
 		return nil, fmt.Errorf("bdrv: protocol driver %q is not registered: %w", name, err)
@@ -657,7 +718,7 @@ func (o *opener) openProtocol(co *coroutine.Co, name, filename string, opts Opti
 		return nil, &FormatOpenError{Filename: filename, Err: err}
 	}
 	n := &Node{Filename: filename, Format: f, ReadOnly: cfg.readOnly, Cache: cfg.cache, Unmap: cfg.unmap,
-		DetectZeroes: cfg.detectZeroes, NodeName: cfg.nodeName}
+		DetectZeroes: cfg.detectZeroes, NodeName: cfg.nodeName, AutoReadOnly: cfg.autoReadOnly && onlyRead}
 	drv, err := f.Open(co, n, opts)
 	if err != nil {
 		return nil, err

@@ -67,6 +67,7 @@ type nodeFlags struct {
 // nodeConfig is a node's common options, resolved.
 type nodeConfig struct {
 	nodeFlags
+	autoReadOnly bool
 	forceShare   bool
 	detectZeroes DetectZeroes
 	nodeName     string
@@ -74,12 +75,10 @@ type nodeConfig struct {
 
 // parseNodeOptions resolves the common options in opts over the opener's
 // flags f, checking them in the order and words of QEMU's
-// bdrv_open_common. auto-read-only is checked and has nothing to do:
-// every driver here can write, and QEMU's file-posix opens its file
-// read-write whenever a writer needs it, so the option changes no outcome
-// of a qemu-img verb or an attach but one: a raw image made read-write
-// (read-only=off) for a verb that only reads, on a file the user may not
-// write, which QEMU opens read-only and ublkimg fails to open.
+// bdrv_open_common. auto-read-only matters to a protocol node whose users
+// only read (Node.AutoReadOnly): QEMU's file-posix opens its file
+// read-write whenever a writer needs it, so elsewhere the option changes
+// no outcome.
 func parseNodeOptions(opts Options, f nodeFlags) (nodeConfig, error) {
 	c := nodeConfig{nodeFlags: f}
 	for _, b := range []struct {
@@ -89,7 +88,7 @@ func parseNodeOptions(opts Options, f nodeFlags) (nodeConfig, error) {
 		{OptCacheNoFlush, func(v bool) { c.cache = c.cache.with(cacheNoFlush, v) }},
 		{OptCacheDirect, func(v bool) { c.cache = c.cache.with(cacheDirect, v) }},
 		{OptReadOnly, func(v bool) { c.readOnly = v }},
-		{OptAutoReadOnly, func(bool) {}},
+		{OptAutoReadOnly, func(v bool) { c.autoReadOnly = v }},
 		{OptForceShare, func(v bool) { c.forceShare = v }},
 	} {
 		s, ok := opts[b.name]

@@ -558,7 +558,7 @@ func TestWakeFallbackCrossLoop(t *testing.T) {
 	tid := <-woken
 	failed := &uring.CQE{UserData: userData(kindWakeSent, a.id, target.id), Res: -int32(unix.EOVERFLOW)}
 	for i := range rounds {
-		b.Post(func() { b.dispatch(failed) })
+		b.Post(func() { b.wakesSent++; b.dispatch(failed) }) // as if b had sent it
 		if got := <-woken; got != tid {
 			t.Fatalf("round %d: coroutine resumed on thread %d, its loop runs on %d", i, got, tid)
 		}
@@ -568,4 +568,58 @@ func TestWakeFallbackCrossLoop(t *testing.T) {
 		target.wake(a)
 		return nil
 	})
+}
+
+// TestWakeFromEndingLoop wakes a waiter on a long-lived loop from the last
+// coroutine of a private loop that is closing (Run returned, its Close
+// waits for the coroutines left): the wake that coroutine queued (a
+// MSG_RING SQE) must reach the waiter although its loop ends right after.
+// A job's background coroutine unlocking a file driver's lock as its loop
+// closed left a device's write parked for good.
+func TestWakeFromEndingLoop(t *testing.T) {
+	l := startLoops(t, 1)[0]
+	for i := range 200 {
+		var mu Mutex
+		locked := make(chan struct{})
+		done := make(chan error, 1)
+		if err := Run(func(co *Co) error {
+			mu.Lock(co)
+			go func() {
+				done <- l.Call(func(co *Co) error {
+					close(locked)
+					mu.Lock(co) // parks: the private loop holds it
+					mu.Unlock(co)
+					return nil
+				})
+			}()
+			<-locked
+			// The unlock comes from a coroutine that outlives fn, so it
+			// runs while Run's Close has the loop stopping.
+			co.loop.Go(func(co *Co) {
+				for !hasWaiters(&mu) || !co.loop.stopping.Load() {
+					co.Yield()
+				}
+				mu.Unlock(co)
+			})
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(10 * time.Second):
+			// Not Fatal: the loops' cleanup would wait for the parked
+			// waiter for good and hide the message.
+			panic(fmt.Sprintf("round %d: the waiter woken by a loop that ended never ran", i))
+		}
+	}
+}
+
+func hasWaiters(m *Mutex) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return !m.waiters.empty()
 }

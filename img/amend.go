@@ -40,7 +40,9 @@ func Amend(co *coroutine.Co, opts AmendOptions) error {
 	}
 	p := NewProgress(opts.Progress, 1)
 	defer p.End()
-	node, err := openImage(co, openSpec{filename: opts.Filename, format: opts.Format, noBacking: true})
+	// qemu-img amend opens the backing chain: an image whose backing file
+	// is missing, or written by another process, is refused untouched.
+	node, err := openImage(co, openSpec{filename: opts.Filename, format: opts.Format})
 	if err != nil {
 		return err
 	}

@@ -48,35 +48,13 @@ type BitmapOptions struct {
 // "Operation OP on bitmap NAME failed: reason", and what was done before
 // it is kept. Usage errors and messages are qemu-img 7.2's.
 func Bitmap(co *coroutine.Co, o BitmapOptions) error {
-	var add, merge bool
-	for _, op := range o.Ops {
-		add = add || op.Action == BitmapAdd
-		merge = merge || op.Action == BitmapMerge
-	}
-	switch {
-	case len(o.Ops) == 0:
-		return errors.New("Need at least one of --add, --remove, --clear, --enable, --disable, or --merge")
-	case o.Granularity != "" && !add:
-		return errors.New("granularity only supported with --add")
-	case o.SourceFormat != "" && o.SourceFile == "":
-		return errors.New("-F only supported with -b")
-	case o.SourceFile != "" && !merge:
-		return errors.New("Merge bitmap source file only supported with --merge")
-	case len(o.Args) != 2:
-		return errors.New("Expecting filename and bitmap name")
+	if err := o.Check(); err != nil {
+		return err
 	}
 	filename, name := o.Args[0], o.Args[1]
-	var gran uint64
-	if o.Granularity != "" {
-		g, err := ParseSizeArg("granularity", o.Granularity, 0, math.MaxInt64)
-		if err != nil {
-			return err
-		}
-		// QMP's granularity is a uint32: larger values wrap, and one
-		// that wraps to 0 is still given (and refused), not the default.
-		if gran = uint64(uint32(g)); gran == 0 && g != 0 {
-			gran = 1
-		}
+	gran, err := ParseBitmapGranularity(o.Granularity)
+	if err != nil {
+		return err
 	}
 	node, err := openImage(co, openSpec{filename: filename, format: o.Format, noBacking: true})
 	if err != nil {
@@ -103,6 +81,47 @@ func Bitmap(co *coroutine.Co, o BitmapOptions) error {
 		err = cerr
 	}
 	return err
+}
+
+// Check refuses the usage errors of qemu-img bitmap's arguments, in its
+// words.
+func (o BitmapOptions) Check() error {
+	var add, merge bool
+	for _, op := range o.Ops {
+		add = add || op.Action == BitmapAdd
+		merge = merge || op.Action == BitmapMerge
+	}
+	switch {
+	case len(o.Ops) == 0:
+		return errors.New("Need at least one of --add, --remove, --clear, --enable, --disable, or --merge")
+	case o.Granularity != "" && !add:
+		return errors.New("granularity only supported with --add")
+	case o.SourceFormat != "" && o.SourceFile == "":
+		return errors.New("-F only supported with -b")
+	case o.SourceFile != "" && !merge:
+		return errors.New("Merge bitmap source file only supported with --merge")
+	case len(o.Args) != 2:
+		return errors.New("Expecting filename and bitmap name")
+	}
+	return nil
+}
+
+// ParseBitmapGranularity parses -g ("" for the default, 0).
+func ParseBitmapGranularity(s string) (uint64, error) {
+	if s == "" {
+		return 0, nil
+	}
+	g, err := ParseSizeArg("granularity", s, 0, math.MaxInt64)
+	if err != nil {
+		return 0, err
+	}
+	// QMP's granularity is a uint32: larger values wrap, and one that
+	// wraps to 0 is still given (and refused), not the default.
+	gran := uint64(uint32(g))
+	if gran == 0 && g != 0 {
+		gran = 1
+	}
+	return gran, nil
 }
 
 // bitmapOp applies one operation to the image's bitmaps q (nil when its

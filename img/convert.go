@@ -220,8 +220,10 @@ func Convert(co *coroutine.Co, opts ConvertOptions) (err error) {
 		}
 	}()
 
-	// With -S, qemu-img opens the target with BDRV_O_UNMAP.
-	target, err := openImage(co, openSpec{filename: opts.Target, format: opts.TargetFormat, cache: opts.TargetCache, noBacking: true,
+	// With -S, qemu-img opens the target with BDRV_O_UNMAP. It opens an
+	// existing target's backing chain (-n): a target whose backing file is
+	// missing, or written by another process, is refused untouched.
+	target, err := openImage(co, openSpec{filename: opts.Target, format: opts.TargetFormat, cache: opts.TargetCache,
 		unmap: opts.SparseSize > 0, options: keySecretOption(opts.Options)})
 	if err != nil {
 		return err

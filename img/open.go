@@ -28,8 +28,11 @@ type openSpec struct {
 	// unmap opens with QEMU's BDRV_O_UNMAP, as commit and convert's
 	// target do: discards and write-zeroes deallocate unless the discard
 	// option says otherwise.
-	unmap   bool
-	options bdrv.Options
+	unmap bool
+	// shareWrite lets other processes write and resize the image
+	// meanwhile (bdrv.Spec.ShareWrite), as qemu-img resize does.
+	shareWrite bool
+	options    bdrv.Options
 }
 
 // openImage opens an image and words failures as qemu-img's img_open does:
@@ -59,6 +62,7 @@ func openImage(co *coroutine.Co, s openSpec) (*bdrv.Node, error) {
 		// refuses those no node uses.
 		CheckOptions: display != s.filename,
 		OwnBacking:   s.ownBacking,
+		ShareWrite:   s.shareWrite,
 	})
 	if err != nil {
 		if display != s.filename {

@@ -91,7 +91,10 @@ func Resize(co *coroutine.Co, opts ResizeOptions, out io.Writer) error {
 	if err != nil {
 		return err
 	}
-	node, err := openImage(co, openSpec{filename: opts.Filename, format: opts.Format, noBacking: false})
+	// qemu-img resize shares writing and resizing with other processes:
+	// a raw image that qemu-io writes (and shares) is resized, while a
+	// qcow2 image never shares its file's writing.
+	node, err := openImage(co, openSpec{filename: opts.Filename, format: opts.Format, shareWrite: true})
 	if err != nil {
 		return err
 	}

@@ -31,6 +31,9 @@ type SnapshotOptions struct {
 	Format   string // -f; "" probes
 	Op       SnapshotOp
 	Name     string // the snapshot for -c, -a, -d
+	// ForceShare (-U) opens the image and its backing chain even if
+	// another process writes them; only -l, which opens read-only, can.
+	ForceShare bool
 }
 
 // snapshotList lists the snapshots of an open node (its driver's, or those
@@ -97,8 +100,14 @@ func snapshotDicts(snaps []bdrv.SnapshotInfo) []any {
 // qemu-img snapshot does; the list goes to out (which -q does not silence,
 // as in qemu-img). The errors are qemu-img's.
 func Snapshot(co *coroutine.Co, opts SnapshotOptions, out io.Writer) error {
-	node, err := openImage(co, openSpec{filename: opts.Filename, format: opts.Format,
-		readOnly: opts.Op == SnapshotListOp, noBacking: true})
+	// qemu-img snapshot opens the backing chain, for every action: an
+	// image whose backing file is missing, or written by another process,
+	// is refused untouched.
+	s := openSpec{filename: opts.Filename, format: opts.Format, readOnly: opts.Op == SnapshotListOp}
+	if opts.ForceShare {
+		s.options = bdrv.Options{bdrv.OptForceShare: "on"}
+	}
+	node, err := openImage(co, s)
 	if err != nil {
 		return err
 	}

@@ -115,10 +115,12 @@ type Config struct {
 	Discard DiscardMode
 	// UserCopy moves data with read/write on /dev/ublkcN
 	// (UBLK_F_USER_COPY, 6.4+) instead of the kernel copying into
-	// per-tag buffers during FETCH and COMMIT. Off by default: it costs
-	// one more ring operation per request and measured slower (see the
-	// package doc). Start fails with an error matching ErrNotSupported
-	// when the kernel lacks it.
+	// per-tag buffers during FETCH and COMMIT. Off by default (see the
+	// package doc), except for nodes that hand out their data as memory
+	// (bdrv.Node.Mappable: a raw image in tmpfs), which get it whenever
+	// the kernel has it (Device.Config says whether a device uses it).
+	// Start fails with an error matching ErrNotSupported when it is
+	// asked for and the kernel lacks it.
 	UserCopy bool
 	// PollMax lets each queue thread poll its ring for up to this long
 	// before it sleeps (adaptive, as QEMU's IOThread poll-max-ns: see

@@ -157,3 +157,11 @@ func waitPidfd(ctx context.Context, pidfd, pid int) error {
 		}
 	}
 }
+
+// WaitServerExit waits until the server rec names has exited (or ctx
+// ends). A server that is not running, or a pid now used by another
+// process, is not waited for.
+func WaitServerExit(ctx context.Context, rec Record) error {
+	_, err := stopServer(ctx, rec, false)
+	return err
+}

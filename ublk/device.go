@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -47,9 +48,13 @@ func (s deviceState) String() string {
 // Device is an image exported as /dev/ublkbN: the control-plane handle of
 // one ublk device and its queues. It owns the image node it serves.
 type Device struct {
-	cfg      Config
-	ctrl     *Ctrl
+	cfg  Config
+	ctrl *Ctrl
+	// node is the image served. The queues read it without a lock: it
+	// changes only while the device is paused (SetNode), under nodeMu for
+	// other readers.
 	node     *bdrv.Node
+	nodeMu   sync.Mutex
 	info     DevInfo // as negotiated by ADD_DEV
 	added    bool    // ADD_DEV succeeded: Close must stop and delete
 	charFd   int     // /dev/ublkcN, -1 when not open
@@ -58,6 +63,13 @@ type Device struct {
 
 	// stopping counts the routineQueue goroutines; Close waits for it.
 	stopping sync.WaitGroup
+	// loopsMu orders posts to the queues' loops (pause.go) before their
+	// close: routineQueue sets queue.ended under it.
+	loopsMu sync.RWMutex
+	// pauseLock is held (a value in it) from Pause to Resume.
+	pauseLock chan struct{}
+	// started is when the device started serving, for the statistics.
+	started time.Time
 
 	// state is guarded by its mutex. deviceState is an advisory snapshot
 	// (for String); the lifecycle itself is ordered by Start and
@@ -76,7 +88,10 @@ type Device struct {
 	// failure is the error that closed done, if any.
 	failure atomic.Pointer[error]
 
-	ioErrors  atomic.Int64
+	ioErrors atomic.Int64
+	// handover is set once Handover closed the node: Close must leave the
+	// device to the next server.
+	handover  atomic.Bool
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -89,6 +104,9 @@ func (d *Device) routineQueue(q *queue) {
 	defer d.stopping.Done()
 	d.cfg.Logf("ublkb%d: queue %d: serving %d tags", d.info.ID, q.id, len(q.tags))
 	<-q.done
+	d.loopsMu.Lock()
+	q.ended = true
+	d.loopsMu.Unlock()
 	q.loop.Close()
 	d.cfg.Logf("ublkb%d: queue %d: stopped", d.info.ID, q.id)
 	d.markDone(nil)
@@ -162,6 +180,24 @@ func (d *Device) Err() error {
 // IOErrors is the number of requests that failed so far.
 func (d *Device) IOErrors() int64 { return d.ioErrors.Load() }
 
+// Stats returns the device's figures now: every queue's, and the format
+// driver's counters of the node it serves (through filters).
+func (d *Device) Stats() DeviceStats {
+	node := d.Node()
+	s := DeviceStats{ID: d.info.ID, Device: d.Path(), UptimeNs: uint64(time.Since(d.started))}
+	for _, q := range d.queues {
+		s.Queues = append(s.Queues, q.statsSnapshot(d))
+	}
+	if node != nil {
+		img := bdrv.Unfiltered(node)
+		s.Image, s.Format = img.Filename, img.Format.Name
+		for _, c := range img.Counters() {
+			s.FormatCounters = append(s.FormatCounters, Counter{Name: c.Name, Value: c.Value})
+		}
+	}
+	return s
+}
+
 func (d *Device) String() string {
 	d.state.Lock()
 	defer d.state.Unlock()
@@ -185,14 +221,23 @@ func (d *Device) String() string {
 // Close may be called more than once and from any goroutine; later calls
 // wait for the first and return its result.
 func (d *Device) Close() error {
-	d.closeOnce.Do(func() { d.closeErr = d.close() })
+	d.closeOnce.Do(func() {
+		if d.handover.Load() {
+			d.closeErr = ErrHandedOver
+			return
+		}
+		d.closeErr = d.close()
+	})
 	return d.closeErr
 }
 
 func (d *Device) close() error {
 	var errs []error
-	// 1.
+	// 1. A pause in progress ends first: its held requests must reach
+	// the node before STOP_DEV can complete. Later pauses see the state.
 	d.setState(stateClosed)
+	d.pauseLock <- struct{}{}
+	<-d.pauseLock
 	// 2. A device that was never started (or was stopped from outside)
 	// takes it too: STOP_DEV always cancels the armed fetches.
 	if d.added {

@@ -21,11 +21,14 @@
 // ENODEV when the device stops. Request data lives in per-tag buffers of
 // anonymous memory outside the Go heap, which the kernel copies to and from
 // during FETCH and COMMIT (copy mode); with Config.UserCopy the queue moves
-// it itself with reads and writes of /dev/ublkcN on the same ring. Copy
-// mode is the default because it measured faster: on Debian's 6.12 in the
-// test VM (bench/vmbench, 4 KiB random I/O at depth 16) USER_COPY served
-// 20-60% fewer requests, since the extra read or write of /dev/ublkcN is
-// one more ring operation, which io_uring completes on a worker thread.
+// it itself with pread and pwrite of /dev/ublkcN on its thread (through the
+// ring, io_uring handed every one to a worker thread: 5-6x slower in the
+// test VM). Copy mode is the default: user copy is one more system call
+// per request for the same two copies. The exception is a node that hands
+// out its data as memory (bdrv.Node.Mappable: a raw image in tmpfs), where
+// a READ with user copy is one copy from the image's pages into the
+// request's, without the read into a buffer: such devices use user copy
+// whenever the kernel has it (bench/README.md has the figures).
 //
 // START_DEV is sent from the control goroutine only once every queue has
 // issued FETCH for every tag and waits in io_uring_enter: the kernel scans
@@ -63,6 +66,25 @@
 // The directory is private to its owner (created 0700, refused when anyone
 // else may write to it) and its files are never opened through a symbolic
 // link: a record names a process that detach signals.
+//
+// # Statistics and the control socket
+//
+// Each queue counts its requests by operation (requests, bytes, errors, a
+// latency histogram) in plain fields its own thread writes, and
+// [Device.Stats] collects copies made on the queues' loops (stats.go).
+// [ListenControl] serves a device's control socket, /run/ublkimg/ublkbN.sock:
+// a line-oriented JSON protocol after QEMU's QMP ({"execute": ...} ->
+// {"return": ...} or {"error": ...}, with {"event": ...} lines before the
+// reply), with the commands the device serves itself
+// ([Device.ControlCommands]: query-stats) and those its server adds (live
+// jobs, restart); [ConnectDevice] is the client side. docs/control.md
+// describes the protocol and every command.
+//
+// [Device.Pause] holds new requests on every queue (a flag tested on the
+// queue's own thread) and waits for those in flight, so that a job can
+// replace the node the device serves ([Device.SetNode]) or hand the device
+// to another server ([Device.Handover], for ublkimg restart) at a moment
+// when no request runs.
 //
 // The kernel interface this package relies on, with the kernel versions
 // that introduced each part, is described in docs/ublk-uapi.md.

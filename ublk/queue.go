@@ -32,6 +32,8 @@ type queue struct {
 	tags []tag
 	// armed is set by the control goroutine before the tags start.
 	armed bool
+	// ended is set, under Device.loopsMu, before the loop is closed.
+	ended bool
 
 	// live counts tag coroutines that have not returned; the last one
 	// closes done.
@@ -39,6 +41,18 @@ type queue struct {
 	done chan struct{}
 	// err is the first unexpected command failure (not ENODEV).
 	err error
+
+	// gate holds new requests while the device is paused (pause.go).
+	// Owned by the loop's thread.
+	gate struct {
+		paused bool
+		// held are the tags whose request waits for the resume.
+		held coroutine.Queue
+		// idle, when set, is closed once no request is in flight.
+		idle chan struct{}
+	}
+	// stats are written by the loop's thread only (stats.go).
+	stats queueStats
 }
 
 // tag is the state of one tag: its buffer and its request vector, reused by
@@ -198,9 +212,28 @@ func (q *queue) command(co *coroutine.Co, op uapi.CmdOp, t *tag, result int32) i
 	return co.Wait()
 }
 
-// handle performs one request on the image and returns the COMMIT result:
-// the bytes transferred, 0, or -errno.
+// handle serves one request: it waits while the device is paused, performs
+// the request and counts it, and returns the COMMIT result: the bytes
+// transferred, 0, or -errno.
 func (q *queue) handle(co *coroutine.Co, t *tag, d *uapi.IODesc) int32 {
+	for q.gate.paused {
+		q.gate.held.Wait(co, nil)
+	}
+	loop := co.Loop()
+	start := loop.WokeAt()
+	q.stats.inFlight++
+	res := q.perform(co, t, d)
+	q.stats.inFlight--
+	q.stats.record(statOpOf(d.Op()), int64(d.NrSectors)<<9, res, uint64(loop.WokeAt()-start))
+	if q.gate.idle != nil && q.stats.inFlight == 0 {
+		close(q.gate.idle)
+		q.gate.idle = nil
+	}
+	return res
+}
+
+// perform does one request on the image and returns its COMMIT result.
+func (q *queue) perform(co *coroutine.Co, t *tag, d *uapi.IODesc) int32 {
 	node := q.dev.node
 	off := int64(d.StartSector) << 9
 	n := int64(d.NrSectors) << 9
@@ -210,15 +243,18 @@ func (q *queue) handle(co *coroutine.Co, t *tag, d *uapi.IODesc) int32 {
 		if n > int64(len(t.buf)) {
 			return -int32(unix.EINVAL)
 		}
+		if d.Op() == uapi.IOOpRead && q.dev.userCopy && q.readMapped(t, node, off, n) {
+			return int32(n)
+		}
 		t.iov[0] = t.buf[:n]
 		if d.Op() == uapi.IOOpRead {
 			err = node.Preadv(co, off, t.iov, 0)
 			if err == nil && q.dev.userCopy {
-				err = q.userCopy(co, t, true, n)
+				err = q.userCopy(t, true, t.buf[:n])
 			}
 		} else {
 			if q.dev.userCopy {
-				err = q.userCopy(co, t, false, n)
+				err = q.userCopy(t, false, t.buf[:n])
 			}
 			var flags bdrv.ReqFlags
 			if d.Flags()&uapi.IOFFUA != 0 {
@@ -251,26 +287,43 @@ func (q *queue) handle(co *coroutine.Co, t *tag, d *uapi.IODesc) int32 {
 	return resultOf(err)
 }
 
-// userCopy moves a request's data between t.buf and the kernel's request
-// pages with read (toKernel false: a WRITE's data) or write (toKernel true:
-// a READ's data) on /dev/ublkcN at the request's USER_COPY position,
-// through the queue's ring.
-func (q *queue) userCopy(co *coroutine.Co, t *tag, toKernel bool, n int64) error {
-	for done := int64(0); done < n; {
+// readMapped serves a READ with user copy from the image's own memory when
+// the node hands it out (bdrv.Node.MappedRange: a raw image in tmpfs): one
+// copy, from the file's pages into the request's, instead of a read into
+// t.buf and a copy from there. It reports whether it did; a copy that
+// failed (EFAULT: the file shrank under the mapping) leaves the request
+// to the usual path, whose errors are the ones to report.
+func (q *queue) readMapped(t *tag, node *bdrv.Node, off, n int64) bool {
+	b := node.MappedRange(off, n)
+	return b != nil && q.userCopy(t, true, b) == nil
+}
+
+// userCopy moves a request's data between b and the kernel's request pages
+// with pwrite (toKernel: a READ's data) or pread (a WRITE's data) on
+// /dev/ublkcN at the request's USER_COPY position. The calls are made on
+// the queue's thread: they copy between memory and never wait for a
+// device, and io_uring would hand them to an io-wq worker (the character
+// device cannot do non-blocking I/O), a thread hop per request.
+func (q *queue) userCopy(t *tag, toKernel bool, b []byte) error {
+	fd := q.dev.charFd
+	for done := 0; done < len(b); {
 		pos := uapi.UserCopyOffset(q.id, t.id, uint32(done))
+		var res int
+		var err error
 		if toKernel {
-			co.Write(int32(q.dev.charFd), t.buf[done:n], uint64(pos))
+			res, err = unix.Pwrite(fd, b[done:], pos)
 		} else {
-			co.Read(int32(q.dev.charFd), t.buf[done:n], uint64(pos))
+			res, err = unix.Pread(fd, b[done:], pos)
 		}
-		res := co.Wait()
-		if res < 0 {
-			return uring.ResultError(res)
-		}
-		if res == 0 {
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err != nil:
+			return err
+		case res == 0:
 			return unix.EIO
 		}
-		done += int64(res)
+		done += res
 	}
 	return nil
 }

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -116,6 +115,15 @@ func RemoveRecord(id, pid int) error {
 	return err
 }
 
+// RecordIDs returns the ids of the devices ublkimg serves or served: those
+// the run directory has records of, in increasing order (none when it does
+// not exist).
+func RecordIDs() ([]int, error) {
+	ids, err := recordIDs()
+	sort.Ints(ids)
+	return ids, err
+}
+
 // recordIDs returns the ids of the devices the run directory has records
 // of (none when it does not exist).
 func recordIDs() ([]int, error) {
@@ -133,8 +141,7 @@ func recordIDs() ([]int, error) {
 	}
 	var ids []int
 	for _, name := range names {
-		if m := recordFile.FindStringSubmatch(name); m != nil {
-			id, _ := strconv.Atoi(m[1])
+		if id, ok := numberedName(name, "ublkb", ".json"); ok {
 			ids = append(ids, id)
 		}
 	}
@@ -260,8 +267,27 @@ type Status struct {
 	ServerRunning bool
 }
 
-var charDevName = regexp.MustCompile(`^ublkc(\d+)$`)
-var recordFile = regexp.MustCompile(`^ublkb(\d+)\.json$`)
+// numberedName returns N of a name prefix+N+suffix (N decimal digits):
+// ublkcN in /sys/class/ublk-char, ublkbN.json in the run directory.
+// (Parsed by hand: a package-level regexp would be compiled at the start
+// of every ublkimg process.)
+func numberedName(name, prefix, suffix string) (int, bool) {
+	rest, hasPrefix := strings.CutPrefix(name, prefix)
+	digits, hasSuffix := strings.CutSuffix(rest, suffix)
+	if !hasPrefix || !hasSuffix || digits == "" {
+		return 0, false
+	}
+	for _, c := range digits {
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+	}
+	n, err := strconv.Atoi(digits)
+	if err != nil {
+		return 0, false
+	}
+	return n, true
+}
 
 // ListDevices returns every ublk device the kernel has and every device
 // record, by id. It needs the control device (root) for the kernel's view.
@@ -269,8 +295,7 @@ func ListDevices(c *Ctrl) ([]Status, error) {
 	ids := map[int]bool{}
 	if ents, err := os.ReadDir("/sys/class/ublk-char"); err == nil {
 		for _, e := range ents {
-			if m := charDevName.FindStringSubmatch(e.Name()); m != nil {
-				id, _ := strconv.Atoi(m[1])
+			if id, ok := numberedName(e.Name(), "ublkc", ""); ok {
 				ids[id] = true
 			}
 		}

@@ -27,6 +27,10 @@ var (
 // the dead server's /dev/ublkcN is not yet released.
 const recoverWait = 5 * time.Second
 
+// recoverPoll is the interval of those waits: short, since a restart
+// (Handover) waits through them with the device's I/O held.
+const recoverPoll = 2 * time.Millisecond
+
 // Recover attaches a new server to device cfg.ID, whose server died while
 // the device was created with Config.Recovery (state QUIESCED: the kernel
 // kept /dev/ublkbN and holds its requests). It runs the kernel's recovery
@@ -80,7 +84,7 @@ func (d *Device) recover() error {
 		if !errors.Is(err, unix.EBUSY) || time.Now().After(deadline) {
 			break
 		}
-		time.Sleep(20 * time.Millisecond)
+		time.Sleep(recoverPoll)
 	}
 	if errors.Is(err, unix.EBUSY) {
 		return fmt.Errorf("/dev/ublkb%d: the dead server's /dev/ublkc%d is still held after %v: %w", id, id, recoverWait, err)
@@ -128,7 +132,7 @@ func waitQuiesced(c *Ctrl, id int) (DevInfo, error) {
 				return info, fmt.Errorf("cannot recover /dev/ublkb%d: %w: it is live, served by process %d", id, ErrNotQuiesced, info.PID)
 			}
 			if time.Now().Before(deadline) {
-				time.Sleep(20 * time.Millisecond)
+				time.Sleep(recoverPoll)
 				continue
 			}
 		}

@@ -70,6 +70,12 @@ func (d *runDir) close() { unix.Close(d.fd) }
 
 func (d *runDir) path(name string) string { return filepath.Join(RecordDir, name) }
 
+// procPath names file name of the directory through the directory's open
+// descriptor (/proc/self/fd/N/name), for the calls that take a path only
+// (binding and connecting unix sockets): the checked directory is used,
+// whatever its name leads to by now.
+func (d *runDir) procPath(name string) string { return fmt.Sprintf("/proc/self/fd/%d/%s", d.fd, name) }
+
 // open opens the regular file name in the directory without following a
 // symbolic link. flags are added to O_NOFOLLOW and O_CLOEXEC; opening a
 // missing file gives an error matching os.ErrNotExist.

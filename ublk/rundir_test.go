@@ -275,3 +275,33 @@ func TestStopServerPIDReuse(t *testing.T) {
 		t.Error("the record's own process was not stopped")
 	}
 }
+
+// TestNumberedName: the device numbers of /sys/class/ublk-char entries and
+// record files, and the names that are neither.
+func TestNumberedName(t *testing.T) {
+	for _, tc := range []struct {
+		name, prefix, suffix string
+		id                   int
+		ok                   bool
+	}{
+		{"ublkc0", "ublkc", "", 0, true},
+		{"ublkc42", "ublkc", "", 42, true},
+		{"ublkb7.json", "ublkb", ".json", 7, true},
+		{"ublkb007.json", "ublkb", ".json", 7, true},
+		{"ublkb7.json.tmp", "ublkb", ".json", 0, false},
+		{"ublkb7.log", "ublkb", ".json", 0, false},
+		{"ublkb.json", "ublkb", ".json", 0, false},
+		{"ublkb-1.json", "ublkb", ".json", 0, false},
+		{"ublkb+1.json", "ublkb", ".json", 0, false},
+		{"ublkb1x.json", "ublkb", ".json", 0, false},
+		{"ublkb99999999999999999999.json", "ublkb", ".json", 0, false},
+		{"xublkc1", "ublkc", "", 0, false},
+		{"ublkc", "ublkc", "", 0, false},
+		{"ublkc 1", "ublkc", "", 0, false},
+	} {
+		id, ok := numberedName(tc.name, tc.prefix, tc.suffix)
+		if id != tc.id || ok != tc.ok {
+			t.Errorf("numberedName(%q, %q, %q) = %d, %v, want %d, %v", tc.name, tc.prefix, tc.suffix, id, ok, tc.id, tc.ok)
+		}
+	}
+}

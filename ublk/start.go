@@ -42,7 +42,7 @@ func Start(cfg Config, node *bdrv.Node) (*Device, error) {
 // device and runs sequence (start or recover), closing what it did when it
 // fails.
 func launch(cfg Config, node *bdrv.Node, sequence func(*Device) error) (*Device, error) {
-	d := &Device{node: node, charFd: -1, done: make(chan struct{})}
+	d := &Device{node: node, charFd: -1, done: make(chan struct{}), pauseLock: make(chan struct{}, 1)}
 	var err error
 	if d.cfg, err = cfg.withDefaults(); err != nil {
 		d.closeNodeOnly()
@@ -56,6 +56,7 @@ func launch(cfg Config, node *bdrv.Node, sequence func(*Device) error) (*Device,
 		d.Close()
 		return nil, err
 	}
+	d.started = time.Now()
 	d.setState(stateUp)
 	return d, nil
 }
@@ -75,7 +76,11 @@ func (d *Device) start() error {
 		return err
 	}
 	var flags Features
-	if cfg.UserCopy {
+	// A node that hands out its data as memory (a raw image in tmpfs)
+	// gets user copy whenever the kernel has it: a READ is then one copy,
+	// from the image's pages into the request's (queue.readMapped).
+	autoCopy := d.node.Mappable() && d.ctrl.features.Has(FeatureUserCopy)
+	if cfg.UserCopy || autoCopy {
 		if !d.ctrl.features.Has(FeatureUserCopy) {
 			return &UnsupportedFeatureError{Name: "UBLK_F_USER_COPY"}
 		}
@@ -84,6 +89,9 @@ func (d *Device) start() error {
 	if cfg.Recovery {
 		flags |= FeatureUserRecovery | FeatureUserRecoveryReissue
 	}
+	// Where the kernel can change a live device's capacity (6.16), the
+	// device may be resized online (Grow).
+	flags |= d.ctrl.features & FeatureUpdateSize
 	d.info, err = d.ctrl.AddDev(DevInfo{
 		ID: cfg.ID, Queues: cfg.Queues, Depth: cfg.Depth,
 		MaxIOBufBytes: cfg.MaxIOBytes, Flags: flags,
@@ -99,6 +107,8 @@ func (d *Device) start() error {
 	if cfg.UserCopy && !d.userCopy {
 		return &UnsupportedFeatureError{Name: "UBLK_F_USER_COPY"}
 	}
+	// The configuration says what the device does (Config, records).
+	cfg.UserCopy = d.userCopy
 	if cfg.Recovery && !d.info.Flags.Has(FeatureUserRecovery|FeatureUserRecoveryReissue) {
 		// Unprivileged devices lose the recovery flags in ADD_DEV.
 		return &UnsupportedFeatureError{Name: "UBLK_F_USER_RECOVERY_REISSUE"}

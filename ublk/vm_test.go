@@ -312,6 +312,19 @@ fio_verify fio-user-copy "$dev" --rw=randrw --bsrange=4k-128k --iodepth=16 --siz
 	--group_reporting
 check detach-user-copy ublkimg detach "$dev"
 
+# A raw image in tmpfs gets user copy unasked and READs copy from the
+# image's pages: reading its holes allocates nothing, and bytes another
+# process writes to the file read back through the device.
+truncate -s 64M /tmp/sparse.img
+dev=$(ublkimg attach /tmp/sparse.img)
+check tmpfs-user-copy grep -q '"user-copy": true' /run/ublkimg/ublkb${dev#/dev/ublkb}.json
+check tmpfs-holes-read dd if="$dev" of=/dev/null bs=1M iflag=direct
+check tmpfs-holes-unfilled sh -c "test \$(stat -c %b /tmp/sparse.img) -lt 256"
+check tmpfs-data dd if=/dev/urandom of=/tmp/sparse.img bs=1M count=4 seek=8 conv=notrunc
+check tmpfs-data-read sh -c "dd if=$dev bs=1M iflag=direct 2>/dev/null | cmp - /tmp/sparse.img"
+check tmpfs-detach ublkimg detach "$dev"
+rm -f /tmp/sparse.img
+
 ublkimg attach --foreground /tmp/b.img >/tmp/fg.out 2>/tmp/fg.err &
 fg=$!
 i=0; while [ ! -s /tmp/fg.out ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done

@@ -3,9 +3,10 @@
 // new device succeeds) and to detach (the detach command until the server
 // is gone), for ublkimg, the loop device and qemu-nbd. bench/vmbench runs
 // it in the guest; it prints "KIND.attach_ms VALUE" and "KIND.detach_ms
-// VALUE" lines (median of -n rounds) and the minimum as *_min_ms.
+// VALUE" lines (median of -n rounds) and the minimum as *_min_ms. Every
+// round times each kind once, in the order given.
 //
-//	attachtime -n 10 -image /data/bench.raw ublk loop nbd
+//	attachtime -n 10 -image /data/bench.raw ublk ublk-base loop nbd
 package main
 
 import (
@@ -26,25 +27,34 @@ func main() {
 	image := flag.String("image", "", "raw image to attach")
 	flag.Parse()
 	if *image == "" || flag.NArg() == 0 {
-		fmt.Fprintln(os.Stderr, "usage: attachtime -n N -image RAW ublk|loop|nbd...")
+		fmt.Fprintln(os.Stderr, "usage: attachtime -n N -image RAW ublk|ublk-NAME|loop|nbd...")
 		os.Exit(2)
 	}
-	failed := false
-	for _, kind := range flag.Args() {
-		var att, det []time.Duration
-		for range *n {
+	// Rounds alternate the kinds (each round times every kind once), so
+	// that a slow spell of the host slows all of them alike.
+	kinds := flag.Args()
+	att := make([][]time.Duration, len(kinds))
+	det := make([][]time.Duration, len(kinds))
+	failed := make([]bool, len(kinds))
+	for range *n {
+		for i, kind := range kinds {
+			if failed[i] {
+				continue
+			}
 			a, d, err := round(kind, *image)
 			if err != nil {
 				fmt.Fprintf(os.Stderr, "attachtime: %s: %v\n", kind, err)
-				failed = true
-				break
+				failed[i] = true
+				continue
 			}
-			att, det = append(att, a), append(det, d)
+			att[i], det[i] = append(att[i], a), append(det[i], d)
 		}
-		report(kind+".attach", att)
-		report(kind+".detach", det)
 	}
-	if failed {
+	for i, kind := range kinds {
+		report(kind+".attach", att[i])
+		report(kind+".detach", det[i])
+	}
+	if slices.Contains(failed, true) {
 		os.Exit(1)
 	}
 }
@@ -64,20 +74,17 @@ func round(kind, image string) (attach, detach time.Duration, err error) {
 	t0 := time.Now()
 	var dev string
 	var detachCmd []string
-	switch kind {
-	case "ublk", "ublk-base":
-		// ublk-base: the ublkimg-base binary vmbench -base puts in the
-		// guest, for before/after figures.
-		cmd := "ublkimg"
-		if kind == "ublk-base" {
-			cmd = "ublkimg-base"
-		}
+	switch {
+	case kind == "ublk" || strings.HasPrefix(kind, "ublk-"):
+		// ublk-NAME: the binary ublkimg-NAME, another build put in the
+		// guest for before/after figures (vmbench -base: ublkimg-base).
+		cmd := "ublkimg" + strings.TrimPrefix(kind, "ublk")
 		dev, err = output(cmd, "attach", "-f", "raw", "-t", "none", image)
 		detachCmd = []string{cmd, "detach", dev}
-	case "loop":
+	case kind == "loop":
 		dev, err = output("losetup", "--direct-io=on", "-f", "--show", image)
 		detachCmd = []string{"losetup", "-d", dev}
-	case "nbd":
+	case kind == "nbd":
 		dev = "/dev/nbd0"
 		_, err = output("qemu-nbd", "-f", "raw", "--cache=none", "--aio=io_uring", "-c", dev, image)
 		detachCmd = []string{"qemu-nbd", "-d", dev}

@@ -5,6 +5,8 @@
 # says. Results are "@@ METRIC" lines:
 #   <device>.<job>.iops@<pass>  <device>.<job>.bw_kib@<pass>
 #   <device>.<job>.lat_us@<pass>  <device>.rss_kib@<pass> (server's peak RSS)
+#   <device>.rss_shmem_kib@<pass> (of its RSS at the end, the tmpfs pages it
+#   maps: a raw image in tmpfs is read from them)
 set -u
 DIR=/tmp
 if [ "$STORAGE" = disk ]; then
@@ -58,6 +60,7 @@ run_jobs() {
 }
 
 rss() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
+rss_shmem() { awk '/RssShmem/ {print $2}' "/proc/$1/status"; }
 
 mkdir -p /var/lock
 
@@ -135,7 +138,10 @@ for PASS in $(seq "$PASSES"); do
 			pid=$(sed -n 's/.*"pid": \([0-9]*\),.*/\1/p' /run/ublkimg/ublkb*.json)
 			SERVER=$pid
 			run_jobs "$dev" "$path"
-			[ $group = disk ] || [ -z "$DISK_JOBS" ] && metric "$dev.rss_kib@$PASS" "$(rss "$pid")"
+			if [ $group = disk ] || [ -z "$DISK_JOBS" ]; then
+				metric "$dev.rss_kib@$PASS" "$(rss "$pid")"
+				metric "$dev.rss_shmem_kib@$PASS" "$(rss_shmem "$pid")"
+			fi
 			check "$dev.detach" $cmd detach "$path"
 			;;
 		loop)

@@ -78,8 +78,12 @@ type attachOptions struct {
 	cache     bdrv.CacheMode
 	cacheSet  bool
 	cfg       ublk.Config
-	recover   bool     // recover device cfg.ID instead of adding one
-	readyFile *os.File // background server: where to report readiness
+	recover   bool // recover device cfg.ID instead of adding one
+	// handover (with recover): the device's server runs; it is asked to
+	// hand the device over, and waited for, first (restart).
+	handover    bool
+	handoverPID int      // that server's process
+	readyFile   *os.File // background server: where to report readiness
 }
 
 func parseAttach(c *cli.Context) (*attachOptions, error) {
@@ -199,11 +203,16 @@ func serveForeground(o *attachOptions) error {
 // report: the device path once the device is live, or why it failed. (Go
 // cannot fork without exec.)
 func startBackground(c *cli.Context, image string) error {
+	return startServer(c, absImageArg(foregroundArgs(withoutObjects(os.Args[1:]), c.Command.Name), image))
+}
+
+// startServer starts ublkimg with args (a server in the foreground) as
+// startBackground describes, giving it the caller's --object definitions.
+func startServer(c *cli.Context, args []string) error {
 	exe, err := os.Executable()
 	if err != nil {
 		return fmt.Errorf("attach: finding ublkimg itself: %w", err)
 	}
-	args := absImageArg(foregroundArgs(withoutObjects(os.Args[1:]), c.Command.Name), image)
 	r, w, err := os.Pipe()
 	if err != nil {
 		return fmt.Errorf("attach: %w", err)
@@ -287,6 +296,12 @@ func absImageOpts(s string) string {
 	if !changed {
 		return s
 	}
+	return optionString(o)
+}
+
+// optionString writes options o as an option string, sorted by name, a
+// comma in a value doubled.
+func optionString(o bdrv.Options) string {
 	parts := make([]string, 0, len(o))
 	for _, k := range slices.Sorted(maps.Keys(o)) {
 		parts = append(parts, k+"="+strings.ReplaceAll(o[k], ",", ",,"))
@@ -355,17 +370,28 @@ func serveImage(o *attachOptions) (err error) {
 	defer stop()
 
 	setMaxProcs(o.cfg.Queues)
+	var dev *ublk.Device
+	var takeover time.Time
+	var handedOver string
+	if o.handover {
+		takeover = time.Now()
+		if handedOver, err = takeOver(ctx, o.cfg.ID, o.handoverPID); err != nil {
+			return err
+		}
+	}
 	node, cache, err := openImage(o)
-	if err != nil {
-		return err
+	if err == nil {
+		o.cfg = deviceConfig(o.cfg, node)
+		start := ublk.Start
+		if o.recover {
+			start = ublk.Recover
+		}
+		dev, err = start(o.cfg, node)
 	}
-	o.cfg = deviceConfig(o.cfg, node)
-	start := ublk.Start
-	if o.recover {
-		start = ublk.Recover
-	}
-	dev, err := start(o.cfg, node)
 	if err != nil {
+		if o.handover {
+			err = fmt.Errorf("%w (its old server is gone: the device waits, its I/O held, for ublkimg recover %d)", err, o.cfg.ID)
+		}
 		return err
 	}
 	cfg := dev.Config()
@@ -380,8 +406,18 @@ func serveImage(o *attachOptions) (err error) {
 	if err := ublk.WriteRecord(rec); err != nil {
 		return errors.Join(err, dev.Close())
 	}
-	// Last, the server says how it ended, for detach to report.
+	live := newLiveServer(dev, o, rec, logger.Printf)
+	ctl, err := live.listen()
+	if err != nil {
+		return errors.Join(err, dev.Close(), ublk.RemoveRecord(dev.ID(), os.Getpid()))
+	}
+	// Last, the server says how it ended, for detach to report; a server
+	// that handed its device over leaves the record to its successor.
 	defer func() {
+		if errors.Is(err, ublk.ErrHandedOver) {
+			err = nil
+			return
+		}
 		if serr := ublk.WriteExitStatus(dev.ID(), err); serr != nil {
 			logger.Printf("%s: %v", dev.Path(), serr)
 		}
@@ -389,6 +425,12 @@ func serveImage(o *attachOptions) (err error) {
 	}()
 	if o.readyFile != nil {
 		logToFile(logger, dev.ID())
+	}
+	if o.handover {
+		logger.Printf("%s: restarted: %s; served again %v after the handover began", dev.Path(), handedOver,
+			time.Since(takeover).Round(time.Microsecond))
+	}
+	if o.readyFile != nil {
 		if !report("ready", dev.Path()) {
 			// The attach command is gone (interrupted): nobody learnt
 			// of the device, so it must not stay.
@@ -408,9 +450,17 @@ func serveImage(o *attachOptions) (err error) {
 		} else {
 			logger.Printf("%s: stopped from outside", dev.Path())
 		}
+	case <-live.handedOver:
+		// restart: the image is closed, the next server recovers the
+		// device once this process is gone.
+		ctl.Close()
+		logger.Printf("%s: exiting for the next server", dev.Path())
+		return ublk.ErrHandedOver
 	}
 	sdNotify("STOPPING=1")
-	err = errors.Join(dev.Err(), dev.Close())
+	// Jobs end (cancelled) before the device closes.
+	cerr := ctl.Close()
+	err = errors.Join(dev.Err(), cerr, dev.Close())
 	if err == nil {
 		ublk.RemoveLog(dev.ID())
 	} else {

@@ -178,7 +178,7 @@ func TestRecoverOptions(t *testing.T) {
 		{2, "", "its server (process"},
 		{3, "", "ublkimg has no record of it"},
 	} {
-		o, err := recoverOptions(tc.id, tc.image)
+		o, err := recoverOptions(tc.id, tc.image, false)
 		switch {
 		case tc.want == "" && err != nil:
 			t.Errorf("%d %q: %v", tc.id, tc.image, err)

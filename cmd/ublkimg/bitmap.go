@@ -55,7 +55,8 @@ func bitmapCommand() *cli.Command {
 			"Operations run in the order given, all on BITMAP; the first failure stops\n" +
 			"them. --add creates an enabled bitmap (-g sets its granularity; add --disable\n" +
 			"to create it disabled); --merge SRC sets every bit set in bitmap SRC, of FILE\n" +
-			"or of the image -b names.",
+			"or of the image -b names. FILE may be an attached image or its device\n" +
+			"(/dev/ublkbN): its server then makes the changes between two requests.",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "f", Aliases: []string{"format"}, Usage: "`FMT` of the image (default: probed)"},
 			op(img.BitmapAdd, "create the bitmap", false),
@@ -71,6 +72,15 @@ func bitmapCommand() *cli.Command {
 		Action: func(c *cli.Context) error {
 			o := img.BitmapOptions{Args: c.Args().Slice(), Format: c.String("f"), Ops: ops.ops,
 				Granularity: c.String("g"), SourceFile: c.String("b"), SourceFormat: c.String("F")}
+			// An attached image (or its device) is changed by its
+			// server, between two of its requests.
+			if len(o.Args) == 2 && len(o.Ops) > 0 {
+				if id, ok, err := attachedDevice(o.Args[0]); err != nil {
+					return err
+				} else if ok {
+					return liveBitmap(c, id, o.Args[1], o)
+				}
+			}
 			return runCo(func(co *coroutine.Co) error { return img.Bitmap(co, o) })
 		},
 	}

@@ -18,7 +18,10 @@ func commitCommand() *cli.Command {
 		ArgsUsage: "FILE",
 		Description: "Copies what FILE holds into its backing file (or, with -b, into BASE further\n" +
 			"down the chain, together with the images in between), as qemu-img commit does,\n" +
-			"then empties FILE unless -d (or -b) is given.",
+			"then empties FILE unless -d (or -b) is given.\n" +
+			"--live DEV commits the image an attached device serves (an overlay) into its\n" +
+			"backing file while the device is in use, then makes the device serve the\n" +
+			"backing file (QEMU's active commit); the overlay is left as it was.",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "f", Aliases: []string{"format"}, Usage: "`FMT` of the image (default: probed)"},
 			&cli.StringFlag{Name: "b", Usage: "`BASE` image of the backing chain to commit into (implies -d)"},
@@ -27,12 +30,16 @@ func commitCommand() *cli.Command {
 			&cli.BoolFlag{Name: "q", Aliases: []string{"quiet"}, Usage: "quiet: print nothing but errors"},
 			&cli.StringFlag{Name: "t", Usage: "`CACHE` mode of the images (default: writeback)"},
 			&cli.StringFlag{Name: "r", Usage: "`RATE` limit in bytes per second (accepted, not enforced)"},
+			&cli.BoolFlag{Name: "live", Usage: "commit the overlay an attached device serves into its backing file while in use: ublkimg commit --live [-p] DEV"},
 		},
 		Action: commitAction,
 	}
 }
 
 func commitAction(c *cli.Context) error {
+	if c.Bool("live") {
+		return liveCommit(c)
+	}
 	opts := img.CommitOptions{
 		Format: c.String("f"),
 		Base:   c.String("b"),

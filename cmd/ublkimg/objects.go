@@ -21,9 +21,9 @@ import (
 // encrypt.key-secret=ID") instead of a file name.
 
 // objectVerbs are the verbs that accept --object (every qemu-img verb that
-// opens or creates an image, attach and recover).
+// opens or creates an image, attach, recover and restart).
 var objectVerbs = []string{"amend", "attach", "bench", "bitmap", "check", "commit", "compare", "convert", "create",
-	"dd", "info", "map", "measure", "rebase", "recover", "resize", "snapshot"}
+	"dd", "info", "map", "measure", "rebase", "recover", "resize", "restart", "snapshot"}
 
 // imageOptsVerbs are the verbs whose image operands may be --image-opts
 // strings.

@@ -30,6 +30,8 @@ func recoverCommand() *cli.Command {
 			"secrets it names must be given again with --object.",
 		Flags: []cli.Flag{
 			&cli.BoolFlag{Name: "foreground", Usage: "serve in this process until SIGTERM or SIGINT"},
+			// restart's server: the running server hands the device over.
+			&cli.BoolFlag{Name: "handover", Hidden: true},
 		},
 		Action: recoverAction,
 	}
@@ -44,9 +46,15 @@ func recoverAction(c *cli.Context) error {
 		return err
 	}
 	image := c.Args().Get(1)
-	o, err := recoverOptions(id, image)
+	o, err := recoverOptions(id, image, c.Bool("handover"))
 	if err != nil {
 		return err
+	}
+	if o.handover {
+		if !c.Bool("foreground") {
+			return errors.New("recover: --handover is for the server restart starts")
+		}
+		return serveForeground(o)
 	}
 	// What the kernel says about the device comes first: the image may
 	// well be locked by whoever replaced a device that cannot recover.
@@ -63,8 +71,9 @@ func recoverAction(c *cli.Context) error {
 // recoverOptions rebuilds the options of device id's server from its
 // record, refusing an image other than the recorded one. image is "", a
 // file name, or an --image-opts string (img.ImageOptsName) that replaces
-// the recorded one.
-func recoverOptions(id int, image string) (*attachOptions, error) {
+// the recorded one. With handover (restart) the device's server must be
+// running, and is asked to hand the device over; otherwise it must not.
+func recoverOptions(id int, image string, handover bool) (*attachOptions, error) {
 	dev := fmt.Sprintf("/dev/ublkb%d", id)
 	rec, err := ublk.ReadRecord(id)
 	if errors.Is(err, os.ErrNotExist) {
@@ -73,8 +82,10 @@ func recoverOptions(id int, image string) (*attachOptions, error) {
 	if err != nil {
 		return nil, err
 	}
-	if rec.ServerAlive() {
+	if alive := rec.ServerAlive(); alive && !handover {
 		return nil, fmt.Errorf("cannot recover %s: its server (process %d) is running", dev, rec.PID)
+	} else if !alive && handover {
+		return nil, fmt.Errorf("cannot restart %s: its server (process %d) is not running", dev, rec.PID)
 	}
 	imageOpts := rec.ImageOpts
 	if image != "" {
@@ -117,7 +128,7 @@ func recoverOptions(id int, image string) (*attachOptions, error) {
 	}
 	o := &attachOptions{
 		image: rec.Image, format: rec.Format, options: options, imageOpts: imageOpts,
-		cache: cache, cacheSet: true, recover: true,
+		cache: cache, cacheSet: true, recover: true, handover: handover, handoverPID: rec.PID,
 		cfg: ublk.Config{
 			ID: id, Queues: rec.Queues, Depth: rec.Depth, BlockSize: rec.BlockSize,
 			ReadOnly: rec.ReadOnly, Discard: discard, UserCopy: rec.UserCopy, PollMax: rec.PollMax, Recovery: true,

@@ -132,7 +132,7 @@ func TestRecoverCommandLine(t *testing.T) {
 
 // recoverRead opens the image as recover's server would and reads it whole.
 func recoverRead(id int, image string) ([]byte, error) {
-	o, err := recoverOptions(id, image)
+	o, err := recoverOptions(id, image, false)
 	if err != nil {
 		return nil, err
 	}

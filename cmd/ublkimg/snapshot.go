@@ -2,6 +2,7 @@ package main
 
 import (
 	"errors"
+	"fmt"
 
 	"github.com/urfave/cli/v2"
 
@@ -18,7 +19,10 @@ func snapshotCommand() *cli.Command {
 		ArgsUsage: "FILE",
 		Description: "Works on the internal snapshots of a qcow2 image as qemu-img snapshot does:\n" +
 			"-l lists them (the default), -c NAME takes one, -a NAME reverts the image to\n" +
-			"one (by ID or name), -d NAME deletes one (by name).",
+			"one (by ID or name), -d NAME deletes one (by name).\n" +
+			"--live DEV OVERLAY takes an external snapshot of an attached device while it is\n" +
+			"in use: OVERLAY, a new qcow2 image backed by the device's image, becomes the\n" +
+			"device's image, and the old image its read-only backing file.",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "f", Aliases: []string{"format"}, Usage: "`FMT` of the image (default: probed)"},
 			&cli.BoolFlag{Name: "l", Usage: "list the snapshots"},
@@ -26,13 +30,21 @@ func snapshotCommand() *cli.Command {
 			&cli.StringFlag{Name: "a", Usage: "apply snapshot `NAME`"},
 			&cli.StringFlag{Name: "d", Usage: "delete snapshot `NAME`"},
 			&cli.BoolFlag{Name: "q", Aliases: []string{"quiet"}, Usage: "quiet: print nothing but errors and the list"},
+			&cli.BoolFlag{Name: "U", Aliases: []string{"force-share"}, Usage: "force share: list the snapshots of an image another process uses (-l only)"},
+			&cli.BoolFlag{Name: "live", Usage: "external snapshot of an attached device: ublkimg snapshot --live DEV OVERLAY"},
 		},
 		Action: snapshotAction,
 	}
 }
 
 func snapshotAction(c *cli.Context) error {
-	opts := img.SnapshotOptions{Format: c.String("f"), Op: img.SnapshotListOp}
+	if c.Bool("live") {
+		if f := setFlag(c, "l", "c", "a", "d", "f", "U", "image-opts"); f != "" {
+			return fmt.Errorf("snapshot --live: %s does not apply to a live snapshot", f)
+		}
+		return liveSnapshot(c)
+	}
+	opts := img.SnapshotOptions{Format: c.String("f"), Op: img.SnapshotListOp, ForceShare: c.Bool("U")}
 	n := 0
 	if c.Bool("l") {
 		n++

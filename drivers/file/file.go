@@ -1,7 +1,11 @@
 // Package file is the protocol driver for regular files and host block
-// devices (QEMU's file-posix). All data I/O goes through the calling
+// devices (QEMU's file-posix). Data I/O goes through the calling
 // coroutine's io_uring ring: reads and writes, fdatasync for flush, and
-// fallocate for write-zeroes and discard.
+// fallocate for write-zeroes and discard. Where io_uring would only hand
+// the work to one of its worker threads, the driver makes the system call
+// on the calling thread instead: all I/O of files in memory (tmpfs), and
+// buffered writes of whole pages on ext4 (see fileSystem and
+// puntsBufferedWrites).
 //
 // With cache mode none (O_DIRECT) requests reach the driver aligned to the
 // device's logical block size (the generic layer pads them), and buffers
@@ -44,14 +48,26 @@ type driver struct {
 	// fallocate modes, so later requests fall back without a syscall. Any
 	// queue's loop may set them while the others read them.
 	noZeroRange, noPunch atomic.Bool
+	// locking: the image locks are taken (the locking option), when the
+	// opener says what the node's users need (SetPerm). forceShare
+	// (force-share=on, read-only only) shares everything.
+	locking, forceShare bool
 	// locked: fd holds image lock bytes, released before it is closed.
 	locked bool
 	// inline: the file lives in memory (tmpfs, ramfs), where a read or
 	// write is a copy that never waits for a device. Such file systems
 	// cannot do non-blocking I/O, so io_uring would hand every request to
 	// an io-wq worker thread; the driver does them synchronously on the
-	// calling thread instead (see memoryBacked).
+	// calling thread instead (see fileSystem).
 	inline bool
+	// inlineWrites: buffered writes of whole pages go out as pwritev on
+	// the calling thread too, on file systems where io_uring would hand
+	// every buffered write to an io-wq worker (see puntsBufferedWrites).
+	inlineWrites bool
+	// mappable: the file is in tmpfs, whose pages MappedRange hands out
+	// (mapped.go).
+	mappable bool
+	maps     mapState
 	// eof orders the requests that extend the file, as QEMU's
 	// raw_do_pwrite_zeroes does: a write-zeroes past the end of the
 	// file (fallocate growing it) runs alone, writes past the end share
@@ -84,6 +100,15 @@ func open(co *coroutine.Co, n *bdrv.Node, opts bdrv.Options) (bdrv.Driver, error
 	// Opening is control-path work done before any I/O, like QEMU's
 	// raw_open; it does not go through the ring.
 	fd, err := openRetry(n.Filename, flags, 0)
+	if canDegrade(err) && n.AutoReadOnly && !n.ReadOnly {
+		// auto-read-only=on: a file that may not be written opens
+		// read-only, as QEMU's raw_open_common degrades it; the opener
+		// allows this only where the node's users just read.
+		flags = flags&^unix.O_RDWR | unix.O_RDONLY
+		if fd, err = openRetry(n.Filename, flags, 0); err == nil {
+			n.ReadOnly = true
+		}
+	}
 	if err != nil {
 		return nil, fmt.Errorf("Could not open '%s': %w", n.Filename, syscallErr(err))
 	}
@@ -93,6 +118,12 @@ func open(co *coroutine.Co, n *bdrv.Node, opts bdrv.Options) (bdrv.Driver, error
 		return nil, err
 	}
 	return d, nil
+}
+
+// canDegrade reports the errors of a read-write open that a read-only one
+// may not meet: no permission to write, or a read-only file system.
+func canDegrade(err error) bool {
+	return err == unix.EACCES || err == unix.EPERM || err == unix.EROFS
 }
 
 func openRetry(name string, flags int, perm uint32) (int, error) {
@@ -147,38 +178,58 @@ func (d *driver) setup(opts bdrv.Options) error {
 		}
 		n.SetLength(int64(size))
 	}
-	d.inline = mode == unix.S_IFREG && memoryBacked(d.fd)
+	if mode == unix.S_IFREG {
+		fsType := fileSystem(d.fd)
+		d.inline = fsType == tmpfsMagic || fsType == ramfsMagic
+		d.mappable = fsType == tmpfsMagic
+		d.inlineWrites = !d.direct && !d.inline && puntsBufferedWrites(fsType)
+	}
 	if d.direct {
 		if err := d.probeAlignment(); err != nil {
 			return err
 		}
 	}
-	if opts.Bool(bdrv.OptLocking, true) {
-		if err := d.lock(opts.Bool(bdrv.OptForceShare, false)); err != nil {
-			return err
-		}
+	d.locking = opts.Bool(bdrv.OptLocking, true)
+	d.forceShare = opts.Bool(bdrv.OptForceShare, false)
+	if d.forceShare && !n.ReadOnly {
+		return fmt.Errorf("force-share=on can only be used with read-only images")
 	}
 	return nil
 }
 
-// Magic numbers of the file systems whose files are memory (statfs(2)).
+// Magic numbers of file systems (statfs(2)).
 const (
 	tmpfsMagic = 0x01021994
 	ramfsMagic = 0x858458f6
+	ext4Magic  = 0xef53 // also ext2 and ext3
 )
 
-// memoryBacked reports whether fd is on a file system that keeps its data in
-// memory, where reads and writes only copy pages and never sleep on a
-// device. Only these are served inline: on any other file system a
-// synchronous read may wait for the disk or the network and stall the
-// loop's other requests. (A tmpfs page swapped out is the exception the
-// kernel's loop device pays too.)
-func memoryBacked(fd int) bool {
+// fileSystem returns the magic number of fd's file system, 0 if unknown.
+//
+// Files on tmpfs and ramfs keep their data in memory, where reads and
+// writes only copy pages and never sleep on a device: all their I/O is
+// served inline. On any other file system a synchronous read may wait for
+// the disk or the network and stall the loop's other requests. (A tmpfs
+// page swapped out is the exception the kernel's loop device pays too.)
+func fileSystem(fd int) int64 {
 	var fs unix.Statfs_t
 	if err := unix.Fstatfs(fd, &fs); err != nil {
-		return false
+		return 0
 	}
-	return fs.Type == tmpfsMagic || fs.Type == ramfsMagic
+	return int64(fs.Type)
+}
+
+// puntsBufferedWrites reports whether the file system cannot do a buffered
+// write without blocking (no FMODE_BUF_WASYNC: ext4 as of Linux 6.18,
+// unlike XFS and btrfs), so that io_uring punts every buffered write to an
+// io-wq worker: a thread hop and two wake-ups per request for a copy into
+// the page cache. The driver writes whole pages there with pwritev on the
+// calling thread instead (see inlineWrite). A whole-page write never reads
+// the page from the disk first; what may still sleep is what the loop
+// device's buffered writes also wait for: dirty-page throttling
+// (balance_dirty_pages) and, once, reading the file's extent tree.
+func puntsBufferedWrites(fsType int64) bool {
+	return fsType == ext4Magic
 }
 
 // probeAlignment finds the smallest request alignment O_DIRECT accepts, as
@@ -237,9 +288,11 @@ func (d *driver) Close(co *coroutine.Co) error {
 	if d.fd < 0 {
 		return nil
 	}
-	var err error
+	err := d.unmapFile()
 	if d.locked {
-		err = unlockAll(d.fd)
+		if uerr := unlockAll(d.fd); err == nil {
+			err = uerr
+		}
 		d.locked = false
 	}
 	if cerr := unix.Close(d.fd); err == nil {

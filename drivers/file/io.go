@@ -37,7 +37,11 @@ func (d *driver) Pwritev(co *coroutine.Co, off int64, iov bdrv.IOVec, flags bdrv
 		iov.CopyTo(buf, 0)
 		iov = bdrv.IOVec{buf}
 	}
-	return d.rw(co, true, off, iov)
+	if err := d.rw(co, true, off, iov); err != nil {
+		return err
+	}
+	d.wrote(off, iov.Len())
+	return nil
 }
 
 // needsBounce reports whether O_DIRECT would reject iov's memory: every
@@ -64,7 +68,7 @@ func (d *driver) rw(co *coroutine.Co, write bool, off int64, iov bdrv.IOVec) err
 	retries := 0
 	for len(iov) > 0 {
 		var res int32
-		if d.inline {
+		if d.inline || write && d.inlineWrite(off, iov) {
 			res = d.rwInline(write, off, iov)
 		} else {
 			if write {
@@ -102,9 +106,21 @@ func (d *driver) rw(co *coroutine.Co, write bool, off int64, iov bdrv.IOVec) err
 	return nil
 }
 
+// inlineWrite reports whether a write goes out synchronously on a file
+// system whose buffered writes io_uring would punt (d.inlineWrites): only
+// whole pages, which the kernel fills without reading them first. A write
+// of part of a page that is not in the page cache reads it from the disk,
+// and that stays off the loop.
+func (d *driver) inlineWrite(off int64, iov bdrv.IOVec) bool {
+	return d.inlineWrites && (off|iov.Len())&(pageSize-1) == 0
+}
+
+var pageSize = int64(unix.Getpagesize())
+
 // rwInline is one pread or pwrite (preadv, pwritev for several buffers) on
-// the calling thread, for files in memory: its result as a CQE would carry
-// it. The kernel is done with the buffers when it returns.
+// the calling thread, for files in memory and whole-page writes
+// (inlineWrite): its result as a CQE would carry it. The kernel is done
+// with the buffers when it returns.
 func (d *driver) rwInline(write bool, off int64, iov bdrv.IOVec) int32 {
 	for {
 		var n int
@@ -214,6 +230,7 @@ func (d *driver) PwriteZeroes(co *coroutine.Co, off, bytes int64, flags bdrv.Req
 	if flags&bdrv.ReqMayUnmap != 0 && !d.noPunch.Load() && (d.blockDev || end <= d.node.Length()) {
 		err := d.fallocate(co, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, bytes)
 		if err == nil {
+			d.punched(off, bytes)
 			return nil
 		}
 		if !unsupported(err) {
@@ -256,6 +273,9 @@ func (d *driver) Pdiscard(co *coroutine.Co, off, bytes int64) error {
 	if err != nil && unsupported(err) {
 		d.noPunch.Store(true)
 		return bdrv.ErrNotSupported
+	}
+	if err == nil {
+		d.punched(off, bytes)
 	}
 	return err
 }
@@ -328,6 +348,7 @@ func (d *driver) Truncate(co *coroutine.Co, size int64, exact bool, prealloc bdr
 		return err
 	}
 	d.node.SetLength(size)
+	d.resized(cur, size)
 	return nil
 }
 

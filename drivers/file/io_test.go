@@ -2,6 +2,7 @@ package file
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -245,7 +246,7 @@ func TestZeroFallbackAcrossLoops(t *testing.T) {
 
 // storageDirs are the directories the I/O tests run in, by the path they
 // take: t.TempDir() on the disk's file system (the ring) and a directory on
-// /dev/shm (tmpfs: the synchronous path, see memoryBacked).
+// /dev/shm (tmpfs: the synchronous path, see fileSystem).
 func storageDirs(t *testing.T) map[string]string {
 	t.Helper()
 	shm, err := os.MkdirTemp("/dev/shm", "ublkimg-test-")
@@ -418,4 +419,153 @@ func TestExtendingWrites(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestInlineWrites: on ext4, whose buffered writes io_uring always hands to
+// an io-wq worker, the driver writes whole pages with pwritev on the loop's
+// thread and everything else through the ring (see puntsBufferedWrites). Many
+// coroutines on two loops write random ranges of one file, some whole
+// pages, some not, some past its end, with vectors of up to three buffers;
+// the file must then hold the last write to every byte (each coroutine has
+// its own stripe of pages), read back by the kernel outside the driver.
+// With O_DIRECT, and on tmpfs (all of whose I/O is inline), the driver
+// does not choose this path.
+func TestInlineWrites(t *testing.T) {
+	const (
+		nLoops  = 2
+		perLoop = 8
+		stripe  = 16 << 10
+		iters   = 300
+	)
+	dir := t.TempDir()
+	if fs := fileSystem(dirFD(t, dir)); fs != ext4Magic {
+		t.Fatalf("%s is not on ext4 (statfs type %#x): set TMPDIR to a directory on ext4 to test the inline writes", dir, fs)
+	}
+	path := filepath.Join(dir, "img")
+	loops := startLoops(t, nLoops)
+	// The file starts short: the writes to the last stripes grow it.
+	size := int64(nLoops * perLoop * stripe)
+	if err := os.WriteFile(path, make([]byte, size/2), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	node := openFile(t, loops[0], path)
+	d := node.Driver().(*driver)
+	if !d.inlineWrites || d.inline {
+		t.Fatalf("inlineWrites %v, inline %v on ext4, want true and false", d.inlineWrites, d.inline)
+	}
+	for _, c := range []struct {
+		off  int64
+		iov  bdrv.IOVec
+		want bool
+	}{
+		{0, bdrv.IOVec{make([]byte, 4096)}, true},
+		{8192, bdrv.IOVec{make([]byte, 100), make([]byte, 8092)}, true},
+		{512, bdrv.IOVec{make([]byte, 4096)}, false},
+		{4096, bdrv.IOVec{make([]byte, 512)}, false},
+	} {
+		if got := d.inlineWrite(c.off, c.iov); got != c.want {
+			t.Errorf("inlineWrite(%d, %d bytes) = %v, want %v", c.off, c.iov.Len(), got, c.want)
+		}
+	}
+
+	want := make([]byte, size)
+	errc := make(chan error, nLoops*perLoop)
+	var inline, ring atomic.Int64
+	for li, l := range loops {
+		for c := range perLoop {
+			id := li*perLoop + c
+			base := int64(id) * stripe
+			l.Spawn(func(co *coroutine.Co) {
+				rng := rand.New(rand.NewPCG(uint64(id), 2))
+				buf := make([]byte, stripe)
+				for iter := range iters {
+					var off, n int64
+					if rng.IntN(2) == 0 {
+						off = rng.Int64N(stripe/4096) * 4096
+						n = (1 + rng.Int64N((stripe-off)/4096)) * 4096
+					} else {
+						off = rng.Int64N(stripe)
+						n = 1 + rng.Int64N(stripe-off)
+					}
+					for i := range buf[:n] {
+						buf[i] = byte(id*37 + iter*11 + i)
+					}
+					a := rng.Int64N(n + 1)
+					b := a + rng.Int64N(n-a+1)
+					iov := bdrv.IOVec{buf[:a], buf[a:b], buf[b:n]}
+					if d.inlineWrite(base+off, iov) {
+						inline.Add(1)
+					} else {
+						ring.Add(1)
+					}
+					if err := node.Pwritev(co, base+off, iov, 0); err != nil {
+						errc <- fmt.Errorf("coroutine %d: write %d bytes at %d: %w", id, n, base+off, err)
+						return
+					}
+					copy(want[base+off:], buf[:n])
+				}
+				errc <- nil
+			})
+		}
+	}
+	for range nLoops * perLoop {
+		if err := <-errc; err != nil {
+			t.Fatal(err)
+		}
+	}
+	err := loops[0].Call(func(co *coroutine.Co) error { return node.Flush(co) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d whole-page writes inline, %d through the ring", inline.Load(), ring.Load())
+	if inline.Load() == 0 || ring.Load() == 0 {
+		t.Fatal("the writes did not take both paths")
+	}
+	got, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if int64(len(got)) < size {
+		t.Fatalf("file is %d bytes, want at least %d", len(got), size)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("byte %d is %#x, want %#x", i, got[i], want[i])
+		}
+	}
+
+	// O_DIRECT writes and files in memory never take this path.
+	for name, spec := range map[string]bdrv.Spec{
+		"cache=none": {Filename: filepath.Join(dir, "direct"), Format: "file", Cache: bdrv.CacheNone},
+		"tmpfs":      {Filename: filepath.Join(storageDirs(t)["inline"], "img"), Format: "file"},
+	} {
+		err := loops[1].Call(func(co *coroutine.Co) error {
+			if err := bdrv.Create(co, "file", &bdrv.CreateRequest{Filename: spec.Filename, Size: 4096}); err != nil {
+				return err
+			}
+			n, err := bdrv.Open(co, spec)
+			if err != nil {
+				return err
+			}
+			defer n.Close(co)
+			if n.Driver().(*driver).inlineWrites {
+				return errors.New("inlineWrites set")
+			}
+			return nil
+		})
+		if err != nil {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+}
+
+// dirFD opens dir for statfs, closed when the test ends.
+func dirFD(t *testing.T, dir string) int {
+	t.Helper()
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	return fd
 }

@@ -21,7 +21,8 @@ import (
 type DirtyBitmap = bdrv.DirtyBitmap
 
 // BitmapData is a bitmap's content, detached from its image, for merging
-// into a bitmap of another image: the bdrv.BitmapData of this driver.
+// into a bitmap of another image (or back into its own, after
+// TakeBitmap): the bdrv.BitmapData of this driver.
 type BitmapData struct {
 	size uint64 // disk bytes covered
 	gran uint8
@@ -258,6 +259,29 @@ func (img *Image) ExportBitmap(co *coroutine.Co, name string) (bdrv.BitmapData, 
 		return nil, err
 	}
 	return &BitmapData{size: img.hdr.Size, gran: b.GranularityBits, bits: b.bits}, nil
+}
+
+// TakeBitmap returns a usable bitmap's content and clears the bitmap, in
+// one step under the metadata lock (a backup's point in time). The
+// content moves: the bitmap's chunks go to the returned copy and the
+// bitmap starts again with none, so taking costs no copy and no memory
+// beyond what the bitmap held. A write that marks a chunk while it moves
+// sets its bit in the copy or in the bitmap, never in neither; the caller
+// pauses the writers to make the step a point in time between requests.
+func (img *Image) TakeBitmap(co *coroutine.Co, name string) (bdrv.BitmapData, error) {
+	var taken *BitmapData
+	err := img.changeBitmap(co, name, func(b *dirtyBitmap) error {
+		v := newBitVec(b.bits.n)
+		for i := range b.bits.chunks {
+			v.chunks[i].Store(b.bits.chunks[i].Swap(nil))
+		}
+		taken = &BitmapData{size: img.hdr.Size, gran: b.GranularityBits, bits: v}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return taken, nil
 }
 
 // MergeBitmap sets in bitmap dst every granule that touches a granule set

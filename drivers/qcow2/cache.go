@@ -42,6 +42,9 @@ type cache struct {
 
 	depends        *cache
 	dependsOnFlush bool
+
+	// hits and misses count the lookups of tables to read (counters.go).
+	hits, misses bdrv.StatCounter
 }
 
 type cacheEntry struct {
@@ -76,6 +79,9 @@ func (c *cache) getEmptyLocked(co *coroutine.Co, off uint64) (*cacheEntry, error
 func (c *cache) doGetLocked(co *coroutine.Co, off uint64, read bool) (*cacheEntry, error) {
 	c.lruTick++
 	if i, ok := c.byOff[off]; ok {
+		if read {
+			c.hits.Add(1)
+		}
 		e := &c.entries[i]
 		e.ref++
 		e.lru = c.lruTick
@@ -93,6 +99,7 @@ func (c *cache) doGetLocked(co *coroutine.Co, off uint64, read bool) (*cacheEntr
 		e.buf = bdrv.AlignedBuffer(c.entrySize, 4096)
 	}
 	if read {
+		c.misses.Add(1)
 		if err := c.img.file.Preadv(co, int64(off), bdrv.IOVec{e.buf}, 0); err != nil {
 			return nil, err
 		}

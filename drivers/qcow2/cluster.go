@@ -491,6 +491,7 @@ func (img *Image) handleAllocLocked(co *coroutine.Co, guestOff uint64, hostOff, 
 	if used := m.nbClusters; fresh && used < nb {
 		img.freeClustersLocked(co, alloc+used*cs, (nb-used)*cs, discardNever)
 	}
+	img.counters.clustersAllocated.Add(m.nbClusters)
 	m.next = *metas
 	*metas = m
 	*hostOff = alloc + oic

@@ -493,3 +493,63 @@ func TestBitmapMergeAnyFormat(t *testing.T) {
 		return nil
 	})
 }
+
+// TestTakeBitmap takes a bitmap's content as a backup does: the copy holds
+// the writes before the take and no later one, the bitmap those after it;
+// merging the copy back (a failed backup) gives the union, which is what
+// the image stores at close. A bitmap that is not there is QEMU's error.
+func TestTakeBitmap(t *testing.T) {
+	qemutest.Require(t, "qemu-img")
+	path := qimg(t, filepath.Join(t.TempDir(), "t.qcow2"), "4M")
+	write := func(co *coroutine.Co, n *bdrv.Node, off, length int64) error {
+		return n.Pwritev(co, off, bdrv.IOVec{make([]byte, length)}, 0)
+	}
+	bdrvtest.WithNode(t, bdrv.Spec{Filename: path, Format: "qcow2"}, func(co *coroutine.Co, n *bdrv.Node) error {
+		pb := n.Driver().(bdrv.PersistentBitmaps)
+		if _, err := pb.TakeBitmap(co, "b"); err == nil || err.Error() != "Dirty bitmap 'b' not found" {
+			return fmt.Errorf("taking a missing bitmap: %v", err)
+		}
+		if err := pb.AddBitmap(co, "b", 4096, false); err != nil {
+			return err
+		}
+		if err := write(co, n, 0, 4096); err != nil {
+			return err
+		}
+		if err := write(co, n, 2<<20, 1<<20); err != nil {
+			return err
+		}
+		taken, err := pb.TakeBitmap(co, "b")
+		if err != nil {
+			return err
+		}
+		if err := write(co, n, 8192, 4096); err != nil {
+			return err
+		}
+		if r, want := dirtyRanges(taken), []string{"0+4096", "2097152+1048576"}; !slices.Equal(r, want) {
+			t.Errorf("taken: dirty %v, want %v", r, want)
+		}
+		now, err := pb.ExportBitmap(co, "b")
+		if err != nil {
+			return err
+		}
+		if r, want := dirtyRanges(now), []string{"8192+4096"}; !slices.Equal(r, want) {
+			t.Errorf("after the take: dirty %v, want %v", r, want)
+		}
+		if err := pb.MergeBitmap(co, "b", taken); err != nil {
+			return err
+		}
+		if r, want := dirtyRanges(now), []string{"0+4096", "8192+4096", "2097152+1048576"}; !slices.Equal(r, want) {
+			t.Errorf("merged back: dirty %v, want %v", r, want)
+		}
+		return nil
+	})
+	qcheck(t, path, false)
+	bms, _, _ := readStoredBitmaps(t, path)
+	data := bms["b"].Data
+	for g := range 4 << 20 / 4096 {
+		set := data[g/8]&(1<<(g%8)) != 0
+		if want := g == 0 || g == 2 || g >= 512 && g < 768; set != want {
+			t.Fatalf("stored granule %d: set %v, want %v", g, set, want)
+		}
+	}
+}

@@ -147,6 +147,8 @@ type Image struct {
 
 	l2Cache *cache
 	rcCache *cache
+	// counters are the figures Counters reports besides the caches'.
+	counters struct{ clustersAllocated, cowBytes bdrv.StatCounter }
 	// metaDirty is set (under meta) when a cache entry becomes dirty and
 	// cleared once both caches were written back; read without the lock
 	// so that a request that changed no metadata does not take it again.

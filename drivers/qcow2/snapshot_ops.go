@@ -113,8 +113,9 @@ func (img *Image) CreateSnapshotAt(co *coroutine.Co, name string, sec int64, nse
 		}
 	}
 
-	// Copy the active L1 table to new clusters. The copy carries no
-	// COPIED flags: they only mean something in the active table.
+	// Copy the active L1 table to new clusters, as it is: its COPIED
+	// flags mean nothing in a snapshot's table, whose readers ignore
+	// them, and QEMU copies them too (applying the snapshot clears them).
 	img.processDiscardsLocked(co)
 	cs := img.cs
 	l1Bytes := uint64(len(img.l1)) * 8
@@ -126,7 +127,7 @@ func (img *Image) CreateSnapshotAt(co *coroutine.Co, name string, sec int64, nse
 		sn.L1TableOffset = off
 		buf := bdrv.AlignedBuffer(int((l1Bytes+511)&^511), 4096)
 		for i, e := range img.l1 {
-			be.PutUint64(buf[i*8:], e&^OflagCopied)
+			be.PutUint64(buf[i*8:], e)
 		}
 		err = img.checkOverlapLocked(co, off, uint64(len(buf)), mkNone)
 		if err == nil {
@@ -329,7 +330,10 @@ func (img *Image) writeSnapshotsLocked(co *coroutine.Co, snaps []Snapshot) error
 		if err := img.syncAllLocked(co); err != nil {
 			return fail(err)
 		}
-		buf := bdrv.AlignedBuffer(int((uint64(len(data))+511)&^511), 4096)
+		// The table's own length, as QEMU writes it: the file node pads
+		// what its alignment needs, and a table at the end of the file
+		// leaves the file as long as qemu-img's.
+		buf := bdrv.AlignedBuffer(len(data), 4096)
 		copy(buf, data)
 		if err := img.checkOverlapLocked(co, off, uint64(len(buf)), mkNone); err != nil {
 			return fail(err)
@@ -395,6 +399,21 @@ func (img *Image) readSnapshotL1Locked(co *coroutine.Co, s Snapshot, n int) ([]u
 	return l1, nil
 }
 
+// writeL1CopyLocked writes l1 as the L1 table of a snapshot at off.
+func (img *Image) writeL1CopyLocked(co *coroutine.Co, off uint64, l1 []uint64) error {
+	buf := bdrv.AlignedBuffer(len(l1)*8, 4096)
+	for i, e := range l1 {
+		be.PutUint64(buf[i*8:], e)
+	}
+	if err := img.checkOverlapLocked(co, off, uint64(len(buf)), mkInactiveL1); err != nil {
+		return err
+	}
+	if err := img.file.Pwritev(co, int64(off), bdrv.IOVec{buf}, 0); err != nil {
+		return err
+	}
+	return img.file.Flush(co)
+}
+
 // ApplySnapshot reverts the image to the snapshot whose ID, or else name,
 // is idOrName (QEMU's qcow2_snapshot_goto): the active L1 table becomes a
 // copy of the snapshot's, and the image takes the snapshot's disk size.
@@ -421,7 +440,7 @@ func (img *Image) ApplySnapshot(co *coroutine.Co, idOrName string) error {
 		if sn.DiskSize%512 != 0 || sn.DiskSize > math.MaxInt64 {
 			return fmt.Errorf("qcow2: snapshot %s: invalid disk size %d: %w", sn.ID, sn.DiskSize, unix.EINVAL)
 		}
-		if err := img.truncateLocked(co, int64(sn.DiskSize), true, bdrv.PreallocOff); err != nil {
+		if err := img.truncateLocked(co, int64(sn.DiskSize), true, bdrv.PreallocOff, false); err != nil {
 			return err
 		}
 	}
@@ -432,6 +451,7 @@ func (img *Image) ApplySnapshot(co *coroutine.Co, idOrName string) error {
 	if err != nil {
 		return err
 	}
+	onDisk := slices.Clone(newL1[:sn.L1Size])
 	for k := range newL1 {
 		newL1[k] &^= OflagCopied
 	}
@@ -447,6 +467,15 @@ func (img *Image) ApplySnapshot(co *coroutine.Co, idOrName string) error {
 	}
 	if err := img.syncAllLocked(co); err != nil {
 		return err
+	}
+	// The snapshot's table gets the flags just computed (none: every
+	// table it names is now shared), as QEMU's qcow2_update_snapshot_refcount
+	// writes back a table it changed; only the COPIED flags differ, which
+	// readers of a snapshot's table ignore.
+	if !slices.Equal(onDisk, newL1[:sn.L1Size]) {
+		if err := img.writeL1CopyLocked(co, sn.L1TableOffset, newL1[:sn.L1Size]); err != nil {
+			return err
+		}
 	}
 	old := img.l1
 	img.l1 = newL1

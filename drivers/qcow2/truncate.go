@@ -8,6 +8,7 @@ import (
 
 	"ublkimg/bdrv"
 	"ublkimg/coroutine"
+	"ublkimg/uring"
 )
 
 // Resizing (QEMU's qcow2_co_truncate, qcow2_grow_l1_table,
@@ -22,6 +23,19 @@ import (
 // size, which applying it restores), a version 2 image with snapshots
 // cannot; persistent bitmaps follow the new size.
 func (img *Image) Truncate(co *coroutine.Co, size int64, exact bool, prealloc bdrv.Prealloc) error {
+	return img.truncate(co, size, exact, prealloc, false)
+}
+
+// TruncateZeroed implements bdrv.ZeroTruncater: Truncate, with the new
+// area made to read as zeros (QEMU's qcow2_co_truncate with
+// BDRV_REQ_ZERO_WRITE): zero clusters from the first subcluster boundary
+// on, zeros written before it. A version 2 image with a backing file has
+// no zero clusters: it is refused, unchanged.
+func (img *Image) TruncateZeroed(co *coroutine.Co, size int64, exact bool, prealloc bdrv.Prealloc) error {
+	return img.truncate(co, size, exact, prealloc, true)
+}
+
+func (img *Image) truncate(co *coroutine.Co, size int64, exact bool, prealloc bdrv.Prealloc, zero bool) error {
 	if err := img.checkIO(); err != nil {
 		return err
 	}
@@ -30,15 +44,15 @@ func (img *Image) Truncate(co *coroutine.Co, size int64, exact bool, prealloc bd
 	}
 	img.meta.Lock(co)
 	defer img.meta.Unlock(co)
-	if err := img.truncateLocked(co, size, exact, prealloc); err != nil {
+	if err := img.truncateLocked(co, size, exact, prealloc, zero); err != nil {
 		return err
 	}
 	return img.syncMetadataLocked(co)
 }
 
 // truncateLocked is Truncate (QEMU's qcow2_co_truncate) with meta held and
-// the size checked.
-func (img *Image) truncateLocked(co *coroutine.Co, size int64, exact bool, prealloc bdrv.Prealloc) error {
+// the size checked; zero makes the new area read as zeros.
+func (img *Image) truncateLocked(co *coroutine.Co, size int64, exact bool, prealloc bdrv.Prealloc, zero bool) error {
 	if len(img.snapshots) > 0 && img.hdr.Version < 3 {
 		return &refusal{"Can't resize a v2 image which has snapshots", unix.ENOTSUP}
 	}
@@ -96,6 +110,12 @@ func (img *Image) truncateLocked(co *coroutine.Co, size int64, exact bool, preal
 		img.node.SetLength(int64(old))
 		return fmt.Errorf("Could not preallocate: %w", err)
 	}
+	if zero && nsize > old {
+		if err := img.zeroNewAreaLocked(co, old, nsize); err != nil {
+			img.node.SetLength(int64(old))
+			return err
+		}
+	}
 	if err := img.writeHeaderU64(co, 24, nsize); err != nil {
 		img.node.SetLength(int64(old))
 		return fmt.Errorf("Failed to update the image size: %w", err)
@@ -106,6 +126,40 @@ func (img *Image) truncateLocked(co *coroutine.Co, size int64, exact bool, preal
 	img.node.SetLength(size)
 	img.resizeBitmapsLocked(nsize)
 	return nil
+}
+
+// zeroNewAreaLocked makes [old, size), the area a resize adds, read as
+// zeros before the header takes the new size: zero clusters from the
+// first subcluster boundary, then zeros written (with meta released, as a
+// guest write) to the part of the subcluster that old ends in.
+func (img *Image) zeroNewAreaLocked(co *coroutine.Co, old, size uint64) error {
+	sc := img.g.SubclusterSize()
+	start := (old + sc - 1) / sc * sc
+	if size > start {
+		if err := img.subclusterZeroizeLocked(co, start, size-start, false); err != nil {
+			return fmt.Errorf("Failed to zero out new clusters: %w", libcErrno(err))
+		}
+	}
+	if start > old {
+		buf := bdrv.AlignedBuffer(int(min(start, size)-old), 4096)
+		img.meta.Unlock(co)
+		err := img.Pwritev(co, int64(old), bdrv.IOVec{buf}, 0)
+		img.meta.Lock(co)
+		if err != nil {
+			return fmt.Errorf("Failed to zero out the new area: %w", libcErrno(err))
+		}
+	}
+	return nil
+}
+
+// libcErrno is err, a bare errno worded as the C library words it, as
+// QEMU's error_setg_errno prints it.
+func libcErrno(err error) error {
+	var e unix.Errno
+	if errors.As(err, &e) && err.Error() == e.Error() {
+		return uring.NewErrno(e, true)
+	}
+	return err
 }
 
 // refusal is a request QEMU refuses with errno: its message is QEMU's

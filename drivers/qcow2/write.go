@@ -267,6 +267,7 @@ func (img *Image) performCow(co *coroutine.Co, m *l2Meta) error {
 		}
 	}
 	m.cowDone = true
+	img.counters.cowBytes.Add(start.n + end.n)
 	return nil
 }
 

@@ -98,6 +98,15 @@ func (d *driver) Pwritev(co *coroutine.Co, off int64, iov bdrv.IOVec, flags bdrv
 	return d.file.Pwritev(co, d.offset+off, iov, flags)
 }
 
+// Mappable implements bdrv.Mapper: as the file.
+func (d *driver) Mappable() bool { return d.file.Mappable() }
+
+// MappedRange implements bdrv.Mapper: the file's, at the shifted offset
+// (the node's length bounds the window).
+func (d *driver) MappedRange(off, bytes int64) []byte {
+	return d.file.MappedRange(d.offset+off, bytes)
+}
+
 // PwriteZeroes implements bdrv.ZeroWriter by passing the request down.
 func (d *driver) PwriteZeroes(co *coroutine.Co, off, bytes int64, flags bdrv.ReqFlags) error {
 	return d.file.PwriteZeroes(co, d.offset+off, bytes, flags)

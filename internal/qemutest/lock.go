@@ -68,11 +68,23 @@ func Hold(t testing.TB, path string, want []int, name string, args ...string) {
 // command that qemu-io runs only once the image is open.
 func HoldWithQemuIO(t testing.TB, path string, want []int, args ...string) {
 	t.Helper()
+	holdWithQemuIO(t, path, want, path, args)
+}
+
+// HoldWithQemuIOOpts is HoldWithQemuIO for an image qemu-io opens with
+// --image-opts: image is the options string, which names path.
+func HoldWithQemuIOOpts(t testing.TB, path string, want []int, image string, args ...string) {
+	t.Helper()
+	holdWithQemuIO(t, path, want, image, append(slices.Clone(args), "--image-opts"))
+}
+
+func holdWithQemuIO(t testing.TB, path string, want []int, image string, args []string) {
+	t.Helper()
 	Require(t, "qemu-io")
 	// stdbuf: qemu-io's stdout to a pipe is otherwise flushed only at
 	// exit. It execs qemu-io in its own process, which the cleanup kills.
 	a := append([]string{"-oL", "qemu-io"}, args...)
-	h := startHolder(t, path, want, "stdbuf", append(a, "-c", "length", "-c", "sleep 600000", path)...)
+	h := startHolder(t, path, want, "stdbuf", append(a, "-c", "length", "-c", "sleep 600000", image)...)
 	select {
 	case <-h.firstLine:
 	case <-h.exited:
