@@ -9,23 +9,10 @@ import (
 	"ublkimg/coroutine"
 )
 
-// BitmapAction is one operation of qemu-img bitmap.
-type BitmapAction string
-
-// The operations, named as in qemu-img's messages.
-const (
-	BitmapAdd     BitmapAction = "add"
-	BitmapRemove  BitmapAction = "remove"
-	BitmapClear   BitmapAction = "clear"
-	BitmapEnable  BitmapAction = "enable"
-	BitmapDisable BitmapAction = "disable"
-	BitmapMerge   BitmapAction = "merge"
-)
-
 // BitmapOp is an operation with its argument (the source bitmap of a
 // merge).
 type BitmapOp struct {
-	Action BitmapAction
+	Action bdrv.BitmapAction
 	Source string
 }
 
@@ -88,8 +75,8 @@ func Bitmap(co *coroutine.Co, o BitmapOptions) error {
 func (o BitmapOptions) Check() error {
 	var add, merge bool
 	for _, op := range o.Ops {
-		add = add || op.Action == BitmapAdd
-		merge = merge || op.Action == BitmapMerge
+		add = add || op.Action == bdrv.BitmapAdd
+		merge = merge || op.Action == bdrv.BitmapMerge
 	}
 	switch {
 	case len(o.Ops) == 0:
@@ -127,7 +114,7 @@ func ParseBitmapGranularity(s string) (uint64, error) {
 // bitmapOp applies one operation to the image's bitmaps q (nil when its
 // format has none and can store none).
 func bitmapOp(co *coroutine.Co, node *bdrv.Node, q bdrv.PersistentBitmaps, src *bdrv.Node, op BitmapOp, name string, gran uint64) error {
-	if op.Action == BitmapAdd && q == nil {
+	if op.Action == bdrv.BitmapAdd && q == nil {
 		if name == "" {
 			return errors.New("Bitmap name cannot be empty")
 		}
@@ -137,15 +124,15 @@ func bitmapOp(co *coroutine.Co, node *bdrv.Node, q bdrv.PersistentBitmaps, src *
 		return fmt.Errorf("Dirty bitmap '%s' not found", name)
 	}
 	switch op.Action {
-	case BitmapAdd:
+	case bdrv.BitmapAdd:
 		return q.AddBitmap(co, name, gran, false)
-	case BitmapRemove:
+	case bdrv.BitmapRemove:
 		return q.RemoveBitmap(co, name)
-	case BitmapClear:
+	case bdrv.BitmapClear:
 		return q.ClearBitmap(co, name)
-	case BitmapEnable, BitmapDisable:
-		return q.SetBitmapEnabled(co, name, op.Action == BitmapEnable)
-	case BitmapMerge:
+	case bdrv.BitmapEnable, bdrv.BitmapDisable:
+		return q.SetBitmapEnabled(co, name, op.Action == bdrv.BitmapEnable)
+	case bdrv.BitmapMerge:
 		if err := q.CheckBitmap(co, name); err != nil {
 			return err
 		}

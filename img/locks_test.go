@@ -85,7 +85,7 @@ qemu-img create -q -f qcow2 -b busy.qcow2 -F qcow2 top.qcow2
 				return Snapshot(co, SnapshotOptions{Filename: p("busy.qcow2"), Op: SnapshotDeleteOp, Name: snap}, nil)
 			}, []string{"busy.qcow2"}},
 			{"bitmap", func(co *coroutine.Co) error {
-				return Bitmap(co, BitmapOptions{Args: []string{p("busy.qcow2"), snap}, Ops: []BitmapOp{{Action: BitmapAdd}, {Action: BitmapRemove}}})
+				return Bitmap(co, BitmapOptions{Args: []string{p("busy.qcow2"), snap}, Ops: []BitmapOp{{Action: bdrv.BitmapAdd}, {Action: bdrv.BitmapRemove}}})
 			}, []string{"busy.qcow2"}},
 			{"check -r", func(co *coroutine.Co) error {
 				_, err := Check(co, CheckOptions{Filename: p("top.qcow2"), Repair: RepairAll}, nil, nil)

@@ -13,27 +13,13 @@ import (
 	"ublkimg/coroutine"
 )
 
-// BitmapAction is an operation on a persistent bitmap of a device's image,
-// named as qemu-img bitmap's options.
-type BitmapAction string
-
-// The operations Bitmap runs.
-const (
-	BitmapAdd     BitmapAction = "add"
-	BitmapRemove  BitmapAction = "remove"
-	BitmapClear   BitmapAction = "clear"
-	BitmapEnable  BitmapAction = "enable"
-	BitmapDisable BitmapAction = "disable"
-	BitmapMerge   BitmapAction = "merge"
-)
-
 // BitmapOp is one operation: Granularity and Disabled are add's, Source
 // is the bitmap a merge reads.
 type BitmapOp struct {
-	Action      BitmapAction `json:"action"`
-	Granularity uint64       `json:"granularity,omitempty"`
-	Disabled    bool         `json:"disabled,omitempty"`
-	Source      string       `json:"source,omitempty"`
+	Action      bdrv.BitmapAction `json:"action"`
+	Granularity uint64            `json:"granularity,omitempty"`
+	Disabled    bool              `json:"disabled,omitempty"`
+	Source      string            `json:"source,omitempty"`
 }
 
 // BitmapSource is the image whose bitmaps merges read (qemu-img bitmap's
@@ -76,27 +62,27 @@ func Bitmap(ctx context.Context, dev Device, name string, ops []BitmapOp, src Bi
 		for _, op := range ops {
 			var err error
 			switch {
-			case !ok && op.Action == BitmapAdd && name == "":
+			case !ok && op.Action == bdrv.BitmapAdd && name == "":
 				err = errors.New("Bitmap name cannot be empty")
-			case !ok && op.Action == BitmapAdd:
+			case !ok && op.Action == bdrv.BitmapAdd:
 				err = fmt.Errorf("Can't store persistent bitmaps to %s: Operation not supported", image.Filename)
 			case !ok:
 				err = fmt.Errorf("Dirty bitmap '%s' not found", name)
-			case op.Action == BitmapAdd:
+			case op.Action == bdrv.BitmapAdd:
 				err = bm.AddBitmap(co, name, op.Granularity, op.Disabled)
-			case op.Action == BitmapRemove:
+			case op.Action == bdrv.BitmapRemove:
 				err = bm.RemoveBitmap(co, name)
-			case op.Action == BitmapClear:
+			case op.Action == bdrv.BitmapClear:
 				err = bm.ClearBitmap(co, name)
-			case op.Action == BitmapEnable, op.Action == BitmapDisable:
-				err = bm.SetBitmapEnabled(co, name, op.Action == BitmapEnable)
-			case op.Action == BitmapMerge:
+			case op.Action == bdrv.BitmapEnable, op.Action == bdrv.BitmapDisable:
+				err = bm.SetBitmapEnabled(co, name, op.Action == bdrv.BitmapEnable)
+			case op.Action == bdrv.BitmapMerge:
 				err = mergeBitmap(co, bm, name, source, op.Source)
 			default:
 				err = fmt.Errorf("unknown bitmap operation '%s'", op.Action)
 			}
 			if err != nil {
-				if op.Action != BitmapAdd {
+				if op.Action != bdrv.BitmapAdd {
 					err = inBacking(co, image, name, err)
 				}
 				return fmt.Errorf("Operation %s on bitmap %s failed: %w", op.Action, name, err)

@@ -771,7 +771,7 @@ func TestBitmapMergeAndSnapshot(t *testing.T) {
 		t.Fatalf("qemu-io: %v\n%s", err, out)
 	}
 	ctx := t.Context()
-	add := []BitmapOp{{Action: BitmapAdd, Granularity: 65536}}
+	add := []BitmapOp{{Action: bdrv.BitmapAdd, Granularity: 65536}}
 	for _, name := range []string{"b0", "b1"} {
 		if err := Bitmap(ctx, d, name, add, BitmapSource{}); err != nil {
 			t.Fatal(err)
@@ -785,17 +785,17 @@ func TestBitmapMergeAndSnapshot(t *testing.T) {
 	if err := d.write(loop, 3<<20, bdrv.AlignedBuffer(4096, 4096)); err != nil {
 		t.Fatal(err)
 	}
-	merge := []BitmapOp{{Action: BitmapMerge, Source: "b0"}}
-	if err := Bitmap(ctx, d, "b1", []BitmapOp{{Action: BitmapClear}}, BitmapSource{}); err != nil {
+	merge := []BitmapOp{{Action: bdrv.BitmapMerge, Source: "b0"}}
+	if err := Bitmap(ctx, d, "b1", []BitmapOp{{Action: bdrv.BitmapClear}}, BitmapSource{}); err != nil {
 		t.Fatal(err)
 	}
 	if err := Bitmap(ctx, d, "b1", merge, BitmapSource{}); err != nil {
 		t.Fatal(err)
 	}
-	if err := Bitmap(ctx, d, "b1", []BitmapOp{{Action: BitmapMerge, Source: "ob"}}, BitmapSource{File: other, Format: "qcow2"}); err != nil {
+	if err := Bitmap(ctx, d, "b1", []BitmapOp{{Action: bdrv.BitmapMerge, Source: "ob"}}, BitmapSource{File: other, Format: "qcow2"}); err != nil {
 		t.Fatal(err)
 	}
-	err = Bitmap(ctx, d, "b1", []BitmapOp{{Action: BitmapMerge, Source: "nope"}}, BitmapSource{})
+	err = Bitmap(ctx, d, "b1", []BitmapOp{{Action: bdrv.BitmapMerge, Source: "nope"}}, BitmapSource{})
 	if want := "Operation merge on bitmap b1 failed: Dirty bitmap 'nope' not found"; err == nil || err.Error() != want {
 		t.Errorf("merge from a missing bitmap: %v, want %q", err, want)
 	}
@@ -813,7 +813,7 @@ func TestBitmapMergeAndSnapshot(t *testing.T) {
 	if want := "Dirty bitmap 'b0' not found" + hint; err == nil || err.Error() != want {
 		t.Errorf("backup from a bitmap of the base: %v, want %q", err, want)
 	}
-	err = Bitmap(ctx, d, "b0", []BitmapOp{{Action: BitmapClear}}, BitmapSource{})
+	err = Bitmap(ctx, d, "b0", []BitmapOp{{Action: bdrv.BitmapClear}}, BitmapSource{})
 	if want := "Operation clear on bitmap b0 failed: Dirty bitmap 'b0' not found" + hint; err == nil || err.Error() != want {
 		t.Errorf("clear of a bitmap of the base: %v, want %q", err, want)
 	}

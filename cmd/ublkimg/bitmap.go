@@ -3,6 +3,7 @@ package main
 import (
 	"github.com/urfave/cli/v2"
 
+	"ublkimg/bdrv"
 	"ublkimg/coroutine"
 	"ublkimg/img"
 )
@@ -17,7 +18,7 @@ type bitmapOps struct{ ops []img.BitmapOp }
 // the operation (with its argument, for --merge).
 type opValue struct {
 	to      *bitmapOps
-	action  img.BitmapAction
+	action  bdrv.BitmapAction
 	withArg bool
 }
 
@@ -43,7 +44,7 @@ func (f *opFlag) TakesValue() bool { return f.withArg }
 
 func bitmapCommand() *cli.Command {
 	ops := &bitmapOps{}
-	op := func(a img.BitmapAction, usage string, withArg bool) cli.Flag {
+	op := func(a bdrv.BitmapAction, usage string, withArg bool) cli.Flag {
 		return &opFlag{&cli.GenericFlag{Name: string(a), Usage: usage,
 			Value: &opValue{to: ops, action: a, withArg: withArg}}, withArg}
 	}
@@ -59,12 +60,12 @@ func bitmapCommand() *cli.Command {
 			"(/dev/ublkbN): its server then makes the changes between two requests.",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "f", Aliases: []string{"format"}, Usage: "`FMT` of the image (default: probed)"},
-			op(img.BitmapAdd, "create the bitmap", false),
-			op(img.BitmapRemove, "delete the bitmap", false),
-			op(img.BitmapClear, "clear every bit", false),
-			op(img.BitmapEnable, "track writes", false),
-			op(img.BitmapDisable, "stop tracking writes", false),
-			op(img.BitmapMerge, "merge bitmap `SRC` into it", true),
+			op(bdrv.BitmapAdd, "create the bitmap", false),
+			op(bdrv.BitmapRemove, "delete the bitmap", false),
+			op(bdrv.BitmapClear, "clear every bit", false),
+			op(bdrv.BitmapEnable, "track writes", false),
+			op(bdrv.BitmapDisable, "stop tracking writes", false),
+			op(bdrv.BitmapMerge, "merge bitmap `SRC` into it", true),
 			&cli.StringFlag{Name: "g", Aliases: []string{"granularity"}, Usage: "`GRANULARITY` of a new bitmap (power of 2, at least 512)"},
 			&cli.StringFlag{Name: "b", Aliases: []string{"source-file"}, Usage: "image `SRC_FILE` holding the --merge source"},
 			&cli.StringFlag{Name: "F", Aliases: []string{"source-format"}, Usage: "`SRC_FMT` of -b's image"},

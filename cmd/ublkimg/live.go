@@ -13,6 +13,7 @@ import (
 	"github.com/urfave/cli/v2"
 	"golang.org/x/sys/unix"
 
+	"ublkimg/bdrv"
 	"ublkimg/img"
 	"ublkimg/jobs"
 	"ublkimg/ublk"
@@ -241,8 +242,8 @@ func liveBitmap(c *cli.Context, id int, name string, o img.BitmapOptions) error 
 	}
 	a := bitmapArgs{Name: name, Source: jobs.BitmapSource{File: src, Format: o.SourceFormat}}
 	for _, op := range o.Ops {
-		j := jobs.BitmapOp{Action: jobs.BitmapAction(op.Action), Source: op.Source}
-		if op.Action == img.BitmapAdd {
+		j := jobs.BitmapOp{Action: op.Action, Source: op.Source}
+		if op.Action == bdrv.BitmapAdd {
 			j.Granularity = gran
 		}
 		a.Ops = append(a.Ops, j)
