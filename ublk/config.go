@@ -1,6 +1,7 @@
 package ublk
 
 import (
+	"errors"
 	"fmt"
 	"runtime"
 	"time"
@@ -122,6 +123,12 @@ type Config struct {
 	// Start fails with an error matching ErrNotSupported when it is
 	// asked for and the kernel lacks it.
 	UserCopy bool
+	// NoUserCopy turns that automatic choice off: a Mappable node is
+	// served in copy mode too. The image's tmpfs pages a mapped READ
+	// touches count in the server's RSS and in its OOM score (not in
+	// the memory it uses: tmpfs holds them anyway); copy mode maps
+	// none. It contradicts UserCopy.
+	NoUserCopy bool
 	// PollMax lets each queue thread poll its ring for up to this long
 	// before it sleeps (adaptive, as QEMU's IOThread poll-max-ns: see
 	// coroutine.Config.PollMax). Polling saves the wake-ups of the queue
@@ -186,6 +193,8 @@ func (cfg Config) withDefaults() (Config, error) {
 	}
 	page := pageSize
 	switch {
+	case cfg.UserCopy && cfg.NoUserCopy:
+		return cfg, errors.New("user copy both asked for and turned off")
 	case cfg.ID < -1 || cfg.ID >= 1<<20:
 		return cfg, fmt.Errorf("invalid device id %d (0..%d, or -1 for any)", cfg.ID, 1<<20-1)
 	case cfg.Queues < 1 || cfg.Queues > MaxQueues:

@@ -28,7 +28,8 @@
 // out its data as memory (bdrv.Node.Mappable: a raw image in tmpfs), where
 // a READ with user copy is one copy from the image's pages into the
 // request's, without the read into a buffer: such devices use user copy
-// whenever the kernel has it (bench/README.md has the figures).
+// whenever the kernel has it, unless Config.NoUserCopy (bench/README.md has
+// the figures).
 //
 // START_DEV is sent from the control goroutine only once every queue has
 // issued FETCH for every tag and waits in io_uring_enter: the kernel scans

@@ -67,6 +67,18 @@ func (d *Device) closeNodeOnly() {
 	coroutine.Run(func(co *coroutine.Co) error { return d.node.Close(co) })
 }
 
+// wantUserCopy says whether ADD_DEV asks for user copy, given the kernel's
+// features: when cfg asks for it, and for a node that hands out its data
+// as memory (a raw image in tmpfs) whenever the kernel has it, unless
+// cfg.NoUserCopy: a READ is then one copy, from the image's pages into the
+// request's (queue.readMapped).
+func wantUserCopy(cfg *Config, mappable bool, features Features) (bool, error) {
+	if cfg.UserCopy && !features.Has(FeatureUserCopy) {
+		return false, &UnsupportedFeatureError{Name: "UBLK_F_USER_COPY"}
+	}
+	return cfg.UserCopy || !cfg.NoUserCopy && mappable && features.Has(FeatureUserCopy), nil
+}
+
 // start runs the start sequence of the state diagram; Close undoes
 // whatever part of it succeeded.
 func (d *Device) start() error {
@@ -76,14 +88,11 @@ func (d *Device) start() error {
 		return err
 	}
 	var flags Features
-	// A node that hands out its data as memory (a raw image in tmpfs)
-	// gets user copy whenever the kernel has it: a READ is then one copy,
-	// from the image's pages into the request's (queue.readMapped).
-	autoCopy := d.node.Mappable() && d.ctrl.features.Has(FeatureUserCopy)
-	if cfg.UserCopy || autoCopy {
-		if !d.ctrl.features.Has(FeatureUserCopy) {
-			return &UnsupportedFeatureError{Name: "UBLK_F_USER_COPY"}
-		}
+	userCopy, err := wantUserCopy(cfg, d.node.Mappable(), d.ctrl.features)
+	if err != nil {
+		return err
+	}
+	if userCopy {
 		flags |= FeatureUserCopy
 	}
 	if cfg.Recovery {

@@ -60,9 +60,42 @@ func TestConfigDefaults(t *testing.T) {
 	for _, bad := range []Config{
 		{ID: -2}, {ID: 1 << 20}, {Queues: 5000}, {Depth: 4097}, {BlockSize: 1000},
 		{BlockSize: 8192}, {MaxIOBytes: 1000}, {MaxIOBytes: 64 << 20},
+		{ID: -1, UserCopy: true, NoUserCopy: true},
 	} {
 		if _, err := bad.withDefaults(); err == nil {
 			t.Errorf("%+v accepted", bad)
+		}
+	}
+}
+
+// TestWantUserCopy: ADD_DEV asks for user copy when the configuration
+// asks for it (an error where the kernel lacks it), and for a mappable node
+// (a raw image in tmpfs) where the kernel has it, unless NoUserCopy.
+func TestWantUserCopy(t *testing.T) {
+	const has, lacks = FeatureUserCopy | FeatureUpdateSize, FeatureUpdateSize
+	for _, tc := range []struct {
+		cfg      Config
+		mappable bool
+		features Features
+		want     bool
+		err      bool
+	}{
+		{Config{}, false, has, false, false},
+		{Config{}, true, has, true, false},
+		{Config{}, true, lacks, false, false},
+		{Config{UserCopy: true}, false, has, true, false},
+		{Config{UserCopy: true}, true, has, true, false},
+		{Config{UserCopy: true}, false, lacks, false, true},
+		{Config{NoUserCopy: true}, true, has, false, false},
+		{Config{NoUserCopy: true}, false, has, false, false},
+		{Config{NoUserCopy: true}, true, lacks, false, false},
+	} {
+		got, err := wantUserCopy(&tc.cfg, tc.mappable, tc.features)
+		if got != tc.want || (err != nil) != tc.err {
+			t.Errorf("%+v mappable %v features %#x: %v, %v; want %v (error %v)", tc.cfg, tc.mappable, tc.features, got, err, tc.want, tc.err)
+		}
+		if err != nil && !errors.Is(err, ErrNotSupported) {
+			t.Errorf("%+v: error %v does not match ErrNotSupported", tc.cfg, err)
 		}
 	}
 }

@@ -59,7 +59,9 @@ func attachCommand() *cli.Command {
 			&cli.StringFlag{Name: "discard", Value: "unmap", Usage: "discard requests: unmap (deallocate in the image) or ignore"},
 			&cli.IntFlag{Name: "id", Value: -1, Usage: "device number N of /dev/ublkbN (-1: the first free)"},
 			&cli.IntFlag{Name: "block-size", Value: ublk.DefaultBlockSize, Usage: "logical block size: 512 or 4096"},
-			&cli.BoolFlag{Name: "user-copy", Usage: "move data with UBLK_F_USER_COPY instead of per-tag buffers"},
+			&cli.BoolFlag{Name: "user-copy", DefaultText: "on for a raw image in tmpfs, where the kernel has it; else off",
+				Usage: "move data with UBLK_F_USER_COPY instead of per-tag buffers"},
+			&cli.BoolFlag{Name: "no-user-copy", Usage: "keep a raw image in tmpfs in copy mode too: with user copy its READs map the image's pages, which then count in the server's RSS and OOM score"},
 			&cli.DurationFlag{Name: "poll-max", Value: ublk.DefaultPollMax, Usage: "let queue threads poll for up to `DURATION` before sleeping (adaptive: only while requests come faster): lower latency, more CPU while busy; 0 never polls"},
 			&cli.BoolFlag{Name: "recovery", Usage: "keep the device when the server dies (I/O waits) so that ublkimg recover can serve it again; a qcow2 image then writes the metadata a write changed back before acknowledging it (x-crash-safe-metadata=on)"},
 			&cli.BoolFlag{Name: "foreground", Usage: "serve in this process until SIGTERM or SIGINT"},
@@ -119,15 +121,19 @@ func parseAttach(c *cli.Context) (*attachOptions, error) {
 		return nil, err
 	}
 	o.cfg = ublk.Config{
-		ID:        c.Int("id"),
-		Queues:    c.Int("queues"),
-		Depth:     c.Int("depth"),
-		BlockSize: c.Int("block-size"),
-		ReadOnly:  c.Bool("read-only"),
-		Discard:   discard,
-		UserCopy:  c.Bool("user-copy"),
-		PollMax:   c.Duration("poll-max"),
-		Recovery:  c.Bool("recovery"),
+		ID:         c.Int("id"),
+		Queues:     c.Int("queues"),
+		Depth:      c.Int("depth"),
+		BlockSize:  c.Int("block-size"),
+		ReadOnly:   c.Bool("read-only"),
+		Discard:    discard,
+		UserCopy:   c.Bool("user-copy"),
+		NoUserCopy: c.Bool("no-user-copy"),
+		PollMax:    c.Duration("poll-max"),
+		Recovery:   c.Bool("recovery"),
+	}
+	if o.cfg.UserCopy && o.cfg.NoUserCopy {
+		return nil, errors.New("--user-copy and --no-user-copy exclude each other")
 	}
 	if o.cfg.PollMax < 0 || o.cfg.PollMax > time.Second {
 		return nil, fmt.Errorf("invalid poll time %v (0 to 1s)", o.cfg.PollMax)

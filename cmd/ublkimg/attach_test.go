@@ -433,3 +433,48 @@ func attachServed(t *testing.T, args ...string) (o *attachOptions, node *bdrv.No
 	}
 	return o, node, cache, err
 }
+
+// TestAttachUserCopy: --user-copy forces user copy on, --no-user-copy
+// turns ublk's automatic choice for a raw image in tmpfs off, and without
+// either the choice is ublk's. Both at once, or a value given to the
+// boolean flag (getopt's rule), is refused rather than half-honoured.
+func TestAttachUserCopy(t *testing.T) {
+	img := filepath.Join(t.TempDir(), "a.raw")
+	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		args       []string
+		on, refuse bool
+	}{
+		{[]string{img}, false, false},
+		{[]string{"--user-copy", img}, true, false},
+		{[]string{img, "--no-user-copy"}, false, true},
+		{[]string{"--no-user", img}, false, true},
+	} {
+		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
+			o, _, _, err := attachServed(t, tc.args...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if o.cfg.UserCopy != tc.on || o.cfg.NoUserCopy != tc.refuse {
+				t.Errorf("UserCopy %v NoUserCopy %v, want %v %v", o.cfg.UserCopy, o.cfg.NoUserCopy, tc.on, tc.refuse)
+			}
+		})
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"attach", "--user-copy", "--no-user-copy", img}, "--user-copy and --no-user-copy exclude each other"},
+		{[]string{"attach", "--user-copy=false", img}, "option '--user-copy' doesn't allow an argument"},
+	} {
+		var out, errOut strings.Builder
+		if code := run(append([]string{"ublkimg"}, tc.args...), &out, &errOut); code != 1 {
+			t.Errorf("%q: exit %d, want 1", tc.args, code)
+		}
+		if msg := errOut.String(); !strings.Contains(msg, tc.want) || strings.Count(msg, "\n") != 1 {
+			t.Errorf("%q: stderr %q, want one line with %q", tc.args, msg, tc.want)
+		}
+	}
+}
