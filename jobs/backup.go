@@ -36,7 +36,9 @@ type BackupOptions struct {
 	// clear. Without it, such a backup is a qcow2 image encrypted with
 	// LUKS under the image's secret (backupIterTime), and a raw target is
 	// refused: nothing the guest wrote encrypted reaches a backup in
-	// clear unless the user asked for it.
+	// clear unless the user asked for it. On an image in clear it
+	// changes nothing (BackupResult.Plaintext stays false, so that the
+	// caller can tell the user).
 	Plaintext bool
 }
 

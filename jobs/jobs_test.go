@@ -230,7 +230,8 @@ func sameData(t *testing.T, what string, got, want []byte) {
 // TestBackupUnderWrites: full backups to qcow2 and raw, then an
 // incremental one from a bitmap, each taken while four guests write all
 // over the image, equal the image as it was at their pause, and pass
-// qemu-img check; the incremental one holds only what changed.
+// qemu-img check; the incremental one holds only what changed. Plaintext
+// (given for the raw one) changes nothing on an image in clear.
 func TestBackupUnderWrites(t *testing.T) {
 	qemutest.Require(t, "qemu-img")
 	dir := t.TempDir()
@@ -244,13 +245,18 @@ func TestBackupUnderWrites(t *testing.T) {
 		wait := d.guests(t, 4, stop)
 		first := len(d.pauses)
 		var last int64
-		_, err := Backup(ctx, d, o, func(done, total int64) { last = done })
+		res, err := Backup(ctx, d, o, func(done, total int64) { last = done })
 		close(stop)
 		if gerr := wait(); gerr != nil {
 			t.Fatalf("guest write: %v", gerr)
 		}
 		if err != nil {
 			t.Fatal(err)
+		}
+		// The image is in clear: no secret, and Plaintext (asked for
+		// the raw one) changed nothing.
+		if res.Secret != "" || res.Plaintext || res.Options != nil {
+			t.Fatalf("%s: %+v for a device in clear", filepath.Base(o.Target), res)
 		}
 		t.Logf("%s: copied %d bytes", filepath.Base(o.Target), last)
 		if d.node.Format.Name != "qcow2" || bdrv.Unfiltered(d.node) != d.node {
@@ -265,7 +271,7 @@ func TestBackupUnderWrites(t *testing.T) {
 	sameData(t, "full backup", readImage(t, full), want)
 
 	raw := filepath.Join(dir, "full.raw")
-	wantRaw := backup(BackupOptions{Target: raw, Format: "raw"})
+	wantRaw := backup(BackupOptions{Target: raw, Format: "raw", Plaintext: true})
 	sameData(t, "raw backup", readImage(t, raw), wantRaw)
 
 	inc := filepath.Join(dir, "inc.qcow2")

@@ -171,7 +171,8 @@ func backupCommand() *cli.Command {
 			"is encrypted with LUKS under the same secret (2 s of key derivation, QEMU's\n" +
 			"default iter-time), its backing chain opened with it; the command prints the\n" +
 			"--image-opts that open it. A raw backup of an encrypted device is refused:\n" +
-			"--plaintext writes the backup in clear, only when asked.\n" +
+			"--plaintext writes the backup in clear, only when asked (on a device in clear\n" +
+			"it changes nothing, and a note on stderr says so).\n" +
 			"DEV is /dev/ublkbN or an attached image.",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "f", Aliases: []string{"format"}, Value: "qcow2", Usage: "`FMT` of TARGET: qcow2 or raw"},
@@ -204,7 +205,7 @@ func backupCommand() *cli.Command {
 				return err
 			}
 			if !c.Bool("q") {
-				printBackupKey(c.App.Writer, res)
+				printBackupKey(c.App.Writer, c.App.ErrWriter, res, c.Bool("plaintext"))
 			}
 			return nil
 		},
@@ -212,8 +213,14 @@ func backupCommand() *cli.Command {
 }
 
 // printBackupKey tells the user what opens a backup of an encrypted
-// device: its secret, or that it is in clear as asked.
-func printBackupKey(w io.Writer, res jobResult) {
+// device: its secret, or that it is in clear as asked. --plaintext
+// (plaintext) on a device in clear changed nothing: a note on errW says
+// so rather than let the user believe it did something, without failing
+// the backup (a script may pass it for every device, encrypted or not).
+func printBackupKey(w, errW io.Writer, res jobResult, plaintext bool) {
+	if plaintext && !res.Plaintext {
+		fmt.Fprintln(errW, "ublkimg: note: --plaintext changed nothing: the device's image is not encrypted, its backup is in clear anyway")
+	}
 	switch {
 	case res.Secret != "":
 		fmt.Fprintf(w, "Backup encrypted (LUKS) with the device's secret '%s': open it with --object secret,id=%s,... --image-opts '%s'\n",

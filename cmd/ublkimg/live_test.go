@@ -98,26 +98,31 @@ func TestPauseTimerString(t *testing.T) {
 // TestPrintBackupKey: what ublkimg backup prints after a backup: nothing
 // for a device in clear, the secret and the --image-opts of an encrypted
 // backup, a warning for one written in clear as asked, and the options of
-// an encrypted backing chain under a backup in clear.
+// an encrypted backing chain under a backup in clear; --plaintext on a
+// device in clear gets a one-line note on stderr.
 func TestPrintBackupKey(t *testing.T) {
 	const opts = "backing.encrypt.key-secret=sec0,driver=qcow2,encrypt.key-secret=sec0,file.filename=/b/inc.qcow2"
+	const note = "ublkimg: note: --plaintext changed nothing: the device's image is not encrypted, its backup is in clear anyway\n"
 	for _, tc := range []struct {
-		res  jobResult
-		want string
+		res       jobResult
+		plaintext bool
+		want      string
+		wantErr   string
 	}{
-		{jobResult{Image: "/b/full.qcow2"}, ""},
-		{jobResult{Image: "/b/inc.qcow2", Secret: "sec0", ImageOpts: opts},
-			"Backup encrypted (LUKS) with the device's secret 'sec0': open it with --object secret,id=sec0,... --image-opts '" + opts + "'\n"},
-		{jobResult{Image: "/b/full.raw", Plaintext: true},
-			"Backup of an encrypted device written in clear (--plaintext): /b/full.raw holds its data unencrypted\n"},
-		{jobResult{Image: "/b/inc.qcow2", Plaintext: true, ImageOpts: "backing.encrypt.key-secret=sec0,driver=qcow2,file.filename=/b/inc.qcow2"},
+		{jobResult{Image: "/b/full.qcow2"}, false, "", ""},
+		{jobResult{Image: "/b/full.qcow2"}, true, "", note},
+		{jobResult{Image: "/b/inc.qcow2", Secret: "sec0", ImageOpts: opts}, false,
+			"Backup encrypted (LUKS) with the device's secret 'sec0': open it with --object secret,id=sec0,... --image-opts '" + opts + "'\n", ""},
+		{jobResult{Image: "/b/full.raw", Plaintext: true}, true,
+			"Backup of an encrypted device written in clear (--plaintext): /b/full.raw holds its data unencrypted\n", ""},
+		{jobResult{Image: "/b/inc.qcow2", Plaintext: true, ImageOpts: "backing.encrypt.key-secret=sec0,driver=qcow2,file.filename=/b/inc.qcow2"}, true,
 			"Backup of an encrypted device written in clear (--plaintext): /b/inc.qcow2 holds its data unencrypted\n" +
-				"Its backing chain is encrypted: open it with --image-opts 'backing.encrypt.key-secret=sec0,driver=qcow2,file.filename=/b/inc.qcow2'\n"},
+				"Its backing chain is encrypted: open it with --image-opts 'backing.encrypt.key-secret=sec0,driver=qcow2,file.filename=/b/inc.qcow2'\n", ""},
 	} {
-		var b strings.Builder
-		printBackupKey(&b, tc.res)
-		if b.String() != tc.want {
-			t.Errorf("%+v: %q, want %q", tc.res, b.String(), tc.want)
+		var out, errOut strings.Builder
+		printBackupKey(&out, &errOut, tc.res, tc.plaintext)
+		if out.String() != tc.want || errOut.String() != tc.wantErr {
+			t.Errorf("%+v plaintext %v: %q and %q on stderr, want %q and %q", tc.res, tc.plaintext, out.String(), errOut.String(), tc.want, tc.wantErr)
 		}
 	}
 }
