@@ -66,40 +66,6 @@ VM_RACE_TESTS := TestVMLifecycleRaw|TestVMLifecycleQcow2|TestVMQcow2Features|Tes
 vmtest-race:
 	UBLKIMG_VM=1 UBLKIMG_VM_RACE=1 $(GO) test -count=1 -p 1 -timeout 60m -run '^($(VM_RACE_TESTS))$$' ./ublk/
 
-deps:
-	@scripts/deps.sh
-
-check:
-	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
-	$(GO) mod tidy -diff
-	$(GO) vet ./...
-	$(STATICCHECK) ./...
-
-unit:
-	$(GO) test -race -count=1 -timeout 20m ./...
-
-# The tests that run fewer cases under the race detector (they read
-# raceEnabled) run in full without it: qcow2's refcount widths and crash
-# rounds, and the stack-move stress tests, whose bug class (an SQE pointing
-# into a goroutine stack) the race detector's instrumentation hides by
-# keeping append's arrays off the stack. TestRaceReducedRunWithoutRace
-# (drivers/qcow2) keeps both lists complete.
-NORACE_PKGS  := ./drivers/qcow2/ ./drivers/file/ ./coroutine/
-NORACE_TESTS := TestAmendRefcountBits|TestAmendRefcountCrash|TestWriteStreams|TestCrashConsistency|TestVectoredIOUnderStackMoves|TestIOMemoryIsHeap
-
-unit-norace:
-	$(GO) test -count=1 -timeout 10m -run '^($(NORACE_TESTS))$$' $(NORACE_PKGS)
-
-vmtest:
-	UBLKIMG_VM=1 $(GO) test -count=1 -p 1 -timeout 40m $(VM_PKGS)
-
-# The ublk VM scenarios with the race detector in the guest's ublkimg and
-# test binaries: a race report from any process fails the scenario. 8.5 to
-# 10 minutes on the shared 2-core machine, where the plain ublk scenarios
-# took 7 (the race runtime costs 1.5-2x per scenario).
-vmtest-race:
-	UBLKIMG_VM=1 UBLKIMG_VM_RACE=1 $(GO) test -count=1 -p 1 -timeout 60m ./ublk/
-
 # Long fuzzing (not part of `make test`, which runs the seed corpora):
 # every Fuzz target of every package for FUZZTIME, among them the parsers,
 # the qcow2 driver (FuzzImage) and the verbs (img FuzzVerbs: info, check,
