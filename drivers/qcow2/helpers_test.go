@@ -112,18 +112,16 @@ func qemuCreate(t testing.TB, dir, name, size string, args ...string) string {
 	if size != "" {
 		a = append(a, size)
 	}
-	// LUKS creation benchmarks PBKDF iterations and fails with "Unable to
-	// get accurate CPU usage" when the measurement comes out as zero on a
-	// busy machine; retry that.
-	for i := 0; ; i++ {
-		out, err := tryRun("qemu-img", a...)
-		if err == nil {
-			return p
-		}
-		if i >= 3 || !strings.Contains(out, "accurate CPU usage") {
-			t.Fatalf("qemu-img %s: %v\n%s", strings.Join(a, " "), err, out)
-		}
+	var err error
+	out := qemutest.RetryPBKDF2Timing(func() string {
+		var out string
+		out, err = tryRun("qemu-img", a...)
+		return out
+	})
+	if err != nil {
+		t.Fatalf("qemu-img %s: %v\n%s", strings.Join(a, " "), err, out)
 	}
+	return p
 }
 
 // trimZeros drops trailing zero bytes; fuzz targets pad them back, so seeds
