@@ -184,7 +184,7 @@ func Run(ctx context.Context, opts RunOptions) (*Result, error) {
 			return res, err
 		}
 		logf("vm: the guest kernel crashed before /init ran (%s): booting again, attempt %d of %d",
-			firstLine(res.Log, kernelTrouble), attempt+1, bootAttempts)
+			strings.Join(troubleLines(res.Log), "; "), attempt+1, bootAttempts)
 	}
 }
 
@@ -195,16 +195,6 @@ func Run(ctx context.Context, opts RunOptions) (*Result, error) {
 // scenario has run then, so booting again loses nothing, while any
 // trouble once /init is running fails the run.
 const bootAttempts = 3
-
-// firstLine returns the first line of log that re matches.
-func firstLine(log string, re *regexp.Regexp) string {
-	for _, l := range strings.Split(log, "\n") {
-		if re.MatchString(l) {
-			return strings.TrimSpace(l)
-		}
-	}
-	return ""
-}
 
 // runOnce boots the VM once and runs the scenario, as Run describes;
 // crashedBooting reports kernel trouble before the guest's /init said
