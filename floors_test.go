@@ -47,6 +47,7 @@ var floors = []floor{
 	{pkg: "bdrv/bdrvtest", may: []string{"bdrv", "coroutine"}, tests: true},
 	{pkg: "internal/qemutest", tests: true},
 	{pkg: "internal/fuzzlimit", tests: true},
+	{pkg: "internal/promtest", tests: true},
 	{pkg: "internal/cephtest", may: []string{"internal/qemutest"}, tests: true},
 	{pkg: "vmtest", may: []string{"internal/qemutest"}, tests: true},
 	{pkg: "vmtest/tcpfwd", tests: true},

@@ -7,11 +7,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/prometheus/client_golang/prometheus/testutil/promlint"
-	dto "github.com/prometheus/client_model/go"
-	"github.com/prometheus/common/expfmt"
-	"github.com/prometheus/common/model"
-
+	"ublkimg/internal/promtest"
 	"ublkimg/vmtest"
 )
 
@@ -118,22 +114,7 @@ func TestVMStatsRestart(t *testing.T) {
 	if err != nil {
 		t.Fatalf("metrics page: %v", err)
 	}
-	parser := expfmt.NewTextParser(model.LegacyValidation)
-	mfs, err := parser.TextToMetricFamilies(strings.NewReader(string(page)))
-	if err != nil {
-		t.Fatalf("the metrics page is not in Prometheus' text format: %v\n%s", err, page)
-	}
-	var list []*dto.MetricFamily
-	for _, mf := range mfs {
-		list = append(list, mf)
-	}
-	problems, err := promlint.NewWithMetricFamilies(list).Lint()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, p := range problems {
-		t.Errorf("promlint: %s: %s", p.Metric, p.Text)
-	}
+	mfs := promtest.Check(t, string(page))
 	var promWrites float64
 	for _, m := range mfs["ublkimg_requests_total"].GetMetric() {
 		for _, l := range m.GetLabel() {

@@ -8,11 +8,10 @@ import (
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
-	"github.com/prometheus/client_golang/prometheus/testutil/promlint"
-	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 
+	"ublkimg/internal/promtest"
 	"ublkimg/ublk"
 )
 
@@ -123,22 +122,7 @@ func TestMetricsEscaping(t *testing.T) {
 // checks the samples in want.
 func checkExposition(t *testing.T, text string, want map[string]float64) {
 	t.Helper()
-	p := expfmt.NewTextParser(model.LegacyValidation)
-	mfs, err := p.TextToMetricFamilies(strings.NewReader(text))
-	if err != nil {
-		t.Fatalf("not Prometheus' text format: %v", err)
-	}
-	var list []*dto.MetricFamily
-	for _, mf := range mfs {
-		list = append(list, mf)
-	}
-	problems, err := promlint.NewWithMetricFamilies(list).Lint()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, pr := range problems {
-		t.Errorf("lint: %s: %s", pr.Metric, pr.Text)
-	}
+	promtest.Check(t, text)
 	for sample, v := range want {
 		found := false
 		for line := range strings.Lines(text) {
